@@ -1,0 +1,227 @@
+//! The block-device layer: a small ops interface (SPDK's bdev idea) with per-reactor channels.
+//!
+//! A [`Bdev`] is shared by every reactor (`Send + Sync`, immutable after open). Each reactor asks
+//! it once for its own [`BdevChannel`] — per-core queues against the backend, so the data path
+//! takes no lock and nothing crosses cores. A channel is owned by one reactor for its whole life.
+//!
+//! The I/O life on a channel: the reactor [`BdevChannel::submit`]s a [`BdevIo`]; the channel
+//! either takes it ([`Submit::Queued`]) or hands it back ([`Submit::Busy`], backpressure is a
+//! value, not an error). Later the reactor calls [`BdevChannel::poll`], which hands every finished
+//! I/O back with its [`IoStatus`] set. An I/O is never completed inline from `submit`: the caller
+//! always sees completions from `poll`, which keeps the callers' state machines simple.
+//!
+//! Buffer ownership: a read or write carries its [`IoBuf`] inside the [`BdevIo`]; whoever holds
+//! the `BdevIo` owns the buffer. Between `submit` and the completion the channel (and, for
+//! io_uring, the kernel) owns it; the caller gets it back in the completion.
+//!
+//! Backends: [`malloc`] (RAM, optionally hugepages), [`null`] (no data), [`uring`] (file or block
+//! device, O_DIRECT, io_uring polled by the reactor). The crypto bdev lives in
+//! [`crate::crypto::bdev`] and wraps any of them.
+
+use crate::sys::buf::AlignedBuf;
+use crate::types::CoreId;
+
+pub mod malloc;
+pub mod null;
+pub mod uring;
+
+/// What an I/O does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum IoType {
+    Read,
+    Write,
+    Flush,
+    WriteZeroes,
+    Unmap,
+}
+
+impl IoType {
+    /// Whether this type moves data through an [`IoBuf`].
+    pub fn has_data(self) -> bool {
+        matches!(self, IoType::Read | IoType::Write)
+    }
+}
+
+/// The outcome of an I/O, set by the channel before it hands the I/O back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoStatus {
+    /// Not completed yet (the value an I/O carries while it is in flight).
+    Pending,
+    Success,
+    /// The range is past the end of the device, or the buffer does not match `num_blocks`.
+    InvalidRange,
+    /// The bdev does not support this [`IoType`].
+    Unsupported,
+    /// The backend failed; the errno it reported.
+    IoError(i32),
+}
+
+/// A data buffer for one I/O: block-aligned memory from a [`BufPool`], `len` bytes in use.
+pub struct IoBuf {
+    mem: AlignedBuf,
+    len: usize,
+}
+
+impl IoBuf {
+    /// Wraps an aligned allocation; `len` bytes of it are the I/O's data.
+    pub fn new(mem: AlignedBuf, len: usize) -> Self {
+        assert!(len <= mem.capacity(), "IoBuf len {len} over capacity {}", mem.capacity());
+        IoBuf { mem, len }
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn capacity(&self) -> usize {
+        self.mem.capacity()
+    }
+    /// Changes how many bytes are in use (no reallocation; must fit the capacity).
+    pub fn set_len(&mut self, len: usize) {
+        assert!(len <= self.mem.capacity());
+        self.len = len;
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        &self.mem.as_slice()[..self.len]
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        let len = self.len;
+        &mut self.mem.as_mut_slice()[..len]
+    }
+    /// Raw pointer for the kernel (io_uring); valid while this `IoBuf` is alive and not moved out
+    /// of its allocation (moving the `IoBuf` value does not move the memory).
+    pub fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.mem.as_mut_ptr()
+    }
+}
+
+/// A fixed set of equally sized aligned buffers, owned by one reactor.
+///
+/// All memory is allocated at construction; `get`/`put` move buffers in and out of a free list
+/// whose capacity was reserved up front, so the steady state allocates nothing.
+pub struct BufPool {
+    free: Vec<AlignedBuf>,
+    buf_size: usize,
+    total: usize,
+}
+
+impl BufPool {
+    /// `count` buffers of `buf_size` bytes each, aligned to `align` (a power of two ≥ 512 for
+    /// O_DIRECT backends).
+    pub fn new(count: usize, buf_size: usize, align: usize) -> Result<Self, BdevError> {
+        let mut free = Vec::with_capacity(count);
+        for _ in 0..count {
+            free.push(AlignedBuf::zeroed(buf_size, align).ok_or(BdevError::NoMemory {
+                bytes: buf_size * count,
+            })?);
+        }
+        Ok(BufPool { free, buf_size, total: count })
+    }
+    /// Takes a buffer with `len` bytes in use, or `None` if the pool is empty or `len` is bigger
+    /// than the pool's buffers (callers park the request and retry: SPDK's -ENOMEM rule).
+    pub fn get(&mut self, len: usize) -> Option<IoBuf> {
+        if len > self.buf_size {
+            return None;
+        }
+        self.free.pop().map(|mem| IoBuf::new(mem, len))
+    }
+    /// Returns a buffer taken from this pool.
+    pub fn put(&mut self, buf: IoBuf) {
+        debug_assert_eq!(buf.capacity(), self.buf_size, "buffer from another pool");
+        debug_assert!(self.free.len() < self.total, "pool over-filled");
+        self.free.push(buf.mem);
+    }
+    pub fn buf_size(&self) -> usize {
+        self.buf_size
+    }
+    pub fn available(&self) -> usize {
+        self.free.len()
+    }
+    pub fn total(&self) -> usize {
+        self.total
+    }
+}
+
+/// One I/O request travelling through a bdev stack.
+pub struct BdevIo {
+    pub io_type: IoType,
+    /// First block (in the bdev's block size).
+    pub offset_blocks: u64,
+    /// Number of blocks; for Read/Write `buf.len()` must equal `num_blocks * block_size`.
+    pub num_blocks: u32,
+    /// The data for Read/Write; `None` for the other types.
+    pub buf: Option<IoBuf>,
+    /// Opaque caller cookie (e.g. the index of the request slot it belongs to).
+    pub ctx: u64,
+    /// Set by the channel when the I/O completes.
+    pub status: IoStatus,
+}
+
+impl BdevIo {
+    pub fn new(io_type: IoType, offset_blocks: u64, num_blocks: u32, buf: Option<IoBuf>, ctx: u64) -> Self {
+        BdevIo { io_type, offset_blocks, num_blocks, buf, ctx, status: IoStatus::Pending }
+    }
+}
+
+/// Result of [`BdevChannel::submit`].
+pub enum Submit {
+    /// The channel took the I/O; it comes back from `poll`.
+    Queued,
+    /// The channel is full; the caller keeps the I/O and retries after a `poll`.
+    Busy(BdevIo),
+}
+
+/// A reactor's own handle on a bdev. Not `Send`: it never leaves the reactor that opened it.
+pub trait BdevChannel {
+    /// Hands an I/O to the channel (see the module docs for the life of an I/O).
+    fn submit(&mut self, io: BdevIo) -> Submit;
+    /// Hands every finished I/O to `done`; returns how many completed.
+    fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize;
+    /// I/Os submitted and not yet handed back by `poll`.
+    fn in_flight(&self) -> usize;
+}
+
+/// A block device shared by all reactors.
+pub trait Bdev: Send + Sync {
+    fn name(&self) -> &str;
+    /// Logical block size in bytes (512 or 4096).
+    fn block_size(&self) -> u32;
+    fn num_blocks(&self) -> u64;
+    fn io_type_supported(&self, io_type: IoType) -> bool;
+    /// Buffer alignment this bdev needs (O_DIRECT backends need the device's logical block size).
+    fn buf_align(&self) -> usize {
+        64
+    }
+    /// Opens the calling reactor's channel, able to hold `queue_depth` I/Os in flight.
+    fn open_channel(&self, core: CoreId, queue_depth: usize) -> Result<Box<dyn BdevChannel>, BdevError>;
+}
+
+/// Checks an I/O against a device's geometry; the status to complete it with if it is invalid.
+pub fn validate(io: &BdevIo, block_size: u32, num_blocks: u64) -> Result<(), IoStatus> {
+    let end = io.offset_blocks.checked_add(u64::from(io.num_blocks)).ok_or(IoStatus::InvalidRange)?;
+    if end > num_blocks {
+        return Err(IoStatus::InvalidRange);
+    }
+    if io.io_type.has_data() {
+        let want = u64::from(io.num_blocks) * u64::from(block_size);
+        match &io.buf {
+            Some(b) if b.len() as u64 == want => {}
+            _ => return Err(IoStatus::InvalidRange),
+        }
+    }
+    Ok(())
+}
+
+/// Errors opening or configuring a bdev (not I/O errors: those are [`IoStatus`]).
+#[derive(Debug, thiserror::Error)]
+pub enum BdevError {
+    #[error("out of memory allocating {bytes} bytes")]
+    NoMemory { bytes: usize },
+    #[error("bdev {name}: {what}")]
+    Invalid { name: String, what: String },
+    #[error("bdev {name}: {path}: {source}")]
+    Io { name: String, path: String, source: std::io::Error },
+    #[error("hugepages: {0}")]
+    Hugepages(String),
+}

@@ -1,0 +1,7 @@
+//! AES-256-XTS for data at rest (IEEE 1619), and the crypto bdev.
+//!
+//! * [`xts`] — the engine: tiered `core::arch` kernels (VAES-512, VAES-256, AES-NI) and a
+//!   software tier on the `aes` crate, chosen once per key at run time.
+//! * [`key`] — key types: zeroized on drop, mlock'ed, never printable.
+//! * [`bdev`] — a bdev that encrypts writes in place before its base bdev sees them and decrypts
+//!   reads in place after the base completes them.

@@ -1,0 +1,23 @@
+//! nvseal: an NVMe-over-Fabrics target that encrypts data at rest inline with AES-256-XTS.
+//!
+//! The crate is one library with one binary (`nvseal`, see `src/main.rs`). The library is split
+//! by layer, bottom up:
+//!
+//! * [`sys`] — the only home of OS `unsafe`: CPU affinity, aligned/hugepage buffers, mlock,
+//!   io_uring, the cycle clock.
+//! * [`reactor`] — one pinned, busy-polling thread per core; pollers; bounded mailboxes.
+//! * [`bdev`] — the block-device interface with per-reactor channels, and its backends.
+//! * [`crypto`] — the AES-256-XTS engine (tiered `core::arch` kernels) and the crypto bdev.
+//! * [`stats`] — HDR latency histograms recorded per reactor, merged off the data path.
+//! * [`config`] — the YAML schema and its validation (errors carry key, line and column).
+//! * [`tools`] — `bdevperf` and other engine-level tools driven from the CLI.
+#![forbid(clippy::undocumented_unsafe_blocks)]
+
+pub mod bdev;
+pub mod config;
+pub mod crypto;
+pub mod reactor;
+pub mod stats;
+pub mod sys;
+pub mod tools;
+pub mod types;
