@@ -5,3 +5,6 @@
 //! * [`key`] — key types: zeroized on drop, mlock'ed, never printable.
 //! * [`bdev`] — a bdev that encrypts writes in place before its base bdev sees them and decrypts
 //!   reads in place after the base completes them.
+
+pub mod key;
+pub mod xts;

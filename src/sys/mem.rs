@@ -1,1 +1,374 @@
-//! (being written: see the engine-foundation issue)
+//! Large anonymous memory mappings ([`Region`]), optionally backed by 2 MiB hugepages.
+//!
+//! A `Region` is created once by the control thread when a RAM-backed bdev (malloc, sim) opens,
+//! then shared (`Arc`) by every reactor that has a channel on that bdev. It exists so that a RAM
+//! disk of many GiB is one mapping the kernel can back with hugepages (fewer TLB misses) instead
+//! of a heap allocation.
+//!
+//! # Concurrent access rule
+//!
+//! Several reactors copy into and out of one region at the same time, at offsets the remote
+//! hosts choose. The region therefore never hands out `&[u8]`/`&mut [u8]` over its memory: every
+//! access is a raw-pointer copy (`ptr::copy_nonoverlapping` / `ptr::write_bytes`) of exactly the
+//! requested byte range, after a bounds check. No Rust reference to the shared bytes ever exists,
+//! so the aliasing rules are never broken. Like a real disk, two I/Os that overlap and run at the
+//! same time leave unspecified bytes in the overlap (any mix of the two); callers that need
+//! ordering (the NVMe host) must not issue overlapping I/O concurrently, exactly as with a drive.
+//! The memory is only plain bytes (any bit pattern is a valid `u8`), so torn contents are never
+//! invalid values.
+
+use std::ptr::NonNull;
+
+/// Size of the hugepages a [`Region`] asks for (x86-64 / arm64 default hugetlb size).
+pub const HUGEPAGE_SIZE: usize = 2 << 20;
+
+/// Errors creating or addressing a [`Region`].
+#[derive(Debug, thiserror::Error)]
+pub enum MemError {
+    #[error("cannot map {len} bytes of anonymous memory: {source}")]
+    Map { len: usize, source: std::io::Error },
+    #[error(
+        "cannot map {len} bytes ({pages} x 2 MiB) on hugepages: {source}; reserve them first, e.g. \
+         `echo {pages} > /proc/sys/vm/nr_hugepages` (as root), or disable hugepages for this bdev"
+    )]
+    Hugepages {
+        len: usize,
+        pages: usize,
+        source: std::io::Error,
+    },
+    #[error("region length must be > 0")]
+    Empty,
+    #[error("range {offset}+{len} is outside the region of {region_len} bytes")]
+    OutOfRange {
+        offset: usize,
+        len: usize,
+        region_len: usize,
+    },
+}
+
+/// How to back a [`Region`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// Normal 4 KiB pages, faulted in on first touch (untouched pages read as zero).
+    Pages,
+    /// 2 MiB hugetlb pages, all reserved and faulted in at creation (`MAP_POPULATE`), so a
+    /// shortage shows up as an error now, not as a SIGBUS on the data path later.
+    Hugepages,
+}
+
+/// An anonymous, private, zero-initialised memory mapping. See the module docs for the rule on
+/// concurrent access.
+pub struct Region {
+    ptr: NonNull<u8>,
+    /// Bytes usable by callers.
+    len: usize,
+    /// Bytes actually mapped (`len` rounded up to the page size in use).
+    map_len: usize,
+    backing: Backing,
+}
+
+// SAFETY: a Region uniquely owns its mapping; it is only ever accessed through raw-pointer copies
+// of bounds-checked ranges (no references into the mapping), so sending it to another thread
+// cannot create aliasing references.
+unsafe impl Send for Region {}
+// SAFETY: shared access only performs raw-pointer byte copies into/out of plain `u8` memory; no
+// `&`/`&mut` to the mapped bytes is ever created (module docs: concurrent overlapping access gives
+// unspecified bytes, like a disk, but never an invalid value or a dangling access).
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// Maps `len` zeroed bytes with the given backing.
+    pub fn new(len: usize, backing: Backing) -> Result<Self, MemError> {
+        if len == 0 {
+            return Err(MemError::Empty);
+        }
+        let page = match backing {
+            Backing::Pages => page_size(),
+            Backing::Hugepages => HUGEPAGE_SIZE,
+        };
+        let map_len = len.checked_next_multiple_of(page).ok_or(MemError::Map {
+            len,
+            source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+        })?;
+        let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE;
+        if backing == Backing::Hugepages {
+            // Hugetlb pages are reserved at mmap time anyway; NORESERVE would defer the failure.
+            flags =
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB | libc::MAP_POPULATE;
+        }
+        // SAFETY: an anonymous mapping at a kernel-chosen address touches no existing memory; the
+        // arguments are plain values and the result is checked for MAP_FAILED below.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            let source = std::io::Error::last_os_error();
+            return Err(match backing {
+                Backing::Pages => MemError::Map { len, source },
+                Backing::Hugepages => MemError::Hugepages {
+                    len,
+                    pages: map_len / HUGEPAGE_SIZE,
+                    source,
+                },
+            });
+        }
+        let ptr = NonNull::new(raw.cast::<u8>()).ok_or(MemError::Map {
+            len,
+            source: std::io::Error::from_raw_os_error(libc::ENOMEM),
+        })?;
+        Ok(Region {
+            ptr,
+            len,
+            map_len,
+            backing,
+        })
+    }
+
+    /// Start of the mapping. Only for raw copies under the module's concurrency rule.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: a region has at least one byte.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn backing(&self) -> Backing {
+        self.backing
+    }
+
+    fn check(&self, offset: usize, len: usize) -> Result<(), MemError> {
+        match offset.checked_add(len) {
+            Some(end) if end <= self.len => Ok(()),
+            _ => Err(MemError::OutOfRange {
+                offset,
+                len,
+                region_len: self.len,
+            }),
+        }
+    }
+
+    /// Copies `dst.len()` bytes starting at `offset` out of the region.
+    pub fn read_at(&self, offset: usize, dst: &mut [u8]) -> Result<(), MemError> {
+        self.check(offset, dst.len())?;
+        // SAFETY: offset..offset+dst.len() is inside the mapping (checked above) and the mapping
+        // lives as long as `self`; `dst` is a distinct allocation (it cannot point into the
+        // region, which never hands out references), so the ranges do not overlap. Concurrent
+        // writers to the same range only make the copied bytes unspecified (module docs).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.ptr.as_ptr().add(offset),
+                dst.as_mut_ptr(),
+                dst.len(),
+            )
+        };
+        Ok(())
+    }
+
+    /// Copies `src` into the region starting at `offset`.
+    pub fn write_at(&self, offset: usize, src: &[u8]) -> Result<(), MemError> {
+        self.check(offset, src.len())?;
+        // SAFETY: as in `read_at`: in-bounds destination inside our live mapping, a source that is
+        // not part of the region, raw copy without creating references to the shared bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
+        };
+        Ok(())
+    }
+
+    /// Sets `len` bytes starting at `offset` to zero. Whole 4 KiB pages inside a large range of a
+    /// [`Backing::Pages`] region are given back to the kernel (`MADV_DONTNEED`: they read back as
+    /// zero and stop using memory), the rest is cleared with `memset`.
+    pub fn zero(&self, offset: usize, len: usize) -> Result<(), MemError> {
+        self.check(offset, len)?;
+        let base = self.ptr.as_ptr() as usize;
+        let page = page_size();
+        // Below this size a memset is cheaper than the madvise syscall and its page faults.
+        const MADVISE_MIN_BYTES: usize = 1 << 20;
+        if self.backing == Backing::Pages && len >= MADVISE_MIN_BYTES {
+            let start = base + offset;
+            let end = start + len;
+            let inner_start = start.next_multiple_of(page);
+            let inner_end = end - end % page;
+            if inner_end > inner_start {
+                // SAFETY: [inner_start, inner_end) is page aligned and inside our private
+                // anonymous mapping (within offset..offset+len, checked); MADV_DONTNEED on such
+                // memory only makes those pages read back as zero. No references exist into it.
+                let rc = unsafe {
+                    libc::madvise(
+                        inner_start as *mut libc::c_void,
+                        inner_end - inner_start,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+                if rc == 0 {
+                    self.memset_zero(offset, inner_start - start);
+                    self.memset_zero(inner_end - base, end - inner_end);
+                    return Ok(());
+                }
+            }
+        }
+        self.memset_zero(offset, len);
+        Ok(())
+    }
+
+    /// `memset(0)` of a range the caller has bounds-checked.
+    fn memset_zero(&self, offset: usize, len: usize) {
+        debug_assert!(offset + len <= self.len);
+        // SAFETY: callers pass a range inside the mapping (checked by `zero`); a raw write_bytes
+        // creates no reference to the shared bytes.
+        unsafe { std::ptr::write_bytes(self.ptr.as_ptr().add(offset), 0, len) };
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: ptr/map_len are exactly what mmap returned; after drop nothing can reach the
+        // mapping (every user held a borrow of or an Arc to this Region).
+        let rc = unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.map_len) };
+        debug_assert_eq!(rc, 0, "munmap failed");
+    }
+}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region")
+            .field("len", &self.len)
+            .field("backing", &self.backing)
+            .finish()
+    }
+}
+
+/// The system page size (4 KiB on the targets nvseal runs on).
+pub fn page_size() -> usize {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if v > 0 {
+        v as usize
+    } else {
+        4096
+    }
+}
+
+/// Free hugepages of the default size, from `/proc/meminfo` (`HugePages_Free`); 0 if unknown.
+pub fn hugepages_free() -> usize {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("HugePages_Free:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn write_read_zero_roundtrip() {
+        let r = Region::new(3 << 20, Backing::Pages).unwrap();
+        assert_eq!(r.len(), 3 << 20);
+        let mut got = vec![0xffu8; 4096];
+        r.read_at(0, &mut got).unwrap();
+        assert!(got.iter().all(|&b| b == 0), "fresh region must read zero");
+
+        let pat: Vec<u8> = (0..8192u32).map(|i| (i * 7 + 3) as u8).collect();
+        r.write_at(12345, &pat).unwrap();
+        let mut back = vec![0u8; 8192];
+        r.read_at(12345, &mut back).unwrap();
+        assert_eq!(back, pat);
+
+        // Large zero (madvise path) with unaligned ends, surrounded by data that must survive.
+        let fill = vec![0xabu8; 3 << 20];
+        r.write_at(0, &fill).unwrap();
+        r.zero(100, (2 << 20) + 5000).unwrap();
+        let mut all = vec![0u8; 3 << 20];
+        r.read_at(0, &mut all).unwrap();
+        let end = 100 + (2 << 20) + 5000;
+        assert!(all[..100].iter().all(|&b| b == 0xab));
+        assert!(all[100..end].iter().all(|&b| b == 0));
+        assert!(all[end..].iter().all(|&b| b == 0xab));
+
+        // Small zero (memset path).
+        r.zero(10, 20).unwrap();
+        let mut s = [0u8; 40];
+        r.read_at(0, &mut s).unwrap();
+        assert!(s[10..30].iter().all(|&b| b == 0) && s[..10].iter().all(|&b| b == 0xab));
+    }
+
+    #[test]
+    fn out_of_range_is_an_error() {
+        let r = Region::new(4096, Backing::Pages).unwrap();
+        let mut b = [0u8; 16];
+        assert!(matches!(
+            r.read_at(4090, &mut b),
+            Err(MemError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            r.write_at(usize::MAX, &b),
+            Err(MemError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            r.zero(1, usize::MAX),
+            Err(MemError::OutOfRange { .. })
+        ));
+        assert!(r.read_at(4080, &mut b).is_ok());
+        assert!(matches!(
+            Region::new(0, Backing::Pages),
+            Err(MemError::Empty)
+        ));
+    }
+
+    #[test]
+    fn hugepage_region_when_available() {
+        let need = 2;
+        if hugepages_free() < need {
+            println!("skip: HugePages_Free < {need} (reserve with `echo 64 > /proc/sys/vm/nr_hugepages`)");
+            return;
+        }
+        let r = Region::new(HUGEPAGE_SIZE + 1, Backing::Hugepages).unwrap();
+        assert_eq!(r.as_ptr() as usize % HUGEPAGE_SIZE, 0);
+        r.write_at(HUGEPAGE_SIZE - 2, &[1, 2, 3]).unwrap();
+        let mut b = [0u8; 3];
+        r.read_at(HUGEPAGE_SIZE - 2, &mut b).unwrap();
+        assert_eq!(b, [1, 2, 3]);
+    }
+
+    #[test]
+    fn concurrent_disjoint_writers() {
+        let r = std::sync::Arc::new(Region::new(1 << 20, Backing::Pages).unwrap());
+        let hs: Vec<_> = (0..4u8)
+            .map(|t| {
+                let r = r.clone();
+                std::thread::spawn(move || {
+                    let buf = vec![t + 1; 4096];
+                    for i in 0..64usize {
+                        r.write_at((i * 4 + usize::from(t)) * 4096, &buf).unwrap();
+                    }
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+        let mut b = vec![0u8; 4096];
+        for blk in 0..256usize {
+            r.read_at(blk * 4096, &mut b).unwrap();
+            assert!(b.iter().all(|&x| usize::from(x) == blk % 4 + 1));
+        }
+    }
+}

@@ -11,4 +11,5 @@ pub mod affinity;
 pub mod buf;
 pub mod clock;
 pub mod mem;
+pub mod mlock;
 pub mod uring;
