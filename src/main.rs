@@ -1,3 +1,39 @@
-fn main() {
-    println!("nvseal");
+//! The `nvseal` command line: `serve`, `bdevperf`, `config`. Each subcommand lives in
+//! `src/cli/`; the library does the work.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+mod cli;
+
+/// nvseal — an NVMe-over-Fabrics target that encrypts data at rest inline with AES-256-XTS.
+#[derive(Parser)]
+#[command(name = "nvseal", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Log filter (tracing-subscriber syntax: `info`, `nvseal=debug`, ...).
+    #[arg(long, global = true, env = "NVSEAL_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the target: start reactors, open the bdev stacks of the config, serve until SIGINT/SIGTERM.
+    Serve(cli::serve::ServeArgs),
+    /// Benchmark a bdev stack from the reactors (plaintext, encrypted, or both with --ab).
+    Bdevperf(cli::bdevperf::BdevperfArgs),
+    /// Check or print configuration files.
+    #[command(subcommand)]
+    Config(cli::config::ConfigCmd),
+}
+
+fn main() -> ExitCode {
+    let args = Cli::parse();
+    cli::init_logging(&args.log);
+    match args.cmd {
+        Cmd::Serve(a) => cli::serve::run(a),
+        Cmd::Bdevperf(a) => cli::bdevperf::run(a),
+        Cmd::Config(c) => cli::config::run(c),
+    }
 }

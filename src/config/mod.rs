@@ -1,1 +1,301 @@
-//! Config (being written).
+//! The YAML configuration: schema, parsing and validation.
+//!
+//! Runs on the control thread at start-up (and for `nvseal config check`). Every error names the
+//! key path, the line and the column (`configs/x.yaml:12:14: bdevs[2].base: no bdev named "mem9"`):
+//! syntax and type errors come from the YAML deserializer with their position; errors found
+//! after parsing are located by [`locate`] walking the same text. Unknown keys are refused, so a
+//! typo never silently falls back to a default.
+//!
+//! YAML is read with `serde_yaml_ng`, a maintained fork of the deprecated `serde_yaml` with the
+//! same API.
+
+use crate::bdev::malloc::MallocConfig;
+use crate::bdev::null::NullConfig;
+use crate::bdev::uring::UringConfig;
+use crate::reactor::placement::{parse_cpu_list, Placement};
+use crate::reactor::ReactorOptions;
+use serde::Deserialize;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+pub mod locate;
+
+/// The built-in default configuration (`configs/default.yaml`), used when no `-c` is given.
+pub const DEFAULT_YAML: &str = include_str!("../../configs/default.yaml");
+
+/// A configuration error with its place in the file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// File name (or `<built-in default>`).
+    pub file: String,
+    /// Key path like `bdevs[1].base`; empty for syntax errors outside any key.
+    pub path: String,
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file)?;
+        if let (Some(l), Some(c)) = (self.line, self.column) {
+            write!(f, ":{l}:{c}")?;
+        }
+        if !self.path.is_empty() {
+            write!(f, ": {}", self.path)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub reactor: ReactorConfig,
+    #[serde(default)]
+    pub crypto: CryptoConfig,
+    #[serde(default)]
+    pub bdevs: Vec<BdevConfig>,
+}
+
+/// `reactor:` — where reactors run and how they poll.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReactorConfig {
+    /// A CPU list (`"0-3,6"`: one reactor pinned on each) or a count (`2`: the first N allowed CPUs).
+    #[serde(default = "default_cores")]
+    pub cores: CoreSpec,
+    /// Bounded mailbox depth per reactor. 1024 messages: control traffic is a few per second;
+    /// the bound exists so a stuck reactor pushes back instead of growing memory.
+    #[serde(default = "default_mailbox_depth")]
+    pub mailbox_depth: usize,
+    /// Sleep this long between polls after ~10k idle polls. 0 = spin always (lowest latency,
+    /// one full core per reactor). The default config uses 50 µs so a laptop is not cooked.
+    #[serde(default)]
+    pub idle_backoff_us: u64,
+    /// Pin reactors to their cores (leave on; off only for oversubscribed test machines).
+    #[serde(default = "default_true")]
+    pub pin: bool,
+    /// How long a shutdown waits for in-flight I/O. 10 s: longer than any sane device timeout.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ReactorConfig {
+    fn default() -> Self {
+        ReactorConfig {
+            cores: default_cores(),
+            mailbox_depth: default_mailbox_depth(),
+            idle_backoff_us: 0,
+            pin: true,
+            drain_timeout_ms: default_drain_timeout_ms(),
+        }
+    }
+}
+
+impl ReactorConfig {
+    pub fn options(&self) -> ReactorOptions {
+        ReactorOptions {
+            mailbox_depth: self.mailbox_depth,
+            idle_backoff_us: self.idle_backoff_us,
+            pin: self.pin,
+            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
+        }
+    }
+}
+
+/// Reactor cores as written in the file.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum CoreSpec {
+    Count(usize),
+    List(String),
+}
+
+impl CoreSpec {
+    pub fn placement(&self) -> Result<Placement, String> {
+        match self {
+            CoreSpec::Count(n) => Ok(Placement::Count(*n)),
+            CoreSpec::List(s) => parse_cpu_list(s).map(Placement::Fixed),
+        }
+    }
+}
+
+fn default_cores() -> CoreSpec {
+    CoreSpec::Count(1)
+}
+fn default_mailbox_depth() -> usize {
+    1024
+}
+fn default_true() -> bool {
+    true
+}
+fn default_drain_timeout_ms() -> u64 {
+    10_000
+}
+
+/// `crypto:` — XTS engine settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CryptoConfig {
+    /// Highest XTS kernel tier to use: `vaes512`, `vaes256`, `aesni` or `soft`. Unset = the best
+    /// this CPU has. The environment variable `NVSEAL_XTS_TIER` also caps it (lower cap wins).
+    #[serde(default)]
+    pub max_tier: Option<String>,
+}
+
+/// One bdev (`bdevs:` list entry), tagged by `type`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum BdevConfig {
+    Malloc(MallocConfig),
+    Null(NullConfig),
+    Uring(UringConfig),
+    Crypto(CryptoBdevConfig),
+}
+
+impl BdevConfig {
+    pub fn name(&self) -> &str {
+        match self {
+            BdevConfig::Malloc(c) => &c.name,
+            BdevConfig::Null(c) => &c.name,
+            BdevConfig::Uring(c) => &c.name,
+            BdevConfig::Crypto(c) => &c.name,
+        }
+    }
+}
+
+/// A crypto bdev stacked on `base`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CryptoBdevConfig {
+    pub name: String,
+    /// Name of the bdev underneath (defined earlier in the list).
+    pub base: String,
+    /// Where the DEK comes from. Development sources only until key management is configured.
+    pub key: DevKeySource,
+    /// Pass Unmap (NVMe deallocate) through to the base, like dm-crypt's `allow_discards`: saves
+    /// space on thin backends but reveals which blocks are unused. Off by default.
+    #[serde(default)]
+    pub allow_discards: bool,
+}
+
+/// A development DEK source (key management proper wraps DEKs with a KEK from a KMS).
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum DevKeySource {
+    /// A fresh random key for this run: data does not survive a restart. Perf labs.
+    Ephemeral,
+    /// A file holding the 64-byte XTS key as 128 hex digits (mode 0600).
+    File { path: String },
+}
+
+impl Config {
+    /// Parses and validates `text`; `file` names it in errors.
+    pub fn from_yaml(text: &str, file: &str) -> Result<Config, ConfigError> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let (line, column) = match inner.location() {
+                Some(l) => (Some(l.line()), Some(l.column())),
+                None => match locate::locate(text, &path) {
+                    Some(p) => (Some(p.line), Some(p.column)),
+                    None => (None, None),
+                },
+            };
+            let path = if path == "." { String::new() } else { path };
+            ConfigError { file: file.to_string(), path, line, column, message: strip_location(&inner.to_string()) }
+        })?;
+        cfg.validate(text, file)?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses a file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            path: String::new(),
+            line: None,
+            column: None,
+            message: format!("cannot read: {e}"),
+        })?;
+        Config::from_yaml(&text, &path.display().to_string())
+    }
+
+    /// The built-in default configuration.
+    pub fn builtin_default() -> Config {
+        // The default is checked by a unit test, so this cannot fail at run time.
+        Config::from_yaml(DEFAULT_YAML, "<built-in default>").expect("built-in default config is valid")
+    }
+
+    fn validate(&self, text: &str, file: &str) -> Result<(), ConfigError> {
+        let err = |path: String, message: String| {
+            let pos = locate::locate(text, &path);
+            ConfigError {
+                file: file.to_string(),
+                path,
+                line: pos.map(|p| p.line),
+                column: pos.map(|p| p.column),
+                message,
+            }
+        };
+        if let Err(m) = self.reactor.cores.placement() {
+            return Err(err("reactor.cores".into(), m));
+        }
+        if self.reactor.mailbox_depth == 0 || self.reactor.mailbox_depth > 1 << 20 {
+            return Err(err("reactor.mailbox_depth".into(), "must be between 1 and 1048576".into()));
+        }
+        if let Some(t) = &self.crypto.max_tier {
+            if t.parse::<crate::crypto::xts::Tier>().is_err() {
+                return Err(err(
+                    "crypto.max_tier".into(),
+                    format!("unknown tier {t:?} (expected vaes512, vaes256, aesni or soft)"),
+                ));
+            }
+        }
+        let mut seen: Vec<&str> = Vec::new();
+        for (i, b) in self.bdevs.iter().enumerate() {
+            let name = b.name();
+            if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
+                return Err(err(format!("bdevs[{i}].name"), format!("bad bdev name {name:?} (1-64 of A-Z a-z 0-9 _ - .)")));
+            }
+            if seen.contains(&name) {
+                return Err(err(format!("bdevs[{i}].name"), format!("bdev name {name:?} is used twice")));
+            }
+            if let BdevConfig::Crypto(c) = b {
+                if !seen.contains(&c.base.as_str()) {
+                    return Err(err(
+                        format!("bdevs[{i}].base"),
+                        format!("no bdev named {:?} defined before this one", c.base),
+                    ));
+                }
+                if self.bdevs.iter().filter(|o| matches!(o, BdevConfig::Crypto(x) if x.base == c.base)).count() > 1 {
+                    return Err(err(format!("bdevs[{i}].base"), format!("bdev {:?} is the base of two crypto bdevs", c.base)));
+                }
+            }
+            seen.push(name);
+        }
+        Ok(())
+    }
+
+    pub fn bdev(&self, name: &str) -> Option<&BdevConfig> {
+        self.bdevs.iter().find(|b| b.name() == name)
+    }
+}
+
+/// serde_yaml_ng appends " at line L column C" to messages; we print the position ourselves.
+fn strip_location(msg: &str) -> String {
+    match msg.rfind(" at line ") {
+        Some(i) if msg[i..].contains("column") => msg[..i].to_string(),
+        _ => msg.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

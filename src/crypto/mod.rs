@@ -8,3 +8,6 @@
 
 pub mod key;
 pub mod xts;
+pub mod bdev;
+
+pub use key::CryptoError;

@@ -12,4 +12,5 @@ pub mod buf;
 pub mod clock;
 pub mod mem;
 pub mod mlock;
+pub mod process;
 pub mod uring;

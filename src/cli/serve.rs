@@ -1,0 +1,66 @@
+//! `nvseal serve`: the main job.
+
+use super::{fail, load_config, EXIT_STARTUP, EXIT_USAGE};
+use clap::Args;
+use nvseal::reactor::ReactorSet;
+use nvseal::tools::stack::Stacks;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Args)]
+pub struct ServeArgs {
+    /// YAML configuration; without it the built-in default runs (RAM disks, no KMS).
+    #[arg(short, long)]
+    pub config: Option<PathBuf>,
+    /// Allow core dumps (by default the process marks itself non-dumpable so keys cannot leak
+    /// into a core file).
+    #[arg(long)]
+    pub allow_core_dumps: bool,
+}
+
+pub fn run(args: ServeArgs) -> ExitCode {
+    if !args.allow_core_dumps {
+        if let Err(e) = nvseal::sys::process::set_non_dumpable() {
+            tracing::warn!("could not mark the process non-dumpable: {e}");
+        }
+    }
+    let cfg = match load_config(args.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_USAGE, e),
+    };
+    let allowed = nvseal::sys::affinity::allowed_cpus();
+    let cores = match cfg.reactor.cores.placement().and_then(|p| p.resolve(&allowed)) {
+        Ok(c) => c,
+        Err(e) => return fail(EXIT_USAGE, format!("reactor.cores: {e}")),
+    };
+    let stacks = match Stacks::open(&cfg) {
+        Ok(s) => s,
+        Err(e) => return fail(EXIT_STARTUP, e),
+    };
+    let set = match ReactorSet::start(&cores, &cfg.reactor.options()) {
+        Ok(s) => s,
+        Err(e) => return fail(EXIT_STARTUP, e),
+    };
+    for (name, b) in &stacks.bdevs {
+        let kind = if stacks.crypto_base.contains_key(name) { "encrypted" } else { "plaintext" };
+        tracing::info!(bdev = %name, kind, block_size = b.block_size(), blocks = b.num_blocks(), "bdev online");
+    }
+    tracing::info!(reactors = set.len(), cores = %nvseal::reactor::placement::format_cpu_list(&cores), "nvseal serving; SIGINT or SIGTERM stops");
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
+            return fail(EXIT_STARTUP, format!("installing signal handler: {e}"));
+        }
+    }
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tracing::info!("signal received: draining in-flight I/O and stopping");
+    set.shutdown();
+    drop(stacks);
+    tracing::info!("stopped");
+    ExitCode::SUCCESS
+}
