@@ -7,7 +7,7 @@
 //!
 //! Threading: the [`MallocBdev`] (and its region) is shared by every reactor; each reactor's
 //! [`MallocChannel`] does the copy on its own core at submit time and parks the finished I/O in a
-//! preallocated [`DoneRing`] until `poll`. Reactors write the shared region concurrently at
+//! preallocated ring of finished I/Os until `poll`. Reactors write the shared region concurrently at
 //! different offsets; see [`crate::sys::mem`] for why that is sound and what overlapping I/O means.
 
 use std::sync::Arc;
