@@ -798,4 +798,46 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn short_read_is_continued_then_reported() {
+        // Buffered, so the file can end mid-block: the kernel returns a short read, the channel
+        // asks for the rest, gets 0 bytes (EOF) and must report EIO instead of spinning.
+        let dir = disk_dir();
+        let c = UringConfig {
+            direct: false,
+            ..cfg(&dir, 512, 8 * 512)
+        };
+        let b = open(&c).unwrap();
+        std::fs::write(&c.path, pattern(0, 8 * 512)).unwrap();
+        let mut ch = b.open_channel(CoreId(0), 2).unwrap();
+        let mut pool = BufPool::new(2, 8 * 512, 64).unwrap();
+        let io = run(
+            ch.as_mut(),
+            BdevIo::new(IoType::Read, 0, 8, pool.get(8 * 512), 0),
+        );
+        assert_eq!(io.status, IoStatus::Success);
+        assert_eq!(
+            io.buf.as_ref().unwrap().as_slice(),
+            &pattern(0, 8 * 512)[..]
+        );
+        pool.put(io.buf.unwrap());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&c.path)
+            .unwrap()
+            .set_len(5 * 512 + 100)
+            .unwrap();
+        let io = run(
+            ch.as_mut(),
+            BdevIo::new(IoType::Read, 4, 4, pool.get(4 * 512), 0),
+        );
+        assert_eq!(io.status, IoStatus::IoError(libc::EIO));
+        let got = io.buf.as_ref().unwrap().as_slice();
+        assert_eq!(
+            &got[..612],
+            &pattern(0, 8 * 512)[4 * 512..5 * 512 + 100],
+            "the short part was read"
+        );
+    }
 }
