@@ -23,6 +23,7 @@ use crate::types::CoreId;
 
 pub mod malloc;
 pub mod null;
+pub mod sim;
 pub mod uring;
 
 /// What an I/O does.

@@ -6,7 +6,7 @@
 //! bdev (transport, crypto, reactor) with the storage cost taken out.
 //!
 //! Threading: the [`NullBdev`] is shared by all reactors; each reactor's [`NullChannel`] is a
-//! preallocated ring of finished I/Os ([`DoneRing`]) owned by that reactor. Submitting completes
+//! preallocated ring of finished I/Os (`DoneRing`) owned by that reactor. Submitting completes
 //! the I/O into the ring, `poll` hands it back: no allocation, no lock, no syscall per I/O.
 
 use std::collections::VecDeque;

@@ -770,4 +770,74 @@ mod tests {
             assert_eq!(x, if zeroed { 0 } else { 0x11 }, "byte {i}");
         }
     }
+
+    #[test]
+    fn dropping_a_busy_channel_finishes_its_io() {
+        let dir = disk_dir();
+        let b = open(&cfg(&dir, 4096, 1 << 20)).unwrap();
+        let mut ch = b.open_channel(CoreId(0), 16).unwrap();
+        let mut pool = BufPool::new(16, 4096, 4096).unwrap();
+        for i in 0..16u64 {
+            let mut w = pool.get(4096).unwrap();
+            w.as_mut_slice().copy_from_slice(&pattern(i, 4096));
+            assert!(matches!(
+                ch.submit(BdevIo::new(IoType::Write, i, 1, Some(w), i)),
+                Submit::Queued
+            ));
+        }
+        assert_eq!(ch.in_flight(), 16);
+        // Never polled: the SQEs are still in the ring. Drop must submit and wait for them
+        // before the buffers are freed.
+        drop(ch);
+        let raw = std::fs::read(dir.path().join("disk.img")).unwrap();
+        for i in 0..16usize {
+            assert_eq!(
+                &raw[i * 4096..(i + 1) * 4096],
+                &pattern(i as u64, 4096)[..],
+                "block {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn short_read_is_continued_then_reported() {
+        // Buffered, so the file can end mid-block: the kernel returns a short read, the channel
+        // asks for the rest, gets 0 bytes (EOF) and must report EIO instead of spinning.
+        let dir = disk_dir();
+        let c = UringConfig {
+            direct: false,
+            ..cfg(&dir, 512, 8 * 512)
+        };
+        let b = open(&c).unwrap();
+        std::fs::write(&c.path, pattern(0, 8 * 512)).unwrap();
+        let mut ch = b.open_channel(CoreId(0), 2).unwrap();
+        let mut pool = BufPool::new(2, 8 * 512, 64).unwrap();
+        let io = run(
+            ch.as_mut(),
+            BdevIo::new(IoType::Read, 0, 8, pool.get(8 * 512), 0),
+        );
+        assert_eq!(io.status, IoStatus::Success);
+        assert_eq!(
+            io.buf.as_ref().unwrap().as_slice(),
+            &pattern(0, 8 * 512)[..]
+        );
+        pool.put(io.buf.unwrap());
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&c.path)
+            .unwrap()
+            .set_len(5 * 512 + 100)
+            .unwrap();
+        let io = run(
+            ch.as_mut(),
+            BdevIo::new(IoType::Read, 4, 4, pool.get(4 * 512), 0),
+        );
+        assert_eq!(io.status, IoStatus::IoError(libc::EIO));
+        let got = io.buf.as_ref().unwrap().as_slice();
+        assert_eq!(
+            &got[..612],
+            &pattern(0, 8 * 512)[4 * 512..5 * 512 + 100],
+            "the short part was read"
+        );
+    }
 }

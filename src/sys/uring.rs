@@ -358,6 +358,8 @@ impl<S: Default> UringQueue<S> {
 impl<S: Default> Drop for UringQueue<S> {
     fn drop(&mut self) {
         let deadline = Instant::now() + DROP_WAIT;
+        // Pushed-but-unsubmitted SQEs are handed to the kernel too (an SQE cannot be taken back
+        // once in the ring), then everything is waited for.
         while self.kernel_owned > 0 && Instant::now() < deadline {
             let _ = self.ring.submit();
             while self.pop().is_some() {}
@@ -377,7 +379,8 @@ impl<S: Default> Drop for UringQueue<S> {
     }
 }
 
-/// `BLKGETSIZE64` = `_IOR(0x12, 114, u64)`: a block device's size in bytes.
+/// `BLKGETSIZE64` = `_IOR(0x12, 114, u64)`: a block device's size in bytes. The encoding is the
+/// generic `_IOC` one used by x86-64 and arm64 (libc does not export this request).
 const BLKGETSIZE64: libc::c_ulong = (2 << 30) | (8 << 16) | (0x12 << 8) | 114;
 
 /// Size in bytes of the block device open as `fd`.
