@@ -11,7 +11,6 @@
 //! * [`stats`] — HDR latency histograms recorded per reactor, merged off the data path.
 //! * [`config`] — the YAML schema and its validation (errors carry key, line and column).
 //! * [`tools`] — `bdevperf` and other engine-level tools driven from the CLI.
-#![forbid(clippy::undocumented_unsafe_blocks)]
 
 pub mod bdev;
 pub mod config;

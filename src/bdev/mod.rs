@@ -66,7 +66,11 @@ pub struct IoBuf {
 impl IoBuf {
     /// Wraps an aligned allocation; `len` bytes of it are the I/O's data.
     pub fn new(mem: AlignedBuf, len: usize) -> Self {
-        assert!(len <= mem.capacity(), "IoBuf len {len} over capacity {}", mem.capacity());
+        assert!(
+            len <= mem.capacity(),
+            "IoBuf len {len} over capacity {}",
+            mem.capacity()
+        );
         IoBuf { mem, len }
     }
     pub fn len(&self) -> usize {
@@ -113,11 +117,17 @@ impl BufPool {
     pub fn new(count: usize, buf_size: usize, align: usize) -> Result<Self, BdevError> {
         let mut free = Vec::with_capacity(count);
         for _ in 0..count {
-            free.push(AlignedBuf::zeroed(buf_size, align).ok_or(BdevError::NoMemory {
-                bytes: buf_size * count,
-            })?);
+            free.push(
+                AlignedBuf::zeroed(buf_size, align).ok_or(BdevError::NoMemory {
+                    bytes: buf_size * count,
+                })?,
+            );
         }
-        Ok(BufPool { free, buf_size, total: count })
+        Ok(BufPool {
+            free,
+            buf_size,
+            total: count,
+        })
     }
     /// Takes a buffer with `len` bytes in use, or `None` if the pool is empty or `len` is bigger
     /// than the pool's buffers (callers park the request and retry: SPDK's -ENOMEM rule).
@@ -160,8 +170,21 @@ pub struct BdevIo {
 }
 
 impl BdevIo {
-    pub fn new(io_type: IoType, offset_blocks: u64, num_blocks: u32, buf: Option<IoBuf>, ctx: u64) -> Self {
-        BdevIo { io_type, offset_blocks, num_blocks, buf, ctx, status: IoStatus::Pending }
+    pub fn new(
+        io_type: IoType,
+        offset_blocks: u64,
+        num_blocks: u32,
+        buf: Option<IoBuf>,
+        ctx: u64,
+    ) -> Self {
+        BdevIo {
+            io_type,
+            offset_blocks,
+            num_blocks,
+            buf,
+            ctx,
+            status: IoStatus::Pending,
+        }
     }
 }
 
@@ -195,12 +218,19 @@ pub trait Bdev: Send + Sync {
         64
     }
     /// Opens the calling reactor's channel, able to hold `queue_depth` I/Os in flight.
-    fn open_channel(&self, core: CoreId, queue_depth: usize) -> Result<Box<dyn BdevChannel>, BdevError>;
+    fn open_channel(
+        &self,
+        core: CoreId,
+        queue_depth: usize,
+    ) -> Result<Box<dyn BdevChannel>, BdevError>;
 }
 
 /// Checks an I/O against a device's geometry; the status to complete it with if it is invalid.
 pub fn validate(io: &BdevIo, block_size: u32, num_blocks: u64) -> Result<(), IoStatus> {
-    let end = io.offset_blocks.checked_add(u64::from(io.num_blocks)).ok_or(IoStatus::InvalidRange)?;
+    let end = io
+        .offset_blocks
+        .checked_add(u64::from(io.num_blocks))
+        .ok_or(IoStatus::InvalidRange)?;
     if end > num_blocks {
         return Err(IoStatus::InvalidRange);
     }
@@ -222,7 +252,11 @@ pub enum BdevError {
     #[error("bdev {name}: {what}")]
     Invalid { name: String, what: String },
     #[error("bdev {name}: {path}: {source}")]
-    Io { name: String, path: String, source: std::io::Error },
+    Io {
+        name: String,
+        path: String,
+        source: std::io::Error,
+    },
     #[error("hugepages: {0}")]
     Hugepages(String),
 }

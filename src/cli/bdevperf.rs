@@ -5,7 +5,8 @@ use clap::Args;
 use nvseal::config::{BdevConfig, Config, CryptoBdevConfig, DevKeySource};
 use nvseal::reactor::ReactorSet;
 use nvseal::tools::bdevperf::{
-    print_table, run_phase, time_xts_kernel, JobSpec, Ratios, Side, SideReport, SideResult, Until, Workload,
+    print_table, run_phase, time_xts_kernel, JobSpec, Ratios, Side, SideReport, SideResult, Until,
+    Workload,
 };
 use nvseal::tools::stack::Stacks;
 use nvseal::tools::units::{parse_duration, parse_size};
@@ -119,7 +120,11 @@ struct Report {
 fn flag_config(a: &BdevperfArgs) -> Result<Option<Config>, String> {
     let size = |s: &str| parse_size(s).map_err(|e| format!("--size: {e}"));
     let yaml = if let Some(s) = &a.null {
-        format!("bdevs:\n  - name: null0\n    type: null\n    size_bytes: {}\n    block_size: {}\n", size(s)?, a.block_size)
+        format!(
+            "bdevs:\n  - name: null0\n    type: null\n    size_bytes: {}\n    block_size: {}\n",
+            size(s)?,
+            a.block_size
+        )
     } else if let Some(s) = &a.malloc {
         format!(
             "bdevs:\n  - name: malloc0\n    type: malloc\n    size_bytes: {}\n    block_size: {}\n    hugepages: {}\n",
@@ -140,7 +145,9 @@ fn flag_config(a: &BdevperfArgs) -> Result<Option<Config>, String> {
     } else {
         return Ok(None);
     };
-    Config::from_yaml(&yaml, "<command line>").map(Some).map_err(|e| e.to_string())
+    Config::from_yaml(&yaml, "<command line>")
+        .map(Some)
+        .map_err(|e| e.to_string())
 }
 
 pub fn run(a: BdevperfArgs) -> ExitCode {
@@ -158,15 +165,23 @@ fn run_inner(a: &BdevperfArgs) -> Result<ExitCode, (u8, String)> {
     if slice.is_zero() || time.is_zero() {
         return Err(usage("--time and --slice must be positive".into()));
     }
-    let mut cfg = match flag_config(a).map_err(usage)? {
-        Some(c) => c,
-        None if a.config.is_some() => load_config(a.config.as_deref()).map_err(|e| usage(e.to_string()))?,
-        None => return Err(usage("give a bdev: --null SIZE, --malloc SIZE, --uring PATH, or -c CONFIG --bdev NAME".into())),
-    };
+    let mut cfg =
+        match flag_config(a).map_err(usage)? {
+            Some(c) => c,
+            None if a.config.is_some() => {
+                load_config(a.config.as_deref()).map_err(|e| usage(e.to_string()))?
+            }
+            None => return Err(usage(
+                "give a bdev: --null SIZE, --malloc SIZE, --uring PATH, or -c CONFIG --bdev NAME"
+                    .into(),
+            )),
+        };
     if let Some(t) = &a.max_tier {
         cfg.crypto.max_tier = Some(t.clone());
         if t.parse::<nvseal::crypto::xts::Tier>().is_err() {
-            return Err(usage(format!("--max-tier: unknown tier {t:?} (vaes512, vaes256, aesni, soft)")));
+            return Err(usage(format!(
+                "--max-tier: unknown tier {t:?} (vaes512, vaes256, aesni, soft)"
+            )));
         }
     }
     if let Some(c) = &a.cores {
@@ -188,7 +203,9 @@ fn run_inner(a: &BdevperfArgs) -> Result<ExitCode, (u8, String)> {
             .map(|b| b.name().to_string())
             .ok_or_else(|| usage("the config has no bdevs".into()))?,
     };
-    let base_cfg = cfg.bdev(&base_name).ok_or_else(|| usage(format!("--bdev: no bdev named {base_name:?}")))?;
+    let base_cfg = cfg
+        .bdev(&base_name)
+        .ok_or_else(|| usage(format!("--bdev: no bdev named {base_name:?}")))?;
     let (base_name, enc_name) = if let BdevConfig::Crypto(c) = base_cfg {
         (c.base.clone(), c.name.clone())
     } else {
@@ -215,9 +232,12 @@ fn run_inner(a: &BdevperfArgs) -> Result<ExitCode, (u8, String)> {
         .and_then(|p| p.resolve(&allowed))
         .map_err(|e| usage(format!("cores: {e}")))?;
     let stacks = Stacks::open(&cfg).map_err(|e| (EXIT_STARTUP, e.to_string()))?;
-    let base = stacks.get(&base_name).ok_or_else(|| (EXIT_STARTUP, format!("bdev {base_name} did not open")))?;
+    let base = stacks
+        .get(&base_name)
+        .ok_or_else(|| (EXIT_STARTUP, format!("bdev {base_name} did not open")))?;
     let enc = stacks.get(&enc_name);
-    let set = ReactorSet::start(&cores, &cfg.reactor.options()).map_err(|e| (EXIT_STARTUP, e.to_string()))?;
+    let set = ReactorSet::start(&cores, &cfg.reactor.options())
+        .map_err(|e| (EXIT_STARTUP, e.to_string()))?;
 
     let spec = JobSpec {
         workload: a.workload,
@@ -229,17 +249,28 @@ fn run_inner(a: &BdevperfArgs) -> Result<ExitCode, (u8, String)> {
     };
     let mut sides: Vec<Side> = Vec::new();
     if !a.encrypted {
-        sides.push(Side { label: "plaintext".into(), bdev: base.clone(), raw: None });
+        sides.push(Side {
+            label: "plaintext".into(),
+            bdev: base.clone(),
+            raw: None,
+        });
     }
     if a.ab || a.encrypted {
-        let e = enc.clone().ok_or_else(|| (EXIT_STARTUP, format!("no crypto bdev over {base_name}")))?;
-        sides.push(Side { label: "encrypted".into(), bdev: e, raw: Some(base.clone()) });
+        let e = enc
+            .clone()
+            .ok_or_else(|| (EXIT_STARTUP, format!("no crypto bdev over {base_name}")))?;
+        sides.push(Side {
+            label: "encrypted".into(),
+            bdev: e,
+            raw: Some(base.clone()),
+        });
     }
     // Kernel timing for the crypto-cost comparison, on reactor 0, before the load.
     let crypto = stacks.crypto_keys.get(&enc_name).cloned();
     let (tier, kernel_ns) = match (&crypto, a.ab || a.encrypted) {
         (Some(k), true) => {
-            let ns = time_xts_kernel(&set, k, io_size, base.block_size() as usize).map_err(|e| (EXIT_STARTUP, e))?;
+            let ns = time_xts_kernel(&set, k, io_size, base.block_size() as usize)
+                .map_err(|e| (EXIT_STARTUP, e))?;
             (Some(k.tier().name().to_string()), Some(ns))
         }
         _ => (None, None),
@@ -247,8 +278,10 @@ fn run_inner(a: &BdevperfArgs) -> Result<ExitCode, (u8, String)> {
 
     let show_progress = !a.no_progress;
     let tty = std::io::stderr().is_terminal();
-    let mut results: Vec<SideResult> =
-        sides.iter().map(|s| SideResult::new(&s.label, s.bdev.name())).collect();
+    let mut results: Vec<SideResult> = sides
+        .iter()
+        .map(|s| SideResult::new(&s.label, s.bdev.name()))
+        .collect();
     let slices: Vec<Until> = match a.io_count {
         Some(n) => vec![Until::Count(n)],
         None if sides.len() > 1 => {
@@ -297,7 +330,11 @@ fn run_inner(a: &BdevperfArgs) -> Result<ExitCode, (u8, String)> {
     set.shutdown();
 
     let reports: Vec<SideReport> = results.iter().map(SideReport::from_side).collect();
-    let ratios = if reports.len() == 2 { Some(Ratios::new(&reports[0], &reports[1], kernel_ns)) } else { None };
+    let ratios = if reports.len() == 2 {
+        Some(Ratios::new(&reports[0], &reports[1], kernel_ns))
+    } else {
+        None
+    };
     let report = Report {
         workload: a.workload,
         io_size,
@@ -327,10 +364,19 @@ fn run_inner(a: &BdevperfArgs) -> Result<ExitCode, (u8, String)> {
                 report.reactors,
                 report.cores,
                 report.time_per_side_s,
-                report.xts_tier.as_ref().map(|t| format!(", XTS tier {t}")).unwrap_or_default()
+                report
+                    .xts_tier
+                    .as_ref()
+                    .map(|t| format!(", XTS tier {t}"))
+                    .unwrap_or_default()
             );
-            print_table(&mut out, &report.sides, report.ratio_encrypted_over_plaintext.as_ref());
-            if let (Some(k), Some(r)) = (kernel_ns, report.ratio_encrypted_over_plaintext.as_ref()) {
+            print_table(
+                &mut out,
+                &report.sides,
+                report.ratio_encrypted_over_plaintext.as_ref(),
+            );
+            if let (Some(k), Some(r)) = (kernel_ns, report.ratio_encrypted_over_plaintext.as_ref())
+            {
                 let _ = writeln!(
                     out,
                     "crypto cost: {:.3} us/io over plaintext; XTS kernel alone {:.3} us/io (same run) -> {:.2}x the kernel",
@@ -340,11 +386,15 @@ fn run_inner(a: &BdevperfArgs) -> Result<ExitCode, (u8, String)> {
                 );
             }
             if let Some(path) = other {
-                std::fs::write(path, format!("{json}\n")).map_err(|e| (EXIT_FAILED, format!("{path}: {e}")))?;
+                std::fs::write(path, format!("{json}\n"))
+                    .map_err(|e| (EXIT_FAILED, format!("{path}: {e}")))?;
             }
         }
     }
-    let bad: u64 = results.iter().map(|r| r.io_errors + r.verify_mismatches + r.plaintext_leaks).sum();
+    let bad: u64 = results
+        .iter()
+        .map(|r| r.io_errors + r.verify_mismatches + r.plaintext_leaks)
+        .sum();
     if bad > 0 {
         for r in &results {
             if let Some(e) = &r.first_error {

@@ -14,8 +14,12 @@ pub const EXIT_STARTUP: u8 = 3;
 
 /// Logs to stderr, filtered by `filter`.
 pub fn init_logging(filter: &str) {
-    let f = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(f).with_writer(std::io::stderr).try_init();
+    let f = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(f)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 /// Prints `msg` as an error and returns `code`.
@@ -25,7 +29,9 @@ pub fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
 }
 
 /// Loads `-c PATH` or the built-in default.
-pub fn load_config(path: Option<&std::path::Path>) -> Result<nvseal::config::Config, nvseal::config::ConfigError> {
+pub fn load_config(
+    path: Option<&std::path::Path>,
+) -> Result<nvseal::config::Config, nvseal::config::ConfigError> {
     match path {
         Some(p) => nvseal::config::Config::load(p),
         None => Ok(nvseal::config::Config::builtin_default()),

@@ -32,7 +32,12 @@ pub fn run(args: ServeArgs) -> ExitCode {
         Err(e) => return fail(EXIT_USAGE, e),
     };
     let allowed = nvseal::sys::affinity::allowed_cpus();
-    let cores = match cfg.reactor.cores.placement().and_then(|p| p.resolve(&allowed)) {
+    let cores = match cfg
+        .reactor
+        .cores
+        .placement()
+        .and_then(|p| p.resolve(&allowed))
+    {
         Ok(c) => c,
         Err(e) => return fail(EXIT_USAGE, format!("reactor.cores: {e}")),
     };
@@ -45,7 +50,11 @@ pub fn run(args: ServeArgs) -> ExitCode {
         Err(e) => return fail(EXIT_STARTUP, e),
     };
     for (name, b) in &stacks.bdevs {
-        let kind = if stacks.crypto_base.contains_key(name) { "encrypted" } else { "plaintext" };
+        let kind = if stacks.crypto_base.contains_key(name) {
+            "encrypted"
+        } else {
+            "plaintext"
+        };
         tracing::info!(bdev = %name, kind, block_size = b.block_size(), blocks = b.num_blocks(), "bdev online");
     }
     tracing::info!(reactors = set.len(), cores = %nvseal::reactor::placement::format_cpu_list(&cores), "nvseal serving; SIGINT or SIGTERM stops");

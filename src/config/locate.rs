@@ -14,8 +14,13 @@ pub struct Pos {
 }
 
 enum Frame {
-    Map { key: Option<String>, expect_key: bool },
-    Seq { index: usize },
+    Map {
+        key: Option<String>,
+        expect_key: bool,
+    },
+    Seq {
+        index: usize,
+    },
 }
 
 #[derive(Default)]
@@ -27,27 +32,42 @@ struct Collector {
 impl Collector {
     fn pos(m: &Marker) -> Pos {
         // yaml-rust2 markers: line is 1-based, col is 0-based.
-        Pos { line: m.line().max(1), column: m.col() + 1 }
+        Pos {
+            line: m.line().max(1),
+            column: m.col() + 1,
+        }
     }
 
     /// Path of the node about to start under the current top frame; `None` if it is a key.
     fn child_path(&mut self, scalar: Option<&str>, mark: &Marker) -> Option<String> {
-        let Some((path, frame)) = self.stack.last_mut() else { return Some(String::new()) };
+        let Some((path, frame)) = self.stack.last_mut() else {
+            return Some(String::new());
+        };
         match frame {
             Frame::Map { key, expect_key } => {
                 if *expect_key {
                     let k = scalar.unwrap_or("?").to_string();
-                    let full = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                    let full = if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    };
                     self.positions.entry(full).or_insert(Self::pos(mark));
                     // A block mapping's own mark is unreliable: use its first key's.
-                    self.positions.entry(path.clone()).or_insert(Self::pos(mark));
+                    self.positions
+                        .entry(path.clone())
+                        .or_insert(Self::pos(mark));
                     *key = Some(k);
                     *expect_key = false;
                     None
                 } else {
                     *expect_key = true;
                     let k = key.take().unwrap_or_default();
-                    Some(if path.is_empty() { k } else { format!("{path}.{k}") })
+                    Some(if path.is_empty() {
+                        k
+                    } else {
+                        format!("{path}.{k}")
+                    })
                 }
             }
             Frame::Seq { index } => {
@@ -75,7 +95,13 @@ impl MarkedEventReceiver for Collector {
             }
             Event::MappingStart(..) => {
                 let p = self.child_path(None, &mark).unwrap_or_default();
-                self.stack.push((p, Frame::Map { key: None, expect_key: true }));
+                self.stack.push((
+                    p,
+                    Frame::Map {
+                        key: None,
+                        expect_key: true,
+                    },
+                ));
             }
             Event::SequenceStart(..) => {
                 let p = self.child_path(None, &mark).unwrap_or_default();
@@ -119,11 +145,32 @@ mod tests {
     #[test]
     fn finds_nested_paths() {
         let y = "reactor:\n  cores: \"0-1\"\nbdevs:\n  - name: a\n    type: null\n  - name: b\n    base: zz\n";
-        assert_eq!(locate(y, "reactor.cores"), Some(Pos { line: 2, column: 10 }));
-        assert_eq!(locate(y, "bdevs[1].base"), Some(Pos { line: 7, column: 11 }));
-        assert_eq!(locate(y, "bdevs[0].name"), Some(Pos { line: 4, column: 11 }));
+        assert_eq!(
+            locate(y, "reactor.cores"),
+            Some(Pos {
+                line: 2,
+                column: 10
+            })
+        );
+        assert_eq!(
+            locate(y, "bdevs[1].base"),
+            Some(Pos {
+                line: 7,
+                column: 11
+            })
+        );
+        assert_eq!(
+            locate(y, "bdevs[0].name"),
+            Some(Pos {
+                line: 4,
+                column: 11
+            })
+        );
         // Unknown leaf: falls back to the closest ancestor.
-        assert_eq!(locate(y, "bdevs[1].nothing"), Some(Pos { line: 6, column: 5 }));
+        assert_eq!(
+            locate(y, "bdevs[1].nothing"),
+            Some(Pos { line: 6, column: 5 })
+        );
         assert!(locate("{{{", "a").is_none());
     }
 }

@@ -210,7 +210,13 @@ impl Config {
                 },
             };
             let path = if path == "." { String::new() } else { path };
-            ConfigError { file: file.to_string(), path, line, column, message: strip_location(&inner.to_string()) }
+            ConfigError {
+                file: file.to_string(),
+                path,
+                line,
+                column,
+                message: strip_location(&inner.to_string()),
+            }
         })?;
         cfg.validate(text, file)?;
         Ok(cfg)
@@ -231,7 +237,8 @@ impl Config {
     /// The built-in default configuration.
     pub fn builtin_default() -> Config {
         // The default is checked by a unit test, so this cannot fail at run time.
-        Config::from_yaml(DEFAULT_YAML, "<built-in default>").expect("built-in default config is valid")
+        Config::from_yaml(DEFAULT_YAML, "<built-in default>")
+            .expect("built-in default config is valid")
     }
 
     fn validate(&self, text: &str, file: &str) -> Result<(), ConfigError> {
@@ -249,7 +256,10 @@ impl Config {
             return Err(err("reactor.cores".into(), m));
         }
         if self.reactor.mailbox_depth == 0 || self.reactor.mailbox_depth > 1 << 20 {
-            return Err(err("reactor.mailbox_depth".into(), "must be between 1 and 1048576".into()));
+            return Err(err(
+                "reactor.mailbox_depth".into(),
+                "must be between 1 and 1048576".into(),
+            ));
         }
         if let Some(t) = &self.crypto.max_tier {
             if t.parse::<crate::crypto::xts::Tier>().is_err() {
@@ -262,11 +272,22 @@ impl Config {
         let mut seen: Vec<&str> = Vec::new();
         for (i, b) in self.bdevs.iter().enumerate() {
             let name = b.name();
-            if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
-                return Err(err(format!("bdevs[{i}].name"), format!("bad bdev name {name:?} (1-64 of A-Z a-z 0-9 _ - .)")));
+            if name.is_empty()
+                || name.len() > 64
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+            {
+                return Err(err(
+                    format!("bdevs[{i}].name"),
+                    format!("bad bdev name {name:?} (1-64 of A-Z a-z 0-9 _ - .)"),
+                ));
             }
             if seen.contains(&name) {
-                return Err(err(format!("bdevs[{i}].name"), format!("bdev name {name:?} is used twice")));
+                return Err(err(
+                    format!("bdevs[{i}].name"),
+                    format!("bdev name {name:?} is used twice"),
+                ));
             }
             if let BdevConfig::Crypto(c) = b {
                 if !seen.contains(&c.base.as_str()) {
@@ -275,8 +296,17 @@ impl Config {
                         format!("no bdev named {:?} defined before this one", c.base),
                     ));
                 }
-                if self.bdevs.iter().filter(|o| matches!(o, BdevConfig::Crypto(x) if x.base == c.base)).count() > 1 {
-                    return Err(err(format!("bdevs[{i}].base"), format!("bdev {:?} is the base of two crypto bdevs", c.base)));
+                if self
+                    .bdevs
+                    .iter()
+                    .filter(|o| matches!(o, BdevConfig::Crypto(x) if x.base == c.base))
+                    .count()
+                    > 1
+                {
+                    return Err(err(
+                        format!("bdevs[{i}].base"),
+                        format!("bdev {:?} is the base of two crypto bdevs", c.base),
+                    ));
                 }
             }
             seen.push(name);

@@ -37,7 +37,9 @@ pub struct DataKey {
 impl DataKey {
     /// Expands `key` for the best tier ≤ `max_tier`.
     pub fn new(key: &XtsKey, max_tier: Option<Tier>) -> Result<DataKey, CryptoError> {
-        Ok(DataKey { xts: Arc::new(Xts::new(key, max_tier)?) })
+        Ok(DataKey {
+            xts: Arc::new(Xts::new(key, max_tier)?),
+        })
     }
     pub fn tier(&self) -> Tier {
         self.xts.tier()
@@ -62,15 +64,25 @@ pub struct CryptoBdev {
 }
 
 impl CryptoBdev {
-    pub fn new(name: &str, base: Arc<dyn Bdev>, key: DataKey, allow_discards: bool) -> Result<Self, BdevError> {
+    pub fn new(
+        name: &str,
+        base: Arc<dyn Bdev>,
+        key: DataKey,
+        allow_discards: bool,
+    ) -> Result<Self, BdevError> {
         let bs = base.block_size();
-        if bs % 16 != 0 || bs == 0 {
+        if bs == 0 || !bs.is_multiple_of(16) {
             return Err(BdevError::Invalid {
                 name: name.to_string(),
                 what: format!("base block size {bs} is not a multiple of the AES block (16 bytes)"),
             });
         }
-        Ok(CryptoBdev { name: name.to_string(), base, key, allow_discards })
+        Ok(CryptoBdev {
+            name: name.to_string(),
+            base,
+            key,
+            allow_discards,
+        })
     }
     pub fn base(&self) -> &Arc<dyn Bdev> {
         &self.base
@@ -100,7 +112,11 @@ impl Bdev for CryptoBdev {
     fn buf_align(&self) -> usize {
         self.base.buf_align()
     }
-    fn open_channel(&self, core: CoreId, queue_depth: usize) -> Result<Box<dyn BdevChannel>, BdevError> {
+    fn open_channel(
+        &self,
+        core: CoreId,
+        queue_depth: usize,
+    ) -> Result<Box<dyn BdevChannel>, BdevError> {
         let base = self.base.open_channel(core, queue_depth)?;
         Ok(Box::new(CryptoChannel {
             base,
@@ -158,7 +174,12 @@ impl BdevChannel for CryptoChannel {
         if io.io_type == IoType::Write {
             let first = io.offset_blocks;
             if let Some(buf) = io.buf.as_mut() {
-                if self.key.xts.encrypt_units(buf.as_mut_slice(), self.block_size, first).is_err() {
+                if self
+                    .key
+                    .xts
+                    .encrypt_units(buf.as_mut_slice(), self.block_size, first)
+                    .is_err()
+                {
                     // validate() checked the length, so this is unreachable in practice; still a
                     // status, never a panic.
                     io.status = IoStatus::InvalidRange;
@@ -203,7 +224,11 @@ impl BdevChannel for CryptoChannel {
             if io.io_type == IoType::Read && io.status == IoStatus::Success {
                 let first = io.offset_blocks;
                 if let Some(buf) = io.buf.as_mut() {
-                    if key.xts.decrypt_units(buf.as_mut_slice(), bs, first).is_err() {
+                    if key
+                        .xts
+                        .decrypt_units(buf.as_mut_slice(), bs, first)
+                        .is_err()
+                    {
                         io.status = IoStatus::InvalidRange;
                     }
                 }

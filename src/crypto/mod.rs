@@ -6,8 +6,8 @@
 //! * [`bdev`] — a bdev that encrypts writes in place before its base bdev sees them and decrypts
 //!   reads in place after the base completes them.
 
+pub mod bdev;
 pub mod key;
 pub mod xts;
-pub mod bdev;
 
 pub use key::CryptoError;

@@ -72,7 +72,10 @@ pub struct ReactorCounters {
 impl ReactorCounters {
     /// Busy share in percent over the whole life, or between two snapshots via [`busy_pct`].
     pub fn snapshot(&self) -> (u64, u64) {
-        (self.busy_ticks.load(Ordering::Relaxed), self.idle_ticks.load(Ordering::Relaxed))
+        (
+            self.busy_ticks.load(Ordering::Relaxed),
+            self.idle_ticks.load(Ordering::Relaxed),
+        )
     }
 }
 
@@ -159,14 +162,18 @@ impl Reactor {
         let id = PollerId(self.next_poller);
         self.next_poller += 1;
         self.pollers.push((id, poller));
-        self.counters.pollers.store(self.pollers.len() as u64, Ordering::Relaxed);
+        self.counters
+            .pollers
+            .store(self.pollers.len() as u64, Ordering::Relaxed);
         id
     }
     /// Removes a poller, handing it back.
     pub fn remove_poller(&mut self, id: PollerId) -> Option<Box<dyn Poller>> {
         let pos = self.pollers.iter().position(|(p, _)| *p == id)?;
         let (_, p) = self.pollers.remove(pos);
-        self.counters.pollers.store(self.pollers.len() as u64, Ordering::Relaxed);
+        self.counters
+            .pollers
+            .store(self.pollers.len() as u64, Ordering::Relaxed);
         Some(p)
     }
     /// Sends a message to another reactor of the set (never blocks).
@@ -191,7 +198,9 @@ impl Reactor {
         }
         if finished {
             self.pollers.retain(|(_, p)| !p.is_done());
-            self.counters.pollers.store(self.pollers.len() as u64, Ordering::Relaxed);
+            self.counters
+                .pollers
+                .store(self.pollers.len() as u64, Ordering::Relaxed);
         }
         for _ in 0..MAILBOX_BATCH {
             match self.mailbox.try_recv() {
@@ -215,16 +224,23 @@ impl Reactor {
             let t1 = clock::ticks();
             let c = &self.counters;
             if work > 0 {
-                c.busy_ticks.store(c.busy_ticks.load(Ordering::Relaxed) + (t1 - t0), Ordering::Relaxed);
+                c.busy_ticks.store(
+                    c.busy_ticks.load(Ordering::Relaxed) + (t1 - t0),
+                    Ordering::Relaxed,
+                );
                 idle_spins = 0;
             } else {
-                c.idle_ticks.store(c.idle_ticks.load(Ordering::Relaxed) + (t1 - t0), Ordering::Relaxed);
+                c.idle_ticks.store(
+                    c.idle_ticks.load(Ordering::Relaxed) + (t1 - t0),
+                    Ordering::Relaxed,
+                );
                 idle_spins = idle_spins.saturating_add(1);
                 if !backoff.is_zero() && idle_spins >= IDLE_SPINS_BEFORE_BACKOFF {
                     std::thread::sleep(backoff);
                 }
             }
-            c.iterations.store(c.iterations.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+            c.iterations
+                .store(c.iterations.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
 
             if self.stop.load(Ordering::Acquire) {
                 if !self.draining {
@@ -239,7 +255,11 @@ impl Reactor {
                     break;
                 }
                 if drain_deadline.is_some_and(|d| Instant::now() > d) {
-                    tracing::error!(reactor = self.index, in_flight, "drain timed out with I/O in flight");
+                    tracing::error!(
+                        reactor = self.index,
+                        in_flight,
+                        "drain timed out with I/O in flight"
+                    );
                     break;
                 }
             }
@@ -280,7 +300,10 @@ impl ReactorSet {
                 return Err(ReactorError::DuplicateCore(*c));
             }
             if opts.pin && !allowed.contains(c) {
-                return Err(ReactorError::NoSuchCore { core: *c, allowed: placement::format_cpu_list(&allowed) });
+                return Err(ReactorError::NoSuchCore {
+                    core: *c,
+                    allowed: placement::format_cpu_list(&allowed),
+                });
             }
         }
         // Calibrate the clock before any reactor needs it, off the data path.
@@ -323,20 +346,35 @@ impl ReactorSet {
                     };
                     reactor.run(&o);
                 })
-                .map_err(|e| ReactorError::Start { core, what: e.to_string() })?;
+                .map_err(|e| ReactorError::Start {
+                    core,
+                    what: e.to_string(),
+                })?;
             let started = match ready_rx.recv() {
                 Ok(r) => r,
                 Err(_) => Err("reactor thread died during start-up".to_string()),
             };
             if let Err(what) = started {
                 let _ = join.join();
-                let set = ReactorSet { reactors, senders, stop };
+                let set = ReactorSet {
+                    reactors,
+                    senders,
+                    stop,
+                };
                 set.shutdown();
                 return Err(ReactorError::Start { core, what });
             }
-            reactors.push(ReactorHandle { core, counters, join: Some(join) });
+            reactors.push(ReactorHandle {
+                core,
+                counters,
+                join: Some(join),
+            });
         }
-        Ok(ReactorSet { reactors, senders, stop })
+        Ok(ReactorSet {
+            reactors,
+            senders,
+            stop,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -355,12 +393,18 @@ impl ReactorSet {
     }
     /// Busy/idle tick snapshots of every reactor.
     pub fn snapshots(&self) -> Vec<(u64, u64)> {
-        self.reactors.iter().map(|r| r.counters.snapshot()).collect()
+        self.reactors
+            .iter()
+            .map(|r| r.counters.snapshot())
+            .collect()
     }
 
     /// Queues a message for reactor `index` without blocking.
     pub fn send(&self, index: usize, msg: Msg) -> Result<(), ReactorError> {
-        let tx = self.senders.get(index).ok_or(ReactorError::Stopped(index))?;
+        let tx = self
+            .senders
+            .get(index)
+            .ok_or(ReactorError::Stopped(index))?;
         tx.try_send(msg).map_err(|e| match e {
             TrySendError::Full(_) => ReactorError::MailboxFull(index),
             TrySendError::Disconnected(_) => ReactorError::Stopped(index),
@@ -377,7 +421,10 @@ impl ReactorSet {
         let msg: Msg = Box::new(move |r: &mut Reactor| {
             let _ = tx.send(f(r));
         });
-        let tx = self.senders.get(index).ok_or(ReactorError::Stopped(index))?;
+        let tx = self
+            .senders
+            .get(index)
+            .ok_or(ReactorError::Stopped(index))?;
         // A full mailbox is waited out here: this is a control thread and may block.
         tx.send(msg).map_err(|_| ReactorError::Stopped(index))?;
         rx.recv().map_err(|_| ReactorError::Stopped(index))
@@ -447,7 +494,10 @@ mod tests {
     }
 
     fn opts() -> ReactorOptions {
-        ReactorOptions { pin: false, ..Default::default() }
+        ReactorOptions {
+            pin: false,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -457,7 +507,11 @@ mod tests {
         let n2 = n.clone();
         set.call(1, move |r| {
             assert_eq!(r.index(), 1);
-            r.add_poller(Box::new(Counter { n: n2, in_flight: 5, draining: false }));
+            r.add_poller(Box::new(Counter {
+                n: n2,
+                in_flight: 5,
+                draining: false,
+            }));
         })
         .unwrap();
         while n.load(Ordering::Relaxed) < 1000 {
@@ -466,7 +520,11 @@ mod tests {
         // reactor → reactor message
         let (tx, rx) = bounded(1);
         set.call(1, move |r| {
-            r.send_to(0, Box::new(move |r0: &mut Reactor| tx.send(r0.index()).unwrap())).unwrap();
+            r.send_to(
+                0,
+                Box::new(move |r0: &mut Reactor| tx.send(r0.index()).unwrap()),
+            )
+            .unwrap();
         })
         .unwrap();
         assert_eq!(rx.recv_timeout(Duration::from_secs(5)).unwrap(), 0);
@@ -481,16 +539,26 @@ mod tests {
         let set = ReactorSet::start(&[CoreId(0)], &opts()).unwrap();
         std::thread::sleep(Duration::from_millis(30));
         let s0 = set.snapshots()[0];
-        assert!(busy_pct((0, 0), s0) < 50.0, "an empty reactor is mostly idle");
+        assert!(
+            busy_pct((0, 0), s0) < 50.0,
+            "an empty reactor is mostly idle"
+        );
         let n = Arc::new(AtomicUsize::new(0));
         let n2 = n.clone();
         set.call(0, move |r| {
-            r.add_poller(Box::new(Counter { n: n2, in_flight: 0, draining: false }));
+            r.add_poller(Box::new(Counter {
+                n: n2,
+                in_flight: 0,
+                draining: false,
+            }));
         })
         .unwrap();
         std::thread::sleep(Duration::from_millis(50));
         let s1 = set.snapshots()[0];
-        assert!(busy_pct(s0, s1) > 50.0, "a reactor whose poller always works is busy");
+        assert!(
+            busy_pct(s0, s1) > 50.0,
+            "a reactor whose poller always works is busy"
+        );
     }
 
     #[test]
@@ -501,19 +569,32 @@ mod tests {
             Err(e) => panic!("wrong error {e}"),
             Ok(_) => panic!("core 4096 accepted"),
         }
-        assert!(matches!(ReactorSet::start(&[CoreId(0), CoreId(0)], &o), Err(ReactorError::DuplicateCore(_))));
-        assert!(matches!(ReactorSet::start(&[], &o), Err(ReactorError::NoCores)));
+        assert!(matches!(
+            ReactorSet::start(&[CoreId(0), CoreId(0)], &o),
+            Err(ReactorError::DuplicateCore(_))
+        ));
+        assert!(matches!(
+            ReactorSet::start(&[], &o),
+            Err(ReactorError::NoCores)
+        ));
     }
 
     #[test]
     fn mailbox_is_bounded() {
-        let o = ReactorOptions { pin: false, mailbox_depth: 2, ..Default::default() };
+        let o = ReactorOptions {
+            pin: false,
+            mailbox_depth: 2,
+            ..Default::default()
+        };
         let set = ReactorSet::start(&[CoreId(0)], &o).unwrap();
         // Block the reactor inside a message so the mailbox fills up.
         let (gate_tx, gate_rx) = bounded::<()>(0);
-        set.send(0, Box::new(move |_| {
-            let _ = gate_rx.recv();
-        }))
+        set.send(
+            0,
+            Box::new(move |_| {
+                let _ = gate_rx.recv();
+            }),
+        )
         .unwrap();
         std::thread::sleep(Duration::from_millis(20));
         let mut full = false;

@@ -41,8 +41,12 @@ pub fn parse_cpu_list(s: &str) -> Result<Vec<CoreId>, String> {
             Some((a, b)) => (a.trim(), b.trim()),
             None => (part, part),
         };
-        let a: usize = a.parse().map_err(|_| format!("bad CPU number {a:?} in {s:?}"))?;
-        let b: usize = b.parse().map_err(|_| format!("bad CPU number {b:?} in {s:?}"))?;
+        let a: usize = a
+            .parse()
+            .map_err(|_| format!("bad CPU number {a:?} in {s:?}"))?;
+        let b: usize = b
+            .parse()
+            .map_err(|_| format!("bad CPU number {b:?} in {s:?}"))?;
         if b < a {
             return Err(format!("descending range {part:?} in {s:?}"));
         }
@@ -76,7 +80,11 @@ pub fn format_cpu_list(cores: &[CoreId]) -> String {
             i += 1;
             end = v[i];
         }
-        out.push(if start == end { format!("{start}") } else { format!("{start}-{end}") });
+        out.push(if start == end {
+            format!("{start}")
+        } else {
+            format!("{start}-{end}")
+        });
         i += 1;
     }
     out.join(",")
@@ -96,7 +104,10 @@ mod tests {
         assert!(parse_cpu_list("").is_err());
         assert!(parse_cpu_list("0-99999999").is_err());
         let allowed = [CoreId(0), CoreId(1)];
-        assert_eq!(Placement::Count(1).resolve(&allowed).unwrap(), vec![CoreId(0)]);
+        assert_eq!(
+            Placement::Count(1).resolve(&allowed).unwrap(),
+            vec![CoreId(0)]
+        );
         assert!(Placement::Count(3).resolve(&allowed).is_err());
     }
 }

@@ -29,8 +29,14 @@ pub enum OpClass {
 }
 
 impl OpClass {
-    pub const ALL: [OpClass; 6] =
-        [OpClass::Read, OpClass::Write, OpClass::Flush, OpClass::WriteZeroes, OpClass::Unmap, OpClass::Admin];
+    pub const ALL: [OpClass; 6] = [
+        OpClass::Read,
+        OpClass::Write,
+        OpClass::Flush,
+        OpClass::WriteZeroes,
+        OpClass::Unmap,
+        OpClass::Admin,
+    ];
     pub fn name(self) -> &'static str {
         match self {
             OpClass::Read => "read",
@@ -95,7 +101,9 @@ impl Default for IoStats {
 impl IoStats {
     /// Allocates every histogram up front (start-up only).
     pub fn new() -> Self {
-        IoStats { ops: std::array::from_fn(|_| OpStats::new()) }
+        IoStats {
+            ops: std::array::from_fn(|_| OpStats::new()),
+        }
     }
     /// Records one finished I/O. Never allocates.
     #[inline]
@@ -106,7 +114,8 @@ impl IoStats {
         if !ok {
             s.errors += 1;
         }
-        s.latency_ns.saturating_record(latency_ns.clamp(1, LATENCY_NS_MAX));
+        s.latency_ns
+            .saturating_record(latency_ns.clamp(1, LATENCY_NS_MAX));
     }
     pub fn op(&self, op: OpClass) -> &OpStats {
         &self.ops[op.index()]
@@ -150,7 +159,13 @@ impl IoStats {
     pub fn data_summary(&self, elapsed_s: f64) -> Summary {
         let r = &self.ops[OpClass::Read.index()];
         let w = &self.ops[OpClass::Write.index()];
-        Summary::from_parts(r.ios + w.ios, r.bytes + w.bytes, r.errors + w.errors, &self.data_latency(), elapsed_s)
+        Summary::from_parts(
+            r.ios + w.ios,
+            r.bytes + w.bytes,
+            r.errors + w.errors,
+            &self.data_latency(),
+            elapsed_s,
+        )
     }
 }
 
@@ -201,7 +216,11 @@ pub struct Summary {
 
 impl Summary {
     fn from_parts(ios: u64, bytes: u64, errors: u64, h: &Histogram<u64>, elapsed_s: f64) -> Self {
-        let e = if elapsed_s > 0.0 { elapsed_s } else { f64::INFINITY };
+        let e = if elapsed_s > 0.0 {
+            elapsed_s
+        } else {
+            f64::INFINITY
+        };
         Summary {
             ios,
             bytes,
@@ -232,15 +251,26 @@ mod tests {
         assert_eq!(s.ios, 1001);
         assert_eq!(s.bytes, 1001 * 4096);
         assert!((s.iops - 500.5).abs() < 1e-9);
-        assert!((s.latency_us.p50 - 501.0).abs() < 2.0, "p50 {}", s.latency_us.p50);
-        assert!((s.latency_us.max - 2000.0).abs() < 3.0, "max {}", s.latency_us.max);
+        assert!(
+            (s.latency_us.p50 - 501.0).abs() < 2.0,
+            "p50 {}",
+            s.latency_us.p50
+        );
+        assert!(
+            (s.latency_us.max - 2000.0).abs() < 3.0,
+            "max {}",
+            s.latency_us.max
+        );
         let w = a.summary(OpClass::Write, 1.0);
         assert_eq!((w.ios, w.errors), (1, 1));
         let d = a.data_summary(1.0);
         assert_eq!(d.ios, 1002);
         a.reset();
         assert_eq!(a.total_ios(), 0);
-        assert_eq!(a.summary(OpClass::Read, 1.0).latency_us, LatencyUs::default());
+        assert_eq!(
+            a.summary(OpClass::Read, 1.0).latency_us,
+            LatencyUs::default()
+        );
     }
 
     #[test]

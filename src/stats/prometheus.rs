@@ -21,9 +21,16 @@ pub fn write_io_stats(out: &mut String, labels: &[(&str, &str)], stats: &IoStats
         let _ = writeln!(out, "nvseal_io_errors_total{{{l}}} {}", s.errors);
         for q in [0.5, 0.9, 0.99, 0.999, 0.9999] {
             let v = s.latency_ns.value_at_quantile(q) as f64 / 1e9;
-            let _ = writeln!(out, "nvseal_io_latency_seconds{{{l},quantile=\"{q}\"}} {v:e}");
+            let _ = writeln!(
+                out,
+                "nvseal_io_latency_seconds{{{l},quantile=\"{q}\"}} {v:e}"
+            );
         }
-        let _ = writeln!(out, "nvseal_io_latency_seconds_count{{{l}}} {}", s.latency_ns.len());
+        let _ = writeln!(
+            out,
+            "nvseal_io_latency_seconds_count{{{l}}} {}",
+            s.latency_ns.len()
+        );
     }
 }
 
@@ -36,7 +43,10 @@ mod tests {
         st.record(OpClass::Write, 4096, 10_000, true);
         let mut out = String::new();
         write_io_stats(&mut out, &[("nsid", "1")], &st);
-        assert!(out.contains("nvseal_ios_total{nsid=\"1\",op=\"write\"} 1"), "{out}");
+        assert!(
+            out.contains("nvseal_ios_total{nsid=\"1\",op=\"write\"} 1"),
+            "{out}"
+        );
         assert!(out.contains("quantile=\"0.99\""));
         assert!(!out.contains("op=\"read\""));
     }

@@ -64,6 +64,9 @@ mod tests {
             b.as_mut_slice()[8191] = 7;
             assert_eq!(b.as_slice()[8191], 7);
         }
-        assert!(AlignedBuf::zeroed(4096, 3).is_none(), "non-power-of-two alignment must fail");
+        assert!(
+            AlignedBuf::zeroed(4096, 3).is_none(),
+            "non-power-of-two alignment must fail"
+        );
     }
 }

@@ -39,7 +39,10 @@ pub enum Workload {
 
 impl Workload {
     fn random(self) -> bool {
-        matches!(self, Workload::Randread | Workload::Randwrite | Workload::Randrw)
+        matches!(
+            self,
+            Workload::Randread | Workload::Randwrite | Workload::Randrw
+        )
     }
 }
 
@@ -151,7 +154,10 @@ fn fill_pattern(buf: &mut [u8], lba: u64, block_size: usize, seed: u64) {
 fn check_pattern(buf: &[u8], lba: u64, block_size: usize, seed: u64) -> bool {
     buf.chunks_exact(block_size).enumerate().all(|(b, block)| {
         let base = splitmix(seed ^ (lba + b as u64));
-        block.chunks_exact(8).enumerate().all(|(w, word)| word == base.wrapping_add(w as u64).to_le_bytes())
+        block
+            .chunks_exact(8)
+            .enumerate()
+            .all(|(w, word)| word == base.wrapping_add(w as u64).to_le_bytes())
     })
 }
 
@@ -192,7 +198,12 @@ impl JobCore {
         };
         let lba = self.region_start + index * u64::from(self.io_blocks);
         let (io_type, stage) = if self.spec.verify {
-            fill_pattern(buf.as_mut_slice(), lba, self.block_size as usize, self.spec.seed);
+            fill_pattern(
+                buf.as_mut_slice(),
+                lba,
+                self.block_size as usize,
+                self.spec.seed,
+            );
             (IoType::Write, Stage::VerifyWrite)
         } else {
             let read = match self.spec.workload {
@@ -200,13 +211,25 @@ impl JobCore {
                 Workload::Write | Workload::Randwrite => false,
                 Workload::Randrw => (self.next_rand() % 100) < u64::from(self.spec.rwmixread),
             };
-            (if read { IoType::Read } else { IoType::Write }, Stage::Plain)
+            (
+                if read { IoType::Read } else { IoType::Write },
+                Stage::Plain,
+            )
         };
         if let Some(n) = self.ios_left.as_mut() {
             *n -= 1;
         }
-        self.slots[slot] = Slot { start_ticks: now, stage };
-        Some(BdevIo::new(io_type, lba, self.io_blocks, Some(buf), slot as u64))
+        self.slots[slot] = Slot {
+            start_ticks: now,
+            stage,
+        };
+        Some(BdevIo::new(
+            io_type,
+            lba,
+            self.io_blocks,
+            Some(buf),
+            slot as u64,
+        ))
     }
 
     fn note_error(&mut self, what: String) {
@@ -222,8 +245,14 @@ impl JobCore {
         let slot = self.slots[slot_index];
         let ok = io.status == IoStatus::Success;
         let bytes = io.buf.as_ref().map_or(0, |b| b.len() as u64);
-        self.stats.record(OpClass::from(io.io_type), bytes, clock::ticks_to_ns(now.wrapping_sub(slot.start_ticks)), ok);
-        self.progress.store(self.progress.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        self.stats.record(
+            OpClass::from(io.io_type),
+            bytes,
+            clock::ticks_to_ns(now.wrapping_sub(slot.start_ticks)),
+            ok,
+        );
+        self.progress
+            .store(self.progress.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         if !ok {
             self.io_errors += 1;
             let (lba, st) = (io.offset_blocks, io.status);
@@ -237,29 +266,46 @@ impl JobCore {
             Stage::VerifyWrite => {
                 io.io_type = IoType::Read;
                 io.status = IoStatus::Pending;
-                self.slots[slot_index] = Slot { start_ticks: now, stage: Stage::VerifyRead };
+                self.slots[slot_index] = Slot {
+                    start_ticks: now,
+                    stage: Stage::VerifyRead,
+                };
                 self.ready.push_back(io);
             }
             Stage::VerifyRead => {
-                let good = io.buf.as_ref().is_some_and(|b| check_pattern(b.as_slice(), io.offset_blocks, bs, seed));
+                let good = io
+                    .buf
+                    .as_ref()
+                    .is_some_and(|b| check_pattern(b.as_slice(), io.offset_blocks, bs, seed));
                 if !good {
                     self.verify_mismatches += 1;
                     let lba = io.offset_blocks;
-                    self.note_error(format!("verify: data read back at LBA {lba} differs from what was written"));
+                    self.note_error(format!(
+                        "verify: data read back at LBA {lba} differs from what was written"
+                    ));
                 }
                 if good && self.ready_raw.capacity() > 0 {
                     io.status = IoStatus::Pending;
-                    self.slots[slot_index] = Slot { start_ticks: now, stage: Stage::VerifyRaw };
+                    self.slots[slot_index] = Slot {
+                        start_ticks: now,
+                        stage: Stage::VerifyRaw,
+                    };
                     self.ready_raw.push_back(io);
                 } else {
                     self.release(io);
                 }
             }
             Stage::VerifyRaw => {
-                if io.buf.as_ref().is_some_and(|b| leaks_pattern(b.as_slice(), io.offset_blocks, bs, seed)) {
+                if io
+                    .buf
+                    .as_ref()
+                    .is_some_and(|b| leaks_pattern(b.as_slice(), io.offset_blocks, bs, seed))
+                {
                     self.plaintext_leaks += 1;
                     let lba = io.offset_blocks;
-                    self.note_error(format!("verify: plaintext found on the backend at LBA {lba}"));
+                    self.note_error(format!(
+                        "verify: plaintext found on the backend at LBA {lba}"
+                    ));
                 }
                 self.release(io);
             }
@@ -290,8 +336,11 @@ impl Job {
         result_tx: Sender<JobResult>,
     ) -> Result<Job, String> {
         let bs = u64::from(bdev.block_size());
-        if spec.io_size == 0 || spec.io_size as u64 % bs != 0 {
-            return Err(format!("I/O size {} is not a multiple of the block size {bs}", spec.io_size));
+        if spec.io_size == 0 || !(spec.io_size as u64).is_multiple_of(bs) {
+            return Err(format!(
+                "I/O size {} is not a multiple of the block size {bs}",
+                spec.io_size
+            ));
         }
         let io_blocks = (spec.io_size as u64 / bs) as u32;
         let total_ios = bdev.num_blocks() / u64::from(io_blocks);
@@ -316,7 +365,10 @@ impl Job {
             Some(r) if spec.verify => Some(r.open_channel(core, qd).map_err(|e| e.to_string())?),
             _ => None,
         };
-        let align = bdev.buf_align().max(raw.map_or(1, |r| r.buf_align())).max(64);
+        let align = bdev
+            .buf_align()
+            .max(raw.map_or(1, |r| r.buf_align()))
+            .max(64);
         let pool = BufPool::new(qd, spec.io_size, align).map_err(|e| e.to_string())?;
         let ios_left = match until {
             Until::Count(n) => Some(n),
@@ -334,7 +386,13 @@ impl Job {
                 region_ios,
                 cursor: 0,
                 rng: splitmix(spec.seed ^ (job_index as u64 + 1)) | 1,
-                slots: vec![Slot { start_ticks: 0, stage: Stage::Plain }; qd],
+                slots: vec![
+                    Slot {
+                        start_ticks: 0,
+                        stage: Stage::Plain
+                    };
+                    qd
+                ],
                 free_slots: (0..qd).rev().collect(),
                 ready: VecDeque::with_capacity(qd),
                 ready_raw: VecDeque::with_capacity(if raw_chan.is_some() { qd } else { 0 }),
@@ -357,7 +415,12 @@ impl Job {
         })
     }
 
-    fn submit_to(chan: &mut Box<dyn BdevChannel>, core: &mut JobCore, io: BdevIo, raw: bool) -> bool {
+    fn submit_to(
+        chan: &mut Box<dyn BdevChannel>,
+        core: &mut JobCore,
+        io: BdevIo,
+        raw: bool,
+    ) -> bool {
         match chan.submit(io) {
             Submit::Queued => {
                 core.in_flight += 1;
@@ -443,7 +506,11 @@ impl Poller for Job {
                 self.draining = true;
             }
         }
-        if self.draining && core.in_flight == 0 && core.ready.is_empty() && core.ready_raw.is_empty() {
+        if self.draining
+            && core.in_flight == 0
+            && core.ready.is_empty()
+            && core.ready_raw.is_empty()
+        {
             // Release buffers parked in the ready queues (none in practice once drained).
             self.finish(now);
         }
@@ -534,16 +601,28 @@ pub fn run_phase(
     let (tx, rx): (Sender<JobResult>, Receiver<JobResult>) = bounded(n);
     let counters: Vec<Arc<AtomicU64>> = (0..n).map(|_| Arc::new(AtomicU64::new(0))).collect();
     let before = set.snapshots();
-    for i in 0..n {
+    for (i, counter) in counters.iter().enumerate() {
         let bdev = side.bdev.clone();
         let raw = side.raw.clone();
         let spec = spec.clone();
         let tx = tx.clone();
-        let progress = counters[i].clone();
+        let progress = counter.clone();
         let label = format!("bdevperf-{}-{}", side.label, i);
         set.call(i, move |r| {
             let core = r.core();
-            Job::new(&label, &bdev, raw.as_ref(), &spec, i, n, until, core, progress, tx).map(|job| {
+            Job::new(
+                &label,
+                &bdev,
+                raw.as_ref(),
+                &spec,
+                i,
+                n,
+                until,
+                core,
+                progress,
+                tx,
+            )
+            .map(|job| {
                 r.add_poller(Box::new(job));
             })
         })
@@ -574,7 +653,9 @@ pub fn run_phase(
                 let done: u64 = counters.iter().map(|c| c.load(Ordering::Relaxed)).sum();
                 progress(into, done, t0.elapsed().as_secs_f64());
                 if deadline.is_some_and(|d| Instant::now() > d) {
-                    return Err("jobs did not finish within 60 s of their time limit (stuck I/O?)".into());
+                    return Err(
+                        "jobs did not finish within 60 s of their time limit (stuck I/O?)".into(),
+                    );
                 }
             }
             Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
@@ -594,7 +675,12 @@ pub fn run_phase(
 
 /// Times the XTS kernel of `key` on reactor 0 for `io_size` bytes in units of `unit` bytes:
 /// median of 7 rounds, ns per call. Same core and run as the benchmark it is compared with.
-pub fn time_xts_kernel(set: &ReactorSet, key: &DataKey, io_size: usize, unit: usize) -> Result<f64, String> {
+pub fn time_xts_kernel(
+    set: &ReactorSet,
+    key: &DataKey,
+    io_size: usize,
+    unit: usize,
+) -> Result<f64, String> {
     let key = key.clone();
     set.call(0, move |_| {
         let mut buf = vec![0x5au8; io_size];
@@ -604,7 +690,9 @@ pub fn time_xts_kernel(set: &ReactorSet, key: &DataKey, io_size: usize, unit: us
         for r in 0..rounds {
             let t0 = clock::ticks();
             for i in 0..iters {
-                let _ = key.xts().encrypt_units(&mut buf, unit, (r * iters + i) as u64);
+                let _ = key
+                    .xts()
+                    .encrypt_units(&mut buf, unit, (r * iters + i) as u64);
             }
             per_call.push(clock::ticks_to_ns(clock::ticks() - t0) as f64 / iters as f64);
         }
@@ -695,21 +783,50 @@ impl Ratios {
 pub fn print_table(out: &mut dyn std::io::Write, sides: &[SideReport], ratios: Option<&Ratios>) {
     let mut rows: Vec<(&str, Vec<String>, Option<String>)> = Vec::new();
     let f = |v: f64, p: usize| format!("{v:.p$}");
-    let col = |get: &dyn Fn(&SideReport) -> f64, p: usize| sides.iter().map(|s| f(get(s), p)).collect::<Vec<_>>();
+    let col = |get: &dyn Fn(&SideReport) -> f64, p: usize| {
+        sides.iter().map(|s| f(get(s), p)).collect::<Vec<_>>()
+    };
     let r = |get: &dyn Fn(&Ratios) -> f64| ratios.map(|x| format!("{:.3}", get(x)));
     rows.push(("bdev", sides.iter().map(|s| s.bdev.clone()).collect(), None));
     rows.push(("IOPS", col(&|s| s.summary.iops, 0), r(&|x| x.iops)));
     rows.push(("MB/s", col(&|s| s.summary.mb_per_s, 1), r(&|x| x.mb_per_s)));
     rows.push(("lat mean us", col(&|s| s.summary.latency_us.mean, 2), None));
-    rows.push(("lat p50 us", col(&|s| s.summary.latency_us.p50, 2), r(&|x| x.latency_p50)));
+    rows.push((
+        "lat p50 us",
+        col(&|s| s.summary.latency_us.p50, 2),
+        r(&|x| x.latency_p50),
+    ));
     rows.push(("lat p90 us", col(&|s| s.summary.latency_us.p90, 2), None));
-    rows.push(("lat p99 us", col(&|s| s.summary.latency_us.p99, 2), r(&|x| x.latency_p99)));
-    rows.push(("lat p99.9 us", col(&|s| s.summary.latency_us.p99_9, 2), r(&|x| x.latency_p99_9)));
-    rows.push(("lat p99.99 us", col(&|s| s.summary.latency_us.p99_99, 2), None));
+    rows.push((
+        "lat p99 us",
+        col(&|s| s.summary.latency_us.p99, 2),
+        r(&|x| x.latency_p99),
+    ));
+    rows.push((
+        "lat p99.9 us",
+        col(&|s| s.summary.latency_us.p99_9, 2),
+        r(&|x| x.latency_p99_9),
+    ));
+    rows.push((
+        "lat p99.99 us",
+        col(&|s| s.summary.latency_us.p99_99, 2),
+        None,
+    ));
     rows.push(("lat max us", col(&|s| s.summary.latency_us.max, 2), None));
     rows.push(("reactor busy %", col(&|s| s.reactor_busy_pct, 1), None));
-    rows.push(("cpu us/io", col(&|s| s.cpu_us_per_io, 3), r(&|x| x.cpu_us_per_io)));
-    rows.push(("errors", col(&|s| (s.io_errors + s.verify_mismatches + s.plaintext_leaks) as f64, 0), None));
+    rows.push((
+        "cpu us/io",
+        col(&|s| s.cpu_us_per_io, 3),
+        r(&|x| x.cpu_us_per_io),
+    ));
+    rows.push((
+        "errors",
+        col(
+            &|s| (s.io_errors + s.verify_mismatches + s.plaintext_leaks) as f64,
+            0,
+        ),
+        None,
+    ));
     let _ = write!(out, "{:<16}", "");
     for s in sides {
         let _ = write!(out, "{:>16}", s.label);

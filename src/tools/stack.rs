@@ -40,13 +40,18 @@ impl Stacks {
                 BdevConfig::Null(c) => bdev::null::open(c)?,
                 BdevConfig::Uring(c) => bdev::uring::open(c)?,
                 BdevConfig::Crypto(c) => {
-                    let base = bdevs.get(&c.base).cloned().ok_or_else(|| BdevError::Invalid {
-                        name: c.name.clone(),
-                        what: format!("base bdev {} not found", c.base),
-                    })?;
+                    let base = bdevs
+                        .get(&c.base)
+                        .cloned()
+                        .ok_or_else(|| BdevError::Invalid {
+                            name: c.name.clone(),
+                            what: format!("base bdev {} not found", c.base),
+                        })?;
                     let key = dev_key(&c.name, &c.key)?;
-                    let dk = DataKey::new(&key, max_tier)
-                        .map_err(|e| StackError::Key { name: c.name.clone(), what: e.to_string() })?;
+                    let dk = DataKey::new(&key, max_tier).map_err(|e| StackError::Key {
+                        name: c.name.clone(),
+                        what: e.to_string(),
+                    })?;
                     crypto_base.insert(c.name.clone(), c.base.clone());
                     crypto_keys.insert(c.name.clone(), dk.clone());
                     Arc::new(CryptoBdev::new(&c.name, base, dk, c.allow_discards)?)
@@ -54,7 +59,11 @@ impl Stacks {
             };
             bdevs.insert(b.name().to_string(), dev);
         }
-        Ok(Stacks { bdevs, crypto_base, crypto_keys })
+        Ok(Stacks {
+            bdevs,
+            crypto_base,
+            crypto_keys,
+        })
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<dyn Bdev>> {
@@ -63,20 +72,31 @@ impl Stacks {
 
     /// The crypto bdev stacked on `base`, if any.
     pub fn crypto_over(&self, base: &str) -> Option<String> {
-        self.crypto_base.iter().find(|(_, b)| b.as_str() == base).map(|(c, _)| c.clone())
+        self.crypto_base
+            .iter()
+            .find(|(_, b)| b.as_str() == base)
+            .map(|(c, _)| c.clone())
     }
 }
 
 /// Loads a development DEK.
 pub fn dev_key(name: &str, src: &DevKeySource) -> Result<XtsKey, StackError> {
-    let kerr = |what: String| StackError::Key { name: name.to_string(), what };
+    let kerr = |what: String| StackError::Key {
+        name: name.to_string(),
+        what,
+    };
     match src {
         DevKeySource::Ephemeral => XtsKey::generate().map_err(|e| kerr(e.to_string())),
         DevKeySource::File { path } => {
-            let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| kerr(format!("{path}: {e}")))?);
+            let text = Zeroizing::new(
+                std::fs::read_to_string(path).map_err(|e| kerr(format!("{path}: {e}")))?,
+            );
             let hex = text.trim();
             if hex.len() != 128 {
-                return Err(kerr(format!("{path}: expected 128 hex digits (a 64-byte XTS key), found {}", hex.len())));
+                return Err(kerr(format!(
+                    "{path}: expected 128 hex digits (a 64-byte XTS key), found {}",
+                    hex.len()
+                )));
             }
             let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
             let mut bytes = Zeroizing::new([0u8; 64]);

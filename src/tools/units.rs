@@ -12,9 +12,14 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
         "t" | "tb" | "tib" => 1 << 40,
-        other => return Err(format!("bad size suffix {other:?} in {s:?} (use k, m, g, t)")),
+        other => {
+            return Err(format!(
+                "bad size suffix {other:?} in {s:?} (use k, m, g, t)"
+            ))
+        }
     };
-    n.checked_mul(mult).ok_or_else(|| format!("size {s:?} overflows"))
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} overflows"))
 }
 
 /// Parses a duration: seconds by default, or with `ms`, `s`, `m` suffix.
@@ -29,11 +34,16 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     } else {
         (t, 1000)
     };
-    let n: f64 = num.trim().parse().map_err(|_| format!("bad duration {s:?}"))?;
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad duration {s:?}"))?;
     if !n.is_finite() || n < 0.0 || n * mult_ms as f64 > 1e12 {
         return Err(format!("bad duration {s:?}"));
     }
-    Ok(std::time::Duration::from_micros((n * mult_ms as f64 * 1000.0) as u64))
+    Ok(std::time::Duration::from_micros(
+        (n * mult_ms as f64 * 1000.0) as u64,
+    ))
 }
 
 #[cfg(test)]

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole nvseal test suite: formatting, clippy, then every unit and integration test.
+# Installs what the tests need on a fresh Debian 12 machine (apt/PyPI), idempotently.
+# Usage: scripts/test.sh [extra cargo-nextest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n== %s ==\n' "$*" >&2; }
+
+need_apt=()
+command -v openssl >/dev/null || need_apt+=(openssl)
+[ -e /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)
+command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  log "installing ${need_apt[*]}"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
+fi
+for s in scripts/setup.d/*.sh; do
+  [ -e "$s" ] || continue
+  log "setup: $s"
+  bash "$s"
+done
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  log "installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy (warnings denied)"
+cargo clippy --all-targets --locked -- -D warnings
+log "tests"
+cargo nextest run --all-targets --locked --no-fail-fast "$@"
