@@ -280,7 +280,7 @@ impl Xts {
             },
             #[cfg(target_arch = "x86_64")]
             Keys::Hw(rk) => match (self.tier, dir) {
-                // SAFETY (all arms): `Xts::with_tier` only builds `Keys::Hw` for a tier whose
+                // SAFETY: (all arms) `Xts::with_tier` only builds `Keys::Hw` for a tier whose
                 // `is_available()` check passed, and that check covers exactly the target
                 // features each kernel is compiled with.
                 (Tier::Vaes512, Dir::Encrypt) => unsafe {
@@ -318,8 +318,8 @@ impl Xts {
 /// Checks that `data_len` is a whole number of `unit_size` units and the unit a whole number of
 /// AES blocks.
 fn check_units(data_len: usize, unit_size: usize) -> Result<(), CryptoError> {
-    let unit_ok = unit_size != 0 && unit_size % BLOCK_LEN == 0;
-    if !unit_ok || data_len % unit_size.max(1) != 0 {
+    let unit_ok = unit_size != 0 && unit_size.is_multiple_of(BLOCK_LEN);
+    if !unit_ok || !data_len.is_multiple_of(unit_size.max(1)) {
         // An empty buffer with a valid unit is fine; with_tweak passes data.len() as the unit.
         return Err(CryptoError::BadLength {
             data_len,
