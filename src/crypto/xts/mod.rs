@@ -131,24 +131,29 @@ impl FromStr for Tier {
 /// Number of AES-256 round keys (14 rounds + the initial whitening key).
 pub(crate) const ROUND_KEYS: usize = 15;
 
-/// Expanded AES-256 round keys for the hardware tiers, in one cache-line-aligned block.
+/// One round key repeated in all four 128-bit lanes of a 64-byte line, so every tier loads its
+/// register width straight from memory (AES-NI the first 16 bytes, VAES-256 the first 32,
+/// VAES-512 all 64) with no broadcast and no spill of broadcast copies.
+pub(crate) type WideKey = [u8; 64];
+
+/// Expanded AES-256 round keys for the hardware tiers, cache-line aligned.
 ///
 /// `enc` is key1's encryption schedule, `dec` key1's schedule for the equivalent inverse cipher
 /// (reversed, with InvMixColumns applied to rounds 1..=13, as `aesdec` expects), `tweak` key2's
 /// encryption schedule (the tweak is always encrypted, also when decrypting).
 #[repr(C, align(64))]
 pub(crate) struct RoundKeys {
-    pub(crate) enc: [[u8; BLOCK_LEN]; ROUND_KEYS],
-    pub(crate) dec: [[u8; BLOCK_LEN]; ROUND_KEYS],
-    pub(crate) tweak: [[u8; BLOCK_LEN]; ROUND_KEYS],
+    pub(crate) enc: [WideKey; ROUND_KEYS],
+    pub(crate) dec: [WideKey; ROUND_KEYS],
+    pub(crate) tweak: [WideKey; ROUND_KEYS],
 }
 
 impl RoundKeys {
     const fn zeroed() -> RoundKeys {
         RoundKeys {
-            enc: [[0; BLOCK_LEN]; ROUND_KEYS],
-            dec: [[0; BLOCK_LEN]; ROUND_KEYS],
-            tweak: [[0; BLOCK_LEN]; ROUND_KEYS],
+            enc: [[0; 64]; ROUND_KEYS],
+            dec: [[0; 64]; ROUND_KEYS],
+            tweak: [[0; 64]; ROUND_KEYS],
         }
     }
 }
