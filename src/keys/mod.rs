@@ -110,6 +110,15 @@ pub enum FormatError {
         /// Its generation.
         generation: u64,
     },
+    /// The header area holds something other than zeros or a valid header (a damaged nvseal
+    /// header whose DEK might still be recovered by hand, or another format's data).
+    #[error("header area is not blank (copy A: {a}; copy B: {b}); set overwrite to format anyway")]
+    NotBlank {
+        /// What copy A holds.
+        a: store::CopyFault,
+        /// What copy B holds.
+        b: store::CopyFault,
+    },
     /// The device cannot hold the metadata region and at least one data unit.
     #[error("device of {device_bytes} bytes has no room for data after the {METADATA_REGION_BYTES}-byte metadata region")]
     DeviceTooSmall {
@@ -201,6 +210,9 @@ pub enum RevokeOutcome {
     Revoked(KekId),
     /// Not asked to.
     Skipped(KekId),
+    /// A rerun finished an interrupted rekey, but the stale header copy that named the old KEK
+    /// was unreadable: the old KEK's id is unknown here and must be revoked by hand.
+    OldKekUnknown,
     /// The rekey is complete and durable, but revoking failed; the operator must revoke it.
     Failed(KekId, ProviderError),
 }
@@ -257,7 +269,8 @@ fn make_slot<P: KeyProvider + ?Sized>(
 }
 
 /// Formats an encrypted namespace: fetches the KEK, draws a fresh DEK, wraps it, writes both
-/// header copies. Refuses to replace a valid header unless `params.overwrite` is set.
+/// header copies. Unless `params.overwrite` is set, the two header copies must be blank (all
+/// zeros): a valid header, a damaged one or foreign data there is refused.
 pub fn format_encrypted<I, P>(
     io: &mut I,
     provider: &mut P,
@@ -283,7 +296,8 @@ where
                     generation: existing.header.generation,
                 })
             }
-            Err(StoreError::NotFormatted | StoreError::NoValidCopy { .. }) => {}
+            Err(StoreError::NotFormatted) => {}
+            Err(StoreError::NoValidCopy { a, b }) => return Err(FormatError::NotBlank { a, b }),
             Err(e) => return Err(e.into()),
         }
     }
@@ -402,9 +416,11 @@ where
 /// Shallow rekey: re-wraps the namespace's DEK under `new_kek_id` (the data is untouched).
 ///
 /// Steps, each a durable header update: (1) record the new slot as a shallow rekey in progress
-/// (the old KEK stays active); (2) make the new slot active and clear the rekey state; then
-/// (3) revoke the old KEK if asked. A crash anywhere leaves a namespace that opens with the old
-/// or the new KEK; running `shallow_rekey` again with the same new KEK finishes the job.
+/// (the old KEK stays active); (2) make the new slot active and clear the rekey state;
+/// (3) rewrite the other copy with the same header, so that no copy on the device still holds
+/// the DEK wrapped under the old KEK; then revoke the old KEK if asked. A crash anywhere leaves a
+/// namespace that opens with the old or the new KEK; running `shallow_rekey` again with the same
+/// new KEK finishes the job (including the scrub and the revocation).
 ///
 /// `new_kek` must be what the provider returns for `new_kek_id` (checked by fingerprint), so a
 /// DEK is never wrapped under a key the provider cannot hand back.
@@ -420,9 +436,9 @@ where
     P: KeyProvider + ?Sized,
 {
     let opened = open_encrypted(io, provider)?;
-    let old_kek_id = opened.stored.header.active.kek_id.clone();
-    if &old_kek_id == new_kek_id {
-        return Err(RekeyError::SameKek(old_kek_id));
+    let current_id = opened.stored.header.active.kek_id.clone();
+    if &current_id == new_kek_id {
+        return resume_scrub(io, provider, &opened.stored, new_kek_id, revoke);
     }
     let fetched = provider.get_kek(new_kek_id)?;
     if fetched.fingerprint() != new_kek.fingerprint() {
@@ -439,27 +455,78 @@ where
         }
     }
 
-    let now = now_unix_s();
     let mut step1 = opened.stored.header.clone();
     step1.rekey = RekeyState::Shallow {
         new: new_slot.clone(),
     };
-    step1.updated_unix_s = now;
+    step1.updated_unix_s = now_unix_s();
     let stored1 = store::update(io, &opened.stored, &step1)?;
 
     let mut step2 = stored1.header.clone();
     step2.active = new_slot;
     step2.rekey = RekeyState::None;
     let stored2 = store::update(io, &stored1, &step2)?;
+    let stored3 = store::update(io, &stored2, &stored2.header)?;
     tracing::info!(
-        namespace = %stored2.header.namespace_uuid,
-        old_kek = %old_kek_id,
+        namespace = %stored3.header.namespace_uuid,
+        old_kek = %current_id,
         new_kek = %new_kek_id,
-        generation = stored2.header.generation,
+        generation = stored3.header.generation,
         "shallow rekey complete"
     );
+    Ok(ShallowRekeyOutcome {
+        revoke: revoke_old(provider, Some(current_id), revoke),
+        stored: stored3,
+    })
+}
 
-    let revoke = match revoke {
+/// The active KEK is already `new_kek_id`: finish an interrupted rekey whose scrub step did not
+/// happen (the other copy still names another KEK, or is unreadable), or refuse a no-op rekey.
+fn resume_scrub<I, P>(
+    io: &mut I,
+    provider: &mut P,
+    stored: &Stored,
+    new_kek_id: &KekId,
+    revoke: RevokeOld,
+) -> Result<ShallowRekeyOutcome, RekeyError>
+where
+    I: HeaderIo + ?Sized,
+    P: KeyProvider + ?Sized,
+{
+    let old_kek_id = match store::read_copy(io, stored.copy.other()) {
+        Ok(other) if other.active.kek_id == *new_kek_id && other.rekey == RekeyState::None => {
+            return Err(RekeyError::SameKek(new_kek_id.clone()));
+        }
+        Ok(other) if other.active.kek_id != *new_kek_id => Some(other.active.kek_id),
+        _ => None,
+    };
+    let scrubbed = store::update(io, stored, &stored.header)?;
+    tracing::info!(
+        namespace = %scrubbed.header.namespace_uuid,
+        new_kek = %new_kek_id,
+        generation = scrubbed.header.generation,
+        "finished an interrupted shallow rekey"
+    );
+    Ok(ShallowRekeyOutcome {
+        revoke: revoke_old(provider, old_kek_id, revoke),
+        stored: scrubbed,
+    })
+}
+
+fn revoke_old<P: KeyProvider + ?Sized>(
+    provider: &mut P,
+    old_kek_id: Option<KekId>,
+    revoke: RevokeOld,
+) -> RevokeOutcome {
+    let Some(old_kek_id) = old_kek_id else {
+        if revoke == RevokeOld::Yes {
+            tracing::warn!(
+                "old KEK of the interrupted shallow rekey is unknown; revoke it by hand"
+            );
+        }
+        return RevokeOutcome::OldKekUnknown;
+    };
+    match revoke {
         RevokeOld::No => RevokeOutcome::Skipped(old_kek_id),
         RevokeOld::Yes => match provider.revoke_kek(&old_kek_id) {
             Ok(()) => RevokeOutcome::Revoked(old_kek_id),
@@ -472,11 +539,7 @@ where
                 RevokeOutcome::Failed(old_kek_id, e)
             }
         },
-    };
-    Ok(ShallowRekeyOutcome {
-        stored: stored2,
-        revoke,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -532,6 +595,15 @@ mod tests {
         again.overwrite = true;
         let second = format_encrypted(&mut io, &mut p, &again).expect("reformat");
         assert_ne!(first.dek.expose(), second.dek.expose());
+        // A damaged header (or foreign data) is not silently formatted over either.
+        let mut damaged = MemIo::new(DEV_BYTES);
+        format_encrypted(&mut damaged, &mut p, &params()).expect("format");
+        damaged.corrupt(0x200, 1);
+        damaged.corrupt(0x10200, 1);
+        assert!(matches!(
+            format_encrypted(&mut damaged, &mut p, &params()),
+            Err(FormatError::NotBlank { .. })
+        ));
         let mut tiny = params();
         tiny.device_bytes = METADATA_REGION_BYTES + 4095;
         assert!(matches!(
@@ -563,7 +635,7 @@ mod tests {
         let f = format_encrypted(&mut io, &mut p, &params()).expect("format");
         let (new_id, new_kek) = p.create_kek("rekey-1").expect("create");
         let out = shallow_rekey(&mut io, &mut p, &new_id, &new_kek, RevokeOld::Yes).expect("rekey");
-        assert_eq!(out.stored.header.generation, 3);
+        assert_eq!(out.stored.header.generation, 4);
         assert_eq!(out.stored.header.active.kek_id, new_id);
         assert_eq!(out.stored.header.rekey, RekeyState::None);
         assert!(
@@ -602,12 +674,13 @@ mod tests {
         let start = clean.ops_total();
         shallow_rekey(&mut clean, &mut p, &new_id, &new_kek, RevokeOld::No).expect("rekey");
         let total = clean.ops_total() - start;
-        assert_eq!(total, 4, "two header updates, each a write and a flush");
+        assert_eq!(total, 6, "three header updates, each a write and a flush");
+        let old_wrapped = *f.header().active.wrapped_dek.as_bytes();
 
         let mut faults: Vec<Fault> = (0..=total)
             .map(|ops| Fault::PowerLossAfter { ops })
             .collect();
-        faults.extend((0..2).map(|nth| Fault::TearWrite { nth }));
+        faults.extend((0..3).map(|nth| Fault::TearWrite { nth }));
         let mut saw_pending = false;
         for fault in faults {
             for mode in [CrashMode::DropUnflushed, CrashMode::KeepUnflushed] {
@@ -623,13 +696,21 @@ mod tests {
                 if matches!(o.header().rekey, RekeyState::Shallow { .. }) {
                     saw_pending = true;
                 }
-                if active.as_str() == DEFAULT_KEK_ID {
-                    let done = shallow_rekey(&mut io, &mut p, &new_id, &new_kek, RevokeOld::No)
-                        .expect("rerun completes");
-                    assert_eq!(done.stored.header.active.kek_id, new_id);
+                // Rerunning finishes whatever was left: it completes (rekey or scrub) or says
+                // there is nothing left to do.
+                match shallow_rekey(&mut io, &mut p, &new_id, &new_kek, RevokeOld::No) {
+                    Ok(done) => assert_eq!(done.stored.header.active.kek_id, new_id),
+                    Err(RekeyError::SameKek(_)) => {}
+                    Err(e) => panic!("{fault:?} {mode:?}: rerun: {e}"),
                 }
                 let o = open_encrypted(&mut io, &mut p).expect("open after completion");
                 assert_eq!(o.dek.expose(), &dek);
+                assert_eq!(o.header().active.kek_id, new_id);
+                // Neither copy still holds the DEK wrapped under the old KEK.
+                assert!(
+                    !io.image().windows(72).any(|w| w == &old_wrapped[..]),
+                    "{fault:?} {mode:?}: old wrapped DEK left on the device"
+                );
             }
         }
         assert!(

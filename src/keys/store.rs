@@ -180,7 +180,8 @@ fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> StoreError {
     move |source| StoreError::Io { op, source }
 }
 
-fn read_copy<I: HeaderIo + ?Sized>(io: &mut I, copy: CopyId) -> Result<Header, CopyFault> {
+/// Reads and decodes one copy (for inspection; [`read_header`] chooses the current one).
+pub fn read_copy<I: HeaderIo + ?Sized>(io: &mut I, copy: CopyId) -> Result<Header, CopyFault> {
     let mut buf = vec![0u8; HEADER_COPY_BYTES];
     io.read_at(copy.offset_bytes(), &mut buf)
         .map_err(|e| CopyFault::Io {
