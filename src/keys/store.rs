@@ -1,6 +1,6 @@
 //! The two header copies on the device and their crash-safe update.
 //!
-//! Owns: choosing the current copy on read ([`read_header`]), formatting ([`format`]), and the
+//! Owns: choosing the current copy on read ([`read_header`]), formatting ([`format()`]), and the
 //! atomic update protocol ([`update`]): the new generation is written to the copy that does *not*
 //! hold the current header (the older or the invalid one), then flushed; only after the flush
 //! returns does the update count. At every instant at least one copy holds a complete header —
