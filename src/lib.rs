@@ -15,6 +15,7 @@
 pub mod bdev;
 pub mod config;
 pub mod crypto;
+pub mod keys;
 pub mod reactor;
 pub mod stats;
 pub mod sys;

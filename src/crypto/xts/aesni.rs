@@ -16,7 +16,7 @@ use core::arch::x86_64::*;
 
 use zeroize::Zeroize;
 
-use super::{RoundKeys, BLOCK_LEN, ROUND_KEYS};
+use super::{RoundKeys, WideKey, BLOCK_LEN, ROUND_KEYS};
 
 /// Blocks interleaved per iteration (8 × 16 bytes = 128 bytes; 16 xmm registers hold 8 blocks,
 /// one round key and temporaries).
@@ -101,21 +101,24 @@ fn mix(mut a: __m128i, t: __m128i) -> __m128i {
     _mm_xor_si128(a, t)
 }
 
+/// Stores each round key into all four lanes of its [`WideKey`].
 #[target_feature(enable = "sse2")]
-fn store_keys(keys: &[__m128i; ROUND_KEYS], out: &mut [[u8; BLOCK_LEN]; ROUND_KEYS]) {
+fn store_keys(keys: &[__m128i; ROUND_KEYS], out: &mut [WideKey; ROUND_KEYS]) {
     for (k, o) in keys.iter().zip(out.iter_mut()) {
-        // SAFETY: `o` is a 16-byte array; storeu has no alignment requirement.
-        unsafe { _mm_storeu_si128(o.as_mut_ptr().cast(), *k) };
+        for lane in o.as_chunks_mut::<BLOCK_LEN>().0 {
+            // SAFETY: `lane` is a 16-byte array; storeu has no alignment requirement.
+            unsafe { _mm_storeu_si128(lane.as_mut_ptr().cast(), *k) };
+        }
     }
 }
 
-/// Loads 15 round keys into registers (the compiler keeps what fits).
+/// Loads the 15 round keys (lane 0 of each [`WideKey`]).
 #[inline]
 #[target_feature(enable = "sse2")]
-pub(super) fn load_keys(keys: &[[u8; BLOCK_LEN]; ROUND_KEYS]) -> [__m128i; ROUND_KEYS] {
+pub(super) fn load_keys(keys: &[WideKey; ROUND_KEYS]) -> [__m128i; ROUND_KEYS] {
     let mut out = [_mm_setzero_si128(); ROUND_KEYS];
     for (o, k) in out.iter_mut().zip(keys.iter()) {
-        // SAFETY: `k` is a 16-byte array; loadu has no alignment requirement.
+        // SAFETY: `k` is 64 bytes, the load reads its first 16; no alignment requirement.
         *o = unsafe { _mm_loadu_si128(k.as_ptr().cast()) };
     }
     out
@@ -328,8 +331,13 @@ mod tests {
     unsafe fn expand_to_bytes(key: &[u8; 32]) -> [[u8; 16]; ROUND_KEYS] {
         let mut regs = [_mm_setzero_si128(); ROUND_KEYS];
         expand_256(key, &mut regs);
+        let mut wide = [[0u8; 64]; ROUND_KEYS];
+        store_keys(&regs, &mut wide);
         let mut out = [[0u8; 16]; ROUND_KEYS];
-        store_keys(&regs, &mut out);
+        for (o, w) in out.iter_mut().zip(wide.iter()) {
+            o.copy_from_slice(&w[..16]);
+            assert!(w.as_chunks::<16>().0.iter().all(|l| l == o), "lanes differ");
+        }
         out
     }
 }

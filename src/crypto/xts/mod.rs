@@ -131,24 +131,29 @@ impl FromStr for Tier {
 /// Number of AES-256 round keys (14 rounds + the initial whitening key).
 pub(crate) const ROUND_KEYS: usize = 15;
 
-/// Expanded AES-256 round keys for the hardware tiers, in one cache-line-aligned block.
+/// One round key repeated in all four 128-bit lanes of a 64-byte line, so every tier loads its
+/// register width straight from memory (AES-NI the first 16 bytes, VAES-256 the first 32,
+/// VAES-512 all 64) with no broadcast and no spill of broadcast copies.
+pub(crate) type WideKey = [u8; 64];
+
+/// Expanded AES-256 round keys for the hardware tiers, cache-line aligned.
 ///
 /// `enc` is key1's encryption schedule, `dec` key1's schedule for the equivalent inverse cipher
 /// (reversed, with InvMixColumns applied to rounds 1..=13, as `aesdec` expects), `tweak` key2's
 /// encryption schedule (the tweak is always encrypted, also when decrypting).
 #[repr(C, align(64))]
 pub(crate) struct RoundKeys {
-    pub(crate) enc: [[u8; BLOCK_LEN]; ROUND_KEYS],
-    pub(crate) dec: [[u8; BLOCK_LEN]; ROUND_KEYS],
-    pub(crate) tweak: [[u8; BLOCK_LEN]; ROUND_KEYS],
+    pub(crate) enc: [WideKey; ROUND_KEYS],
+    pub(crate) dec: [WideKey; ROUND_KEYS],
+    pub(crate) tweak: [WideKey; ROUND_KEYS],
 }
 
 impl RoundKeys {
     const fn zeroed() -> RoundKeys {
         RoundKeys {
-            enc: [[0; BLOCK_LEN]; ROUND_KEYS],
-            dec: [[0; BLOCK_LEN]; ROUND_KEYS],
-            tweak: [[0; BLOCK_LEN]; ROUND_KEYS],
+            enc: [[0; 64]; ROUND_KEYS],
+            dec: [[0; 64]; ROUND_KEYS],
+            tweak: [[0; 64]; ROUND_KEYS],
         }
     }
 }
@@ -280,7 +285,7 @@ impl Xts {
             },
             #[cfg(target_arch = "x86_64")]
             Keys::Hw(rk) => match (self.tier, dir) {
-                // SAFETY (all arms): `Xts::with_tier` only builds `Keys::Hw` for a tier whose
+                // SAFETY: (all arms) `Xts::with_tier` only builds `Keys::Hw` for a tier whose
                 // `is_available()` check passed, and that check covers exactly the target
                 // features each kernel is compiled with.
                 (Tier::Vaes512, Dir::Encrypt) => unsafe {
@@ -318,8 +323,8 @@ impl Xts {
 /// Checks that `data_len` is a whole number of `unit_size` units and the unit a whole number of
 /// AES blocks.
 fn check_units(data_len: usize, unit_size: usize) -> Result<(), CryptoError> {
-    let unit_ok = unit_size != 0 && unit_size % BLOCK_LEN == 0;
-    if !unit_ok || data_len % unit_size.max(1) != 0 {
+    let unit_ok = unit_size != 0 && unit_size.is_multiple_of(BLOCK_LEN);
+    if !unit_ok || !data_len.is_multiple_of(unit_size.max(1)) {
         // An empty buffer with a valid unit is fine; with_tweak passes data.len() as the unit.
         return Err(CryptoError::BadLength {
             data_len,

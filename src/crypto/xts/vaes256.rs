@@ -13,7 +13,7 @@
 use core::arch::x86_64::*;
 
 use super::aesni::{mul_alpha, wipe};
-use super::{RoundKeys, BLOCK_LEN, ROUND_KEYS};
+use super::{RoundKeys, WideKey, BLOCK_LEN, ROUND_KEYS};
 
 /// Blocks per ymm register.
 const LANES: usize = 2;
@@ -48,14 +48,14 @@ fn mul_alpha16(t: __m256i, poly: __m256i) -> __m256i {
     _mm256_xor_si256(_mm256_bslli_epi128::<2>(t), reduced)
 }
 
-/// Broadcasts each 16-byte round key to all four lanes.
+/// Loads the 15 round keys, two lanes each.
 #[inline]
 #[target_feature(enable = "avx2")]
-fn broadcast_keys(keys: &[[u8; BLOCK_LEN]; ROUND_KEYS]) -> [__m256i; ROUND_KEYS] {
+fn broadcast_keys(keys: &[WideKey; ROUND_KEYS]) -> [__m256i; ROUND_KEYS] {
     let mut out = [_mm256_setzero_si256(); ROUND_KEYS];
     for (o, k) in out.iter_mut().zip(keys.iter()) {
-        // SAFETY: `k` is a 16-byte array; loadu has no alignment requirement.
-        *o = _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(k.as_ptr().cast()) });
+        // SAFETY: `k` is 64 bytes, the load reads its first 32; no alignment requirement.
+        *o = unsafe { _mm256_loadu_si256(k.as_ptr().cast()) };
     }
     out
 }

@@ -1,0 +1,754 @@
+//! The two header copies on the device and their crash-safe update.
+//!
+//! Owns: choosing the current copy on read ([`read_header`]), formatting ([`format()`]), and the
+//! atomic update protocol ([`update`]): the new generation is written to the copy that does *not*
+//! hold the current header (the older or the invalid one), then flushed; only after the flush
+//! returns does the update count. At every instant at least one copy holds a complete header —
+//! the old one until the new one is durable — so a crash or torn write at any point leaves a
+//! device that opens with the old or the new generation.
+//!
+//! Thread: control threads only. The I/O is blocking (`pread`/`pwrite` + `fdatasync` through
+//! [`HeaderIo`]) on purpose: header writes happen at format, open and rekey, never per I/O, and
+//! are not on a reactor.
+//!
+//! [`MemIo`] is a simulated device with seeded faults (failed write, torn write, power loss with
+//! or without losing unflushed writes) for the crash tests of this module, of
+//! [`super::shallow_rekey`] and of the deep-rekey code.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use thiserror::Error;
+
+use super::header::{
+    decode, CopyId, Header, HeaderError, HEADER_COPY_BYTES, METADATA_REGION_BYTES,
+};
+
+/// Blocking positioned I/O on the backing device for header reads and writes.
+pub trait HeaderIo {
+    /// Reads exactly `buf.len()` bytes at byte offset `off`.
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes all of `buf` at byte offset `off` (not durable until [`HeaderIo::flush`]).
+    fn write_at(&mut self, off: u64, buf: &[u8]) -> io::Result<()>;
+    /// Makes every completed write durable (fdatasync).
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+/// Header I/O on a regular file or block device through the page cache, made durable with
+/// `fdatasync`. The data path may use O_DIRECT on the same device: the metadata region and the
+/// data area never overlap, so the two do not alias in the page cache.
+impl HeaderIo for File {
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.read_exact_at(buf, off)
+    }
+    fn write_at(&mut self, off: u64, buf: &[u8]) -> io::Result<()> {
+        self.write_all_at(buf, off)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.sync_data()
+    }
+}
+
+impl<T: HeaderIo + ?Sized> HeaderIo for &mut T {
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        (**self).read_at(off, buf)
+    }
+    fn write_at(&mut self, off: u64, buf: &[u8]) -> io::Result<()> {
+        (**self).write_at(off, buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        (**self).flush()
+    }
+}
+
+/// Why a copy could not be used.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum CopyFault {
+    /// Reading it failed.
+    #[error("read failed: {kind:?}: {detail}")]
+    Io {
+        /// The error kind.
+        kind: io::ErrorKind,
+        /// The OS message.
+        detail: String,
+    },
+    /// It was read but refused by the decoder.
+    #[error(transparent)]
+    Decode(#[from] HeaderError),
+}
+
+/// The state of the copy that was not chosen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OtherCopy {
+    /// Valid, older (or, right after format, equal) generation.
+    Valid {
+        /// Its generation.
+        generation: u64,
+    },
+    /// Unusable; the next update rewrites it.
+    Invalid(CopyFault),
+}
+
+/// The current header and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    /// The current header.
+    pub header: Header,
+    /// The copy it was read from (or last written to).
+    pub copy: CopyId,
+    /// The state of the other copy.
+    pub other: OtherCopy,
+}
+
+impl Stored {
+    /// The copy that was found bad, if any, and why (for logs and health reporting).
+    pub fn bad_copy(&self) -> Option<(CopyId, &CopyFault)> {
+        match &self.other {
+            OtherCopy::Valid { .. } => None,
+            OtherCopy::Invalid(fault) => Some((self.copy.other(), fault)),
+        }
+    }
+}
+
+/// Errors of the header store.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// Both copies are blank: the device was never formatted (or was wiped).
+    #[error("no nvseal header on this device (both copies blank)")]
+    NotFormatted,
+    /// Neither copy is usable.
+    #[error("no valid header copy: copy A: {a}; copy B: {b}")]
+    NoValidCopy {
+        /// Why copy A was refused.
+        a: CopyFault,
+        /// Why copy B was refused.
+        b: CopyFault,
+    },
+    /// Both copies are valid with the same generation but different contents: something other
+    /// than this protocol wrote them. Refused rather than guessed.
+    #[error("both header copies claim generation {generation} with different contents")]
+    GenerationConflict {
+        /// The shared generation.
+        generation: u64,
+    },
+    /// The valid copies belong to different devices or namespaces.
+    #[error("header copies disagree on device/namespace identity")]
+    CopiesDisagree,
+    /// An update tried to change what a header identifies (device, namespace, creation time,
+    /// geometry).
+    #[error("header update may not change identity or geometry field {field}")]
+    IdentityChanged {
+        /// The field.
+        field: &'static str,
+    },
+    /// The device no longer holds the header the caller based its update on.
+    #[error("header on device changed since it was read (expected generation {expected}, found {found})")]
+    Stale {
+        /// The generation the caller had.
+        expected: u64,
+        /// The generation on the device.
+        found: u64,
+    },
+    /// The generation counter would overflow.
+    #[error("header generation counter exhausted")]
+    GenerationExhausted,
+    /// The header to write is invalid.
+    #[error("refusing to write an invalid header: {0}")]
+    Invalid(#[from] HeaderError),
+    /// The device is smaller than the metadata region.
+    #[error(
+        "device of {bytes} bytes is smaller than the {METADATA_REGION_BYTES}-byte metadata region"
+    )]
+    DeviceTooSmall {
+        /// Its size.
+        bytes: u64,
+    },
+    /// An I/O error during format or update. The update did not count: the previous header is
+    /// still current (and stays valid on the device).
+    #[error("header I/O failed during {op}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> StoreError {
+    move |source| StoreError::Io { op, source }
+}
+
+/// Reads and decodes one copy (for inspection; [`read_header`] chooses the current one).
+pub fn read_copy<I: HeaderIo + ?Sized>(io: &mut I, copy: CopyId) -> Result<Header, CopyFault> {
+    let mut buf = vec![0u8; HEADER_COPY_BYTES];
+    io.read_at(copy.offset_bytes(), &mut buf)
+        .map_err(|e| CopyFault::Io {
+            kind: e.kind(),
+            detail: e.to_string(),
+        })?;
+    Ok(decode(&buf, copy)?)
+}
+
+/// Reads both copies and returns the valid one with the highest generation. Writes nothing.
+pub fn read_header<I: HeaderIo + ?Sized>(io: &mut I) -> Result<Stored, StoreError> {
+    let a = read_copy(io, CopyId::A);
+    let b = read_copy(io, CopyId::B);
+    match (a, b) {
+        (Ok(a), Ok(b)) => {
+            if a.device_uuid != b.device_uuid
+                || a.namespace_uuid != b.namespace_uuid
+                || a.created_unix_s != b.created_unix_s
+            {
+                return Err(StoreError::CopiesDisagree);
+            }
+            if a.generation == b.generation {
+                if a != b {
+                    return Err(StoreError::GenerationConflict {
+                        generation: a.generation,
+                    });
+                }
+                let generation = b.generation;
+                return Ok(Stored {
+                    header: a,
+                    copy: CopyId::A,
+                    other: OtherCopy::Valid { generation },
+                });
+            }
+            let (newer, copy, older) = if a.generation > b.generation {
+                (a, CopyId::A, b)
+            } else {
+                (b, CopyId::B, a)
+            };
+            Ok(Stored {
+                header: newer,
+                copy,
+                other: OtherCopy::Valid {
+                    generation: older.generation,
+                },
+            })
+        }
+        (Ok(a), Err(fault)) => Ok(Stored {
+            header: a,
+            copy: CopyId::A,
+            other: OtherCopy::Invalid(fault),
+        }),
+        (Err(fault), Ok(b)) => Ok(Stored {
+            header: b,
+            copy: CopyId::B,
+            other: OtherCopy::Invalid(fault),
+        }),
+        (Err(a), Err(b)) => {
+            let blank = CopyFault::Decode(HeaderError::Blank);
+            if a == blank && b == blank {
+                Err(StoreError::NotFormatted)
+            } else {
+                Err(StoreError::NoValidCopy { a, b })
+            }
+        }
+    }
+}
+
+/// Writes a fresh header (generation 1) to both copies, replacing whatever was there.
+///
+/// Order: wipe both copies and flush, then write A and B and flush. A crash before the end
+/// leaves either no valid header or the new one — never an older header from a previous format
+/// beside a half-written new one.
+pub fn format<I: HeaderIo + ?Sized>(io: &mut I, header: &Header) -> Result<Stored, StoreError> {
+    let mut header = header.clone();
+    header.generation = 1;
+    let a = header.encode(CopyId::A)?;
+    let b = header.encode(CopyId::B)?;
+    let zero = vec![0u8; HEADER_COPY_BYTES];
+    for copy in CopyId::ALL {
+        io.write_at(copy.offset_bytes(), &zero)
+            .map_err(io_err("format: wipe"))?;
+    }
+    io.flush().map_err(io_err("format: flush wipe"))?;
+    io.write_at(CopyId::A.offset_bytes(), &a[..])
+        .map_err(io_err("format: write copy A"))?;
+    io.write_at(CopyId::B.offset_bytes(), &b[..])
+        .map_err(io_err("format: write copy B"))?;
+    io.flush().map_err(io_err("format: flush"))?;
+    Ok(Stored {
+        header,
+        copy: CopyId::A,
+        other: OtherCopy::Valid { generation: 1 },
+    })
+}
+
+/// Fields an update may not change; returns the first that differs.
+fn changed_identity(old: &Header, new: &Header) -> Option<&'static str> {
+    if old.device_uuid != new.device_uuid {
+        Some("device_uuid")
+    } else if old.namespace_uuid != new.namespace_uuid {
+        Some("namespace_uuid")
+    } else if old.created_unix_s != new.created_unix_s {
+        Some("created_unix_s")
+    } else if old.data_unit != new.data_unit {
+        Some("data_unit")
+    } else if old.data_offset_bytes != new.data_offset_bytes {
+        Some("data_offset_bytes")
+    } else if old.data_blocks != new.data_blocks {
+        Some("data_blocks")
+    } else {
+        None
+    }
+}
+
+/// Atomically replaces the current header `current` with `new` (whose `generation` is ignored
+/// and set to `current`'s + 1).
+///
+/// First re-reads the device and checks it still holds `current` (refusing with
+/// [`StoreError::Stale`] otherwise), then writes the other copy and flushes. On `Ok` the new
+/// header is durable and current. On `Err` the old header is still current; retrying with the same
+/// `current` is safe.
+pub fn update<I: HeaderIo + ?Sized>(
+    io: &mut I,
+    current: &Stored,
+    new: &Header,
+) -> Result<Stored, StoreError> {
+    if let Some(field) = changed_identity(&current.header, new) {
+        return Err(StoreError::IdentityChanged { field });
+    }
+    let generation = current
+        .header
+        .generation
+        .checked_add(1)
+        .ok_or(StoreError::GenerationExhausted)?;
+    let on_disk = read_header(io)?;
+    if on_disk.header != current.header {
+        return Err(StoreError::Stale {
+            expected: current.header.generation,
+            found: on_disk.header.generation,
+        });
+    }
+    let mut header = new.clone();
+    header.generation = generation;
+    // Write the copy that does not hold the current header. After format both copies hold
+    // generation 1 and the current one is A, so the first update goes to B.
+    let target = on_disk.copy.other();
+    let bytes = header.encode(target)?;
+    io.write_at(target.offset_bytes(), &bytes[..])
+        .map_err(io_err("update: write"))?;
+    io.flush().map_err(io_err("update: flush"))?;
+    Ok(Stored {
+        header,
+        copy: target,
+        other: OtherCopy::Valid {
+            generation: current.header.generation,
+        },
+    })
+}
+
+/// Checks that a device of `bytes` can hold the metadata region.
+pub fn check_device_size(bytes: u64) -> Result<(), StoreError> {
+    if bytes <= METADATA_REGION_BYTES {
+        return Err(StoreError::DeviceTooSmall { bytes });
+    }
+    Ok(())
+}
+
+/// A seeded fault for [`MemIo`]. Counters start when the fault is armed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// No fault.
+    None,
+    /// Write number `nth` (0-based) fails with EIO and changes nothing; the device stays up.
+    FailWrite {
+        /// Which write.
+        nth: u64,
+    },
+    /// Write number `nth` (0-based) reaches the media only in its first half, then power is
+    /// lost: that write and every later operation fail until [`MemIo::crash`].
+    TearWrite {
+        /// Which write.
+        nth: u64,
+    },
+    /// After `ops` successful writes and flushes, power is lost: later operations fail until
+    /// [`MemIo::crash`].
+    PowerLossAfter {
+        /// How many operations succeed.
+        ops: u64,
+    },
+}
+
+/// What happens to writes that were not flushed when power is lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashMode {
+    /// They are lost (the volatile cache is dropped).
+    DropUnflushed,
+    /// They reached the media anyway.
+    KeepUnflushed,
+}
+
+/// An in-memory device with fault injection: a durable image (what survives power loss) and a
+/// volatile image (what reads see; writes land here and reach the durable image on flush).
+#[derive(Clone, Debug)]
+pub struct MemIo {
+    durable: Vec<u8>,
+    volatile: Vec<u8>,
+    fault: Fault,
+    writes_since_armed: u64,
+    ops_since_armed: u64,
+    ops_total: u64,
+    powered: bool,
+}
+
+fn power_lost() -> io::Error {
+    io::Error::other("simulated power loss")
+}
+
+impl MemIo {
+    /// A zero-filled device of `bytes` bytes.
+    pub fn new(bytes: usize) -> Self {
+        Self {
+            durable: vec![0; bytes],
+            volatile: vec![0; bytes],
+            fault: Fault::None,
+            writes_since_armed: 0,
+            ops_since_armed: 0,
+            ops_total: 0,
+            powered: true,
+        }
+    }
+
+    /// Arms a fault and restarts its counters.
+    pub fn arm(&mut self, fault: Fault) {
+        self.fault = fault;
+        self.writes_since_armed = 0;
+        self.ops_since_armed = 0;
+    }
+
+    /// Writes and flushes performed since creation (to enumerate crash points).
+    pub fn ops_total(&self) -> u64 {
+        self.ops_total
+    }
+
+    /// False after a simulated power loss, until [`MemIo::crash`].
+    pub fn is_powered(&self) -> bool {
+        self.powered
+    }
+
+    /// Power cycle: unflushed writes are dropped or kept per `mode`, the fault is disarmed and
+    /// the device works again.
+    pub fn crash(&mut self, mode: CrashMode) {
+        match mode {
+            CrashMode::DropUnflushed => self.volatile.copy_from_slice(&self.durable),
+            CrashMode::KeepUnflushed => self.durable.copy_from_slice(&self.volatile),
+        }
+        self.powered = true;
+        self.arm(Fault::None);
+    }
+
+    /// The bytes reads currently see.
+    pub fn image(&self) -> &[u8] {
+        &self.volatile
+    }
+
+    /// Flips bits in both images (silent corruption at rest).
+    pub fn corrupt(&mut self, off: usize, xor: u8) {
+        if let Some(b) = self.volatile.get_mut(off) {
+            *b ^= xor;
+        }
+        if let Some(b) = self.durable.get_mut(off) {
+            *b ^= xor;
+        }
+    }
+
+    fn range(&self, off: u64, len: usize) -> io::Result<std::ops::Range<usize>> {
+        let start =
+            usize::try_from(off).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let end = start
+            .checked_add(len)
+            .filter(|&end| end <= self.volatile.len())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        Ok(start..end)
+    }
+
+    /// Counts an operation against a `PowerLossAfter` fault; false = power is now lost.
+    fn admit_op(&mut self) -> bool {
+        if !self.powered {
+            return false;
+        }
+        if let Fault::PowerLossAfter { ops } = self.fault {
+            if self.ops_since_armed >= ops {
+                self.powered = false;
+                return false;
+            }
+        }
+        self.ops_since_armed += 1;
+        self.ops_total += 1;
+        true
+    }
+}
+
+impl HeaderIo for MemIo {
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        if !self.powered {
+            return Err(power_lost());
+        }
+        let r = self.range(off, buf.len())?;
+        buf.copy_from_slice(&self.volatile[r]);
+        Ok(())
+    }
+
+    fn write_at(&mut self, off: u64, buf: &[u8]) -> io::Result<()> {
+        let r = self.range(off, buf.len())?;
+        let nth = self.writes_since_armed;
+        match self.fault {
+            Fault::FailWrite { nth: n } if n == nth && self.powered => {
+                self.writes_since_armed += 1;
+                return Err(io::Error::other("simulated write error"));
+            }
+            Fault::TearWrite { nth: n } if n == nth && self.powered => {
+                let half = buf.len() / 2;
+                let torn = r.start..r.start + half;
+                self.volatile[torn.clone()].copy_from_slice(&buf[..half]);
+                self.durable[torn].copy_from_slice(&buf[..half]);
+                self.powered = false;
+                return Err(power_lost());
+            }
+            _ => {}
+        }
+        if !self.admit_op() {
+            return Err(power_lost());
+        }
+        self.writes_since_armed += 1;
+        self.volatile[r].copy_from_slice(buf);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.admit_op() {
+            return Err(power_lost());
+        }
+        self.durable.copy_from_slice(&self.volatile);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::header::tests::sample;
+
+    const DEV_BYTES: usize = METADATA_REGION_BYTES as usize + 4096;
+
+    fn formatted() -> (MemIo, Stored) {
+        let mut io = MemIo::new(DEV_BYTES);
+        let stored = format(&mut io, &sample()).expect("format");
+        (io, stored)
+    }
+
+    fn bumped(h: &Header) -> Header {
+        let mut n = h.clone();
+        n.updated_unix_s += 1;
+        n
+    }
+
+    #[test]
+    fn format_then_updates_alternate_copies() {
+        let (mut io, s1) = formatted();
+        assert_eq!(s1.header.generation, 1);
+        assert_eq!(read_header(&mut io).expect("read"), s1);
+        let s2 = update(&mut io, &s1, &bumped(&s1.header)).expect("update");
+        assert_eq!((s2.header.generation, s2.copy), (2, CopyId::B));
+        let s3 = update(&mut io, &s2, &bumped(&s2.header)).expect("update");
+        assert_eq!((s3.header.generation, s3.copy), (3, CopyId::A));
+        assert_eq!(read_header(&mut io).expect("read"), s3);
+    }
+
+    #[test]
+    fn blank_device_is_not_formatted_and_nothing_is_written() {
+        let mut io = MemIo::new(DEV_BYTES);
+        assert!(matches!(
+            read_header(&mut io),
+            Err(StoreError::NotFormatted)
+        ));
+        assert_eq!(io.ops_total(), 0);
+    }
+
+    #[test]
+    fn a_corrupt_copy_is_reported_and_the_other_used() {
+        let (mut io, s1) = formatted();
+        update(&mut io, &s1, &bumped(&s1.header)).expect("update");
+        // Corrupt the newest copy (B, generation 2): the reader falls back to A (generation 1).
+        io.corrupt(CopyId::B.offset_bytes() as usize + 300, 0x01);
+        let r = read_header(&mut io).expect("read");
+        assert_eq!(r.header.generation, 1);
+        assert_eq!(
+            r.bad_copy(),
+            Some((CopyId::B, &CopyFault::Decode(HeaderError::ChecksumMismatch)))
+        );
+        // The next update rewrites the bad copy and both are valid again.
+        let s3 = update(&mut io, &r, &bumped(&r.header)).expect("update");
+        assert_eq!((s3.header.generation, s3.copy), (2, CopyId::B));
+        assert_eq!(
+            read_header(&mut io).expect("read").other,
+            OtherCopy::Valid { generation: 1 }
+        );
+    }
+
+    #[test]
+    fn both_copies_bad_is_a_precise_error_and_writes_nothing() {
+        let (mut io, _) = formatted();
+        io.corrupt(CopyId::A.offset_bytes() as usize, 0xFF);
+        io.corrupt(CopyId::B.offset_bytes() as usize + 100, 0x01);
+        let before = io.ops_total();
+        match read_header(&mut io) {
+            Err(StoreError::NoValidCopy { a, b }) => {
+                assert_eq!(a, CopyFault::Decode(HeaderError::BadMagic));
+                assert_eq!(b, CopyFault::Decode(HeaderError::ChecksumMismatch));
+            }
+            other => panic!("expected NoValidCopy, got {other:?}"),
+        }
+        assert_eq!(io.ops_total(), before);
+    }
+
+    #[test]
+    fn stale_and_identity_changing_updates_are_refused() {
+        let (mut io, s1) = formatted();
+        let s2 = update(&mut io, &s1, &bumped(&s1.header)).expect("update");
+        assert!(matches!(
+            update(&mut io, &s1, &bumped(&s1.header)),
+            Err(StoreError::Stale {
+                expected: 1,
+                found: 2
+            })
+        ));
+        let mut moved = s2.header.clone();
+        moved.data_blocks += 1;
+        assert!(matches!(
+            update(&mut io, &s2, &moved),
+            Err(StoreError::IdentityChanged {
+                field: "data_blocks"
+            })
+        ));
+    }
+
+    #[test]
+    fn equal_generations_with_different_contents_are_refused() {
+        let (mut io, s1) = formatted();
+        let mut other = s1.header.clone();
+        other.updated_unix_s += 5;
+        let bytes = other.encode(CopyId::B).expect("encode");
+        io.write_at(CopyId::B.offset_bytes(), &bytes[..])
+            .expect("write");
+        assert!(matches!(
+            read_header(&mut io),
+            Err(StoreError::GenerationConflict { generation: 1 })
+        ));
+    }
+
+    #[test]
+    fn failed_write_leaves_old_header_and_retry_succeeds() {
+        let (mut io, s1) = formatted();
+        io.arm(Fault::FailWrite { nth: 0 });
+        assert!(matches!(
+            update(&mut io, &s1, &bumped(&s1.header)),
+            Err(StoreError::Io { .. })
+        ));
+        assert_eq!(read_header(&mut io).expect("read").header, s1.header);
+        let s2 = update(&mut io, &s1, &bumped(&s1.header)).expect("retry");
+        assert_eq!(s2.header.generation, 2);
+    }
+
+    /// A crash at every point of a sequence of updates (before/after each write and flush, with
+    /// unflushed writes dropped or kept, and a torn write at each write) leaves a header that
+    /// opens with the old or the new generation, never neither; an update that returned Ok is
+    /// never lost.
+    #[test]
+    fn crash_at_every_point_of_an_update_keeps_old_or_new() {
+        let (base, s1) = formatted();
+        // Three chained updates: generations 2, 3, 4.
+        let run = |io: &mut MemIo| -> u64 {
+            let mut cur = s1.clone();
+            for _ in 0..3 {
+                match update(io, &cur, &bumped(&cur.header)) {
+                    Ok(next) => cur = next,
+                    Err(_) => break,
+                }
+            }
+            cur.header.generation
+        };
+        let mut clean = base.clone();
+        let total_ops = {
+            let before = clean.ops_total();
+            assert_eq!(run(&mut clean), 4);
+            clean.ops_total() - before
+        };
+        assert_eq!(total_ops, 6, "one write and one flush per update");
+        let mut cases = 0;
+        for ops in 0..=total_ops {
+            for mode in [CrashMode::DropUnflushed, CrashMode::KeepUnflushed] {
+                let mut io = base.clone();
+                io.arm(Fault::PowerLossAfter { ops });
+                let acked = run(&mut io);
+                io.crash(mode);
+                let got = read_header(&mut io)
+                    .expect("a header must survive")
+                    .header
+                    .generation;
+                assert!(
+                    got == acked || got == acked + 1,
+                    "ops {ops} {mode:?}: acked {acked}, found {got}"
+                );
+                cases += 1;
+            }
+        }
+        for nth in 0..3 {
+            for mode in [CrashMode::DropUnflushed, CrashMode::KeepUnflushed] {
+                let mut io = base.clone();
+                io.arm(Fault::TearWrite { nth });
+                let acked = run(&mut io);
+                io.crash(mode);
+                let r = read_header(&mut io).expect("a header must survive");
+                assert_eq!(r.header.generation, acked, "torn write {nth}");
+                assert!(r.bad_copy().is_some(), "the torn copy is reported");
+                cases += 1;
+            }
+        }
+        assert_eq!(cases, 20);
+    }
+
+    #[test]
+    fn crash_during_reformat_never_resurrects_the_old_header() {
+        let (base, s1) = formatted();
+        let mut old = base.clone();
+        let s2 = update(&mut old, &s1, &bumped(&s1.header)).expect("update");
+        assert_eq!(s2.copy, CopyId::B);
+        let mut fresh = sample();
+        fresh.device_uuid = uuid::Uuid::from_bytes([0x99; 16]);
+        for ops in 0..=6 {
+            for mode in [CrashMode::DropUnflushed, CrashMode::KeepUnflushed] {
+                let mut io = old.clone();
+                io.arm(Fault::PowerLossAfter { ops });
+                let _ = format(&mut io, &fresh);
+                io.crash(mode);
+                // Ops 1-3 wipe A, wipe B, flush; 4-6 write A, write B, flush.
+                let wipe_durable = ops >= 3;
+                match read_header(&mut io) {
+                    Ok(r) if r.header.device_uuid == fresh.device_uuid => {}
+                    Ok(r) => {
+                        assert!(!wipe_durable, "ops {ops} {mode:?}: old header after wipe");
+                        assert_eq!(r.header, s2.header, "ops {ops} {mode:?}: old header intact");
+                    }
+                    Err(StoreError::NotFormatted) => {}
+                    Err(e) => panic!("ops {ops}: {e}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn file_io_round_trip() {
+        let file = tempfile::tempfile().expect("tempfile");
+        file.set_len(DEV_BYTES as u64).expect("set_len");
+        let mut io = file;
+        let s1 = format(&mut io, &sample()).expect("format");
+        let s2 = update(&mut io, &s1, &bumped(&s1.header)).expect("update");
+        assert_eq!(read_header(&mut io).expect("read"), s2);
+    }
+}
