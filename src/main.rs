@@ -22,7 +22,7 @@ enum Cmd {
     /// Run the target: start reactors, open the bdev stacks of the config, serve until SIGINT/SIGTERM.
     Serve(cli::serve::ServeArgs),
     /// Benchmark a bdev stack from the reactors (plaintext, encrypted, or both with --ab).
-    Bdevperf(cli::bdevperf::BdevperfArgs),
+    Bdevperf(Box<cli::bdevperf::BdevperfArgs>),
     /// Check or print configuration files.
     #[command(subcommand)]
     Config(cli::config::ConfigCmd),
@@ -33,7 +33,7 @@ fn main() -> ExitCode {
     cli::init_logging(&args.log);
     match args.cmd {
         Cmd::Serve(a) => cli::serve::run(a),
-        Cmd::Bdevperf(a) => cli::bdevperf::run(a),
+        Cmd::Bdevperf(a) => cli::bdevperf::run(*a),
         Cmd::Config(c) => cli::config::run(c),
     }
 }
