@@ -12,7 +12,7 @@ command -v openssl >/dev/null || need_apt+=(openssl)
 [ -e /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 # Independent XTS check of on-disk data (tests/keys_openssl.rs): OpenSSL's CLI refuses XTS.
-python3 -c 'import cryptography' 2>/dev/null || need_apt+=(python3-cryptography)
+python3 -c 'import cryptography' 2>/dev/null || python3 -m pip install --quiet cryptography
 if [ ${#need_apt[@]} -gt 0 ]; then
   log "installing ${need_apt[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
