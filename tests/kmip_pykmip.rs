@@ -367,3 +367,26 @@ fn killed_server_gives_refused_not_a_timeout() {
         "{err}"
     );
 }
+
+/// PyKMIP drops sessions idle for 10 s (its default socket timeout). The cluster's cached
+/// connection must then be replaced transparently, without counting as a server failure.
+#[test]
+fn idle_session_closed_by_the_server_is_reopened_transparently() {
+    let certs = Certs::generate(&["nvseal"]);
+    let server = PyKmip::start(&certs, "s1", None);
+    let kms = cluster(&certs, vec![server.addr.clone()], patient());
+    kms.query().unwrap();
+    std::thread::sleep(Duration::from_secs(12));
+    let served = kms.query().unwrap();
+    assert_eq!(served.server, server.addr);
+    let status = &kms.status()[0];
+    assert_eq!(status.reachable, Some(true));
+    assert_eq!(status.last_error, None);
+    // Two sessions: the idle one the server ended, and the new one.
+    assert_eq!(
+        server.log().matches("Starting session").count(),
+        2,
+        "{}",
+        server.log()
+    );
+}
