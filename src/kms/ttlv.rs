@@ -325,7 +325,7 @@ mod tests {
     }
 
     fn pad(mut v: Vec<u8>) -> Vec<u8> {
-        while v.len() % 8 != 0 {
+        while !v.len().is_multiple_of(8) {
             v.push(0);
         }
         v
