@@ -16,6 +16,7 @@ pub mod bdev;
 pub mod config;
 pub mod crypto;
 pub mod keys;
+pub mod kms;
 pub mod reactor;
 pub mod stats;
 pub mod sys;

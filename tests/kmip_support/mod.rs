@@ -1,0 +1,178 @@
+//! Test harness: real PyKMIP 0.11 servers started through `scripts/pykmip/*.sh`.
+//!
+//! Each test gets its own temporary directory, certificates and free ports; servers are killed
+//! (whole process group) when their guard drops. If the PyKMIP venv is missing it is created
+//! by `scripts/pykmip/setup.sh` (needs PyPI), so `cargo test` works on a fresh machine.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use nvseal::kms::{KmsCluster, ServerAddr, Timeouts, TlsMaterial};
+
+fn scripts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/pykmip")
+}
+
+fn run(script: &str, args: &[&str]) -> String {
+    let out = Command::new("bash")
+        .arg(scripts().join(script))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script} {args:?} failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Makes sure the PyKMIP venv exists (once per test binary; setup.sh locks across binaries).
+pub fn ensure_pykmip() {
+    static DONE: OnceLock<()> = OnceLock::new();
+    DONE.get_or_init(|| {
+        run("setup.sh", &[]);
+    });
+}
+
+/// A port on 127.0.0.1 that nothing listened on a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A temp directory holding CA, server and client certificates (see gen-certs.sh).
+pub struct Certs {
+    pub dir: tempfile::TempDir,
+}
+
+impl Certs {
+    /// `owners`: CNs of client certificates; the first one is `client.pem`.
+    pub fn generate(owners: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("nvseal-kmip-")
+            .tempdir()
+            .unwrap();
+        let mut args = vec![dir.path().to_str().unwrap()];
+        args.extend_from_slice(owners);
+        run("gen-certs.sh", &args);
+        Self { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Client material: CA bundle `ca`, client certificate/key `client` (`client`,
+    /// `client-<cn>`, `wrong-client`).
+    pub fn tls(&self, ca: &str, client: &str) -> TlsMaterial {
+        TlsMaterial::from_files(
+            &self.path(&format!("{ca}.pem")),
+            &self.path(&format!("{client}.pem")),
+            &self.path(&format!("{client}.key")),
+        )
+        .unwrap()
+    }
+
+    pub fn good_tls(&self) -> TlsMaterial {
+        self.tls("ca", "client")
+    }
+}
+
+/// One running PyKMIP server; killed with its process group on drop.
+pub struct PyKmip {
+    pub addr: ServerAddr,
+    pub dir: PathBuf,
+    pgid: i32,
+}
+
+impl PyKmip {
+    /// Starts a server using `certs`' CA and server certificate, in `certs/<name>/`, with the
+    /// SQLite database `db` (default: its own).
+    pub fn start(certs: &Certs, name: &str, db: Option<&Path>) -> Self {
+        ensure_pykmip();
+        let dir = certs.path(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["ca.pem", "server.pem", "server.key"] {
+            std::fs::copy(certs.path(f), dir.join(f)).unwrap();
+        }
+        // A freshly freed port can be taken by a parallel test between our probe and the
+        // server's bind; retry with another port if start.sh reports failure.
+        let mut last = String::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let mut args = vec![dir.to_str().unwrap().to_owned(), port.to_string()];
+            if let Some(db) = db {
+                args.push(db.to_str().unwrap().to_owned());
+            }
+            let out = Command::new("bash")
+                .arg(scripts().join("start.sh"))
+                .args(&args)
+                .output()
+                .unwrap();
+            if out.status.success() {
+                let pgid: i32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+                assert!(pgid > 1);
+                return Self {
+                    addr: ServerAddr::new("127.0.0.1", port).unwrap(),
+                    dir,
+                    pgid,
+                };
+            }
+            last = String::from_utf8_lossy(&out.stderr).into_owned();
+        }
+        panic!("PyKMIP did not start: {last}");
+    }
+
+    /// Freezes the server (SIGSTOP): TCP connects still succeed (kernel backlog), nothing answers.
+    pub fn pause(&self) {
+        killpg(Pid::from_raw(self.pgid), Signal::SIGSTOP).unwrap();
+    }
+
+    pub fn resume(&self) {
+        killpg(Pid::from_raw(self.pgid), Signal::SIGCONT).unwrap();
+    }
+
+    /// Kills the server and waits until its port refuses connections.
+    pub fn kill(&self) {
+        let _ = killpg(Pid::from_raw(self.pgid), Signal::SIGKILL);
+        let _ = killpg(Pid::from_raw(self.pgid), Signal::SIGCONT);
+        for _ in 0..500 {
+            let probe = std::net::TcpStream::connect(("127.0.0.1", self.addr.port()));
+            if probe.is_err() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        panic!(
+            "server on {} still accepts connections after SIGKILL",
+            self.addr
+        );
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PyKmip {
+    fn drop(&mut self) {
+        let pid = Pid::from_raw(self.pgid);
+        let _ = killpg(pid, Signal::SIGKILL);
+        let _ = killpg(pid, Signal::SIGCONT);
+    }
+}
+
+/// A cluster over `servers` with the good client certificate and the given timeouts.
+pub fn cluster(certs: &Certs, servers: Vec<ServerAddr>, timeouts: Timeouts) -> KmsCluster {
+    KmsCluster::new("test", servers, certs.good_tls(), timeouts).unwrap()
+}
