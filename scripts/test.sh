@@ -33,4 +33,4 @@ cargo fmt --all -- --check
 log "cargo clippy (warnings denied)"
 cargo clippy --all-targets --locked -- -D warnings
 log "tests"
-cargo nextest run --all-targets --locked --no-fail-fast "$@"
+cargo nextest run --locked --no-fail-fast "$@"
