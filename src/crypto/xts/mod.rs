@@ -429,6 +429,14 @@ mod tests {
         }
     }
 
+    /// Engines are built on a control thread and used from reactors (possibly several).
+    #[test]
+    fn engine_and_key_are_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Xts>();
+        check::<XtsKey>();
+    }
+
     #[test]
     fn debug_prints_tier_only() {
         let x = Xts::with_tier(&key(), Tier::Soft).expect("soft");
