@@ -2,7 +2,8 @@
 //!
 //! `cargo bench --bench xts` prints a table; `cargo bench --bench xts -- --json` (or
 //! `NVSEAL_BENCH_JSON=1`) prints one JSON document instead. `NVSEAL_BENCH_ROUNDS` (default 11)
-//! and `NVSEAL_BENCH_SAMPLE_MS` (default 4) trade time for stability.
+//! and `NVSEAL_BENCH_SAMPLE_MS` (default 4) trade time for stability; `NVSEAL_BENCH_TIERS`
+//! (comma-separated tier names) limits the tiers measured.
 //!
 //! Method: one thread pinned to one CPU; each sample runs the operation in a loop on a cache-hot
 //! buffer, in place, and divides the bytes by the thread's CPU time (CLOCK_THREAD_CPUTIME_ID), so
@@ -142,9 +143,15 @@ fn main() {
     let pinned = cpu.is_some_and(|c| nvseal::sys::affinity::pin_current_thread(c).is_ok());
 
     let key = XtsKey::generate().expect("key");
+    // NVSEAL_BENCH_TIERS=vaes512,aesni restricts the tiers measured (OpenSSL always runs).
+    let only: Option<Vec<Tier>> = std::env::var("NVSEAL_BENCH_TIERS").ok().map(|v| {
+        v.split(',')
+            .map(|t| t.parse().expect("tier name"))
+            .collect()
+    });
     let tiers: Vec<Tier> = Tier::all()
         .into_iter()
-        .filter(|t| t.is_available())
+        .filter(|t| t.is_available() && only.as_ref().is_none_or(|o| o.contains(t)))
         .collect();
     let engines: Vec<Xts> = tiers
         .iter()
@@ -225,7 +232,7 @@ fn main() {
             .find(|c| c.row == row && c.imp == imp && c.decrypt == decrypt);
         c.map(|c| median(&mut c.samples)).unwrap_or(f64::NAN)
     };
-    let best = Tier::best_available();
+    let best = tiers.last().copied().unwrap_or(Tier::Soft);
     let mut results = Vec::new();
     for (ri, row) in ROWS.iter().enumerate() {
         for decrypt in [false, true] {

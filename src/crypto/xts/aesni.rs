@@ -12,6 +12,7 @@
 //! key is pre-xored with the block's tweak, so the post-whitening costs no extra latency.
 //! Runs on the thread that calls [`Xts`](super::Xts); no allocation.
 
+use core::arch::asm;
 use core::arch::x86_64::*;
 
 use zeroize::Zeroize;
@@ -178,7 +179,8 @@ pub(super) fn crypt_units<const DEC: bool>(
     if unit_size == 0 {
         return;
     }
-    let k = load_keys(if DEC { &rk.dec } else { &rk.enc });
+    let keys = if DEC { &rk.dec } else { &rk.enc };
+    let k = load_keys(keys);
     let k2 = load_keys(&rk.tweak);
     let mut seq = first_tweak;
     for group in data.chunks_mut(unit_size.saturating_mul(BLOCKS)) {
@@ -193,7 +195,7 @@ pub(super) fn crypt_units<const DEC: bool>(
         }
         seq = seq.wrapping_add(units as u128);
         for (unit, t) in group.chunks_exact_mut(unit_size).zip(t0) {
-            crypt_unit::<DEC>(&k, unit, t);
+            crypt_unit::<DEC>(keys, &k, unit, t);
         }
     }
 }
@@ -201,7 +203,12 @@ pub(super) fn crypt_units<const DEC: bool>(
 /// One data unit with encrypted tweak `t`.
 #[inline]
 #[target_feature(enable = "aes")]
-fn crypt_unit<const DEC: bool>(k: &[__m128i; ROUND_KEYS], unit: &mut [u8], mut t: __m128i) {
+fn crypt_unit<const DEC: bool>(
+    keys: &[WideKey; ROUND_KEYS],
+    k: &[__m128i; ROUND_KEYS],
+    unit: &mut [u8],
+    mut t: __m128i,
+) {
     let (chunks, rest) = unit.as_chunks_mut::<CHUNK>();
     for c in chunks {
         let mut tw = [t; BLOCKS];
@@ -209,12 +216,133 @@ fn crypt_unit<const DEC: bool>(k: &[__m128i; ROUND_KEYS], unit: &mut [u8], mut t
             tw[j] = mul_alpha(tw[j - 1]);
         }
         t = mul_alpha(tw[BLOCKS - 1]);
-        crypt_blocks::<DEC, BLOCKS>(k, &tw, c);
+        crypt_chunk::<DEC>(keys, k, &tw, c);
     }
     let (blocks, _) = rest.as_chunks_mut::<BLOCK_LEN>();
     for b in blocks {
         crypt_blocks::<DEC, 1>(k, &[t], b);
         t = mul_alpha(t);
+    }
+}
+
+/// XTS on [`BLOCKS`] consecutive blocks with tweaks `tw`. The 13 middle rounds are one `asm!`
+/// block that issues the eight chains round by round (LLVM otherwise ran three chains together
+/// and five one after the other), loading each round key once for the eight blocks: 16 xmm
+/// registers do not hold 8 blocks, 15 keys and 8 tweaks.
+#[inline]
+#[target_feature(enable = "aes")]
+fn crypt_chunk<const DEC: bool>(
+    keys: &[WideKey; ROUND_KEYS],
+    k: &[__m128i; ROUND_KEYS],
+    tw: &[__m128i; BLOCKS],
+    c: &mut [u8; CHUNK],
+) {
+    let p = c.as_mut_ptr();
+    let mut b = [_mm_setzero_si128(); BLOCKS];
+    for (j, x) in b.iter_mut().enumerate() {
+        // SAFETY: `c` is CHUNK = BLOCKS * 16 bytes, so block j lies inside it; loadu has no
+        // alignment requirement.
+        let v = unsafe { _mm_loadu_si128(p.add(j * BLOCK_LEN).cast()) };
+        *x = _mm_xor_si128(v, _mm_xor_si128(tw[j], k[0]));
+    }
+    if DEC {
+        // SAFETY: AES rounds on registers plus 16-byte reads of round keys 1..=13 at byte
+        // offsets 64..=832 of `keys` (15 x 64 bytes, so in bounds); no writes, no stack, flags
+        // untouched; this function enables aes (and sse2), which `aesdec`/`movdqu` need.
+        unsafe {
+            asm!(
+                "movdqu {key}, xmmword ptr [{kp} + 64]",
+                "aesdec {b0}, {key}", "aesdec {b1}, {key}", "aesdec {b2}, {key}", "aesdec {b3}, {key}", "aesdec {b4}, {key}", "aesdec {b5}, {key}", "aesdec {b6}, {key}", "aesdec {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 128]",
+                "aesdec {b0}, {key}", "aesdec {b1}, {key}", "aesdec {b2}, {key}", "aesdec {b3}, {key}", "aesdec {b4}, {key}", "aesdec {b5}, {key}", "aesdec {b6}, {key}", "aesdec {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 192]",
+                "aesdec {b0}, {key}", "aesdec {b1}, {key}", "aesdec {b2}, {key}", "aesdec {b3}, {key}", "aesdec {b4}, {key}", "aesdec {b5}, {key}", "aesdec {b6}, {key}", "aesdec {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 256]",
+                "aesdec {b0}, {key}", "aesdec {b1}, {key}", "aesdec {b2}, {key}", "aesdec {b3}, {key}", "aesdec {b4}, {key}", "aesdec {b5}, {key}", "aesdec {b6}, {key}", "aesdec {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 320]",
+                "aesdec {b0}, {key}", "aesdec {b1}, {key}", "aesdec {b2}, {key}", "aesdec {b3}, {key}", "aesdec {b4}, {key}", "aesdec {b5}, {key}", "aesdec {b6}, {key}", "aesdec {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 384]",
+                "aesdec {b0}, {key}", "aesdec {b1}, {key}", "aesdec {b2}, {key}", "aesdec {b3}, {key}", "aesdec {b4}, {key}", "aesdec {b5}, {key}", "aesdec {b6}, {key}", "aesdec {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 448]",
+                "aesdec {b0}, {key}", "aesdec {b1}, {key}", "aesdec {b2}, {key}", "aesdec {b3}, {key}", "aesdec {b4}, {key}", "aesdec {b5}, {key}", "aesdec {b6}, {key}", "aesdec {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 512]",
+                "aesdec {b0}, {key}", "aesdec {b1}, {key}", "aesdec {b2}, {key}", "aesdec {b3}, {key}", "aesdec {b4}, {key}", "aesdec {b5}, {key}", "aesdec {b6}, {key}", "aesdec {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 576]",
+                "aesdec {b0}, {key}", "aesdec {b1}, {key}", "aesdec {b2}, {key}", "aesdec {b3}, {key}", "aesdec {b4}, {key}", "aesdec {b5}, {key}", "aesdec {b6}, {key}", "aesdec {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 640]",
+                "aesdec {b0}, {key}", "aesdec {b1}, {key}", "aesdec {b2}, {key}", "aesdec {b3}, {key}", "aesdec {b4}, {key}", "aesdec {b5}, {key}", "aesdec {b6}, {key}", "aesdec {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 704]",
+                "aesdec {b0}, {key}", "aesdec {b1}, {key}", "aesdec {b2}, {key}", "aesdec {b3}, {key}", "aesdec {b4}, {key}", "aesdec {b5}, {key}", "aesdec {b6}, {key}", "aesdec {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 768]",
+                "aesdec {b0}, {key}", "aesdec {b1}, {key}", "aesdec {b2}, {key}", "aesdec {b3}, {key}", "aesdec {b4}, {key}", "aesdec {b5}, {key}", "aesdec {b6}, {key}", "aesdec {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 832]",
+                "aesdec {b0}, {key}", "aesdec {b1}, {key}", "aesdec {b2}, {key}", "aesdec {b3}, {key}", "aesdec {b4}, {key}", "aesdec {b5}, {key}", "aesdec {b6}, {key}", "aesdec {b7}, {key}",
+                b0 = inout(xmm_reg) b[0],
+                b1 = inout(xmm_reg) b[1],
+                b2 = inout(xmm_reg) b[2],
+                b3 = inout(xmm_reg) b[3],
+                b4 = inout(xmm_reg) b[4],
+                b5 = inout(xmm_reg) b[5],
+                b6 = inout(xmm_reg) b[6],
+                b7 = inout(xmm_reg) b[7],
+                key = out(xmm_reg) _,
+                kp = in(reg) keys.as_ptr(),
+                options(pure, readonly, nostack, preserves_flags),
+            )
+        };
+    } else {
+        // SAFETY: as above, with `aesenc`.
+        unsafe {
+            asm!(
+                "movdqu {key}, xmmword ptr [{kp} + 64]",
+                "aesenc {b0}, {key}", "aesenc {b1}, {key}", "aesenc {b2}, {key}", "aesenc {b3}, {key}", "aesenc {b4}, {key}", "aesenc {b5}, {key}", "aesenc {b6}, {key}", "aesenc {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 128]",
+                "aesenc {b0}, {key}", "aesenc {b1}, {key}", "aesenc {b2}, {key}", "aesenc {b3}, {key}", "aesenc {b4}, {key}", "aesenc {b5}, {key}", "aesenc {b6}, {key}", "aesenc {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 192]",
+                "aesenc {b0}, {key}", "aesenc {b1}, {key}", "aesenc {b2}, {key}", "aesenc {b3}, {key}", "aesenc {b4}, {key}", "aesenc {b5}, {key}", "aesenc {b6}, {key}", "aesenc {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 256]",
+                "aesenc {b0}, {key}", "aesenc {b1}, {key}", "aesenc {b2}, {key}", "aesenc {b3}, {key}", "aesenc {b4}, {key}", "aesenc {b5}, {key}", "aesenc {b6}, {key}", "aesenc {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 320]",
+                "aesenc {b0}, {key}", "aesenc {b1}, {key}", "aesenc {b2}, {key}", "aesenc {b3}, {key}", "aesenc {b4}, {key}", "aesenc {b5}, {key}", "aesenc {b6}, {key}", "aesenc {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 384]",
+                "aesenc {b0}, {key}", "aesenc {b1}, {key}", "aesenc {b2}, {key}", "aesenc {b3}, {key}", "aesenc {b4}, {key}", "aesenc {b5}, {key}", "aesenc {b6}, {key}", "aesenc {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 448]",
+                "aesenc {b0}, {key}", "aesenc {b1}, {key}", "aesenc {b2}, {key}", "aesenc {b3}, {key}", "aesenc {b4}, {key}", "aesenc {b5}, {key}", "aesenc {b6}, {key}", "aesenc {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 512]",
+                "aesenc {b0}, {key}", "aesenc {b1}, {key}", "aesenc {b2}, {key}", "aesenc {b3}, {key}", "aesenc {b4}, {key}", "aesenc {b5}, {key}", "aesenc {b6}, {key}", "aesenc {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 576]",
+                "aesenc {b0}, {key}", "aesenc {b1}, {key}", "aesenc {b2}, {key}", "aesenc {b3}, {key}", "aesenc {b4}, {key}", "aesenc {b5}, {key}", "aesenc {b6}, {key}", "aesenc {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 640]",
+                "aesenc {b0}, {key}", "aesenc {b1}, {key}", "aesenc {b2}, {key}", "aesenc {b3}, {key}", "aesenc {b4}, {key}", "aesenc {b5}, {key}", "aesenc {b6}, {key}", "aesenc {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 704]",
+                "aesenc {b0}, {key}", "aesenc {b1}, {key}", "aesenc {b2}, {key}", "aesenc {b3}, {key}", "aesenc {b4}, {key}", "aesenc {b5}, {key}", "aesenc {b6}, {key}", "aesenc {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 768]",
+                "aesenc {b0}, {key}", "aesenc {b1}, {key}", "aesenc {b2}, {key}", "aesenc {b3}, {key}", "aesenc {b4}, {key}", "aesenc {b5}, {key}", "aesenc {b6}, {key}", "aesenc {b7}, {key}",
+                "movdqu {key}, xmmword ptr [{kp} + 832]",
+                "aesenc {b0}, {key}", "aesenc {b1}, {key}", "aesenc {b2}, {key}", "aesenc {b3}, {key}", "aesenc {b4}, {key}", "aesenc {b5}, {key}", "aesenc {b6}, {key}", "aesenc {b7}, {key}",
+                b0 = inout(xmm_reg) b[0],
+                b1 = inout(xmm_reg) b[1],
+                b2 = inout(xmm_reg) b[2],
+                b3 = inout(xmm_reg) b[3],
+                b4 = inout(xmm_reg) b[4],
+                b5 = inout(xmm_reg) b[5],
+                b6 = inout(xmm_reg) b[6],
+                b7 = inout(xmm_reg) b[7],
+                key = out(xmm_reg) _,
+                kp = in(reg) keys.as_ptr(),
+                options(pure, readonly, nostack, preserves_flags),
+            )
+        };
+    }
+    for (j, x) in b.iter().enumerate() {
+        let last = _mm_xor_si128(k[ROUND_KEYS - 1], tw[j]);
+        let v = if DEC {
+            _mm_aesdeclast_si128(*x, last)
+        } else {
+            _mm_aesenclast_si128(*x, last)
+        };
+        // SAFETY: as for the load above.
+        unsafe { _mm_storeu_si128(p.add(j * BLOCK_LEN).cast(), v) };
     }
 }
 

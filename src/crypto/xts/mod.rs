@@ -320,12 +320,12 @@ impl Xts {
     }
 }
 
-/// Checks that `data_len` is a whole number of `unit_size` units and the unit a whole number of
-/// AES blocks.
+/// Checks that `data_len` is a whole number of `unit_size` units and the unit a non-zero whole
+/// number of AES blocks. An empty buffer with a valid unit passes (and is a no-op); the
+/// `*_with_tweak` calls pass `data.len()` as the unit, so there an empty buffer fails.
 fn check_units(data_len: usize, unit_size: usize) -> Result<(), CryptoError> {
     let unit_ok = unit_size != 0 && unit_size.is_multiple_of(BLOCK_LEN);
     if !unit_ok || !data_len.is_multiple_of(unit_size.max(1)) {
-        // An empty buffer with a valid unit is fine; with_tweak passes data.len() as the unit.
         return Err(CryptoError::BadLength {
             data_len,
             unit_size,
@@ -427,6 +427,14 @@ mod tests {
                 assert_eq!(b, &buf[..len], "{tier:?} round trip len {len}");
             }
         }
+    }
+
+    /// Engines are built on a control thread and used from reactors (possibly several).
+    #[test]
+    fn engine_and_key_are_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Xts>();
+        check::<XtsKey>();
     }
 
     #[test]

@@ -2,9 +2,10 @@
 //!
 //! Runs on any CPU (the `aes` crate picks its own backend: bit-sliced software, or AES-NI/VAES
 //! where it detects them). It is the fallback and the reference the hardware kernels are checked
-//! against in unit tests; it is not tuned. Like the kernels it works on whole requests: the
-//! tweaks of up to [`BATCH`] units are encrypted in one `encrypt_blocks` call, and each unit's
-//! blocks go through the cipher [`BATCH`] at a time with their tweaks precomputed on the stack.
+//! against in unit tests; it is not tuned beyond feeding the `aes` crate full batches. Like the
+//! kernels it works on whole requests: the tweaks of up to [`BATCH`] units are encrypted in one
+//! `encrypt_blocks` call, and the request's blocks go through the cipher [`BATCH`] at a time
+//! with their tweaks precomputed on the stack.
 //! Called on whichever thread owns the [`Xts`](super::Xts); no allocation.
 
 use aes::cipher::{BlockCipherDecrypt, BlockCipherEncrypt, KeyInit};
@@ -15,9 +16,9 @@ use super::{mul_alpha, BLOCK_LEN};
 use crate::crypto::key::{CryptoError, XtsKey};
 use crate::sys::mlock::LockedBox;
 
-/// Blocks (and unit tweaks) handed to the `aes` crate per call: large enough for its
-/// parallel backends, small enough for the stack (512 bytes of tweaks).
-const BATCH: usize = 32;
+/// Blocks (and unit tweaks) handed to the `aes` crate per call: its VAES-512 backend only runs
+/// on full batches of 64 blocks (1 KiB of tweaks on the stack).
+const BATCH: usize = 64;
 
 /// key1 (both directions) and key2 (encrypt only) as `aes` crate ciphers.
 pub(super) struct SoftKeys {
@@ -38,68 +39,73 @@ impl SoftKeys {
     /// Encrypts (`DEC == false`) or decrypts in place the units of `data`; unit `i` has the
     /// tweak value `first_tweak + i`. `data.len()` is a multiple of `unit_size`, which is a
     /// non-zero multiple of 16 (checked by the caller; other lengths leave a tail untouched).
+    ///
+    /// The request is one stream of blocks handed to the cipher [`BATCH`] at a time, across
+    /// unit boundaries (the `aes` crate only uses its widest backend on full 64-block batches,
+    /// and 512-byte units have 32 blocks); the units' tweaks are encrypted up to [`BATCH`] at a
+    /// time, never more than the request has units.
     pub(super) fn crypt_units<const DEC: bool>(
         &self,
         data: &mut [u8],
         unit_size: usize,
         first_tweak: u128,
     ) {
-        let mut tweaks = [Block::default(); BATCH];
-        let mut seq = first_tweak;
-        for group in data.chunks_mut(unit_size.saturating_mul(BATCH)) {
-            // Encrypt the tweaks of every unit of this group together.
-            let units = group.len() / unit_size;
-            let first_tweaks = &mut tweaks[..units];
-            for t in first_tweaks.iter_mut() {
-                *t = Block::from(seq.to_le_bytes());
-                seq = seq.wrapping_add(1);
-            }
-            self.tweak.encrypt_blocks(first_tweaks);
-            let mut t0s = [0u128; BATCH];
-            for (t0, t) in t0s.iter_mut().zip(first_tweaks.iter()) {
-                *t0 = u128::from_le_bytes(t.0);
-            }
-            for (unit, t0) in group.chunks_exact_mut(unit_size).zip(t0s) {
-                self.crypt_unit::<DEC>(unit, t0, &mut tweaks);
-            }
-            t0s.zeroize();
+        let blocks_per_unit = unit_size / BLOCK_LEN;
+        if blocks_per_unit == 0 {
+            return;
         }
-        tweaks.iter_mut().for_each(|t| t.0.zeroize());
-    }
-
-    /// One data unit whose encrypted tweak is `t`; `scratch` holds the per-block tweaks.
-    fn crypt_unit<const DEC: bool>(
-        &self,
-        unit: &mut [u8],
-        mut t: u128,
-        scratch: &mut [Block; BATCH],
-    ) {
-        let (blocks, _tail) = Block::slice_as_chunks_mut(unit);
+        let mut tweaks = [0u128; BATCH];
+        let mut unit_tweaks = [Block::default(); BATCH];
+        let mut next_seq = first_tweak;
+        let mut units_left = data.len() / unit_size;
+        let (mut have, mut used) = (0usize, 0usize); // unit tweaks encrypted / consumed
+        let mut pos = 0usize; // block index inside the current unit
+        let mut t = 0u128;
+        let (blocks, _) = Block::slice_as_chunks_mut(data);
         for chunk in blocks.chunks_mut(BATCH) {
-            let tw = &mut scratch[..chunk.len()];
-            for (b, tw) in chunk.iter_mut().zip(tw.iter_mut()) {
-                *tw = Block::from(t.to_le_bytes());
-                xor_into(b, tw);
+            for (b, tw) in chunk.iter_mut().zip(tweaks.iter_mut()) {
+                if pos == 0 {
+                    if used == have {
+                        // Only as many counters as units remain: one unit costs one block.
+                        have = units_left.clamp(1, BATCH);
+                        used = 0;
+                        for u in unit_tweaks[..have].iter_mut() {
+                            *u = Block::from(next_seq.to_le_bytes());
+                            next_seq = next_seq.wrapping_add(1);
+                        }
+                        self.tweak.encrypt_blocks(&mut unit_tweaks[..have]);
+                    }
+                    t = u128::from_le_bytes(unit_tweaks[used].0);
+                    used += 1;
+                    units_left = units_left.saturating_sub(1);
+                }
+                *tw = t;
+                xor_into(b, t);
                 t = mul_alpha(t);
+                pos += 1;
+                if pos == blocks_per_unit {
+                    pos = 0;
+                }
             }
             if DEC {
                 self.data.decrypt_blocks(chunk);
             } else {
                 self.data.encrypt_blocks(chunk);
             }
-            for (b, tw) in chunk.iter_mut().zip(tw.iter()) {
-                xor_into(b, tw);
+            for (b, tw) in chunk.iter_mut().zip(tweaks.iter()) {
+                xor_into(b, *tw);
             }
         }
         t.zeroize();
+        tweaks.zeroize();
+        unit_tweaks.iter_mut().for_each(|t| t.0.zeroize());
     }
 }
 
+/// `b ^= t`, with `t` the little-endian value of a tweak block.
 #[inline]
-fn xor_into(b: &mut Block, t: &Block) {
-    for (x, y) in b.iter_mut().zip(t.iter()) {
-        *x ^= y;
-    }
+fn xor_into(b: &mut Block, t: u128) {
+    b.0 = (u128::from_le_bytes(b.0) ^ t).to_le_bytes();
 }
 
 const _: () = assert!(BLOCK_LEN == 16);
