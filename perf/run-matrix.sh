@@ -37,7 +37,7 @@ for wl in perf/workloads/*.args; do
       json="$OUT/runs/$name-$be-$n.json"
       echo ">> $name on $be, $n reactor(s)" >&2
       # shellcheck disable=SC2086
-      "$NVSEAL" bdevperf "${dev[@]}" $args --cores "$n" -t "$TIME" --ab --no-progress --json "$json" \
+      "$NVSEAL" bdevperf "${dev[@]}" $args --reactors "$n" -t "$TIME" --ab --no-progress --json "$json" \
         > "$OUT/runs/$name-$be-$n.txt"
     done
   done

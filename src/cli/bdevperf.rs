@@ -70,9 +70,12 @@ pub struct BdevperfArgs {
     /// Stop each reactor's job after this many I/Os instead of after --time.
     #[arg(short = 'n', long)]
     pub io_count: Option<u64>,
-    /// Reactor cores: a CPU list ("0-1") or a count ("2"). Default: the config's, else 1.
-    #[arg(long)]
+    /// Reactor cores as a CPU list ("0", "0-3,6"): one pinned reactor each.
+    #[arg(long, conflicts_with = "reactors")]
     pub cores: Option<String>,
+    /// Number of reactors, on the first CPUs this process may use. Default: the config's, else 1.
+    #[arg(short = 'r', long)]
+    pub reactors: Option<usize>,
     /// Run plaintext and encrypted, interleaved in slices, and report both with ratios.
     #[arg(long, conflicts_with = "encrypted")]
     pub ab: bool,
@@ -185,10 +188,10 @@ fn run_inner(a: &BdevperfArgs) -> Result<ExitCode, (u8, String)> {
         }
     }
     if let Some(c) = &a.cores {
-        cfg.reactor.cores = match c.parse::<usize>() {
-            Ok(n) => nvseal::config::CoreSpec::Count(n),
-            Err(_) => nvseal::config::CoreSpec::List(c.clone()),
-        };
+        cfg.reactor.cores = nvseal::config::CoreSpec::List(c.clone());
+    }
+    if let Some(n) = a.reactors {
+        cfg.reactor.cores = nvseal::config::CoreSpec::Count(n);
     }
     // bdevperf spins: no idle back-off, whatever the config says.
     cfg.reactor.idle_backoff_us = 0;

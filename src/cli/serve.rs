@@ -22,6 +22,13 @@ pub struct ServeArgs {
 }
 
 pub fn run(args: ServeArgs) -> ExitCode {
+    // First, so a stop request during start-up is honoured once start-up is done.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
+            return fail(EXIT_STARTUP, format!("installing signal handler: {e}"));
+        }
+    }
     if !args.allow_core_dumps {
         if let Err(e) = nvseal::sys::process::set_non_dumpable() {
             tracing::warn!("could not mark the process non-dumpable: {e}");
@@ -58,12 +65,6 @@ pub fn run(args: ServeArgs) -> ExitCode {
         tracing::info!(bdev = %name, kind, block_size = b.block_size(), blocks = b.num_blocks(), "bdev online");
     }
     tracing::info!(reactors = set.len(), cores = %nvseal::reactor::placement::format_cpu_list(&cores), "nvseal serving; SIGINT or SIGTERM stops");
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        if let Err(e) = signal_hook::flag::register(sig, stop.clone()) {
-            return fail(EXIT_STARTUP, format!("installing signal handler: {e}"));
-        }
-    }
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
     }
