@@ -16,6 +16,8 @@
 pub mod bdev;
 pub mod config;
 pub mod crypto;
+pub mod nvme;
+pub mod nvmf;
 pub mod reactor;
 pub mod stats;
 pub mod sys;
