@@ -1,1 +1,2 @@
-//! NVMe/TCP transport (being written).
+//! NVMe over Fabrics on TCP: the PDU codec ([`pdu`]).
+pub mod pdu;
