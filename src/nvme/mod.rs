@@ -126,6 +126,8 @@ pub mod prop {
 pub mod sct {
     pub const GENERIC: u8 = 0x0;
     pub const COMMAND_SPECIFIC: u8 = 0x1;
+    pub const MEDIA: u8 = 0x2;
+    pub const PATH: u8 = 0x3;
 }
 
 /// NVMe completion status: status code type, status code, and Do Not Retry.
@@ -179,6 +181,19 @@ impl Status {
     pub const CONNECT_INVALID_PARAMETERS: Status = Status::specific(0x82, true);
     pub const CONNECT_RESTART_DISCOVERY: Status = Status::specific(0x83, true);
     pub const CONNECT_INVALID_HOST: Status = Status::specific(0x84, true);
+    // Media and data integrity errors.
+    pub const WRITE_FAULT: Status = Status {
+        sct: sct::MEDIA,
+        sc: 0x80,
+        dnr: false,
+    };
+    pub const UNRECOVERED_READ_ERROR: Status = Status {
+        sct: sct::MEDIA,
+        sc: 0x81,
+        dnr: false,
+    };
+    /// Generic: a transport error the host may retry (used for a data digest error).
+    pub const TRANSIENT_TRANSPORT_ERROR: Status = Status::generic(0x22, false);
 
     pub fn is_success(self) -> bool {
         self.sct == 0 && self.sc == 0
