@@ -1138,3 +1138,30 @@ fn connection_limit() {
     assert!(HostQpair::connect(h.addr, NQN, 2, a.cntlid(), cfg).is_err());
     assert_eq!(h.target.connection_count(), 2);
 }
+
+#[test]
+fn idle_connection_without_connect_is_closed() {
+    let h = start(
+        Limits {
+            connect_timeout_ms: 200,
+            ..Default::default()
+        },
+        vec![],
+        0,
+    );
+    // TCP only, then ICReq only: both are closed once the connect timeout passes.
+    let mut bare = TcpStream::connect(h.addr).unwrap();
+    let mut ic = raw_connect(h.addr, Digests::default());
+    bare.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(bare.read(&mut b).unwrap_or(0), 0);
+    assert_eq!(ic.read(&mut b).unwrap_or(0), 0);
+    wait_until("connections reaped", || h.target.connection_count() == 0);
+    // A connection that does Connect in time stays.
+    let cfg = host_cfg(Digests::default());
+    let a = admin(&h, cfg.clone());
+    let mut q = io_queue(&h, &a, 1, cfg);
+    std::thread::sleep(Duration::from_millis(400));
+    write_read_verify(&mut q, 1, BS, 0, 4096, 9);
+}

@@ -144,6 +144,7 @@ impl Connection {
             self.ka_deadline = kato_deadline(cmd.kato_ms);
             self.reqs[idx].cqe.dw0 = u32::from(ctrl.cntlid);
             tracing::info!(cntlid = ctrl.cntlid, %subnqn, %hostnqn, kato_ms = cmd.kato_ms, "admin queue connected");
+            self.connect_deadline = None;
             self.ctrl = Some(ctrl);
         } else {
             if subsys.kind == SubsystemKind::Discovery {
@@ -182,6 +183,7 @@ impl Connection {
             self.subsys = Some(subsys);
             self.qid = cmd.qid;
             self.sqhd_disabled = Self::sqhd_disabled_flag(cmd.cattr);
+            self.connect_deadline = None;
             self.ctrl = Some(Arc::clone(&ctrl));
             if let Err(s) = self.setup_queue(depth, true) {
                 self.ctrl = None;

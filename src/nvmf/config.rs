@@ -88,6 +88,9 @@ pub struct Limits {
     pub max_h2c_data_size: u32,
     /// Whether header/data digests are granted when a host asks for them.
     pub allow_digests: bool,
+    /// A connection that has not completed Fabrics Connect this long after accept is closed, so
+    /// idle or half-open sockets cannot pin connection slots (Linux nvmet waits similarly).
+    pub connect_timeout_ms: u32,
 }
 
 impl Default for Limits {
@@ -101,6 +104,7 @@ impl Default for Limits {
             max_io_size: 128 * 1024,
             max_h2c_data_size: 128 * 1024,
             allow_digests: true,
+            connect_timeout_ms: 10_000,
         }
     }
 }
@@ -120,7 +124,9 @@ impl Limits {
                 self.max_h2c_data_size
             ));
         }
-        if !self.in_capsule_data_size.is_multiple_of(16) || self.in_capsule_data_size > self.max_io_size {
+        if !self.in_capsule_data_size.is_multiple_of(16)
+            || self.in_capsule_data_size > self.max_io_size
+        {
             return Err(format!(
                 "in_capsule_data_size {} must be a multiple of 16 and <= max_io_size",
                 self.in_capsule_data_size

@@ -17,7 +17,7 @@ use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::bdev::{BdevChannel, BdevIo, BufPool, IoBuf, IoStatus, IoType, Submit};
 use crate::nvme::{io_op, sgl, Cqe, Sqe, Status, FABRICS_OPCODE};
@@ -287,6 +287,8 @@ pub struct Connection {
     /// Held Asynchronous Event Requests (slot indices).
     pub(super) aers: Vec<usize>,
     pub(super) ka_deadline: Option<Instant>,
+    /// Deadline for completing Fabrics Connect (cleared once connected).
+    pub(super) connect_deadline: Option<Instant>,
     pub(super) stats: Arc<QueueStats>,
 }
 
@@ -319,6 +321,7 @@ impl Connection {
                 .max_queue_depth
                 .max(target.limits.max_admin_queue_depth),
         );
+        let connect_timeout_ms = target.limits.connect_timeout_ms;
         let mut reqs = Vec::with_capacity(slots);
         reqs.resize_with(slots, Request::new);
         Ok(Connection {
@@ -358,6 +361,9 @@ impl Connection {
             ctl_off: 0,
             aers: Vec::with_capacity(crate::nvmf::target::MAX_AERS),
             ka_deadline: None,
+            connect_deadline: Some(
+                Instant::now() + Duration::from_millis(u64::from(connect_timeout_ms)),
+            ),
             stats: Arc::new(QueueStats::default()),
         })
     }
@@ -401,8 +407,14 @@ impl Connection {
         if matches!(self.phase, Phase::AwaitIcReq | Phase::Ready) {
             work += self.poll_recv();
         }
-        if self.phase == Phase::Ready {
+        if self.phase == Phase::Ready && self.ctrl.is_some() {
             work += self.poll_events();
+        } else if let Some(deadline) = self.connect_deadline {
+            if self.ctrl.is_none() && Instant::now() > deadline {
+                tracing::info!("no Fabrics Connect before the connect timeout, closing");
+                self.close_now("connect timeout");
+                return work + 1;
+            }
         }
         work += self.flush_tx();
         work
@@ -1574,4 +1586,106 @@ fn dsm_range(r: &[u8]) -> (u32, u64) {
         lba.copy_from_slice(b);
     }
     (u32::from_le_bytes(len), u64::from_le_bytes(lba))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ReqState::*;
+
+    const ALL: [ReqState; N_STATES] = [
+        Free,
+        RecvCapsuleData,
+        R2tQueued,
+        RecvH2cData,
+        ReadyToExecute,
+        Executing,
+        AwaitingEvent,
+        TxC2hData,
+        TxResp,
+    ];
+
+    #[test]
+    fn state_indices_are_dense() {
+        for (i, s) in ALL.iter().enumerate() {
+            assert_eq!(s.index(), i);
+        }
+    }
+
+    #[test]
+    fn transition_table() {
+        // Every live state can be released (connection teardown); Free cannot be freed again.
+        for s in ALL {
+            assert_eq!(s.may_move_to(Free), s != Free, "{s:?} -> Free");
+        }
+        // The write path through R2T, the read path, and an AER.
+        let write = [
+            Free,
+            RecvCapsuleData,
+            R2tQueued,
+            RecvH2cData,
+            ReadyToExecute,
+            Executing,
+            TxResp,
+            Free,
+        ];
+        let read = [
+            Free,
+            RecvCapsuleData,
+            ReadyToExecute,
+            Executing,
+            TxC2hData,
+            TxResp,
+            Free,
+        ];
+        let aer = [Free, RecvCapsuleData, AwaitingEvent, TxResp, Free];
+        for path in [&write[..], &read[..], &aer[..]] {
+            for w in path.windows(2) {
+                assert!(w[0].may_move_to(w[1]), "{:?} -> {:?}", w[0], w[1]);
+            }
+        }
+        // Moves that would mean a bug.
+        for (a, b) in [
+            (R2tQueued, Executing),
+            (RecvH2cData, R2tQueued),
+            (TxResp, TxC2hData),
+            (TxResp, Executing),
+            (AwaitingEvent, Executing),
+            (Executing, RecvH2cData),
+            (TxC2hData, Executing),
+        ] {
+            assert!(!a.may_move_to(b), "{a:?} -> {b:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn header_region_includes_padding_up_to_pdo() {
+        let l = Layout {
+            header_len: 76,
+            data_off: 128,
+            data_len: 10,
+            data_digest: false,
+        };
+        assert_eq!(region_len(&l), 128);
+        let l = Layout {
+            header_len: 28,
+            data_off: 28,
+            data_len: 0,
+            data_digest: false,
+        };
+        assert_eq!(region_len(&l), 28);
+    }
+
+    #[test]
+    fn dsm_range_decoding() {
+        let mut r = [0u8; 16];
+        r[4..8].copy_from_slice(&7u32.to_le_bytes());
+        r[8..16].copy_from_slice(&0x1_0000_0000u64.to_le_bytes());
+        assert_eq!(dsm_range(&r), (7, 0x1_0000_0000));
+        assert_eq!(
+            dsm_range(&r[..3]),
+            (0, 0),
+            "short input decodes as an empty range"
+        );
+    }
 }
