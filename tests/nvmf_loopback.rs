@@ -819,6 +819,46 @@ fn malformed_pdus_get_term_req_and_healthy_queue_survives() {
         .unwrap();
     assert_eq!(expect_term(&mut s, Fes::DataLimitExceeded), 4);
 
+    // PLEN shorter than the header.
+    let mut s = raw_connect(h.addr, Digests::default());
+    s.write_all(&[0x04, 0, 72, 0, 40, 0, 0, 0]).unwrap();
+    s.write_all(&[0u8; 64]).unwrap();
+    assert_eq!(expect_term(&mut s, Fes::InvalidHeaderField), 4);
+
+    // Bad data digest: no FES exists for it; the connection is closed without a TermReq.
+    let dd = Digests {
+        header: false,
+        data: true,
+    };
+    let mut s = raw_connect(h.addr, dd);
+    let mut sqe = connect::ConnectCmd {
+        recfmt: 0,
+        qid: 0,
+        sqsize: 31,
+        cattr: 0,
+        kato_ms: 0,
+    }
+    .to_sqe(1);
+    sqe.sgl = nvme::SglDesc::in_capsule(0, 1024);
+    let mut hb = [0u8; pdu::MAX_HEADER_REGION];
+    let n = pdu::encode_capsule_cmd(&mut hb, &sqe, 1024, dd, 0);
+    let data = connect_data(NQN, HOST, connect::CNTLID_DYNAMIC);
+    let mut v = hb[..n].to_vec();
+    v.extend_from_slice(&data);
+    v.extend_from_slice(&(pdu::crc32c(&data) ^ 1).to_le_bytes());
+    s.write_all(&v).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(s.read(&mut b).unwrap_or(0), 0, "closed without a response");
+    // The same capsule with a good digest connects.
+    let mut s = raw_connect(h.addr, dd);
+    raw_capsule(&mut s, &sqe, &data, dd);
+    match raw_read_pdu(&mut s, dd) {
+        Some((PduHeader::CapsuleResp(c), _)) => assert_eq!(c.status(), Status::SUCCESS),
+        other => panic!("unexpected {other:?}"),
+    }
+    drop(s);
+    write_read_verify(&mut healthy, 1, BS, 16, 4096, 3);
+
     // A capsule before ICReq.
     let mut s = TcpStream::connect(h.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

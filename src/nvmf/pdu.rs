@@ -217,6 +217,9 @@ impl CommonHeader {
             return Err(bad(OFF_FLAGS));
         }
         let header_len = usize::from(hlen) + if hd { DIGEST_LEN } else { 0 };
+        if plen < header_len {
+            return Err(bad(OFF_PLEN));
+        }
         if plen == header_len {
             if must_have_data || (self.flags & flags::DDGSTF != 0) {
                 return Err(bad(OFF_PLEN));
