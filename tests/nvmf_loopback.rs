@@ -705,6 +705,15 @@ fn flush_write_zeroes_deallocate_and_statuses() {
         0,
     );
     assert_eq!(s, Status::SUCCESS);
+    // SMART totals survive the I/O queue going away.
+    drop(q);
+    wait_until("the I/O queue to be reaped", || {
+        h.target.connection_count() == 1
+    });
+    let smart = a
+        .get_log_page(log_id::SMART_HEALTH, 0xffff_ffff, 512, 0)
+        .unwrap();
+    assert!(u128::from_le_bytes(smart[64..80].try_into().unwrap()) >= 4);
 }
 
 #[test]

@@ -1489,6 +1489,9 @@ impl Connection {
             }
             let me = Arc::as_ptr(&self.stats);
             a.queue_stats.retain(|s| Arc::as_ptr(s) != me);
+            let mut retired = a.retired;
+            self.stats.add_to(&mut retired);
+            a.retired = retired;
         }
     }
 

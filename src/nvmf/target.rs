@@ -129,6 +129,14 @@ pub struct QueueStats {
 }
 
 impl QueueStats {
+    /// Adds these counters to `s`.
+    pub fn add_to(&self, s: &mut log::Smart) {
+        s.read_cmds += self.read_cmds.load(Ordering::Relaxed);
+        s.write_cmds += self.write_cmds.load(Ordering::Relaxed);
+        s.bytes_read += self.bytes_read.load(Ordering::Relaxed);
+        s.bytes_written += self.bytes_written.load(Ordering::Relaxed);
+        s.media_errors += self.media_errors.load(Ordering::Relaxed);
+    }
     /// Single-writer increment (the owning reactor is the only writer).
     #[inline]
     pub fn add(c: &AtomicU64, v: u64) {
@@ -161,6 +169,8 @@ pub struct AdminState {
     pub errors: VecDeque<ErrorEntry>,
     pub error_count: u64,
     pub queue_stats: Vec<Arc<QueueStats>>,
+    /// Counters of I/O queues that are gone, so SMART totals survive reconnects.
+    pub retired: log::Smart,
 }
 
 /// A controller (dynamic model): created by an admin-queue Connect, joined by I/O queue
@@ -208,14 +218,10 @@ impl Controller {
         let a = self.admin();
         let mut s = log::Smart {
             error_log_entries: a.error_count,
-            ..Default::default()
+            ..a.retired
         };
         for q in &a.queue_stats {
-            s.read_cmds += q.read_cmds.load(Ordering::Relaxed);
-            s.write_cmds += q.write_cmds.load(Ordering::Relaxed);
-            s.bytes_read += q.bytes_read.load(Ordering::Relaxed);
-            s.bytes_written += q.bytes_written.load(Ordering::Relaxed);
-            s.media_errors += q.media_errors.load(Ordering::Relaxed);
+            q.add_to(&mut s);
         }
         s
     }
@@ -429,6 +435,7 @@ impl Target {
                 errors: VecDeque::with_capacity(ERROR_LOG_ENTRIES),
                 error_count: 0,
                 queue_stats: Vec::new(),
+                retired: log::Smart::default(),
             }),
         });
         r.ctrls.insert(id, Arc::downgrade(&c));
