@@ -64,7 +64,8 @@ pub enum ConnError {
 pub enum ReqState {
     /// In the free list; owns no buffer.
     Free,
-    /// CapsuleCmd header decoded; its in-capsule data is arriving into the request's buffer.
+    /// CapsuleCmd header decoded; its in-capsule data (if any) is arriving into the request's
+    /// buffer. A command without data passes through this state on its way to dispatch.
     RecvCapsuleData,
     /// The command needs host data that was not in the capsule; its R2T is on the send queue.
     R2tQueued,
