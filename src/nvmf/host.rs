@@ -28,6 +28,8 @@ use crate::nvmf::pdu::{
 /// Staging buffer for received bytes.
 const RX_BUF_SIZE: usize = 64 * 1024;
 const MAX_IOV: usize = 64;
+/// C2HData runs of at least this many bytes bypass the staging buffer.
+const DIRECT_READ_MIN: usize = 8 * 1024;
 
 /// Host queue pair settings.
 #[derive(Clone, Debug)]
@@ -782,6 +784,25 @@ impl HostQpair {
             }
             self.rx_pos = 0;
             self.rx_len = 0;
+            // Large data runs are read straight into the slot buffer (no staging copy).
+            if let Rx::Data { slot, off, left } = self.rx {
+                if left >= DIRECT_READ_MIN {
+                    let dst = &mut self.slots[slot].buf[off..off + left];
+                    match self.stream.read(dst) {
+                        Ok(0) => return Err(HostError::Closed),
+                        Ok(n) => {
+                            if self.dg.data {
+                                self.rx_crc = pdu::crc32c_append(self.rx_crc, &dst[..n]);
+                            }
+                            self.data_landed(slot, off, left, n);
+                            continue;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
             match self.stream.read(&mut self.rx_buf) {
                 Ok(0) => return Err(HostError::Closed),
                 Ok(n) => self.rx_len = n,
@@ -789,6 +810,28 @@ impl HostQpair {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
             }
+        }
+    }
+
+    /// `n` bytes of the current C2HData landed in the slot buffer at `off`.
+    fn data_landed(&mut self, slot: usize, off: usize, left: usize, n: usize) {
+        let left = left - n;
+        self.slots[slot].c2h_done += n;
+        if left > 0 {
+            self.rx = Rx::Data {
+                slot,
+                off: off + n,
+                left,
+            };
+            return;
+        }
+        let success = self.pending_success;
+        if self.dg.data {
+            self.rx = Rx::Digest { slot, success };
+            self.rx_dig_have = 0;
+        } else {
+            self.rx = Rx::Header;
+            self.c2h_done(slot, success);
         }
     }
 
@@ -846,24 +889,7 @@ impl HostQpair {
                     self.rx_crc = pdu::crc32c_append(self.rx_crc, src);
                 }
                 self.rx_pos += n;
-                let left = left - n;
-                self.slots[slot].c2h_done += n;
-                if left > 0 {
-                    self.rx = Rx::Data {
-                        slot,
-                        off: off + n,
-                        left,
-                    };
-                    return Ok(());
-                }
-                let success = self.pending_success;
-                if self.dg.data {
-                    self.rx = Rx::Digest { slot, success };
-                    self.rx_dig_have = 0;
-                } else {
-                    self.rx = Rx::Header;
-                    self.c2h_done(slot, success);
-                }
+                self.data_landed(slot, off, left, n);
                 Ok(())
             }
             Rx::Digest { slot, success } => {
