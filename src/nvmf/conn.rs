@@ -3,11 +3,11 @@
 //!
 //! A [`Connection`] is owned by one reactor for its whole life and driven by [`Connection::poll`]
 //! (a reactor poller step: it never blocks and returns the units of work done). The admin and
-//! Fabrics command handlers live in [`super::admin`]; this file owns the transport and the I/O
+//! Fabrics command handlers live in `super::admin`; this file owns the transport and the I/O
 //! commands.
 //!
 //! Request life: every request slot is in exactly one [`ReqState`]; every change of state goes
-//! through [`Connection::transition`], which checks the move and records it (trace + counters).
+//! through `Connection::transition`, which checks the move and records it (trace + counters).
 //! Slots and the buffer pool are allocated when the connection is created and at Connect; the
 //! steady state allocates nothing and takes no lock: the controller's `Mutex` is only used on the
 //! admin queue and at Connect/teardown.
@@ -58,7 +58,7 @@ pub enum ConnError {
     NoMemory,
 }
 
-/// The life of one request slot. One enum, one comment per state; see [`Connection::transition`]
+/// The life of one request slot. One enum, one comment per state; see `Connection::transition`
 /// for the allowed moves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ReqState {

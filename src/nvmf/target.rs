@@ -504,7 +504,7 @@ impl Listener {
     }
     /// Accepts one pending connection, non-blocking with TCP_NODELAY set; `None` if there is none
     /// (or accept failed transiently: the error is logged and a later poll tries again). After
-    /// an empty `accept` the next attempt waits [`ACCEPT_INTERVAL_US`].
+    /// an empty `accept` the next attempt waits `ACCEPT_INTERVAL_US` (100 µs).
     pub fn poll_accept(&mut self) -> Option<TcpStream> {
         let now = clock::ticks();
         if now < self.next_try_ticks {
