@@ -1214,3 +1214,89 @@ fn idle_connection_without_connect_is_closed() {
     std::thread::sleep(Duration::from_millis(400));
     write_read_verify(&mut q, 1, BS, 0, 4096, 9);
 }
+
+/// Deterministic xorshift generator for the garbage-stream test.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn mutated_and_random_streams_never_break_the_target() {
+    // The target's streaming receiver sees random bytes and single-byte mutations of a valid
+    // session (ICReq, Connect, Identify). Each stream must end in a TermReq or a close, the target
+    // thread must not panic (debug build: overflow checks on), and a healthy queue keeps working.
+    let h = start(Limits::default(), vec![], 0);
+    let cfg = host_cfg(Digests::default());
+    let a = admin(&h, cfg.clone());
+    let mut healthy = io_queue(&h, &a, 1, cfg);
+
+    let mut valid = Vec::new();
+    let mut b = [0u8; 128];
+    pdu::encode_ic_req(
+        &mut b,
+        &pdu::IcReq {
+            pfv: 0,
+            hpda: 0,
+            digests: Digests::default(),
+            maxr2t: 0,
+        },
+    );
+    valid.extend_from_slice(&b);
+    let mut sqe = connect::ConnectCmd {
+        recfmt: 0,
+        qid: 0,
+        sqsize: 31,
+        cattr: 4,
+        kato_ms: 0,
+    }
+    .to_sqe(1);
+    sqe.sgl = nvme::SglDesc::in_capsule(0, 1024);
+    let mut hb = [0u8; pdu::MAX_HEADER_REGION];
+    let n = pdu::encode_capsule_cmd(&mut hb, &sqe, 1024, Digests::default(), 0);
+    valid.extend_from_slice(&hb[..n]);
+    valid.extend_from_slice(&connect_data(NQN, HOST, connect::CNTLID_DYNAMIC));
+    let ident = Sqe {
+        opcode: admin_op::IDENTIFY,
+        cid: 2,
+        cdw10: 1,
+        flags: nvme::PSDT_SGL_MPTR_CONTIG,
+        sgl: nvme::SglDesc::transport(4096),
+        ..Default::default()
+    };
+    let n = pdu::encode_capsule_cmd(&mut hb, &ident, 0, Digests::default(), 0);
+    valid.extend_from_slice(&hb[..n]);
+
+    let mut rng = Rng(0x243f_6a88_85a3_08d3);
+    for round in 0..400 {
+        let stream: Vec<u8> = if round % 3 == 0 {
+            (0..(rng.next() % 600) as usize)
+                .map(|_| rng.next() as u8)
+                .collect()
+        } else {
+            let mut v = valid.clone();
+            for _ in 0..1 + round % 4 {
+                let i = (rng.next() as usize) % v.len();
+                v[i] ^= 1 << (rng.next() % 8);
+            }
+            v
+        };
+        let mut s = TcpStream::connect(h.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let _ = s.write_all(&stream);
+        // Either the target ends the connection, or the stream was still acceptable: then it
+        // must keep answering. Closing our side must always be cleaned up.
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+    wait_until("garbage connections reaped", || {
+        h.target.connection_count() == 2
+    });
+    write_read_verify(&mut healthy, 1, BS, 0, 65536, 77);
+}
