@@ -445,8 +445,13 @@ fn identify_and_data_paths_all_digest_combinations() {
             assert_eq!(&desc[4..20], &nvseal::nvmf::target::nguid_for(NQN, 2));
             assert_eq!(&desc[24..40], &nvseal::nvmf::target::uuid_for(NQN, 2));
 
+            assert_eq!(a.namespace_geometry(1).unwrap(), (BLOCKS, BS));
+            assert_eq!(
+                a.namespace_geometry(2).unwrap(),
+                (BLOCKS * u64::from(BS) / 4096, 4096)
+            );
             let mut q = io_queue(&h, &a, 1, cfg.clone());
-            q.set_in_capsule_max(ioccsz - 64);
+            assert_eq!(q.adopt_in_capsule_size(&id).unwrap(), ioccsz - 64);
             // In-capsule (<= 8 KiB) and R2T paths (several H2CData PDUs each: MAXH2CDATA 8 KiB).
             for (i, len) in [512usize, 4096, 8192, 8704, 16384, 65536, 131072]
                 .into_iter()

@@ -643,6 +643,36 @@ impl HostQpair {
         self.identify(cns::CONTROLLER, 0)
     }
 
+    /// Identify Namespace, decoded: (number of blocks, block size in bytes). A zero-filled
+    /// (inactive) namespace reads as `(0, 512)`.
+    pub fn namespace_geometry(&mut self, nsid: u32) -> Result<(u64, u32), HostError> {
+        let d = self.identify(cns::NAMESPACE, nsid)?;
+        let le = |o: usize, n: usize| {
+            d.get(o..o + n)
+                .map(|b| b.iter().rev().fold(0u64, |a, &x| (a << 8) | u64::from(x)))
+        };
+        let nsze = le(0, 8).ok_or(HostError::Protocol("short Identify Namespace"))?;
+        let flbas = usize::from(d.get(26).copied().unwrap_or(0) & 0x0f);
+        let lbaf = le(128 + 4 * flbas, 4).ok_or(HostError::Protocol("short Identify Namespace"))?;
+        let lbads = (lbaf >> 16) & 0xff;
+        if nsze != 0 && !(9..=16).contains(&lbads) {
+            return Err(HostError::Protocol("unsupported LBA data size"));
+        }
+        Ok((nsze, 1u32 << lbads.max(9)))
+    }
+
+    /// Sets the in-capsule threshold from Identify Controller data (IOCCSZ, as read on the admin
+    /// queue), capped at the slot buffer size; returns the in-capsule size the controller takes.
+    pub fn adopt_in_capsule_size(&mut self, id_ctrl: &[u8]) -> Result<u32, HostError> {
+        let ioccsz = id_ctrl
+            .get(1792..1796)
+            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .ok_or(HostError::Protocol("short Identify Controller"))?;
+        let icd = ioccsz.saturating_mul(16).saturating_sub(64);
+        self.cfg.in_capsule_max = icd.min(self.cfg.max_io_size);
+        Ok(icd)
+    }
+
     /// Get Log Page of `len` bytes (a multiple of 4) at byte offset `lpo`.
     pub fn get_log_page(
         &mut self,
