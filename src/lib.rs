@@ -17,6 +17,8 @@ pub mod config;
 pub mod crypto;
 pub mod keys;
 pub mod kms;
+pub mod nvme;
+pub mod nvmf;
 pub mod reactor;
 pub mod stats;
 pub mod sys;

@@ -1,0 +1,581 @@
+//! Fabrics (Connect, Property Get/Set) and admin command handlers of a target [`Connection`]:
+//! Identify, Get Log Page, Set/Get Features, Keep Alive, Asynchronous Event Request, Abort.
+//!
+//! Runs on the reactor that owns the connection, on the admin path only: here taking the
+//! controller's `Mutex` and allocating scratch for a log page is fine; the I/O path never comes
+//! here (except for Connect, once per queue).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::nvme::identify::{self, ControllerType, IdentifyController, IDENTIFY_SIZE};
+use crate::nvme::log::{self as nlog, DiscoveryEntry};
+use crate::nvme::{admin_op, cns, connect, fctype, feature, log_id, prop, sgl, Status};
+use crate::nvmf::config::DISCOVERY_NQN;
+use crate::nvmf::conn::{Action, Connection, ReqState};
+use crate::nvmf::target::{SubsystemKind, ERROR_LOG_ENTRIES, MAX_AERS};
+
+/// Firmware revision reported in Identify Controller.
+const FIRMWARE: &str = env!("CARGO_PKG_VERSION");
+/// CAP.TO: worst-case time to become ready, in 500 ms units (we are ready at once; 2 s of slack).
+const CAP_TIMEOUT_500MS: u8 = 4;
+
+impl Connection {
+    /// Copies `data` into request `idx`'s buffer (at most the host's SGL length) for C2HData.
+    fn reply_data(&mut self, idx: usize, data: &[u8]) -> Result<(), Status> {
+        let sgl_desc = self.reqs[idx].sqe.sgl;
+        if sgl_desc.len == 0 {
+            return Ok(());
+        }
+        if sgl_desc.type_byte != sgl::TRANSPORT_DATA_BLOCK {
+            return Err(Status::SGL_TYPE_INVALID);
+        }
+        let len = data.len().min(sgl_desc.len as usize);
+        if !self.take_buf(idx, len) {
+            return Err(Status::INVALID_FIELD);
+        }
+        if let Some(b) = self.reqs[idx].buf.as_mut() {
+            b.as_mut_slice().copy_from_slice(&data[..len]);
+        }
+        self.reqs[idx].c2h = true;
+        Ok(())
+    }
+
+    pub(super) fn fabrics_cmd(&mut self, idx: usize) -> Action {
+        let sqe = self.reqs[idx].sqe;
+        let r = match sqe.fctype() {
+            fctype::CONNECT => self.connect(idx),
+            fctype::PROPERTY_GET | fctype::PROPERTY_SET if self.ctrl.is_none() => {
+                Err(Status::COMMAND_SEQUENCE_ERROR)
+            }
+            // Properties belong to the admin queue.
+            fctype::PROPERTY_GET | fctype::PROPERTY_SET if self.qid != 0 => {
+                Err(Status::INVALID_FIELD)
+            }
+            fctype::PROPERTY_GET => self.property_get(idx),
+            fctype::PROPERTY_SET => self.property_set(idx),
+            _ => Err(Status::INVALID_OPCODE),
+        };
+        Action::Complete(r.err().unwrap_or(Status::SUCCESS))
+    }
+
+    fn connect(&mut self, idx: usize) -> Result<(), Status> {
+        if self.ctrl.is_some() {
+            return Err(Status::COMMAND_SEQUENCE_ERROR);
+        }
+        let sqe = self.reqs[idx].sqe;
+        let cmd = connect::ConnectCmd::from_sqe(&sqe);
+        let mut data = [0u8; connect::DATA_SIZE];
+        match self.reqs[idx].buf.as_ref() {
+            Some(b) if b.len() == connect::DATA_SIZE => data.copy_from_slice(b.as_slice()),
+            _ => return Err(Status::DATA_SGL_LENGTH_INVALID),
+        }
+        let invalid = |r: &mut crate::nvmf::conn::Request, in_data: bool, off: u16| {
+            r.cqe.dw0 = connect::invalid_param_dw0(in_data, off);
+            Status::CONNECT_INVALID_PARAMETERS
+        };
+        if cmd.recfmt != 0 {
+            return Err(Status::CONNECT_INCOMPATIBLE_FORMAT);
+        }
+        let field = |off: usize| &data[off..off + connect::NQN_FIELD_LEN];
+        let subnqn = connect::nqn_from_field(field(connect::SUBNQN_OFF))
+            .unwrap_or("")
+            .to_string();
+        let hostnqn = connect::nqn_from_field(field(connect::HOSTNQN_OFF))
+            .unwrap_or("")
+            .to_string();
+        let cntlid = u16::from_le_bytes([data[connect::CNTLID_OFF], data[connect::CNTLID_OFF + 1]]);
+        let mut hostid = [0u8; 16];
+        hostid.copy_from_slice(&data[connect::HOSTID_OFF..connect::HOSTID_OFF + 16]);
+        let Some(subsys) = self.target.subsystem(&subnqn).cloned() else {
+            tracing::info!(%subnqn, "connect to unknown subsystem");
+            return Err(invalid(
+                &mut self.reqs[idx],
+                true,
+                connect::SUBNQN_OFF as u16,
+            ));
+        };
+        if hostnqn.is_empty() || !hostnqn.starts_with("nqn.") {
+            return Err(invalid(
+                &mut self.reqs[idx],
+                true,
+                connect::HOSTNQN_OFF as u16,
+            ));
+        }
+        if !subsys.host_allowed(&hostnqn) {
+            tracing::info!(%subnqn, %hostnqn, "host not allowed");
+            return Err(Status::CONNECT_INVALID_HOST);
+        }
+        let l = self.target.limits;
+        let max_depth = if cmd.qid == 0 {
+            l.max_admin_queue_depth
+        } else {
+            l.max_queue_depth
+        };
+        if cmd.sqsize == 0 || u32::from(cmd.sqsize) + 1 > u32::from(max_depth) {
+            return Err(invalid(&mut self.reqs[idx], false, connect::SQE_SQSIZE_OFF));
+        }
+        let depth = usize::from(cmd.sqsize) + 1;
+        if cmd.qid == 0 {
+            if cntlid != connect::CNTLID_DYNAMIC {
+                return Err(invalid(
+                    &mut self.reqs[idx],
+                    true,
+                    connect::CNTLID_OFF as u16,
+                ));
+            }
+            // A discovery controller without keep alive would live forever if the host vanished;
+            // the spec lets KATO be 0 there, so accept it like Linux does.
+            let Some(ctrl) =
+                self.target
+                    .create_controller(Arc::clone(&subsys), &hostnqn, hostid, cmd.kato_ms)
+            else {
+                return Err(Status::CONNECT_CONTROLLER_BUSY);
+            };
+            self.subsys = Some(subsys);
+            self.qid = 0;
+            self.sqhd_disabled = Self::sqhd_disabled_flag(cmd.cattr);
+            if let Err(s) = self.setup_queue(depth, false) {
+                ctrl.kill();
+                self.target.remove_controller(ctrl.cntlid);
+                return Err(s);
+            }
+            self.ka_deadline = kato_deadline(cmd.kato_ms);
+            self.reqs[idx].cqe.dw0 = u32::from(ctrl.cntlid);
+            tracing::info!(cntlid = ctrl.cntlid, %subnqn, %hostnqn, kato_ms = cmd.kato_ms, "admin queue connected");
+            self.connect_deadline = None;
+            self.ctrl = Some(ctrl);
+        } else {
+            if subsys.kind == SubsystemKind::Discovery {
+                return Err(invalid(&mut self.reqs[idx], false, connect::SQE_QID_OFF));
+            }
+            let Some(ctrl) = self.target.find_controller(cntlid) else {
+                return Err(invalid(
+                    &mut self.reqs[idx],
+                    true,
+                    connect::CNTLID_OFF as u16,
+                ));
+            };
+            if !Arc::ptr_eq(&ctrl.subsys, &subsys) || ctrl.hostnqn != hostnqn {
+                return Err(invalid(
+                    &mut self.reqs[idx],
+                    true,
+                    connect::CNTLID_OFF as u16,
+                ));
+            }
+            if ctrl.csts.load(Ordering::Acquire) & prop::CSTS_RDY == 0 {
+                return Err(Status::COMMAND_SEQUENCE_ERROR);
+            }
+            {
+                let mut a = ctrl.admin();
+                let granted = a.io_queues_granted;
+                let taken = a.io_qids.get(usize::from(cmd.qid)).copied().unwrap_or(true);
+                if cmd.qid > granted || taken {
+                    drop(a);
+                    return Err(invalid(&mut self.reqs[idx], false, connect::SQE_QID_OFF));
+                }
+                if let Some(q) = a.io_qids.get_mut(usize::from(cmd.qid)) {
+                    *q = true;
+                }
+                a.queue_stats.push(Arc::clone(&self.stats));
+            }
+            self.subsys = Some(subsys);
+            self.qid = cmd.qid;
+            self.sqhd_disabled = Self::sqhd_disabled_flag(cmd.cattr);
+            self.connect_deadline = None;
+            self.ctrl = Some(Arc::clone(&ctrl));
+            if let Err(s) = self.setup_queue(depth, true) {
+                self.ctrl = None;
+                let mut a = ctrl.admin();
+                if let Some(q) = a.io_qids.get_mut(usize::from(cmd.qid)) {
+                    *q = false;
+                }
+                return Err(s);
+            }
+            self.reqs[idx].cqe.dw0 = u32::from(ctrl.cntlid);
+            tracing::debug!(
+                cntlid = ctrl.cntlid,
+                qid = cmd.qid,
+                depth,
+                "I/O queue connected"
+            );
+        }
+        Ok(())
+    }
+
+    fn property_get(&mut self, idx: usize) -> Result<(), Status> {
+        let sqe = self.reqs[idx].sqe;
+        let size8 = sqe.cdw10 & 0b111 == 1;
+        let ofst = sqe.cdw11;
+        let Some(c) = self.ctrl.as_ref() else {
+            return Err(Status::COMMAND_SEQUENCE_ERROR);
+        };
+        let l = self.target.limits;
+        let v: u64 = match (ofst, size8) {
+            (prop::CAP, true) => prop::cap(l.max_queue_depth - 1, CAP_TIMEOUT_500MS),
+            (prop::VS, false) => u64::from(prop::VS_1_4),
+            (prop::CC, false) => u64::from(c.cc.load(Ordering::Acquire)),
+            (prop::CSTS, false) => u64::from(c.csts.load(Ordering::Acquire)),
+            _ => return Err(Status::INVALID_FIELD),
+        };
+        let r = &mut self.reqs[idx];
+        r.cqe.dw0 = v as u32;
+        r.cqe.dw1 = (v >> 32) as u32;
+        Ok(())
+    }
+
+    fn property_set(&mut self, idx: usize) -> Result<(), Status> {
+        let sqe = self.reqs[idx].sqe;
+        let size8 = sqe.cdw10 & 0b111 == 1;
+        let Some(c) = self.ctrl.as_ref() else {
+            return Err(Status::COMMAND_SEQUENCE_ERROR);
+        };
+        if sqe.cdw11 != prop::CC || size8 {
+            return Err(Status::INVALID_FIELD);
+        }
+        let new = sqe.cdw12;
+        let old = c.cc.swap(new, Ordering::AcqRel);
+        let mut csts = c.csts.load(Ordering::Acquire);
+        if new & prop::CC_EN != 0 && old & prop::CC_EN == 0 {
+            let iosqes = (new >> prop::CC_IOSQES_SHIFT) & 0xf;
+            let iocqes = (new >> prop::CC_IOCQES_SHIFT) & 0xf;
+            if c.subsys.kind == SubsystemKind::Nvm && (iosqes != 6 || iocqes != 4) {
+                csts |= prop::CSTS_CFS;
+            } else {
+                csts |= prop::CSTS_RDY;
+            }
+        }
+        if new & prop::CC_EN == 0 && old & prop::CC_EN != 0 {
+            // Controller reset: not ready, shutdown status cleared.
+            csts &= !(prop::CSTS_RDY | prop::CSTS_SHST_MASK | prop::CSTS_CFS);
+        }
+        if new & prop::CC_SHN_MASK != 0 {
+            // Nothing is cached in the target; shutdown completes at once.
+            csts = (csts & !prop::CSTS_SHST_MASK) | prop::CSTS_SHST_COMPLETE;
+        }
+        c.csts.store(csts, Ordering::Release);
+        Ok(())
+    }
+
+    pub(super) fn admin_cmd(&mut self, idx: usize) -> Action {
+        let sqe = self.reqs[idx].sqe;
+        let Some(c) = self.ctrl.clone() else {
+            return Action::Complete(Status::COMMAND_SEQUENCE_ERROR);
+        };
+        if c.cc.load(Ordering::Acquire) & prop::CC_EN == 0 {
+            return Action::Complete(Status::COMMAND_SEQUENCE_ERROR);
+        }
+        let r = match sqe.opcode {
+            admin_op::IDENTIFY => self.identify(idx),
+            admin_op::GET_LOG_PAGE => self.get_log_page(idx),
+            admin_op::SET_FEATURES => self.features(idx, true),
+            admin_op::GET_FEATURES => self.features(idx, false),
+            admin_op::KEEP_ALIVE => {
+                self.ka_deadline = kato_deadline(c.kato_ms.load(Ordering::Acquire));
+                Ok(())
+            }
+            admin_op::ASYNC_EVENT_REQUEST => return self.async_event_request(idx),
+            admin_op::ABORT => self.abort(idx),
+            _ => Err(Status::INVALID_OPCODE),
+        };
+        Action::Complete(r.err().unwrap_or(Status::SUCCESS))
+    }
+
+    fn identify(&mut self, idx: usize) -> Result<(), Status> {
+        let sqe = self.reqs[idx].sqe;
+        let Some(c) = self.ctrl.clone() else {
+            return Err(Status::COMMAND_SEQUENCE_ERROR);
+        };
+        let s = &c.subsys;
+        let mut out = [0u8; IDENTIFY_SIZE];
+        let cns_v = (sqe.cdw10 & 0xff) as u8;
+        let l = self.target.limits;
+        match (cns_v, s.kind) {
+            (cns::CONTROLLER, kind) => {
+                let all = |t| s.namespaces.iter().all(|n| n.supports(t));
+                let mut oncs = 0;
+                if all(crate::bdev::IoType::WriteZeroes) {
+                    oncs |= identify::ONCS_WRITE_ZEROES;
+                }
+                oncs |= identify::ONCS_DSM;
+                IdentifyController {
+                    serial: &s.serial,
+                    model: &s.model,
+                    firmware: FIRMWARE,
+                    cntlid: c.cntlid,
+                    ver: prop::VS_1_4,
+                    ctrl_type: if kind == SubsystemKind::Discovery {
+                        ControllerType::Discovery
+                    } else {
+                        ControllerType::Io
+                    },
+                    mdts: l.mdts(),
+                    acl: 3,
+                    aerl: (MAX_AERS - 1) as u8,
+                    elpe: (ERROR_LOG_ENTRIES - 1) as u8,
+                    kas: 1,
+                    maxcmd: l.max_queue_depth,
+                    nn: s.max_nsid(),
+                    oncs: if kind == SubsystemKind::Discovery {
+                        0
+                    } else {
+                        oncs
+                    },
+                    vwc: s
+                        .namespaces
+                        .iter()
+                        .any(|n| n.supports(crate::bdev::IoType::Flush)),
+                    oaes: if kind == SubsystemKind::Discovery {
+                        0
+                    } else {
+                        identify::OAES_NS_ATTR
+                    },
+                    subnqn: &s.nqn,
+                    ioccsz_bytes: 64 + l.in_capsule_data_size,
+                    iorcsz_bytes: 16,
+                }
+                .build(&mut out);
+            }
+            (cns::NAMESPACE, SubsystemKind::Nvm) => {
+                match s.namespace(sqe.nsid) {
+                    // An inactive (offline) namespace reads as zeroes, per the spec.
+                    Some((_, ns)) if ns.is_online() => {
+                        identify::build_namespace(&mut out, ns.num_blocks, ns.block_size, &ns.nguid)
+                    }
+                    Some(_) => {}
+                    None if sqe.nsid == 0 || sqe.nsid == u32::MAX => {
+                        return Err(Status::INVALID_NAMESPACE)
+                    }
+                    None if sqe.nsid <= s.max_nsid() => {}
+                    None => return Err(Status::INVALID_NAMESPACE),
+                }
+            }
+            (cns::ACTIVE_NS_LIST, SubsystemKind::Nvm) => {
+                if sqe.nsid >= 0xffff_fffe {
+                    return Err(Status::INVALID_NAMESPACE);
+                }
+                let active = s
+                    .namespaces
+                    .iter()
+                    .filter(|n| n.is_online())
+                    .map(|n| n.nsid);
+                identify::build_active_ns_list(&mut out, active, sqe.nsid);
+            }
+            (cns::NS_ID_DESCRIPTORS, SubsystemKind::Nvm) => match s.namespace(sqe.nsid) {
+                Some((_, ns)) if ns.is_online() => {
+                    identify::build_ns_id_descriptors(&mut out, &ns.nguid, &ns.uuid)
+                }
+                _ => return Err(Status::INVALID_NAMESPACE),
+            },
+            _ => return Err(Status::INVALID_FIELD),
+        }
+        self.reply_data(idx, &out)
+    }
+
+    fn get_log_page(&mut self, idx: usize) -> Result<(), Status> {
+        let sqe = self.reqs[idx].sqe;
+        let Some(c) = self.ctrl.clone() else {
+            return Err(Status::COMMAND_SEQUENCE_ERROR);
+        };
+        let lid = (sqe.cdw10 & 0xff) as u8;
+        let rae = sqe.cdw10 & (1 << 15) != 0;
+        let numd = (u64::from(sqe.cdw11 & 0xffff) << 16 | u64::from(sqe.cdw10 >> 16)) + 1;
+        let len = numd * 4;
+        let lpo = u64::from(sqe.cdw12) | (u64::from(sqe.cdw13) << 32);
+        if lpo % 4 != 0 || len > u64::from(self.target.limits.max_io_size) {
+            return Err(Status::INVALID_FIELD);
+        }
+        let discovery = c.subsys.kind == SubsystemKind::Discovery;
+        let page: Vec<u8> = match (lid, discovery) {
+            (log_id::ERROR_INFO, _) => {
+                let a = c.admin();
+                let mut v = vec![0u8; ERROR_LOG_ENTRIES * nlog::ERROR_ENTRY_SIZE];
+                for (chunk, e) in v
+                    .chunks_exact_mut(nlog::ERROR_ENTRY_SIZE)
+                    .zip(a.errors.iter())
+                {
+                    let mut b = [0u8; nlog::ERROR_ENTRY_SIZE];
+                    e.encode(&mut b);
+                    chunk.copy_from_slice(&b);
+                }
+                v
+            }
+            (log_id::SMART_HEALTH, false) => {
+                let mut b = [0u8; nlog::SMART_SIZE];
+                c.smart().encode(&mut b);
+                b.to_vec()
+            }
+            (log_id::CHANGED_NS_LIST, false) => {
+                let mut a = c.admin();
+                let mut b = [0u8; nlog::CHANGED_NS_SIZE];
+                nlog::build_changed_ns(&mut b, &a.changed_ns);
+                if !rae {
+                    a.changed_ns.clear();
+                    a.ns_event_masked = false;
+                }
+                b.to_vec()
+            }
+            (log_id::DISCOVERY, true) => self.discovery_log(&c.hostnqn),
+            _ => return Err(Status::INVALID_LOG_PAGE),
+        };
+        let start = usize::try_from(lpo).map_err(|_| Status::INVALID_FIELD)?;
+        if start > page.len() {
+            return Err(Status::INVALID_FIELD);
+        }
+        // Past the end of the page reads as zeroes.
+        let mut out = vec![0u8; len as usize];
+        let n = (page.len() - start).min(out.len());
+        out[..n].copy_from_slice(&page[start..start + n]);
+        self.reply_data(idx, &out)
+    }
+
+    /// The discovery log page: one entry per (subsystem the host may use, listen address).
+    fn discovery_log(&self, hostnqn: &str) -> Vec<u8> {
+        let mut entries: Vec<[u8; nlog::DISCOVERY_ENTRY_SIZE]> = Vec::new();
+        for s in self.target.subsystems() {
+            if s.kind != SubsystemKind::Nvm || !s.host_allowed(hostnqn) {
+                continue;
+            }
+            for (portid, a) in s.listen.iter().enumerate() {
+                let adrfam = if a.addr.contains(':') {
+                    nlog::ADRFAM_IPV6
+                } else {
+                    nlog::ADRFAM_IPV4
+                };
+                let port = a.port.to_string();
+                let mut e = [0u8; nlog::DISCOVERY_ENTRY_SIZE];
+                DiscoveryEntry {
+                    adrfam,
+                    subtype: nlog::SUBTYPE_NVME,
+                    portid: portid as u16,
+                    asqsz: self.target.limits.max_admin_queue_depth,
+                    trsvcid: &port,
+                    traddr: &a.addr,
+                    subnqn: &s.nqn,
+                }
+                .encode(&mut e);
+                entries.push(e);
+            }
+        }
+        debug_assert!(!entries
+            .iter()
+            .any(|e| &e[256..256 + DISCOVERY_NQN.len()] == DISCOVERY_NQN.as_bytes()));
+        let mut v =
+            vec![0u8; nlog::DISCOVERY_HEADER_SIZE + entries.len() * nlog::DISCOVERY_ENTRY_SIZE];
+        let mut h = [0u8; nlog::DISCOVERY_HEADER_SIZE];
+        nlog::build_discovery_header(&mut h, self.target.genctr(), entries.len() as u64);
+        v[..nlog::DISCOVERY_HEADER_SIZE].copy_from_slice(&h);
+        for (chunk, e) in v[nlog::DISCOVERY_HEADER_SIZE..]
+            .chunks_exact_mut(nlog::DISCOVERY_ENTRY_SIZE)
+            .zip(&entries)
+        {
+            chunk.copy_from_slice(e);
+        }
+        v
+    }
+
+    fn features(&mut self, idx: usize, set: bool) -> Result<(), Status> {
+        let sqe = self.reqs[idx].sqe;
+        let Some(c) = self.ctrl.clone() else {
+            return Err(Status::COMMAND_SEQUENCE_ERROR);
+        };
+        let fid = (sqe.cdw10 & 0xff) as u8;
+        if set && sqe.cdw10 & (1 << 31) != 0 {
+            return Err(Status::FEATURE_NOT_SAVEABLE);
+        }
+        if !set && (sqe.cdw10 >> 8) & 0b111 > 1 {
+            // SEL: only current (0) and default (1) values are reported.
+            return Err(Status::INVALID_FIELD);
+        }
+        let dw0 = match fid {
+            feature::NUMBER_OF_QUEUES if c.subsys.kind == SubsystemKind::Nvm => {
+                let mut a = c.admin();
+                if set {
+                    let nsqr = sqe.cdw11 & 0xffff;
+                    let ncqr = sqe.cdw11 >> 16;
+                    if nsqr == 0xffff || ncqr == 0xffff {
+                        return Err(Status::INVALID_FIELD);
+                    }
+                    let want = nsqr.max(ncqr) + 1;
+                    a.io_queues_granted =
+                        want.min(u32::from(self.target.limits.max_io_queues)) as u16;
+                }
+                let g = u32::from(a.io_queues_granted.saturating_sub(1));
+                g | (g << 16)
+            }
+            feature::KEEP_ALIVE_TIMER => {
+                if set {
+                    c.kato_ms.store(sqe.cdw11, Ordering::Release);
+                    self.ka_deadline = kato_deadline(sqe.cdw11);
+                }
+                c.kato_ms.load(Ordering::Acquire)
+            }
+            feature::ASYNC_EVENT_CONFIG => {
+                let mut a = c.admin();
+                if set {
+                    a.aen_config = sqe.cdw11;
+                }
+                a.aen_config
+            }
+            feature::VOLATILE_WRITE_CACHE if c.subsys.kind == SubsystemKind::Nvm => {
+                // The cache is the backends'; it cannot be switched off from here.
+                if set && sqe.cdw11 & 1 == 0 {
+                    return Err(Status::INVALID_FIELD);
+                }
+                1
+            }
+            _ => return Err(Status::INVALID_FIELD),
+        };
+        self.reqs[idx].cqe.dw0 = dw0;
+        Ok(())
+    }
+
+    fn async_event_request(&mut self, idx: usize) -> Action {
+        if self.aers.len() >= MAX_AERS {
+            return Action::Complete(Status::ASYNC_EVENT_LIMIT_EXCEEDED);
+        }
+        self.put_buf(idx);
+        self.transition(idx, ReqState::AwaitingEvent);
+        self.aers.push(idx);
+        // An event may already be waiting.
+        self.deliver_events();
+        Action::Pending
+    }
+
+    /// Completes held AERs with queued events; returns how many were completed.
+    pub(super) fn deliver_events(&mut self) -> usize {
+        let Some(c) = self.ctrl.clone() else { return 0 };
+        let mut n = 0;
+        while !self.aers.is_empty() {
+            let Some(ev) = c.admin().pending_events.pop_front() else {
+                break;
+            };
+            let idx = self.aers.remove(0);
+            self.reqs[idx].cqe.dw0 = ev;
+            self.complete(idx, Status::SUCCESS);
+            n += 1;
+        }
+        n
+    }
+
+    fn abort(&mut self, idx: usize) -> Result<(), Status> {
+        let sqe = self.reqs[idx].sqe;
+        let sqid = (sqe.cdw10 & 0xffff) as u16;
+        let cid = (sqe.cdw10 >> 16) as u16;
+        // dw0 bit 0 set: the command was not aborted.
+        self.reqs[idx].cqe.dw0 = 1;
+        if sqid == 0 {
+            if let Some(pos) = self.aers.iter().position(|&i| self.reqs[i].sqe.cid == cid) {
+                let a = self.aers.remove(pos);
+                self.complete(a, Status::ABORT_REQUESTED);
+                self.reqs[idx].cqe.dw0 = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn kato_deadline(kato_ms: u32) -> Option<Instant> {
+    (kato_ms > 0).then(|| Instant::now() + Duration::from_millis(u64::from(kato_ms)))
+}

@@ -1,0 +1,177 @@
+//! Configuration of the NVMe/TCP target: subsystems (what is exported, to whom, where) and the
+//! transport limits. Plain data deserialized from the YAML config on the control thread
+//! (`deny_unknown_fields`, so a typo is an error and not a silently ignored key) and validated by
+//! [`crate::nvmf::Target::new`].
+
+use serde::Deserialize;
+
+/// The well-known NQN of the discovery subsystem.
+pub const DISCOVERY_NQN: &str = "nqn.2014-08.org.nvmexpress.discovery";
+
+/// One exported NVM subsystem.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SubsystemConfig {
+    /// NVMe Qualified Name, e.g. `nqn.2026-01.io.nvseal:vol0` (at most 223 bytes).
+    pub nqn: String,
+    /// Serial number reported in Identify Controller (at most 20 ASCII characters).
+    pub serial: String,
+    /// Model number reported in Identify Controller (at most 40 ASCII characters).
+    #[serde(default = "default_model")]
+    pub model: String,
+    pub namespaces: Vec<NamespaceConfig>,
+    /// Host NQNs allowed to connect; empty = any host.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Addresses where this subsystem is reachable; listed in the discovery log page.
+    #[serde(default)]
+    pub listen: Vec<ListenAddr>,
+}
+
+fn default_model() -> String {
+    "nvseal".to_string()
+}
+
+/// One namespace of a subsystem.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceConfig {
+    /// Namespace id, 1-based, unique in the subsystem.
+    pub nsid: u32,
+    /// Name of the bdev that backs it.
+    pub bdev: String,
+    /// Informational: whether the bdev is an encrypted one (the crypto layer owns encryption;
+    /// the target only shows it and keeps a locked namespace offline until it has its key).
+    #[serde(default)]
+    pub encrypted: bool,
+}
+
+/// A transport address (TCP).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenAddr {
+    /// IPv4 or IPv6 address as text.
+    pub addr: String,
+    /// TCP port; 4420 is the IANA port for NVMe/TCP.
+    #[serde(default = "default_port")]
+    pub port: u16,
+}
+
+fn default_port() -> u16 {
+    4420
+}
+
+/// Transport and queue limits. Every limit has a default that a Linux host works well with.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Connections (queue pairs) the whole target accepts at once. 1024 covers 8 hosts with one
+    /// I/O queue per CPU on 64-CPU machines plus their admin queues, and bounds the memory the
+    /// per-connection buffer pools can take.
+    pub max_connections: usize,
+    /// Deepest I/O queue a host may ask for in Connect (SQSIZE + 1); also CAP.MQES + 1. 128 is
+    /// the Linux host default and enough to saturate a NVMe device per queue.
+    pub max_queue_depth: u16,
+    /// Deepest admin queue accepted. Admin traffic is light; Linux asks for 32.
+    pub max_admin_queue_depth: u16,
+    /// I/O queues a controller may create (Number of Queues feature). 64 = one per CPU on
+    /// typical hosts without letting one host take every connection.
+    pub max_io_queues: u16,
+    /// In-capsule data bytes accepted for I/O commands (IOCCSZ - 64). 8 KiB lets 4 KiB writes
+    /// skip the R2T round trip (Linux nvmet uses one page; SPDK 4 KiB) at little memory cost.
+    pub in_capsule_data_size: u32,
+    /// Largest transfer of one command (reported as MDTS, so a power of two ≥ 4 KiB). 128 KiB is
+    /// what Linux splits I/O to by default and bounds each queue's pool to depth × 128 KiB.
+    pub max_io_size: u32,
+    /// Largest H2CData PDU payload (MAXH2CDATA in ICResp, ≥ 4 KiB by spec). 128 KiB = one PDU
+    /// per R2T at the default max I/O size.
+    pub max_h2c_data_size: u32,
+    /// Whether header/data digests are granted when a host asks for them.
+    pub allow_digests: bool,
+    /// A connection that has not completed Fabrics Connect this long after accept is closed, so
+    /// idle or half-open sockets cannot pin connection slots (Linux nvmet waits similarly).
+    pub connect_timeout_ms: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            max_queue_depth: 128,
+            max_admin_queue_depth: 32,
+            max_io_queues: 64,
+            in_capsule_data_size: 8192,
+            max_io_size: 128 * 1024,
+            max_h2c_data_size: 128 * 1024,
+            allow_digests: true,
+            connect_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Limits {
+    /// Checks the relations the protocol requires; the reason if they do not hold.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.max_io_size.is_power_of_two() || self.max_io_size < 4096 {
+            return Err(format!(
+                "max_io_size {} must be a power of two >= 4096",
+                self.max_io_size
+            ));
+        }
+        if self.max_h2c_data_size < 4096 {
+            return Err(format!(
+                "max_h2c_data_size {} must be >= 4096",
+                self.max_h2c_data_size
+            ));
+        }
+        if !self.in_capsule_data_size.is_multiple_of(16)
+            || self.in_capsule_data_size > self.max_io_size
+        {
+            return Err(format!(
+                "in_capsule_data_size {} must be a multiple of 16 and <= max_io_size",
+                self.in_capsule_data_size
+            ));
+        }
+        if self.max_queue_depth < 2 || self.max_admin_queue_depth < 2 {
+            return Err("queue depths must be >= 2".into());
+        }
+        if self.max_connections == 0 || self.max_io_queues == 0 {
+            return Err("max_connections and max_io_queues must be >= 1".into());
+        }
+        Ok(())
+    }
+
+    /// MDTS as Identify reports it: log2 of max_io_size in 4 KiB pages.
+    pub fn mdts(&self) -> u8 {
+        (self.max_io_size / 4096).trailing_zeros() as u8
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_reject_unknown_keys() {
+        let y = "nqn: nqn.2026-01.io.nvseal:a\nserial: S1\nnamespaces:\n  - {nsid: 1, bdev: m0, encrypted: true}\nlisten:\n  - {addr: 127.0.0.1}\n";
+        let c: SubsystemConfig = serde_yaml_ng::from_str(y).unwrap();
+        assert_eq!(c.namespaces[0].nsid, 1);
+        assert!(c.namespaces[0].encrypted);
+        assert_eq!(c.listen[0].port, 4420);
+        assert!(c.allowed_hosts.is_empty());
+        assert_eq!(c.model, "nvseal");
+        let bad = format!("{y}bogus: 1\n");
+        assert!(serde_yaml_ng::from_str::<SubsystemConfig>(&bad).is_err());
+        let l: Limits = serde_yaml_ng::from_str("max_io_size: 65536\n").unwrap();
+        assert_eq!(l.max_io_size, 65536);
+        assert_eq!(l.mdts(), 4);
+        assert!(l.validate().is_ok());
+        assert!(serde_yaml_ng::from_str::<Limits>("max_io_sz: 1\n").is_err());
+        assert!(Limits {
+            max_io_size: 5000,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+    }
+}

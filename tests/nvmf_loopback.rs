@@ -1,0 +1,1307 @@
+//! End-to-end NVMe/TCP tests over loopback: a real target (Listener + Connections polled by a
+//! thread, like a reactor) and the crate's own host queue pair, plus raw-socket fault injection.
+//! The backing store is a small RAM bdev defined here (tests only) with an optional "busy every
+//! Nth submit" fault so the target's park-and-retry path runs too.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use nvseal::bdev::{validate, Bdev, BdevChannel, BdevError, BdevIo, IoStatus, IoType, Submit};
+use nvseal::nvme::{self, admin_op, cns, connect, io_op, log_id, Sqe, Status};
+use nvseal::nvmf::host::{Dir, HostConfig, HostError, HostQpair};
+use nvseal::nvmf::pdu::{self, Digests, Fes, PduHeader};
+use nvseal::nvmf::{
+    Connection, Limits, ListenAddr, Listener, NamespaceConfig, SubsystemConfig, Target,
+    DISCOVERY_NQN,
+};
+use nvseal::types::CoreId;
+
+// ------------------------------------------------------------------------------------------------
+// RAM bdev (tests only).
+
+struct RamBdev {
+    name: String,
+    block_size: u32,
+    data: Arc<Mutex<Vec<u8>>>,
+    /// Every Nth submit answers Busy (0 = never).
+    busy_every: usize,
+}
+
+struct RamChannel {
+    block_size: u32,
+    num_blocks: u64,
+    data: Arc<Mutex<Vec<u8>>>,
+    done: VecDeque<BdevIo>,
+    depth: usize,
+    busy_every: usize,
+    submits: usize,
+}
+
+impl Bdev for RamBdev {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    fn num_blocks(&self) -> u64 {
+        (self.data.lock().unwrap().len() / self.block_size as usize) as u64
+    }
+    fn io_type_supported(&self, _t: IoType) -> bool {
+        true
+    }
+    fn open_channel(
+        &self,
+        _core: CoreId,
+        queue_depth: usize,
+    ) -> Result<Box<dyn BdevChannel>, BdevError> {
+        Ok(Box::new(RamChannel {
+            block_size: self.block_size,
+            num_blocks: self.num_blocks(),
+            data: Arc::clone(&self.data),
+            done: VecDeque::with_capacity(queue_depth),
+            depth: queue_depth,
+            busy_every: self.busy_every,
+            submits: 0,
+        }))
+    }
+}
+
+impl BdevChannel for RamChannel {
+    fn submit(&mut self, mut io: BdevIo) -> Submit {
+        self.submits += 1;
+        if self.done.len() >= self.depth
+            || (self.busy_every > 0 && self.submits.is_multiple_of(self.busy_every))
+        {
+            return Submit::Busy(io);
+        }
+        io.status = match validate(&io, self.block_size, self.num_blocks) {
+            Err(s) => s,
+            Ok(()) => {
+                let bs = self.block_size as usize;
+                let off = io.offset_blocks as usize * bs;
+                let len = io.num_blocks as usize * bs;
+                let mut d = self.data.lock().unwrap();
+                match io.io_type {
+                    IoType::Read => io
+                        .buf
+                        .as_mut()
+                        .unwrap()
+                        .as_mut_slice()
+                        .copy_from_slice(&d[off..off + len]),
+                    IoType::Write => {
+                        d[off..off + len].copy_from_slice(io.buf.as_ref().unwrap().as_slice())
+                    }
+                    IoType::WriteZeroes | IoType::Unmap => d[off..off + len].fill(0),
+                    IoType::Flush => {}
+                }
+                IoStatus::Success
+            }
+        };
+        self.done.push_back(io);
+        Submit::Queued
+    }
+    fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize {
+        let n = self.done.len();
+        while let Some(io) = self.done.pop_front() {
+            done(io);
+        }
+        n
+    }
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Target harness.
+
+const NQN: &str = "nqn.2026-01.io.nvseal:test";
+const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:11111111-2222-3333-4444-555555555555";
+const BS: u32 = 512;
+const BLOCKS: u64 = 4096; // 2 MiB
+
+struct Harness {
+    addr: SocketAddr,
+    target: Arc<Target>,
+    stop: Arc<AtomicBool>,
+    live: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+fn start(limits: Limits, allowed: Vec<String>, busy_every: usize) -> Harness {
+    let mut bdevs: HashMap<String, Arc<dyn Bdev>> = HashMap::new();
+    for (name, bs) in [("ram0", BS), ("ram1", 4096)] {
+        let size = BLOCKS as usize * BS as usize;
+        bdevs.insert(
+            name.into(),
+            Arc::new(RamBdev {
+                name: name.into(),
+                block_size: bs,
+                data: Arc::new(Mutex::new(vec![0; size])),
+                busy_every,
+            }),
+        );
+    }
+    let cfg = SubsystemConfig {
+        nqn: NQN.into(),
+        serial: "NVSEAL0001".into(),
+        model: "nvseal test".into(),
+        namespaces: vec![
+            NamespaceConfig {
+                nsid: 1,
+                bdev: "ram0".into(),
+                encrypted: false,
+            },
+            NamespaceConfig {
+                nsid: 2,
+                bdev: "ram1".into(),
+                encrypted: true,
+            },
+        ],
+        allowed_hosts: allowed,
+        listen: vec![ListenAddr {
+            addr: "127.0.0.1".into(),
+            port: 4420,
+        }],
+    };
+    let target = Target::new(&[cfg], limits, &bdevs).unwrap();
+    let mut listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let live = Arc::new(AtomicUsize::new(0));
+    let (t2, s2, l2) = (Arc::clone(&target), Arc::clone(&stop), Arc::clone(&live));
+    let thread = std::thread::spawn(move || {
+        let mut conns: Vec<Connection> = Vec::new();
+        while !s2.load(Ordering::Acquire) {
+            let mut work = 0;
+            if let Some(s) = listener.poll_accept() {
+                if let Ok(c) = Connection::new(s, Arc::clone(&t2), CoreId(0)) {
+                    conns.push(c);
+                }
+                work += 1;
+            }
+            for c in conns.iter_mut() {
+                work += c.poll();
+            }
+            conns.retain(|c| !c.is_closed());
+            l2.store(conns.len(), Ordering::Release);
+            if work == 0 {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+        }
+    });
+    Harness {
+        addr,
+        target,
+        stop,
+        live,
+        thread: Some(thread),
+    }
+}
+
+fn host_cfg(dg: Digests) -> HostConfig {
+    HostConfig {
+        hostnqn: HOST.into(),
+        digests: dg,
+        queue_depth: 32,
+        ..Default::default()
+    }
+}
+
+/// Admin queue connected and enabled.
+fn admin(h: &Harness, cfg: HostConfig) -> HostQpair {
+    let mut a = HostQpair::connect(h.addr, NQN, 0, connect::CNTLID_DYNAMIC, cfg).unwrap();
+    a.enable().unwrap();
+    a
+}
+
+fn io_queue(h: &Harness, a: &HostQpair, qid: u16, cfg: HostConfig) -> HostQpair {
+    HostQpair::connect(h.addr, NQN, qid, a.cntlid(), cfg).unwrap()
+}
+
+/// Runs one command to completion, returning its status, dw0, and data.
+fn run(
+    q: &mut HostQpair,
+    sqe: Sqe,
+    dir: Dir,
+    data: &[u8],
+    read_len: u32,
+) -> (Status, u32, Vec<u8>) {
+    match q.admin_cmd(sqe, dir, data, read_len) {
+        Ok((c, d)) => (c.status(), c.dw0, d),
+        Err(HostError::Status { status, dw0 }) => (status, dw0, Vec::new()),
+        Err(e) => panic!("command failed at transport level: {e}"),
+    }
+}
+
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len)
+        .map(|i| {
+            (i as u32)
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(seed)
+                .to_le_bytes()[1]
+        })
+        .collect()
+}
+
+fn write_read_verify(q: &mut HostQpair, nsid: u32, bs: u32, lba: u64, len: usize, seed: u32) {
+    let data = pattern(len, seed);
+    let (s, _, _) = run(
+        q,
+        nvseal::nvmf::host::rw_sqe(io_op::WRITE, nsid, lba, (len / bs as usize) as u32),
+        Dir::ToCtrl,
+        &data,
+        0,
+    );
+    assert_eq!(s, Status::SUCCESS, "write of {len} bytes");
+    let (s, _, back) = run(
+        q,
+        nvseal::nvmf::host::rw_sqe(io_op::READ, nsid, lba, (len / bs as usize) as u32),
+        Dir::FromCtrl,
+        &[],
+        len as u32,
+    );
+    assert_eq!(s, Status::SUCCESS, "read of {len} bytes");
+    assert!(back == data, "data mismatch at {len} bytes");
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Raw-socket helpers for fault injection.
+
+fn raw_connect(addr: SocketAddr, dg: Digests) -> TcpStream {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut b = [0u8; 128];
+    pdu::encode_ic_req(
+        &mut b,
+        &pdu::IcReq {
+            pfv: 0,
+            hpda: 0,
+            digests: dg,
+            maxr2t: 0,
+        },
+    );
+    s.write_all(&b).unwrap();
+    let mut r = [0u8; 128];
+    s.read_exact(&mut r).unwrap();
+    assert!(matches!(
+        pdu::decode(&r, Digests::default(), 128).unwrap().0.header,
+        PduHeader::IcResp(_)
+    ));
+    s
+}
+
+/// Reads one PDU (blocking); `None` when the peer closed first.
+fn raw_read_pdu(s: &mut TcpStream, dg: Digests) -> Option<(PduHeader, Vec<u8>)> {
+    let mut ch = [0u8; 8];
+    s.read_exact(&mut ch).ok()?;
+    let plen = u32::from_le_bytes(ch[4..8].try_into().unwrap()) as usize;
+    let mut v = ch.to_vec();
+    v.resize(plen, 0);
+    s.read_exact(&mut v[8..]).ok()?;
+    let (p, _) = pdu::decode(&v, dg, 1 << 20).unwrap();
+    Some((p.header, p.data.to_vec()))
+}
+
+fn raw_capsule(s: &mut TcpStream, sqe: &Sqe, data: &[u8], dg: Digests) {
+    let mut h = [0u8; pdu::MAX_HEADER_REGION];
+    let n = pdu::encode_capsule_cmd(&mut h, sqe, data.len(), dg, 0);
+    let mut v = h[..n].to_vec();
+    v.extend_from_slice(data);
+    if dg.data && !data.is_empty() {
+        v.extend_from_slice(&pdu::crc32c(data).to_le_bytes());
+    }
+    s.write_all(&v).unwrap();
+}
+
+fn connect_data(subnqn: &str, hostnqn: &str, cntlid: u16) -> Vec<u8> {
+    let mut d = vec![0u8; connect::DATA_SIZE];
+    d[connect::CNTLID_OFF..connect::CNTLID_OFF + 2].copy_from_slice(&cntlid.to_le_bytes());
+    nvme::put_str(&mut d[256..512], subnqn, 0);
+    nvme::put_str(&mut d[512..768], hostnqn, 0);
+    d
+}
+
+/// A raw I/O queue connected to controller `cntlid`.
+fn raw_io_queue(addr: SocketAddr, cntlid: u16, qid: u16) -> TcpStream {
+    let mut s = raw_connect(addr, Digests::default());
+    let mut sqe = connect::ConnectCmd {
+        recfmt: 0,
+        qid,
+        sqsize: 15,
+        cattr: 0,
+        kato_ms: 0,
+    }
+    .to_sqe(1);
+    sqe.sgl = nvme::SglDesc::in_capsule(0, 1024);
+    raw_capsule(
+        &mut s,
+        &sqe,
+        &connect_data(NQN, HOST, cntlid),
+        Digests::default(),
+    );
+    match raw_read_pdu(&mut s, Digests::default()) {
+        Some((PduHeader::CapsuleResp(c), _)) => assert_eq!(c.status(), Status::SUCCESS),
+        other => panic!("unexpected {other:?}"),
+    }
+    s
+}
+
+fn expect_term(s: &mut TcpStream, fes: Fes) -> u32 {
+    match raw_read_pdu(s, Digests::default()) {
+        Some((PduHeader::C2HTermReq(t), _)) => {
+            assert_eq!(t.fes, fes as u16, "FES");
+            let mut rest = [0u8; 1];
+            assert_eq!(
+                s.read(&mut rest).unwrap_or(0),
+                0,
+                "connection closed after the TermReq"
+            );
+            t.fei
+        }
+        other => panic!("expected C2HTermReq, got {other:?}"),
+    }
+}
+
+// ------------------------------------------------------------------------------------------------
+
+#[test]
+fn identify_and_data_paths_all_digest_combinations() {
+    let h = start(
+        Limits {
+            max_h2c_data_size: 8192,
+            ..Default::default()
+        },
+        vec![],
+        0,
+    );
+    for (hd, dd) in [(false, false), (true, false), (false, true), (true, true)] {
+        for sqflow_off in [true, false] {
+            let dg = Digests {
+                header: hd,
+                data: dd,
+            };
+            let cfg = HostConfig {
+                disable_sqflow: sqflow_off,
+                ..host_cfg(dg)
+            };
+            let mut a = admin(&h, cfg.clone());
+            assert_eq!(a.digests(), dg);
+            assert_eq!(a.maxh2cdata(), 8192);
+
+            let id = a.identify_controller().unwrap();
+            assert_eq!(&id[768..768 + NQN.len()], NQN.as_bytes());
+            assert_eq!(id[111], 1, "I/O controller");
+            assert_eq!(id[77], 5, "MDTS = 128 KiB / 4 KiB = 2^5");
+            assert_eq!(
+                u32::from_le_bytes(id[516..520].try_into().unwrap()),
+                2,
+                "NN"
+            );
+            assert_eq!(
+                u16::from_le_bytes(id[78..80].try_into().unwrap()),
+                a.cntlid()
+            );
+            let ioccsz = u32::from_le_bytes(id[1792..1796].try_into().unwrap()) * 16;
+            assert_eq!(ioccsz, 64 + 8192);
+
+            let ns = a.identify(cns::NAMESPACE, 1).unwrap();
+            assert_eq!(u64::from_le_bytes(ns[0..8].try_into().unwrap()), BLOCKS);
+            assert_eq!(&ns[104..120], &nvseal::nvmf::target::nguid_for(NQN, 1));
+            let ns2 = a.identify(cns::NAMESPACE, 2).unwrap();
+            assert_eq!(
+                (u32::from_le_bytes(ns2[128..132].try_into().unwrap()) >> 16) & 0xff,
+                12,
+                "4 KiB blocks"
+            );
+            let list = a.identify(cns::ACTIVE_NS_LIST, 0).unwrap();
+            assert_eq!(&list[0..12], &[1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]);
+            let desc = a.identify(cns::NS_ID_DESCRIPTORS, 2).unwrap();
+            assert_eq!(&desc[0..2], &[2, 16]);
+            assert_eq!(&desc[4..20], &nvseal::nvmf::target::nguid_for(NQN, 2));
+            assert_eq!(&desc[24..40], &nvseal::nvmf::target::uuid_for(NQN, 2));
+
+            assert_eq!(a.namespace_geometry(1).unwrap(), (BLOCKS, BS));
+            assert_eq!(
+                a.namespace_geometry(2).unwrap(),
+                (BLOCKS * u64::from(BS) / 4096, 4096)
+            );
+            let mut q = io_queue(&h, &a, 1, cfg.clone());
+            assert_eq!(q.adopt_in_capsule_size(&id).unwrap(), ioccsz - 64);
+            // In-capsule (<= 8 KiB) and R2T paths (several H2CData PDUs each: MAXH2CDATA 8 KiB).
+            for (i, len) in [512usize, 4096, 8192, 8704, 16384, 65536, 131072]
+                .into_iter()
+                .enumerate()
+            {
+                write_read_verify(
+                    &mut q,
+                    1,
+                    BS,
+                    (i * 256) as u64,
+                    len,
+                    i as u32 + u32::from(hd) * 7 + u32::from(dd) * 13,
+                );
+            }
+            write_read_verify(&mut q, 2, 4096, 3, 3 * 4096, 99);
+            // R2T for small writes too.
+            q.set_in_capsule_max(0);
+            write_read_verify(&mut q, 1, BS, 4000, 1024, 5);
+        }
+    }
+}
+
+#[test]
+fn queue_depth_concurrency_with_busy_bdev() {
+    // The RAM bdev answers Busy on every 3rd submit: the target must park and resubmit.
+    let h = start(Limits::default(), vec![], 3);
+    let cfg = host_cfg(Digests {
+        header: true,
+        data: true,
+    });
+    let a = admin(&h, cfg.clone());
+    let mut q = io_queue(
+        &h,
+        &a,
+        1,
+        HostConfig {
+            queue_depth: 32,
+            ..cfg
+        },
+    );
+    let blocks_per = 8u32; // 4 KiB
+    let n = 256u64;
+    let mut submitted = 0u64;
+    let mut completed = 0u64;
+    while completed < n {
+        while submitted < n {
+            let data = pattern(4096, submitted as u32);
+            match q.write(1, submitted * u64::from(blocks_per), &data, BS, submitted) {
+                Ok(_) => submitted += 1,
+                Err(HostError::Busy) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        completed += q
+            .poll(&mut |c| {
+                assert_eq!(c.cqe.status(), Status::SUCCESS);
+            })
+            .unwrap() as u64;
+    }
+    // Read everything back with the queue full.
+    let mut submitted = 0u64;
+    let mut completed = 0u64;
+    while completed < n {
+        while submitted < n {
+            match q.read(
+                1,
+                submitted * u64::from(blocks_per),
+                blocks_per,
+                BS,
+                submitted,
+            ) {
+                Ok(_) => submitted += 1,
+                Err(HostError::Busy) => break,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        completed += q
+            .poll(&mut |c| {
+                assert_eq!(c.cqe.status(), Status::SUCCESS);
+                assert!(c.data == pattern(4096, c.tag as u32), "tag {}", c.tag);
+            })
+            .unwrap() as u64;
+    }
+}
+
+#[test]
+fn flush_write_zeroes_deallocate_and_statuses() {
+    let h = start(Limits::default(), vec![], 0);
+    let cfg = host_cfg(Digests::default());
+    let mut a = admin(&h, cfg.clone());
+    let mut q = io_queue(&h, &a, 1, cfg);
+    let rw = nvseal::nvmf::host::rw_sqe;
+
+    write_read_verify(&mut q, 1, BS, 100, 8192, 1);
+    let (s, _, _) = run(
+        &mut q,
+        Sqe {
+            opcode: io_op::FLUSH,
+            nsid: 1,
+            ..Default::default()
+        },
+        Dir::None,
+        &[],
+        0,
+    );
+    assert_eq!(s, Status::SUCCESS);
+
+    // Write Zeroes over the middle 4 blocks.
+    let (s, _, _) = run(
+        &mut q,
+        rw(io_op::WRITE_ZEROES, 1, 104, 4),
+        Dir::None,
+        &[],
+        0,
+    );
+    assert_eq!(s, Status::SUCCESS);
+    let (_, _, back) = run(
+        &mut q,
+        rw(io_op::READ, 1, 100, 16),
+        Dir::FromCtrl,
+        &[],
+        8192,
+    );
+    let orig = pattern(8192, 1);
+    assert_eq!(&back[..2048], &orig[..2048]);
+    assert!(back[2048..4096].iter().all(|&b| b == 0));
+    assert_eq!(&back[4096..], &orig[4096..]);
+
+    // Dataset Management, deallocate: two ranges (blocks 100..102 and 110..116).
+    let mut ranges = vec![0u8; 32];
+    ranges[4..8].copy_from_slice(&2u32.to_le_bytes());
+    ranges[8..16].copy_from_slice(&100u64.to_le_bytes());
+    ranges[20..24].copy_from_slice(&6u32.to_le_bytes());
+    ranges[24..32].copy_from_slice(&110u64.to_le_bytes());
+    let dsm = Sqe {
+        opcode: io_op::DATASET_MANAGEMENT,
+        nsid: 1,
+        cdw10: 1,
+        cdw11: 1 << 2,
+        ..Default::default()
+    };
+    let (s, _, _) = run(&mut q, dsm, Dir::ToCtrl, &ranges, 0);
+    assert_eq!(s, Status::SUCCESS);
+    let (_, _, back) = run(
+        &mut q,
+        rw(io_op::READ, 1, 100, 16),
+        Dir::FromCtrl,
+        &[],
+        8192,
+    );
+    assert!(back[..1024].iter().all(|&b| b == 0));
+    assert_eq!(&back[1024..2048], &orig[1024..2048]);
+    assert!(back[5120..8192].iter().all(|&b| b == 0));
+    // A range past the end.
+    ranges[24..32].copy_from_slice(&(BLOCKS - 1).to_le_bytes());
+    let (s, _, _) = run(&mut q, dsm, Dir::ToCtrl, &ranges, 0);
+    assert_eq!(s, Status::LBA_OUT_OF_RANGE);
+
+    // Unknown NSID, LBA past the end, transfer over MDTS, unsupported opcode.
+    let (s, _, _) = run(&mut q, rw(io_op::READ, 9, 0, 1), Dir::FromCtrl, &[], 512);
+    assert_eq!(s, Status::INVALID_NAMESPACE);
+    let (s, _, _) = run(
+        &mut q,
+        rw(io_op::READ, 1, BLOCKS - 1, 2),
+        Dir::FromCtrl,
+        &[],
+        1024,
+    );
+    assert_eq!(s, Status::LBA_OUT_OF_RANGE);
+    let (s, _, _) = run(
+        &mut q,
+        rw(io_op::WRITE, 1, u64::MAX, 1),
+        Dir::ToCtrl,
+        &[0; 512],
+        0,
+    );
+    assert_eq!(s, Status::LBA_OUT_OF_RANGE);
+    let (s, _, _) = run(
+        &mut q,
+        rw(io_op::READ, 1, 0, 512),
+        Dir::FromCtrl,
+        &[],
+        128 * 1024,
+    );
+    assert_eq!(
+        s,
+        Status::INVALID_FIELD,
+        "512 blocks of 512 B = 256 KiB > MDTS"
+    );
+    let (s, _, _) = run(
+        &mut q,
+        Sqe {
+            opcode: 0x7e,
+            nsid: 1,
+            ..Default::default()
+        },
+        Dir::None,
+        &[],
+        0,
+    );
+    assert_eq!(s, Status::INVALID_OPCODE);
+    // SGL shorter than the blocks.
+    let (s, _, _) = run(&mut q, rw(io_op::READ, 1, 0, 2), Dir::FromCtrl, &[], 512);
+    assert_eq!(s, Status::DATA_SGL_LENGTH_INVALID);
+    // The queue still works.
+    write_read_verify(&mut q, 1, BS, 0, 4096, 3);
+
+    // SMART counts what was done.
+    let smart = a
+        .get_log_page(log_id::SMART_HEALTH, 0xffff_ffff, 512, 0)
+        .unwrap();
+    assert!(
+        u128::from_le_bytes(smart[64..80].try_into().unwrap()) >= 4,
+        "host read commands"
+    );
+    assert!(
+        u128::from_le_bytes(smart[80..96].try_into().unwrap()) >= 2,
+        "host write commands"
+    );
+    // Admin errors land in the error log.
+    let (s, _, _) = run(
+        &mut a,
+        Sqe {
+            opcode: 0x7e,
+            ..Default::default()
+        },
+        Dir::None,
+        &[],
+        0,
+    );
+    assert_eq!(s, Status::INVALID_OPCODE);
+    let err = a.get_log_page(log_id::ERROR_INFO, 0, 64, 0).unwrap();
+    assert!(u64::from_le_bytes(err[0..8].try_into().unwrap()) >= 1);
+    // Features.
+    let (s, dw0, _) = run(
+        &mut a,
+        Sqe {
+            opcode: admin_op::SET_FEATURES,
+            cdw10: u32::from(nvme::feature::NUMBER_OF_QUEUES),
+            cdw11: 0x0003_0003,
+            ..Default::default()
+        },
+        Dir::None,
+        &[],
+        0,
+    );
+    assert_eq!((s, dw0), (Status::SUCCESS, 0x0003_0003));
+    let (s, _, _) = run(
+        &mut a,
+        Sqe {
+            opcode: admin_op::KEEP_ALIVE,
+            ..Default::default()
+        },
+        Dir::None,
+        &[],
+        0,
+    );
+    assert_eq!(s, Status::SUCCESS);
+    // SMART totals survive the I/O queue going away.
+    drop(q);
+    wait_until("the I/O queue to be reaped", || {
+        h.target.connection_count() == 1
+    });
+    let smart = a
+        .get_log_page(log_id::SMART_HEALTH, 0xffff_ffff, 512, 0)
+        .unwrap();
+    assert!(u128::from_le_bytes(smart[64..80].try_into().unwrap()) >= 4);
+}
+
+#[test]
+fn connect_rules_and_command_before_connect() {
+    let h = start(Limits::default(), vec![HOST.to_string()], 0);
+    // A host not on the list.
+    let other = HostConfig {
+        hostnqn: "nqn.2014-08.org.nvmexpress:uuid:99999999-0000-0000-0000-000000000000".into(),
+        ..host_cfg(Digests::default())
+    };
+    match HostQpair::connect(h.addr, NQN, 0, connect::CNTLID_DYNAMIC, other) {
+        Err(HostError::Status { status, .. }) => assert_eq!(status, Status::CONNECT_INVALID_HOST),
+        r => panic!("expected Connect Invalid Host, got {:?}", r.err()),
+    }
+    // Unknown subsystem: invalid parameters pointing at SUBNQN in the data.
+    match HostQpair::connect(
+        h.addr,
+        "nqn.2026-01.io.nvseal:nope",
+        0,
+        connect::CNTLID_DYNAMIC,
+        host_cfg(Digests::default()),
+    ) {
+        Err(HostError::Status { status, dw0 }) => {
+            assert_eq!(status, Status::CONNECT_INVALID_PARAMETERS);
+            assert_eq!(dw0, connect::invalid_param_dw0(true, 256));
+        }
+        r => panic!("expected invalid parameters, got {:?}", r.err()),
+    }
+    // Command before Connect.
+    let mut t = HostQpair::connect_transport(h.addr, host_cfg(Digests::default())).unwrap();
+    let (s, _, _) = run(
+        &mut t,
+        Sqe {
+            opcode: admin_op::IDENTIFY,
+            cdw10: 1,
+            ..Default::default()
+        },
+        Dir::FromCtrl,
+        &[],
+        4096,
+    );
+    assert_eq!(s, Status::COMMAND_SEQUENCE_ERROR);
+    // The same connection can still Connect afterwards.
+    t.fabrics_connect(NQN, 0, connect::CNTLID_DYNAMIC).unwrap();
+    // I/O queue with a wrong cntlid, and before the controller is enabled.
+    let cfg = host_cfg(Digests::default());
+    let a = HostQpair::connect(h.addr, NQN, 0, connect::CNTLID_DYNAMIC, cfg.clone()).unwrap();
+    match HostQpair::connect(h.addr, NQN, 1, a.cntlid(), cfg.clone()) {
+        Err(HostError::Status { status, .. }) => assert_eq!(status, Status::COMMAND_SEQUENCE_ERROR),
+        r => panic!("expected sequence error before CC.EN, got {:?}", r.err()),
+    }
+    let mut a = a;
+    a.enable().unwrap();
+    match HostQpair::connect(h.addr, NQN, 1, a.cntlid().wrapping_add(100), cfg.clone()) {
+        Err(HostError::Status { status, dw0 }) => {
+            assert_eq!(status, Status::CONNECT_INVALID_PARAMETERS);
+            assert_eq!(dw0, connect::invalid_param_dw0(true, 16));
+        }
+        r => panic!("expected invalid cntlid, got {:?}", r.err()),
+    }
+    let _q1 = io_queue(&h, &a, 1, cfg.clone());
+    match HostQpair::connect(h.addr, NQN, 1, a.cntlid(), cfg.clone()) {
+        Err(HostError::Status { status, .. }) => {
+            assert_eq!(status, Status::CONNECT_INVALID_PARAMETERS, "qid 1 twice")
+        }
+        r => panic!("expected invalid qid, got {:?}", r.err()),
+    }
+    // Queue too deep.
+    match HostQpair::connect(
+        h.addr,
+        NQN,
+        2,
+        a.cntlid(),
+        HostConfig {
+            queue_depth: 1024,
+            max_io_size: 4096,
+            ..cfg
+        },
+    ) {
+        Err(HostError::Status { status, dw0 }) => {
+            assert_eq!(status, Status::CONNECT_INVALID_PARAMETERS);
+            assert_eq!(dw0, connect::invalid_param_dw0(false, 44));
+        }
+        r => panic!("expected invalid sqsize, got {:?}", r.err()),
+    }
+}
+
+#[test]
+fn malformed_pdus_get_term_req_and_healthy_queue_survives() {
+    let h = start(Limits::default(), vec![], 0);
+    let cfg = host_cfg(Digests::default());
+    let a = admin(&h, cfg.clone());
+    let mut healthy = io_queue(&h, &a, 1, cfg.clone());
+    write_read_verify(&mut healthy, 1, BS, 0, 4096, 1);
+
+    // Unknown PDU type.
+    let mut s = raw_connect(h.addr, Digests::default());
+    s.write_all(&[0x08, 0, 24, 0, 24, 0, 0, 0]).unwrap();
+    s.write_all(&[0u8; 16]).unwrap();
+    expect_term(&mut s, Fes::InvalidHeaderField);
+    write_read_verify(&mut healthy, 1, BS, 8, 4096, 2);
+
+    // Wrong HLEN for a CapsuleCmd: FEI points at HLEN.
+    let mut s = raw_connect(h.addr, Digests::default());
+    s.write_all(&[0x04, 0, 70, 0, 72, 0, 0, 0]).unwrap();
+    s.write_all(&[0u8; 64]).unwrap();
+    assert_eq!(expect_term(&mut s, Fes::InvalidHeaderField), 2);
+
+    // PLEN over the limit.
+    let mut s = raw_connect(h.addr, Digests::default());
+    s.write_all(&[0x04, 0, 72, 72, 0xff, 0xff, 0xff, 0x0f])
+        .unwrap();
+    assert_eq!(expect_term(&mut s, Fes::DataLimitExceeded), 4);
+
+    // PLEN shorter than the header.
+    let mut s = raw_connect(h.addr, Digests::default());
+    s.write_all(&[0x04, 0, 72, 0, 40, 0, 0, 0]).unwrap();
+    s.write_all(&[0u8; 64]).unwrap();
+    assert_eq!(expect_term(&mut s, Fes::InvalidHeaderField), 4);
+
+    // Bad data digest: no FES exists for it; the connection is closed without a TermReq.
+    let dd = Digests {
+        header: false,
+        data: true,
+    };
+    let mut s = raw_connect(h.addr, dd);
+    let mut sqe = connect::ConnectCmd {
+        recfmt: 0,
+        qid: 0,
+        sqsize: 31,
+        cattr: 0,
+        kato_ms: 0,
+    }
+    .to_sqe(1);
+    sqe.sgl = nvme::SglDesc::in_capsule(0, 1024);
+    let mut hb = [0u8; pdu::MAX_HEADER_REGION];
+    let n = pdu::encode_capsule_cmd(&mut hb, &sqe, 1024, dd, 0);
+    let data = connect_data(NQN, HOST, connect::CNTLID_DYNAMIC);
+    let mut v = hb[..n].to_vec();
+    v.extend_from_slice(&data);
+    v.extend_from_slice(&(pdu::crc32c(&data) ^ 1).to_le_bytes());
+    s.write_all(&v).unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(s.read(&mut b).unwrap_or(0), 0, "closed without a response");
+    // The same capsule with a good digest connects.
+    let mut s = raw_connect(h.addr, dd);
+    raw_capsule(&mut s, &sqe, &data, dd);
+    match raw_read_pdu(&mut s, dd) {
+        Some((PduHeader::CapsuleResp(c), _)) => assert_eq!(c.status(), Status::SUCCESS),
+        other => panic!("unexpected {other:?}"),
+    }
+    drop(s);
+    write_read_verify(&mut healthy, 1, BS, 16, 4096, 3);
+
+    // A capsule before ICReq.
+    let mut s = TcpStream::connect(h.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    raw_capsule(&mut s, &Sqe::default(), &[], Digests::default());
+    expect_term(&mut s, Fes::PduSequenceError);
+
+    // Bad header digest.
+    let dg = Digests {
+        header: true,
+        data: false,
+    };
+    let mut s = raw_connect(h.addr, dg);
+    let mut hb = [0u8; pdu::MAX_HEADER_REGION];
+    let n = pdu::encode_capsule_cmd(
+        &mut hb,
+        &Sqe {
+            opcode: admin_op::KEEP_ALIVE,
+            ..Default::default()
+        },
+        0,
+        dg,
+        0,
+    );
+    hb[20] ^= 0x40;
+    s.write_all(&hb[..n]).unwrap();
+    expect_term(&mut s, Fes::HeaderDigestError);
+
+    // Truncated PDU, then the peer goes away: clean teardown.
+    let mut s = raw_connect(h.addr, Digests::default());
+    s.write_all(&[0x04, 0, 72, 0, 72, 0, 0, 0, 1, 2, 3])
+        .unwrap();
+    drop(s);
+
+    // H2CData outside the R2T window.
+    let mut s = raw_io_queue(h.addr, a.cntlid(), 2);
+    let mut w = nvseal::nvmf::host::rw_sqe(io_op::WRITE, 1, 0, 16);
+    w.cid = 7;
+    w.flags = nvme::PSDT_SGL_MPTR_CONTIG;
+    w.sgl = nvme::SglDesc::transport(8192);
+    raw_capsule(&mut s, &w, &[], Digests::default());
+    let r2t = match raw_read_pdu(&mut s, Digests::default()) {
+        Some((PduHeader::R2T(r), _)) => r,
+        other => panic!("expected R2T, got {other:?}"),
+    };
+    assert_eq!((r2t.cccid, r2t.r2to, r2t.r2tl), (7, 0, 8192));
+    let d = pdu::DataHdr {
+        cccid: 7,
+        ttag: r2t.ttag,
+        datao: 4096,
+        datal: 8192,
+        flags: pdu::flags::LAST_PDU,
+    };
+    let n = pdu::encode_h2c_data(&mut hb, &d, Digests::default(), 0);
+    s.write_all(&hb[..n]).unwrap();
+    s.write_all(&[0u8; 8192]).unwrap();
+    assert_eq!(expect_term(&mut s, Fes::DataOutOfRange), 12);
+
+    // H2CData for a tag that was never solicited.
+    let mut s = raw_io_queue(h.addr, a.cntlid(), 3);
+    let d = pdu::DataHdr {
+        cccid: 1,
+        ttag: 3,
+        datao: 0,
+        datal: 512,
+        flags: pdu::flags::LAST_PDU,
+    };
+    let n = pdu::encode_h2c_data(&mut hb, &d, Digests::default(), 0);
+    s.write_all(&hb[..n]).unwrap();
+    s.write_all(&[0u8; 512]).unwrap();
+    expect_term(&mut s, Fes::InvalidHeaderField);
+
+    // Peer disconnecting mid-transfer (half of the H2CData sent).
+    let mut s = raw_io_queue(h.addr, a.cntlid(), 4);
+    raw_capsule(&mut s, &w, &[], Digests::default());
+    let r2t = match raw_read_pdu(&mut s, Digests::default()) {
+        Some((PduHeader::R2T(r), _)) => r,
+        other => panic!("expected R2T, got {other:?}"),
+    };
+    let d = pdu::DataHdr {
+        cccid: 7,
+        ttag: r2t.ttag,
+        datao: 0,
+        datal: 8192,
+        flags: pdu::flags::LAST_PDU,
+    };
+    let n = pdu::encode_h2c_data(&mut hb, &d, Digests::default(), 0);
+    s.write_all(&hb[..n]).unwrap();
+    s.write_all(&[0u8; 3000]).unwrap();
+    drop(s);
+
+    // Every broken connection is gone; the admin queue and the healthy I/O queue remain.
+    wait_until("broken connections to be reaped", || {
+        h.live.load(Ordering::Acquire) == 2
+    });
+    assert_eq!(h.target.connection_count(), 2);
+    for i in 0..8 {
+        write_read_verify(&mut healthy, 1, BS, 64 + i * 32, 16384, i as u32);
+    }
+}
+
+#[test]
+fn namespace_offline_async_event_and_abort() {
+    let h = start(Limits::default(), vec![], 0);
+    let cfg = host_cfg(Digests::default());
+    let mut a = admin(&h, cfg.clone());
+    let mut q = io_queue(&h, &a, 1, cfg);
+    // Enable namespace attribute notices and post an AER.
+    let (s, _, _) = run(
+        &mut a,
+        Sqe {
+            opcode: admin_op::SET_FEATURES,
+            cdw10: u32::from(nvme::feature::ASYNC_EVENT_CONFIG),
+            cdw11: 1 << 8,
+            ..Default::default()
+        },
+        Dir::None,
+        &[],
+        0,
+    );
+    assert_eq!(s, Status::SUCCESS);
+    let aer_cid = a
+        .submit(
+            Sqe {
+                opcode: admin_op::ASYNC_EVENT_REQUEST,
+                ..Default::default()
+            },
+            Dir::None,
+            0,
+            |_| {},
+            42,
+        )
+        .unwrap();
+    assert_eq!(a.poll(&mut |_| panic!("AER must be held")).unwrap(), 0);
+
+    h.target.set_namespace_online(NQN, 2, false).unwrap();
+    let mut ev = None;
+    wait_until("the async event", || {
+        a.poll(&mut |c| {
+            assert_eq!(c.tag, 42);
+            ev = Some(c.cqe);
+        })
+        .unwrap();
+        ev.is_some()
+    });
+    let ev = ev.unwrap();
+    assert_eq!(ev.cid, aer_cid);
+    assert_eq!(ev.dw0 & 0x7, 2, "notice");
+    assert_eq!((ev.dw0 >> 16) & 0xff, 0x04, "changed namespace list log");
+    let changed = a.get_log_page(log_id::CHANGED_NS_LIST, 0, 4096, 0).unwrap();
+    assert_eq!(&changed[0..8], &[2, 0, 0, 0, 0, 0, 0, 0]);
+    let list = a.identify(cns::ACTIVE_NS_LIST, 0).unwrap();
+    assert_eq!(
+        &list[0..8],
+        &[1, 0, 0, 0, 0, 0, 0, 0],
+        "offline namespace not active"
+    );
+    let ns = a.identify(cns::NAMESPACE, 2).unwrap();
+    assert!(
+        ns.iter().all(|&b| b == 0),
+        "inactive namespace reads as zeroes"
+    );
+    let (s, _, _) = run(
+        &mut q,
+        nvseal::nvmf::host::rw_sqe(io_op::READ, 2, 0, 1),
+        Dir::FromCtrl,
+        &[],
+        4096,
+    );
+    assert_eq!(s, Status::NAMESPACE_NOT_READY);
+    assert!(!s.dnr, "retryable");
+    write_read_verify(&mut q, 1, BS, 0, 4096, 1);
+
+    h.target.set_namespace_online(NQN, 2, true).unwrap();
+    write_read_verify(&mut q, 2, 4096, 0, 4096, 2);
+    // Coming back online is an event too: an AER posted now completes at once.
+    let mut ev2 = None;
+    a.submit(
+        Sqe {
+            opcode: admin_op::ASYNC_EVENT_REQUEST,
+            ..Default::default()
+        },
+        Dir::None,
+        0,
+        |_| {},
+        44,
+    )
+    .unwrap();
+    wait_until("the second async event", || {
+        a.poll(&mut |c| ev2 = Some(c.cqe)).unwrap();
+        ev2.is_some()
+    });
+    assert_eq!((ev2.unwrap().dw0 >> 16) & 0xff, 0x04);
+    let changed = a.get_log_page(log_id::CHANGED_NS_LIST, 0, 4096, 0).unwrap();
+    assert_eq!(&changed[0..8], &[2, 0, 0, 0, 0, 0, 0, 0]);
+
+    // Abort: a held AER is aborted, an unknown command is "not aborted".
+    let cid = a
+        .submit(
+            Sqe {
+                opcode: admin_op::ASYNC_EVENT_REQUEST,
+                ..Default::default()
+            },
+            Dir::None,
+            0,
+            |_| {},
+            43,
+        )
+        .unwrap();
+    let (s, dw0, _) = run(
+        &mut a,
+        Sqe {
+            opcode: admin_op::ABORT,
+            cdw10: u32::from(cid) << 16,
+            ..Default::default()
+        },
+        Dir::None,
+        &[],
+        0,
+    );
+    assert_eq!((s, dw0 & 1), (Status::SUCCESS, 0));
+    let mut aborted = None;
+    wait_until("the aborted AER", || {
+        a.poll(&mut |c| aborted = Some(c.cqe.status())).unwrap();
+        aborted.is_some()
+    });
+    assert_eq!(aborted, Some(Status::ABORT_REQUESTED));
+    let (s, dw0, _) = run(
+        &mut a,
+        Sqe {
+            opcode: admin_op::ABORT,
+            cdw10: (500 << 16) | 1,
+            ..Default::default()
+        },
+        Dir::None,
+        &[],
+        0,
+    );
+    assert_eq!((s, dw0 & 1), (Status::SUCCESS, 1));
+}
+
+#[test]
+fn keep_alive_expiry_tears_controller_down() {
+    let h = start(Limits::default(), vec![], 0);
+    let cfg = HostConfig {
+        kato_ms: 300,
+        ..host_cfg(Digests::default())
+    };
+    let mut a = admin(&h, cfg.clone());
+    let mut q = io_queue(&h, &a, 1, cfg);
+    write_read_verify(&mut q, 1, BS, 0, 512, 1);
+    // No keep alive is sent: the target must drop the admin queue and then the I/O queue.
+    wait_until("the admin queue to close", || {
+        matches!(
+            a.poll(&mut |_| {}),
+            Err(HostError::Closed) | Err(HostError::Io(_))
+        )
+    });
+    wait_until("the I/O queue to close", || {
+        matches!(
+            q.poll(&mut |_| {}),
+            Err(HostError::Closed) | Err(HostError::Io(_))
+        )
+    });
+    wait_until("connections reaped", || h.target.connection_count() == 0);
+    assert!(h.target.controllers_of(NQN).is_empty());
+}
+
+#[test]
+fn discovery_log_page() {
+    let h = start(Limits::default(), vec![], 0);
+    let mut d = HostQpair::connect(
+        h.addr,
+        DISCOVERY_NQN,
+        0,
+        connect::CNTLID_DYNAMIC,
+        host_cfg(Digests::default()),
+    )
+    .unwrap();
+    d.enable().unwrap();
+    let id = d.identify_controller().unwrap();
+    assert_eq!(id[111], 2, "discovery controller");
+    let hdr = d.get_log_page(log_id::DISCOVERY, 0, 1024, 0).unwrap();
+    let numrec = u64::from_le_bytes(hdr[8..16].try_into().unwrap());
+    assert_eq!(numrec, 1);
+    let full = d.get_log_page(log_id::DISCOVERY, 0, 2048, 0).unwrap();
+    let e = &full[1024..2048];
+    assert_eq!(e[0], 3, "TCP");
+    assert_eq!(e[2], 2, "NVM subsystem");
+    assert_eq!(&e[32..36], b"4420");
+    assert_eq!(&e[256..256 + NQN.len()], NQN.as_bytes());
+    assert_eq!(&e[512..521], b"127.0.0.1");
+    // I/O queues cannot be created on a discovery controller.
+    assert!(HostQpair::connect(
+        h.addr,
+        DISCOVERY_NQN,
+        1,
+        d.cntlid(),
+        host_cfg(Digests::default())
+    )
+    .is_err());
+}
+
+#[test]
+fn connection_limit() {
+    let h = start(
+        Limits {
+            max_connections: 2,
+            ..Default::default()
+        },
+        vec![],
+        0,
+    );
+    let cfg = host_cfg(Digests::default());
+    let a = admin(&h, cfg.clone());
+    let _q = io_queue(&h, &a, 1, cfg.clone());
+    // The third connection is refused (closed before ICResp).
+    assert!(HostQpair::connect(h.addr, NQN, 2, a.cntlid(), cfg).is_err());
+    assert_eq!(h.target.connection_count(), 2);
+}
+
+#[test]
+fn idle_connection_without_connect_is_closed() {
+    let h = start(
+        Limits {
+            connect_timeout_ms: 200,
+            ..Default::default()
+        },
+        vec![],
+        0,
+    );
+    // TCP only, then ICReq only: both are closed once the connect timeout passes.
+    let mut bare = TcpStream::connect(h.addr).unwrap();
+    let mut ic = raw_connect(h.addr, Digests::default());
+    bare.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut b = [0u8; 1];
+    assert_eq!(bare.read(&mut b).unwrap_or(0), 0);
+    assert_eq!(ic.read(&mut b).unwrap_or(0), 0);
+    wait_until("connections reaped", || h.target.connection_count() == 0);
+    // A connection that does Connect in time stays.
+    let cfg = host_cfg(Digests::default());
+    let a = admin(&h, cfg.clone());
+    let mut q = io_queue(&h, &a, 1, cfg);
+    std::thread::sleep(Duration::from_millis(400));
+    write_read_verify(&mut q, 1, BS, 0, 4096, 9);
+}
+
+/// Deterministic xorshift generator for the garbage-stream test.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+}
+
+#[test]
+fn mutated_and_random_streams_never_break_the_target() {
+    // The target's streaming receiver sees random bytes and single-byte mutations of a valid
+    // session (ICReq, Connect, Identify). Each stream must end in a TermReq or a close, the target
+    // thread must not panic (debug build: overflow checks on), and a healthy queue keeps working.
+    let h = start(Limits::default(), vec![], 0);
+    let cfg = host_cfg(Digests::default());
+    let a = admin(&h, cfg.clone());
+    let mut healthy = io_queue(&h, &a, 1, cfg);
+
+    let mut valid = Vec::new();
+    let mut b = [0u8; 128];
+    pdu::encode_ic_req(
+        &mut b,
+        &pdu::IcReq {
+            pfv: 0,
+            hpda: 0,
+            digests: Digests::default(),
+            maxr2t: 0,
+        },
+    );
+    valid.extend_from_slice(&b);
+    let mut sqe = connect::ConnectCmd {
+        recfmt: 0,
+        qid: 0,
+        sqsize: 31,
+        cattr: 4,
+        kato_ms: 0,
+    }
+    .to_sqe(1);
+    sqe.sgl = nvme::SglDesc::in_capsule(0, 1024);
+    let mut hb = [0u8; pdu::MAX_HEADER_REGION];
+    let n = pdu::encode_capsule_cmd(&mut hb, &sqe, 1024, Digests::default(), 0);
+    valid.extend_from_slice(&hb[..n]);
+    valid.extend_from_slice(&connect_data(NQN, HOST, connect::CNTLID_DYNAMIC));
+    let ident = Sqe {
+        opcode: admin_op::IDENTIFY,
+        cid: 2,
+        cdw10: 1,
+        flags: nvme::PSDT_SGL_MPTR_CONTIG,
+        sgl: nvme::SglDesc::transport(4096),
+        ..Default::default()
+    };
+    let n = pdu::encode_capsule_cmd(&mut hb, &ident, 0, Digests::default(), 0);
+    valid.extend_from_slice(&hb[..n]);
+
+    let mut rng = Rng(0x243f_6a88_85a3_08d3);
+    for round in 0..400 {
+        let stream: Vec<u8> = if round % 3 == 0 {
+            (0..(rng.next() % 600) as usize)
+                .map(|_| rng.next() as u8)
+                .collect()
+        } else {
+            let mut v = valid.clone();
+            for _ in 0..1 + round % 4 {
+                let i = (rng.next() as usize) % v.len();
+                v[i] ^= 1 << (rng.next() % 8);
+            }
+            v
+        };
+        let mut s = TcpStream::connect(h.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let _ = s.write_all(&stream);
+        // Either the target ends the connection, or the stream was still acceptable: then it
+        // must keep answering. Closing our side must always be cleaned up.
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    }
+    wait_until("garbage connections reaped", || {
+        h.target.connection_count() == 2
+    });
+    write_read_verify(&mut healthy, 1, BS, 0, 65536, 77);
+}
