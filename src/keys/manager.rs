@@ -748,7 +748,7 @@ impl KeyManager {
                 },
             );
         }
-        tracing::info!(namespace = ns_id, provider = %key.provider, create,
+        tracing::info!(namespace = %ns_id, provider = %key.provider, create,
             "encrypted namespace registered: locked until its KEK is fetched");
         let inner = self.inner.clone();
         let id = ns_id.to_owned();
@@ -903,16 +903,16 @@ impl Inner {
         if entry.state != state {
             match &state {
                 NamespaceKeyState::Error { reason } => {
-                    tracing::error!(namespace = ns_id, from = ?entry.state, %reason,
+                    tracing::error!(namespace = %ns_id, from = ?entry.state, %reason,
                         "namespace key state: error (no retries)")
                 }
                 NamespaceKeyState::Locked => {
-                    tracing::warn!(namespace = ns_id, from = ?entry.state,
+                    tracing::warn!(namespace = %ns_id, from = ?entry.state,
                         error = entry.last_error.as_deref().unwrap_or(""),
                         retry_in_ms = ?entry.retry_at.map(|at| at.saturating_duration_since(Instant::now()).as_millis()),
                         "namespace key state: locked")
                 }
-                to => tracing::info!(namespace = ns_id, from = ?entry.state, to = ?to,
+                to => tracing::info!(namespace = %ns_id, from = ?entry.state, to = ?to,
                     "namespace key state change"),
             }
             entry.state = state;
@@ -1269,7 +1269,7 @@ impl Inner {
         let crypto = CryptoBdev::new(&format!("{ns_id}-crypt"), Arc::new(slice), key, false)
             .map_err(|e| Fail::Permanent(e.to_string()))?;
         tracing::info!(
-            namespace = ns_id,
+            namespace = %ns_id,
             data_blocks = header.data_blocks,
             offset_blocks,
             tier = crypto.tier().name(),
@@ -1406,11 +1406,11 @@ impl Inner {
                         target.name
                     ),
                 );
-                tracing::info!(namespace = ns_id, old_kek = ?line.old_kek_id, new_kek = %new_id,
+                tracing::info!(namespace = %ns_id, old_kek = ?line.old_kek_id, new_kek = %new_id,
                     generation = stored.header.generation, "namespace re-wrapped under the new KEK");
             }
             Err(reason) => {
-                tracing::error!(namespace = ns_id, %reason, "shallow rekey of namespace failed");
+                tracing::error!(namespace = %ns_id, %reason, "shallow rekey of namespace failed");
                 self.audit(who, "rekey", ns_id, &format!("error: {reason}"));
                 line.result = NamespaceRekeyResult::Failed { reason };
             }
