@@ -95,7 +95,10 @@ fn ns_key(provider: &str, kek_name: Option<&str>) -> NamespaceKeyConfig {
 }
 
 /// Options that record every `on_online` call.
-fn recording() -> (ManagerOptions, Arc<Mutex<Vec<(String, Arc<dyn Bdev>)>>>) {
+/// Every `(namespace, bdev)` handed to `on_online`.
+type Onlined = Arc<Mutex<Vec<(String, Arc<dyn Bdev>)>>>;
+
+fn recording() -> (ManagerOptions, Onlined) {
     let got = Arc::new(Mutex::new(Vec::new()));
     let sink = got.clone();
     let opts = ManagerOptions {

@@ -67,12 +67,16 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// True when `hay` contains `needle` as raw bytes, lower-case hex or upper-case hex.
+/// True when `hay` contains `needle` as raw bytes, lower-case hex, upper-case hex, or the
+/// `Debug` form of a byte slice (`[12, 255, ...]`, what `?bytes` in a log line prints).
 pub fn leaks(hay: &[u8], needle: &[u8]) -> bool {
     let lower = hex(needle);
     let upper = lower.to_uppercase();
+    let debug = format!("{needle:?}");
+    // Inner part of the Debug list, so that a longer printed array containing it also counts.
+    let debug_inner = debug.trim_start_matches('[').trim_end_matches(']');
     let has = |n: &[u8]| !n.is_empty() && hay.windows(n.len()).any(|w| w == n);
-    has(needle) || has(lower.as_bytes()) || has(upper.as_bytes())
+    has(needle) || has(lower.as_bytes()) || has(upper.as_bytes()) || has(debug_inner.as_bytes())
 }
 
 /// A deterministic pattern for `blocks` blocks starting at `lba`, tagged with `seed`.
