@@ -536,6 +536,9 @@ struct ProviderSlot {
     kind: ProviderKind,
     alias: String,
     inner: Mutex<ManagedProvider>,
+    /// The KMIP cluster, for status reports that must not wait behind an operation in flight
+    /// (the cluster's own status lock is separate from its connection lock).
+    cluster: Option<Arc<KmsCluster>>,
     /// The KEK new namespaces get when their config names none.
     current_kek: Mutex<Option<KekId>>,
 }
@@ -615,6 +618,7 @@ impl KeyManager {
                     kind: ProviderKind::Local,
                     alias,
                     inner: Mutex::new(ManagedProvider::Local(p)),
+                    cluster: None,
                     current_kek: Mutex::new(None),
                 }),
             );
@@ -628,19 +632,21 @@ impl KeyManager {
             }
             super::provider::check_kms_alias(&c.alias)
                 .map_err(|e| ManagerError::Config(e.to_string()))?;
-            let cluster = KmsCluster::from_config(c).map_err(|source| ManagerError::Kms {
-                alias: c.alias.clone(),
-                source,
-            })?;
+            let cluster =
+                Arc::new(
+                    KmsCluster::from_config(c).map_err(|source| ManagerError::Kms {
+                        alias: c.alias.clone(),
+                        source,
+                    })?,
+                );
             providers.insert(
                 c.alias.clone(),
                 Arc::new(ProviderSlot {
                     name: c.alias.clone(),
                     kind: ProviderKind::Kmip,
                     alias: c.alias.clone(),
-                    inner: Mutex::new(ManagedProvider::Kmip(KmipKeyProvider::new(Arc::new(
-                        cluster,
-                    )))),
+                    inner: Mutex::new(ManagedProvider::Kmip(KmipKeyProvider::new(cluster.clone()))),
+                    cluster: Some(cluster),
                     current_kek: Mutex::new(None),
                 }),
             );
@@ -677,17 +683,16 @@ impl KeyManager {
         self.inner.providers.keys().cloned().collect()
     }
 
-    /// Per-server health of every KMIP cluster.
+    /// Per-server health of every KMIP cluster. Never waits for a KMS operation in flight.
     pub fn kms_status(&self) -> Vec<ClusterStatus> {
         self.inner
             .providers
             .values()
-            .filter_map(|p| match &*lock(&p.inner) {
-                ManagedProvider::Kmip(k) => Some(ClusterStatus {
+            .filter_map(|p| {
+                p.cluster.as_ref().map(|c| ClusterStatus {
                     alias: p.name.clone(),
-                    servers: k.cluster().status(),
-                }),
-                ManagedProvider::Local(_) => None,
+                    servers: c.status(),
+                })
             })
             .collect()
     }
@@ -1559,6 +1564,7 @@ mod tests {
     use crate::bdev::slice::BdevHeaderIo;
     use crate::keys::header::METADATA_REGION_BYTES;
     use crate::types::CoreId;
+    use std::path::Path;
 
     #[test]
     fn retry_delay_doubles_and_caps() {
@@ -1776,5 +1782,168 @@ mod tests {
         let mut buf = vec![1u8; 128 * 1024];
         hio.read_at(0, &mut buf).expect("read");
         assert!(buf.iter().all(|&b| b == 0));
+    }
+
+    fn fail_text(f: Fail) -> String {
+        match f {
+            Fail::Transient(t) => format!("transient: {t}"),
+            Fail::Permanent(t) => format!("permanent: {t}"),
+        }
+    }
+
+    fn local_slot(dir: &Path, file: &str, alias: &str) -> Arc<ProviderSlot> {
+        let mut p =
+            LocalKeyProvider::open(dir.join(file), CreateMode::CreateIfMissing).expect("provider");
+        if alias != p.cluster_alias() {
+            p = p.with_alias(alias).expect("alias");
+        }
+        Arc::new(ProviderSlot {
+            name: alias.to_owned(),
+            kind: ProviderKind::Local,
+            alias: alias.to_owned(),
+            inner: Mutex::new(ManagedProvider::Local(p)),
+            cluster: None,
+            current_kek: Mutex::new(None),
+        })
+    }
+
+    fn inner_with(slots: &[Arc<ProviderSlot>]) -> Inner {
+        Inner {
+            providers: slots.iter().map(|s| (s.name.clone(), s.clone())).collect(),
+            namespaces: Mutex::new(BTreeMap::new()),
+            changed: Condvar::new(),
+            retry: RetryConfig::default(),
+            audit: None,
+            on_online: None,
+            xts_max_tier: None,
+            rekey_lock: Mutex::new(()),
+        }
+    }
+
+    /// A change of provider interrupted at every write and flush (unflushed writes lost or
+    /// kept, each write torn) leaves a header the manager opens — with the old provider's KEK
+    /// or the new one's — to the same DEK; with the old KEK gone, the pending slot opens it.
+    #[test]
+    fn rekey_across_providers_survives_a_crash_at_every_point() {
+        use crate::keys::store::{CrashMode, Fault, MemIo};
+        use crate::keys::SlotUsed;
+        const DEV: usize = METADATA_REGION_BYTES as usize + 16 * 4096;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = local_slot(dir.path(), "a.keys", "local");
+        let b = local_slot(dir.path(), "b.keys", "lab-b");
+        let inner = inner_with(&[a.clone(), b.clone()]);
+        let mut io0 = MemIo::new(DEV);
+        let params = FormatParams::new(
+            Uuid::new_v4(),
+            DataUnit::Bytes4096,
+            DEV as u64,
+            KekId::new(DEFAULT_KEK_ID).expect("id"),
+        );
+        let f = format_encrypted(&mut io0, lock(&a.inner).as_dyn(), &params).expect("format");
+        let dek = *f.dek.expose();
+        let (new_id, new_kek) = lock(&b.inner).as_dyn().create_kek("moved").expect("kek");
+
+        let mut clean = io0.clone();
+        let start = clean.ops_total();
+        let done = rekey_across(&mut clean, &a, &b, &new_id, &new_kek).expect("rekey");
+        assert_eq!(done.header.active.kms_alias, "lab-b");
+        assert_eq!(done.header.rekey, RekeyState::None);
+        let total = clean.ops_total() - start;
+        assert_eq!(total, 6, "three header updates, each a write and a flush");
+
+        let mut faults: Vec<Fault> = (0..=total)
+            .map(|ops| Fault::PowerLossAfter { ops })
+            .collect();
+        faults.extend((0..3).map(|nth| Fault::TearWrite { nth }));
+        let mut saw_pending = false;
+        for fault in faults {
+            for mode in [CrashMode::DropUnflushed, CrashMode::KeepUnflushed] {
+                let mut io = io0.clone();
+                io.arm(fault);
+                let _ = rekey_across(&mut io, &a, &b, &new_id, &new_kek);
+                io.crash(mode);
+                let stored = store::read_header(&mut io).expect("a header copy survives");
+                saw_pending |= matches!(stored.header.rekey, RekeyState::Shallow { .. });
+                let o = inner
+                    .open_stored(&mut io, &stored)
+                    .map_err(fail_text)
+                    .unwrap_or_else(|e| panic!("{fault:?} {mode:?}: {e}"));
+                assert_eq!(o.dek.expose(), &dek, "{fault:?} {mode:?}");
+            }
+        }
+        assert!(saw_pending, "some crash point left the rekey in progress");
+
+        // Crash right after step 1 is durable, then the old KEK is revoked at provider A: the
+        // pending slot at provider B still opens the namespace.
+        let mut io = io0.clone();
+        io.arm(Fault::PowerLossAfter { ops: 2 });
+        assert!(rekey_across(&mut io, &a, &b, &new_id, &new_kek).is_err());
+        io.crash(CrashMode::DropUnflushed);
+        lock(&a.inner)
+            .as_dyn()
+            .revoke_kek(&KekId::new(DEFAULT_KEK_ID).expect("id"))
+            .expect("revoke");
+        let stored = store::read_header(&mut io).expect("header");
+        let o = inner
+            .open_stored(&mut io, &stored)
+            .map_err(fail_text)
+            .expect("opens via the pending slot");
+        assert_eq!(o.slot, SlotUsed::Pending);
+        assert_eq!(o.dek.expose(), &dek);
+    }
+
+    #[test]
+    fn fingerprint_mismatch_is_a_permanent_error_and_nothing_is_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dev = malloc_dev("m2");
+        let key = NamespaceKeyConfig {
+            provider: LOCAL_PROVIDER.into(),
+            kek_name: None,
+        };
+        let cfg = |file: &str| KeysConfig {
+            local: Some(LocalKeysConfig {
+                path: dir.path().join(file),
+                create: true,
+            }),
+            ..KeysConfig::default()
+        };
+        let hio = || {
+            Box::new(BdevHeaderIo::new(dev.clone(), CoreId(0), METADATA_REGION_BYTES).expect("hio"))
+        };
+        {
+            let m = KeyManager::new(&cfg("a.keys"), ManagerOptions::default()).expect("manager");
+            m.add_encrypted("test", "ns", dev.clone(), hio(), &key, true)
+                .expect("add");
+            let st = m
+                .wait_for("ns", Duration::from_secs(30), |s| {
+                    *s == NamespaceKeyState::Online
+                })
+                .expect("status");
+            assert_eq!(st.state, NamespaceKeyState::Online);
+        }
+        let mut before = vec![0u8; METADATA_REGION_BYTES as usize];
+        hio().read_at(0, &mut before).expect("read");
+        // Another key file: its KEK "default" is a different key.
+        let m = KeyManager::new(&cfg("b.keys"), ManagerOptions::default()).expect("manager");
+        m.add_encrypted("test", "ns", dev.clone(), hio(), &key, true)
+            .expect("add");
+        let st = m
+            .wait_for("ns", Duration::from_secs(30), |s| {
+                matches!(s, NamespaceKeyState::Error { .. })
+            })
+            .expect("status");
+        match &st.state {
+            NamespaceKeyState::Error { reason } => {
+                assert!(
+                    reason.contains("does not match the fingerprint"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(m);
+        let mut after = vec![0u8; METADATA_REGION_BYTES as usize];
+        hio().read_at(0, &mut after).expect("read");
+        assert!(before == after, "header region changed");
     }
 }
