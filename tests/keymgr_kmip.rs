@@ -535,11 +535,13 @@ fn three_server_cluster_fails_over_to_the_live_server() {
     });
     let closed = ServerAddr::new("127.0.0.1", free_port()).unwrap();
     // Warm the live server up (its first request is slow) so the short response timeout only
-    // fires on the frozen server.
-    KmipClient::connect(&live.addr, &certs.good_tls(), patient())
-        .unwrap()
-        .query()
-        .unwrap();
+    // fires on the frozen server. The KEK is created here, with patience: a Create that timed
+    // out on a loaded machine could leave a second key of the same name behind, which the
+    // namespace would then refuse as ambiguous.
+    let mut warm = KmipClient::connect(&live.addr, &certs.good_tls(), patient()).unwrap();
+    warm.query().unwrap();
+    let kek = warm.create_kek("fo-kek").unwrap();
+    drop(warm);
     silent.pause();
 
     let cfg = keys_config(vec![kms_config(
@@ -562,6 +564,7 @@ fn three_server_cluster_fails_over_to_the_live_server() {
     .unwrap();
     let st = online(&m, "fo-ns");
     assert_eq!(st.kek_provider.as_deref(), Some("kms-f"));
+    assert_eq!(st.kek_id.as_ref().map(|k| k.as_str()), Some(kek.as_str()));
     let bdev = m.bdev("fo-ns").unwrap();
     let data = pattern(5, 0, 16, BS);
     write_blocks(&bdev, 0, &data);
