@@ -1,11 +1,11 @@
 //! KMIP client and KMS cluster against real PyKMIP 0.11 servers (TLS 1.2, ECDSA P-256,
 //! client-certificate authentication). Servers are started by the tests themselves.
 
-mod kmip_support;
+mod common;
 
 use std::time::Duration;
 
-use kmip_support::{cluster, free_port, Certs, PyKmip};
+use common::kmip::{cluster, free_port, Certs, PyKmip};
 use nvseal::kms::{
     KeyId, KmipClient, KmsError, Phase, ResultReason, RevocationReason, ServerAddr, Timeouts,
 };

@@ -24,6 +24,7 @@ use crate::types::CoreId;
 pub mod malloc;
 pub mod null;
 pub mod sim;
+pub mod slice;
 pub mod uring;
 
 /// What an I/O does.

@@ -15,7 +15,9 @@
 //! key) in a mailbox message.
 
 pub mod header;
+pub mod kmip_provider;
 pub mod local;
+pub mod manager;
 pub mod provider;
 pub mod store;
 pub mod wrap;

@@ -1,10 +1,11 @@
 //! Test harness: real PyKMIP 0.11 servers started through `scripts/pykmip/*.sh`.
 //!
+//! Shared by every test binary that talks to a KMS (`tests/kmip_pykmip.rs`,
+//! `tests/keymgr_*.rs`).
+//!
 //! Each test gets its own temporary directory, certificates and free ports; servers are killed
 //! (whole process group) when their guard drops. If the PyKMIP venv is missing it is created
 //! by `scripts/pykmip/setup.sh` (needs PyPI), so `cargo test` works on a fresh machine.
-
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -99,6 +100,16 @@ impl PyKmip {
     /// Starts a server using `certs`' CA and server certificate, in `certs/<name>/`, with the
     /// SQLite database `db` (default: its own).
     pub fn start(certs: &Certs, name: &str, db: Option<&Path>) -> Self {
+        Self::start_inner(certs, name, db, None)
+    }
+
+    /// Like [`PyKmip::start`] on a given port (e.g. one reserved earlier with [`free_port`] and
+    /// already written into a client configuration, or the port of a server that was killed).
+    pub fn start_on(certs: &Certs, name: &str, db: Option<&Path>, port: u16) -> Self {
+        Self::start_inner(certs, name, db, Some(port))
+    }
+
+    fn start_inner(certs: &Certs, name: &str, db: Option<&Path>, fixed_port: Option<u16>) -> Self {
         ensure_pykmip();
         let dir = certs.path(name);
         std::fs::create_dir_all(&dir).unwrap();
@@ -109,7 +120,7 @@ impl PyKmip {
         // server's bind; retry with another port if start.sh reports failure.
         let mut last = String::new();
         for _ in 0..3 {
-            let port = free_port();
+            let port = fixed_port.unwrap_or_else(free_port);
             let mut args = vec![dir.to_str().unwrap().to_owned(), port.to_string()];
             if let Some(db) = db {
                 args.push(db.to_str().unwrap().to_owned());
@@ -159,6 +170,11 @@ impl PyKmip {
         );
     }
 
+    /// The server's SQLite database (its own unless one was given at start).
+    pub fn db_path(&self, given: Option<&Path>) -> PathBuf {
+        given.map_or_else(|| self.dir.join("pykmip.db"), Path::to_owned)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
     }
@@ -175,4 +191,24 @@ impl Drop for PyKmip {
 /// A cluster over `servers` with the good client certificate and the given timeouts.
 pub fn cluster(certs: &Certs, servers: Vec<ServerAddr>, timeouts: Timeouts) -> KmsCluster {
     KmsCluster::new("test", servers, certs.good_tls(), timeouts).unwrap()
+}
+
+/// The KMIP State of object `id` as the server stored it (PyKMIP's SQLite database, table
+/// `crypto_objects`): 1 Pre-Active, 2 Active, 3 Deactivated (revoked), 5 Destroyed. Read with
+/// Python's sqlite3, so the check does not go through nvseal's own client.
+pub fn kmip_state(db: &Path, id: &str) -> u32 {
+    let script = "import sqlite3, sys\n\
+                  c = sqlite3.connect(sys.argv[1])\n\
+                  r = c.execute('select state from crypto_objects where uid = ?', (int(sys.argv[2]),)).fetchone()\n\
+                  print(r[0] if r else 0)\n";
+    let out = Command::new("python3")
+        .args(["-c", script, db.to_str().unwrap(), id])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
