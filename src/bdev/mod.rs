@@ -22,6 +22,7 @@ use crate::sys::buf::AlignedBuf;
 use crate::types::CoreId;
 
 pub mod malloc;
+pub mod late;
 pub mod null;
 pub mod sim;
 pub mod slice;
