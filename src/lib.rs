@@ -13,11 +13,13 @@
 //! * [`tools`] — `bdevperf` and other engine-level tools driven from the CLI.
 
 pub mod bdev;
+pub mod bundle;
 pub mod config;
 pub mod crypto;
 pub mod keys;
 pub mod kms;
 pub mod reactor;
+pub mod rpc;
 pub mod stats;
 pub mod sys;
 pub mod tools;
