@@ -168,8 +168,15 @@ pub fn exchange(
     let mut buf = Vec::with_capacity(line.len() + 1);
     buf.extend_from_slice(line.as_bytes());
     buf.push(b'\n');
-    stream.write_all(&buf).map_err(io_err)?;
     let mut reader = LineReader::new(opts.max_response_bytes);
+    if let Err(e) = stream.write_all(&buf) {
+        // A server that refuses the connection (busy) answers first and closes; show its
+        // answer rather than the broken pipe.
+        return match reader.read_line(&mut stream, Instant::now() + opts.read_timeout) {
+            Ok(line) => Ok(line),
+            Err(_) => Err(io_err(e)),
+        };
+    }
     match reader.read_line(&mut stream, Instant::now() + opts.read_timeout) {
         Ok(line) => Ok(line),
         Err(FrameError::Timeout) => Err(ClientError::Timeout(format!(
