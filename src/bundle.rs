@@ -52,6 +52,19 @@ pub struct BundleContents {
     pub versions: Versions,
 }
 
+impl BundleContents {
+    /// Contents from the raw (unredacted) config text: redacts it with [`redact_config`] and
+    /// collects [`Versions`] of this machine. What `nvseal bundle` calls.
+    pub fn gather(raw_config_text: &str, logs: Vec<PathBuf>, stats: Value) -> BundleContents {
+        BundleContents {
+            config_redacted: redact_config(raw_config_text),
+            logs,
+            stats,
+            versions: Versions::collect(),
+        }
+    }
+}
+
 /// Software and machine versions.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Versions {

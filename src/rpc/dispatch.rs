@@ -322,9 +322,15 @@ impl Dispatcher {
                 }
             }
         };
-        match &result {
-            Ok(_) => tracing::info!(%caller, method, "rpc call ok"),
-            Err(e) => tracing::info!(%caller, method, code = e.code, "rpc call failed"),
+        // Read-only calls (monitoring polls health every few seconds) log at debug; calls
+        // that change something log at info.
+        match (&result, entry.role) {
+            (Ok(_), Role::Viewer) => tracing::debug!(%caller, method, "rpc call ok"),
+            (Ok(_), _) => tracing::info!(%caller, method, "rpc call ok"),
+            (Err(e), Role::Viewer) => {
+                tracing::debug!(%caller, method, code = e.code, "rpc call failed")
+            }
+            (Err(e), _) => tracing::info!(%caller, method, code = e.code, "rpc call failed"),
         }
         if audited {
             let outcome = match &result {
@@ -566,6 +572,55 @@ mod tests {
             r#"{"jsonrpc":"2.0","method":"echo","params":[1],"id":2}"#,
         );
         assert_eq!(v["result"], json!([1]));
+    }
+
+    /// Mutated requests (bytes flipped, cut, inserted, spliced) never panic the dispatcher,
+    /// and every answer is a JSON-RPC 2.0 response (or a batch of them).
+    #[test]
+    fn mutated_requests_always_get_wellformed_answers() {
+        let d = dispatcher(Arc::new(VecSink(Default::default())));
+        let seeds: [&[u8]; 4] = [
+            br#"{"jsonrpc":"2.0","method":"echo","params":{"a":[1,2,{"b":null}]},"id":7}"#,
+            br#"[{"jsonrpc":"2.0","method":"keys.rekey","id":"x"},{"jsonrpc":"2.0","method":"health"}]"#,
+            br#"{"jsonrpc":"2.0","method":"ns.delete","params":[1e400,-0,"\ud800"],"id":null}"#,
+            br#"{"jsonrpc":"2.0","method":"rpc.methods","id":18446744073709551616}"#,
+        ];
+        let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let check = |v: &Value| {
+            assert_eq!(v["jsonrpc"], "2.0", "{v}");
+            assert!(v.get("id").is_some(), "{v}");
+            assert!(v.get("result").is_some() != v.get("error").is_some(), "{v}");
+        };
+        for i in 0..3000 {
+            let seed = seeds[i % seeds.len()];
+            let mut req = seed.to_vec();
+            for _ in 0..(next() % 4 + 1) {
+                let at = (next() as usize) % req.len().max(1);
+                match next() % 4 {
+                    0 if !req.is_empty() => req[at] = next() as u8,
+                    1 => req.truncate(at),
+                    2 => req.insert(at.min(req.len()), b"{}[]\\\":,0"[(next() % 9) as usize]),
+                    _ => {
+                        let other = seeds[(next() as usize) % seeds.len()];
+                        let cut = (next() as usize) % other.len();
+                        req.extend_from_slice(&other[cut..]);
+                    }
+                }
+            }
+            if let Some(line) = d.handle_line(ROOT, RoleSet::ALL, &req) {
+                let v: Value = serde_json::from_str(&line).expect("answer is JSON");
+                match &v {
+                    Value::Array(items) => items.iter().for_each(check),
+                    single => check(single),
+                }
+            }
+        }
     }
 
     #[test]
