@@ -252,15 +252,20 @@ pub fn write_bundle_with(
             return Err(e);
         }
     };
-    // Re-check right before the rename: hard_link fails if the target appeared meanwhile,
-    // which rename would silently replace.
     let io_err = |what, path: &Path| {
         let path = path.to_path_buf();
         move |source| BundleError::Io { what, path, source }
     };
-    let linked = fs::hard_link(&tmp, out_path);
+    // Publish with link(2), which fails if the target appeared meanwhile (rename would
+    // silently replace it). File systems without hard links fall back to a checked rename.
+    let published = match fs::hard_link(&tmp, out_path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists && !out_path.exists() => {
+            fs::rename(&tmp, out_path)
+        }
+        other => other,
+    };
     let _ = fs::remove_file(&tmp);
-    match linked {
+    match published {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             return Err(BundleError::Exists(out_path.to_path_buf()))
