@@ -199,20 +199,19 @@ impl RpcServer {
         }
         remove_stale_socket(&path)?;
         let listener = UnixListener::bind(&path).map_err(io_err("bind", &path))?;
-        // The socket is created with the umask's mode (0755 under umask 022: nobody else can
-        // connect, since connect(2) needs write permission), then set to the configured
-        // mode, so the window never grants more than the final mode does.
-        fs::set_permissions(&path, fs::Permissions::from_mode(self.config.socket_mode.0))
-            .map_err(io_err("chmod", &path))?;
-        if let Some(gid) = self.config.socket_gid {
-            std::os::unix::fs::chown(&path, None, Some(gid)).map_err(io_err("chown", &path))?;
-        }
-        let ident = fs::metadata(&path)
-            .map(|m| (m.dev(), m.ino()))
-            .map_err(io_err("stat", &path))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(io_err("set non-blocking", &path))?;
+        // bind(2) creates the socket with 0777 & !umask, then it is set to the configured
+        // mode. Under umask 022 (or stricter) the first mode lets only the owner connect
+        // (connect(2) needs write permission), so the moment before the chmod grants nothing
+        // the final mode does not; a umask without the group/other write bits masked would.
+        let prepared = prepare_socket_file(&path, &self.config, &listener);
+        let ident = match prepared {
+            Ok(ident) => ident,
+            Err(e) => {
+                // Do not leave a socket nobody serves behind.
+                let _ = fs::remove_file(&path);
+                return Err(e);
+            }
+        };
         let (wake_tx, wake_rx) =
             UnixStream::pair().map_err(io_err("create wake pair for", &path))?;
         let shared = Arc::new(Shared {
@@ -236,6 +235,30 @@ impl RpcServer {
             shared,
         })
     }
+}
+
+/// Sets the socket file's mode and group and makes the listener non-blocking; returns the
+/// file's (device, inode) so shutdown removes only the file it created.
+fn prepare_socket_file(
+    path: &Path,
+    config: &RpcConfig,
+    listener: &UnixListener,
+) -> Result<(u64, u64), ServeError> {
+    let io_err = |what: &'static str| {
+        let path = path.to_path_buf();
+        move |source| ServeError::Io { what, path, source }
+    };
+    fs::set_permissions(path, fs::Permissions::from_mode(config.socket_mode.0))
+        .map_err(io_err("chmod"))?;
+    if let Some(gid) = config.socket_gid {
+        std::os::unix::fs::chown(path, None, Some(gid)).map_err(io_err("chown"))?;
+    }
+    listener
+        .set_nonblocking(true)
+        .map_err(io_err("set non-blocking"))?;
+    fs::metadata(path)
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(io_err("stat"))
 }
 
 /// Removes a socket file no server answers on; refuses a live socket or a non-socket.
