@@ -628,6 +628,34 @@ fn stale_live_and_foreign_socket_paths() {
 }
 
 #[test]
+fn shutdown_delivers_the_response_of_a_running_handler() {
+    let f = fixture();
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+    let started_tx = std::sync::Mutex::new(started_tx);
+    let h = RpcServer::builder(config(&f))
+        .method("ns.slow_delete", Role::Admin, move |_, _| {
+            let _ = started_tx.lock().unwrap().send(());
+            std::thread::sleep(Duration::from_millis(200));
+            Ok(json!({"deleted": 1}))
+        })
+        .build()
+        .unwrap()
+        .start()
+        .unwrap();
+    let idle = Raw::connect(&f.socket);
+    let socket = f.socket.clone();
+    let caller = std::thread::spawn(move || client::call(&socket, "ns.slow_delete", None));
+    started_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("handler started");
+    h.shutdown();
+    assert_eq!(caller.join().unwrap().unwrap(), json!({"deleted": 1}));
+    let mut idle = idle;
+    idle.expect_closed();
+    assert!(!f.socket.exists());
+}
+
+#[test]
 fn configured_mode_and_build_errors() {
     let f = fixture();
     let cfg = RpcConfig {

@@ -334,8 +334,8 @@ impl RpcHandle {
             .load(Ordering::Relaxed)
     }
 
-    /// Stops accepting, closes every connection (in-flight handlers finish first), joins all
-    /// threads and removes the socket file.
+    /// Stops accepting, removes the socket file, closes every connection (a handler still
+    /// running finishes and its response is sent first) and joins all threads.
     pub fn shutdown(mut self) {
         self.stop();
     }
@@ -417,8 +417,11 @@ fn accept_loop(
         // Replaced by someone else (or already gone): not ours to remove.
         _ => {}
     }
+    // Shut only the read side: idle connections see end-of-file at once, while a handler
+    // still running delivers its response (bounded by the write timeout) before its thread
+    // ends.
     for conn in shared.conns().values() {
-        let _ = conn.shutdown(std::net::Shutdown::Both);
+        let _ = conn.shutdown(std::net::Shutdown::Read);
     }
     for w in workers {
         if w.join().is_err() {
