@@ -13,6 +13,7 @@
 //! * [`tools`] — `bdevperf` and other engine-level tools driven from the CLI.
 
 pub mod bdev;
+pub mod bundle;
 pub mod config;
 pub mod crypto;
 pub mod keys;
@@ -20,6 +21,7 @@ pub mod kms;
 pub mod nvme;
 pub mod nvmf;
 pub mod reactor;
+pub mod rpc;
 pub mod stats;
 pub mod sys;
 pub mod tools;
