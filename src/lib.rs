@@ -22,6 +22,7 @@ pub mod nvme;
 pub mod nvmf;
 pub mod reactor;
 pub mod rpc;
+pub mod server;
 pub mod stats;
 pub mod sys;
 pub mod tools;

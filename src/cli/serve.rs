@@ -2,8 +2,7 @@
 
 use super::{fail, load_config, EXIT_STARTUP, EXIT_USAGE};
 use clap::Args;
-use nvseal::reactor::ReactorSet;
-use nvseal::tools::stack::Stacks;
+use nvseal::server::Server;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,39 +37,21 @@ pub fn run(args: ServeArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(EXIT_USAGE, e),
     };
-    let allowed = nvseal::sys::affinity::allowed_cpus();
-    let cores = match cfg
-        .reactor
-        .cores
-        .placement()
-        .and_then(|p| p.resolve(&allowed))
-    {
-        Ok(c) => c,
-        Err(e) => return fail(EXIT_USAGE, format!("reactor.cores: {e}")),
-    };
-    let stacks = match Stacks::open(&cfg) {
+    let server = match Server::start(&cfg) {
         Ok(s) => s,
         Err(e) => return fail(EXIT_STARTUP, e),
     };
-    let set = match ReactorSet::start(&cores, &cfg.reactor.options()) {
-        Ok(s) => s,
-        Err(e) => return fail(EXIT_STARTUP, e),
-    };
-    for (name, b) in &stacks.bdevs {
-        let kind = if stacks.crypto_base.contains_key(name) {
-            "encrypted"
-        } else {
-            "plaintext"
-        };
-        tracing::info!(bdev = %name, kind, block_size = b.block_size(), blocks = b.num_blocks(), "bdev online");
+    for sub in server.target().subsystems() {
+        for n in &sub.namespaces {
+            tracing::info!(nqn = %sub.nqn, nsid = n.nsid, bdev = n.bdev.name(), online = n.is_online(), "namespace");
+        }
     }
-    tracing::info!(reactors = set.len(), cores = %nvseal::reactor::placement::format_cpu_list(&cores), "nvseal serving; SIGINT or SIGTERM stops");
+    tracing::info!(listen = ?server.listen_addrs(), "nvseal serving; SIGINT or SIGTERM stops");
     while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
     }
     tracing::info!("signal received: draining in-flight I/O and stopping");
-    set.shutdown();
-    drop(stacks);
+    server.shutdown();
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }

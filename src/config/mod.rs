@@ -61,6 +61,18 @@ pub struct Config {
     pub crypto: CryptoConfig,
     #[serde(default)]
     pub bdevs: Vec<BdevConfig>,
+    /// NVMe/TCP transport limits.
+    #[serde(default)]
+    pub nvmf: crate::nvmf::config::Limits,
+    /// Exported NVM subsystems.
+    #[serde(default)]
+    pub subsystems: Vec<crate::nvmf::config::SubsystemConfig>,
+    /// Key management: KMS clusters, the local key file, unlock retries, audit log.
+    #[serde(default)]
+    pub keys: Option<crate::keys::manager::KeysConfig>,
+    /// The JSON-RPC control socket; absent = no socket.
+    #[serde(default)]
+    pub rpc: Option<crate::rpc::config::RpcConfig>,
 }
 
 /// `reactor:` — where reactors run and how they poll.
@@ -157,6 +169,7 @@ pub enum BdevConfig {
     Null(NullConfig),
     Uring(UringConfig),
     Crypto(CryptoBdevConfig),
+    Encrypted(EncryptedBdevConfig),
 }
 
 impl BdevConfig {
@@ -166,6 +179,7 @@ impl BdevConfig {
             BdevConfig::Null(c) => &c.name,
             BdevConfig::Uring(c) => &c.name,
             BdevConfig::Crypto(c) => &c.name,
+            BdevConfig::Encrypted(c) => &c.name,
         }
     }
 }
@@ -183,6 +197,27 @@ pub struct CryptoBdevConfig {
     /// space on thin backends but reveals which blocks are unused. Off by default.
     #[serde(default)]
     pub allow_discards: bool,
+}
+
+/// An encrypted namespace with managed keys (vSAN semantics): `base` starts with the 1 MiB
+/// metadata header (two copies) holding the DEK wrapped by a KEK from `provider`; the data area
+/// follows. The bdev stays locked (its namespace offline) until the key manager has fetched the
+/// KEK and unwrapped the DEK.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptedBdevConfig {
+    pub name: String,
+    /// The backing bdev (defined earlier in the list).
+    pub base: String,
+    /// `local` (the key file of `keys.local`) or the alias of a KMS cluster in `keys.kms_clusters`.
+    pub provider: String,
+    /// KEK to wrap a new DEK with, by name on the provider (created if missing); default: a
+    /// fresh KEK per namespace.
+    #[serde(default)]
+    pub kek_name: Option<String>,
+    /// Format a blank header (fresh DEK) on first start. Never formats over anything non-blank.
+    #[serde(default)]
+    pub create: bool,
 }
 
 /// A development DEK source (key management proper wraps DEKs with a KEK from a KMS).
@@ -289,6 +324,26 @@ impl Config {
                     format!("bdev name {name:?} is used twice"),
                 ));
             }
+            if let BdevConfig::Encrypted(c) = b {
+                if !seen.contains(&c.base.as_str()) {
+                    return Err(err(format!("bdevs[{i}].base"), format!("no bdev named {:?} defined before this one", c.base)));
+                }
+                let keys = self.keys.as_ref();
+                let known = if c.provider == crate::keys::manager::LOCAL_PROVIDER {
+                    keys.is_some_and(|k| k.local.is_some())
+                } else {
+                    keys.is_some_and(|k| k.kms_clusters.iter().any(|kc| kc.alias == c.provider))
+                };
+                if !known {
+                    return Err(err(
+                        format!("bdevs[{i}].provider"),
+                        format!(
+                            "no key provider {:?} (configure keys.local for \"local\", or a keys.kms_clusters entry with that alias)",
+                            c.provider
+                        ),
+                    ));
+                }
+            }
             if let BdevConfig::Crypto(c) = b {
                 if !seen.contains(&c.base.as_str()) {
                     return Err(err(
@@ -310,6 +365,31 @@ impl Config {
                 }
             }
             seen.push(name);
+        }
+        let mut nqns: Vec<&str> = Vec::new();
+        for (i, sub) in self.subsystems.iter().enumerate() {
+            if nqns.contains(&sub.nqn.as_str()) {
+                return Err(err(format!("subsystems[{i}].nqn"), format!("subsystem {:?} is defined twice", sub.nqn)));
+            }
+            nqns.push(&sub.nqn);
+            for (j, ns) in sub.namespaces.iter().enumerate() {
+                if !seen.contains(&ns.bdev.as_str()) {
+                    return Err(err(format!("subsystems[{i}].namespaces[{j}].bdev"), format!("no bdev named {:?}", ns.bdev)));
+                }
+            }
+            for (j, l) in sub.listen.iter().enumerate() {
+                if l.addr.parse::<std::net::IpAddr>().is_err() {
+                    return Err(err(format!("subsystems[{i}].listen[{j}].addr"), format!("not an IP address: {:?}", l.addr)));
+                }
+            }
+        }
+        if let Err(e) = self.nvmf.validate() {
+            return Err(err("nvmf".into(), e.to_string()));
+        }
+        if let Some(r) = &self.rpc {
+            if let Err(e) = r.validate() {
+                return Err(err("rpc".into(), e.to_string()));
+            }
         }
         Ok(())
     }

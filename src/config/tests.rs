@@ -11,7 +11,9 @@ fn err(yaml: &str) -> ConfigError {
 fn builtin_default_and_examples_parse() {
     let c = Config::builtin_default();
     assert_eq!(c.bdevs.len(), 3);
-    assert!(matches!(c.bdev("enc1"), Some(BdevConfig::Crypto(_))));
+    assert!(matches!(c.bdev("vol1"), Some(BdevConfig::Encrypted(_))));
+    assert_eq!(c.subsystems.len(), 1);
+    assert!(c.keys.as_ref().is_some_and(|k| k.local.is_some()));
     for f in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/configs")).unwrap() {
         let p = f.unwrap().path();
         if p.extension().is_some_and(|e| e == "yaml") {
@@ -70,4 +72,14 @@ fn core_specs() {
     assert_eq!(c.reactor.cores, CoreSpec::List("0-1".into()));
     let c = Config::from_yaml("reactor:\n  cores: 2\n", "t").unwrap();
     assert_eq!(c.reactor.cores, CoreSpec::Count(2));
+}
+
+#[test]
+fn encrypted_bdevs_need_a_known_provider_and_namespaces_known_bdevs() {
+    let e = err("bdevs:\n  - name: m\n    type: malloc\n    num_blocks: 1024\n  - name: v\n    type: encrypted\n    base: m\n    provider: vault\n");
+    assert_eq!((e.path.as_str(), e.line), ("bdevs[1].provider", Some(8)), "{e}");
+    let e = err("subsystems:\n  - nqn: nqn.2026-01.io.x:a\n    serial: S1\n    namespaces:\n      - nsid: 1\n        bdev: nope\n");
+    assert_eq!((e.path.as_str(), e.line), ("subsystems[0].namespaces[0].bdev", Some(6)), "{e}");
+    let e = err("subsystems:\n  - nqn: nqn.2026-01.io.x:a\n    serial: S1\n    namespaces: []\n    listen:\n      - addr: localhost\n");
+    assert_eq!(e.path, "subsystems[0].listen[0].addr", "{e}");
 }

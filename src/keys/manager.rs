@@ -169,14 +169,12 @@ pub struct NamespaceKeyConfig {
 // Audit
 // ---------------------------------------------------------------------------------------------
 
-/// Receives one record per crypto operation. `who` is the caller identity (the RPC layer passes
-/// the peer's user; the boot path passes `"nvseal"`), `op` one of `format`, `unlock`,
-/// `kek-create`, `rekey`, `revoke`, `target` a namespace id or `provider/kek-id`, `result`
-/// `ok` or `error: <reason>`. Called on control threads; implementations must not panic.
-pub trait AuditSink: Send + Sync {
-    /// Records one event.
-    fn record(&self, who: &str, op: &str, target: &str, result: &str);
-}
+/// The one audit trait of the process (shared with the RPC layer). The key manager records one
+/// event per crypto operation: `who` is the caller identity (the RPC layer passes the peer's
+/// uid/gid/pid; the boot path passes `"nvseal"`), `op` one of `format`, `unlock`, `kek-create`,
+/// `rekey`, `revoke`, `target` a namespace id or `provider/kek-id`, `result` `ok` or
+/// `error: <reason>`. Called on control threads; implementations must not panic.
+pub use crate::rpc::audit::AuditSink;
 
 /// Appends one JSON object per line to a file, made durable with `fdatasync` per record:
 /// `{"time":"2026-11-28T01:02:03.456Z","unix_ms":…,"who":…,"op":…,"target":…,"result":…}`.

@@ -184,6 +184,10 @@ impl Reactor {
             TrySendError::Disconnected(_) => ReactorError::Stopped(index),
         })
     }
+    /// Senders into every reactor of the set (including this one).
+    pub fn mailboxes(&self) -> Mailboxes {
+        Mailboxes(self.peers.clone())
+    }
     /// Whether a shutdown is draining this reactor.
     pub fn is_draining(&self) -> bool {
         self.draining
@@ -270,6 +274,28 @@ impl Reactor {
             msg(self);
         }
         self.pollers.clear();
+    }
+}
+
+/// Senders into every reactor's mailbox, for pollers that hand work to other reactors (an
+/// accept poller placing new connections). Cheap to clone.
+#[derive(Clone)]
+pub struct Mailboxes(Arc<Vec<Sender<Msg>>>);
+
+impl Mailboxes {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// Queues `msg` for reactor `index` without blocking.
+    pub fn send(&self, index: usize, msg: Msg) -> Result<(), ReactorError> {
+        let tx = self.0.get(index).ok_or(ReactorError::Stopped(index))?;
+        tx.try_send(msg).map_err(|e| match e {
+            TrySendError::Full(_) => ReactorError::MailboxFull(index),
+            TrySendError::Disconnected(_) => ReactorError::Stopped(index),
+        })
     }
 }
 

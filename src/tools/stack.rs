@@ -1,7 +1,9 @@
 //! Builds the bdev stacks a config describes (control thread, start-up only).
 
 use crate::bdev::{self, Bdev, BdevError};
-use crate::config::{BdevConfig, Config, DevKeySource};
+use crate::bdev::late::LateBdev;
+use crate::config::{BdevConfig, Config, DevKeySource, EncryptedBdevConfig};
+use crate::keys::header::METADATA_REGION_BYTES;
 use crate::crypto::bdev::{CryptoBdev, DataKey};
 use crate::crypto::key::XtsKey;
 use crate::crypto::xts::Tier;
@@ -16,6 +18,9 @@ pub struct Stacks {
     pub crypto_base: BTreeMap<String, String>,
     /// For each crypto bdev: its data key (for timing the kernel in the same run).
     pub crypto_keys: BTreeMap<String, DataKey>,
+    /// Encrypted (managed-key) bdevs: the stand-in exported until the key manager binds the
+    /// crypto bdev, and the config entry.
+    pub encrypted: BTreeMap<String, (Arc<LateBdev>, EncryptedBdevConfig)>,
 }
 
 /// Errors building stacks.
@@ -34,6 +39,7 @@ impl Stacks {
         let mut bdevs: BTreeMap<String, Arc<dyn Bdev>> = BTreeMap::new();
         let mut crypto_base = BTreeMap::new();
         let mut crypto_keys = BTreeMap::new();
+        let mut encrypted = BTreeMap::new();
         for b in &cfg.bdevs {
             let dev: Arc<dyn Bdev> = match b {
                 BdevConfig::Malloc(c) => bdev::malloc::open(c)?,
@@ -56,14 +62,37 @@ impl Stacks {
                     crypto_keys.insert(c.name.clone(), dk.clone());
                     Arc::new(CryptoBdev::new(&c.name, base, dk, c.allow_discards)?)
                 }
+                BdevConfig::Encrypted(c) => {
+                    let base = bdevs.get(&c.base).cloned().ok_or_else(|| BdevError::Invalid {
+                        name: c.name.clone(),
+                        what: format!("base bdev {} not found", c.base),
+                    })?;
+                    let bs = u64::from(base.block_size());
+                    let header_blocks = METADATA_REGION_BYTES / bs;
+                    if base.num_blocks() <= header_blocks {
+                        return Err(BdevError::Invalid {
+                            name: c.name.clone(),
+                            what: format!(
+                                "base {} ({} bytes) is not larger than the {METADATA_REGION_BYTES}-byte metadata header",
+                                c.base,
+                                base.num_blocks() * bs
+                            ),
+                        }
+                        .into());
+                    }
+                    let late = Arc::new(LateBdev::new(
+                        &c.name,
+                        base.block_size(),
+                        base.num_blocks() - header_blocks,
+                        base.buf_align(),
+                    ));
+                    encrypted.insert(c.name.clone(), (late.clone(), c.clone()));
+                    late
+                }
             };
             bdevs.insert(b.name().to_string(), dev);
         }
-        Ok(Stacks {
-            bdevs,
-            crypto_base,
-            crypto_keys,
-        })
+        Ok(Stacks { bdevs, crypto_base, crypto_keys, encrypted })
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<dyn Bdev>> {

@@ -1,0 +1,357 @@
+//! The running target (`nvseal serve`): reactors, bdev stacks, the NVMe/TCP target, the key
+//! manager and the control socket, put together from one [`Config`].
+//!
+//! Threads: [`Server::start`] runs on the main (control) thread. Reactors run the NVMe/TCP
+//! listener (reactor 0 accepts and places each new connection on a reactor, round robin) and the
+//! connections, each owned by one reactor for its whole life. The key manager unlocks encrypted
+//! namespaces on its own control threads and, when a key arrives, binds the namespace's crypto
+//! bdev and brings the namespace online; until then the namespace is exported offline (locked).
+//! The RPC server has its own accept thread and one thread per client.
+
+use crate::bdev::Bdev;
+use crate::config::{BdevConfig, Config};
+use crate::keys::header::METADATA_REGION_BYTES;
+use crate::keys::manager::{KeyManager, ManagerOptions, NamespaceKeyConfig, RekeyScope};
+use crate::nvmf::conn::Connection;
+use crate::nvmf::target::{Listener, Target};
+use crate::reactor::{busy_pct, Mailboxes, Poller, ReactorSet};
+use crate::rpc::audit::{AuditSink, JsonlAuditSink};
+use crate::rpc::{parse_params, Role, RpcError, RpcHandle, RpcServer};
+use crate::tools::stack::Stacks;
+use crate::types::CoreId;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Errors starting the server.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("reactor.cores: {0}")]
+    Cores(String),
+    #[error(transparent)]
+    Reactor(#[from] crate::reactor::ReactorError),
+    #[error(transparent)]
+    Stack(#[from] crate::tools::stack::StackError),
+    #[error("nvmf: {0}")]
+    Target(String),
+    #[error("listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("keys: {0}")]
+    Keys(String),
+    #[error("rpc: {0}")]
+    Rpc(String),
+}
+
+/// Accepts NVMe/TCP connections on reactor 0 and places them on reactors round robin.
+struct AcceptPoller {
+    listeners: Vec<Listener>,
+    target: Arc<Target>,
+    mailboxes: Mailboxes,
+    next: usize,
+}
+
+impl Poller for AcceptPoller {
+    fn name(&self) -> &str {
+        "nvmf-accept"
+    }
+    fn poll(&mut self) -> usize {
+        let mut n = 0;
+        for l in self.listeners.iter_mut() {
+            while let Some(stream) = l.poll_accept() {
+                n += 1;
+                let idx = self.next % self.mailboxes.len();
+                self.next = self.next.wrapping_add(1);
+                let target = self.target.clone();
+                let peer = stream.peer_addr().ok();
+                let msg: crate::reactor::Msg = Box::new(move |r| match Connection::new(stream, target, r.core()) {
+                    Ok(c) => {
+                        tracing::debug!(?peer, reactor = r.index(), "connection placed");
+                        r.add_poller(Box::new(ConnPoller(c)));
+                    }
+                    Err(e) => tracing::warn!(?peer, "connection refused: {e}"),
+                });
+                if let Err(e) = self.mailboxes.send(idx, msg) {
+                    tracing::warn!(?peer, "cannot place connection on reactor {idx}: {e}");
+                }
+            }
+        }
+        n
+    }
+}
+
+/// One NVMe/TCP queue pair on its reactor.
+struct ConnPoller(Connection);
+
+impl Poller for ConnPoller {
+    fn name(&self) -> &str {
+        "nvmf-conn"
+    }
+    fn poll(&mut self) -> usize {
+        self.0.poll()
+    }
+    fn in_flight(&self) -> usize {
+        self.0.in_flight()
+    }
+    fn is_done(&self) -> bool {
+        self.0.is_closed()
+    }
+}
+
+/// Which (subsystem, nsid) pairs export a bdev.
+fn exports_of(cfg: &Config, bdev: &str) -> Vec<(String, u32)> {
+    cfg.subsystems
+        .iter()
+        .flat_map(|s| s.namespaces.iter().filter(|n| n.bdev == bdev).map(move |n| (s.nqn.clone(), n.nsid)))
+        .collect()
+}
+
+/// A running target.
+pub struct Server {
+    reactors: Option<ReactorSet>,
+    target: Arc<Target>,
+    keys: Option<Arc<KeyManager>>,
+    rpc: Option<RpcHandle>,
+    listen_addrs: Vec<SocketAddr>,
+    _stacks: Stacks,
+}
+
+impl Server {
+    /// Starts everything `cfg` describes. Encrypted namespaces start locked (offline) and come
+    /// online on their own as their keys arrive.
+    pub fn start(cfg: &Config) -> Result<Server, ServerError> {
+        let allowed = crate::sys::affinity::allowed_cpus();
+        let cores =
+            cfg.reactor.cores.placement().and_then(|p| p.resolve(&allowed)).map_err(ServerError::Cores)?;
+        let stacks = Stacks::open(cfg)?;
+        let bdevs: HashMap<String, Arc<dyn Bdev>> = stacks.bdevs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let target =
+            Target::new(&cfg.subsystems, cfg.nvmf, &bdevs).map_err(|e| ServerError::Target(e.to_string()))?;
+        for name in stacks.encrypted.keys() {
+            for (nqn, nsid) in exports_of(cfg, name) {
+                target.set_namespace_online(&nqn, nsid, false).map_err(|e| ServerError::Target(e.to_string()))?;
+            }
+        }
+        let set = ReactorSet::start(&cores, &cfg.reactor.options())?;
+
+        // Listeners (each distinct address once) on reactor 0.
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        for s in &cfg.subsystems {
+            for l in &s.listen {
+                let ip = l.addr.parse().map_err(|_| ServerError::Target(format!("bad listen address {}", l.addr)))?;
+                let a = SocketAddr::new(ip, l.port);
+                if !addrs.contains(&a) {
+                    addrs.push(a);
+                }
+            }
+        }
+        let mut listeners = Vec::with_capacity(addrs.len());
+        let mut listen_addrs = Vec::with_capacity(addrs.len());
+        for a in &addrs {
+            let l = Listener::bind(*a).map_err(|source| ServerError::Listen { addr: *a, source })?;
+            listen_addrs.push(l.local_addr().unwrap_or(*a));
+            tracing::info!(addr = %listen_addrs.last().map(|a| a.to_string()).unwrap_or_default(), "NVMe/TCP listening");
+            listeners.push(l);
+        }
+        if !listeners.is_empty() {
+            let t = target.clone();
+            set.call(0, move |r| {
+                let mailboxes = r.mailboxes();
+                r.add_poller(Box::new(AcceptPoller { listeners, target: t, mailboxes, next: 0 }));
+            })?;
+        }
+
+        // Audit sink shared by the key manager and the control socket.
+        let audit_path = cfg
+            .keys
+            .as_ref()
+            .and_then(|k| k.audit_log.clone())
+            .or_else(|| cfg.rpc.as_ref().and_then(|r| r.audit_log.clone()));
+        let audit: Option<Arc<dyn AuditSink>> = match &audit_path {
+            Some(p) => Some(Arc::new(
+                JsonlAuditSink::open(p).map_err(|e| ServerError::Keys(format!("audit log {}: {e}", p.display())))?,
+            )),
+            None => None,
+        };
+
+        // Key manager: encrypted namespaces.
+        let keys = if stacks.encrypted.is_empty() {
+            None
+        } else {
+            let kc = cfg.keys.clone().ok_or_else(|| ServerError::Keys("encrypted bdevs need a keys: section".into()))?;
+            if let Some(local) = kc.local.as_ref().filter(|l| l.create) {
+                if let Some(dir) = local.path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+                    use std::os::unix::fs::DirBuilderExt;
+                    std::fs::DirBuilder::new()
+                        .recursive(true)
+                        .mode(0o700)
+                        .create(dir)
+                        .map_err(|e| ServerError::Keys(format!("creating {}: {e}", dir.display())))?;
+                }
+            }
+            let late: BTreeMap<String, _> = stacks.encrypted.iter().map(|(k, (l, _))| (k.clone(), l.clone())).collect();
+            let exports: BTreeMap<String, Vec<(String, u32)>> =
+                stacks.encrypted.keys().map(|k| (k.clone(), exports_of(cfg, k))).collect();
+            let t = target.clone();
+            let on_online: crate::keys::manager::OnOnline = Arc::new(move |ns_id: &str, bdev: Arc<dyn Bdev>| {
+                let Some(l) = late.get(ns_id) else { return };
+                if !l.is_bound() {
+                    if let Err(e) = l.bind(bdev) {
+                        tracing::error!(bdev = ns_id, "cannot bring the namespace online: {e}");
+                        return;
+                    }
+                }
+                for (nqn, nsid) in exports.get(ns_id).into_iter().flatten() {
+                    if let Err(e) = t.set_namespace_online(nqn, *nsid, true) {
+                        tracing::error!(bdev = ns_id, nqn, nsid, "{e}");
+                    }
+                }
+                tracing::info!(bdev = ns_id, "encrypted namespace online");
+            });
+            let max_tier = cfg.crypto.max_tier.as_deref().and_then(|t| t.parse().ok());
+            let km = KeyManager::new(&kc, ManagerOptions { on_online: Some(on_online), audit: audit.clone(), xts_max_tier: max_tier })
+                .map_err(|e| ServerError::Keys(e.to_string()))?;
+            for (name, (_, ec)) in &stacks.encrypted {
+                let base = stacks.get(&ec.base).ok_or_else(|| ServerError::Keys(format!("{name}: no base bdev")))?;
+                let header_io: Box<dyn crate::keys::store::HeaderIo + Send> = match cfg.bdev(&ec.base) {
+                    Some(BdevConfig::Uring(u)) => Box::new(
+                        crate::bdev::slice::FileHeaderIo::open(&u.path, METADATA_REGION_BYTES)
+                            .map_err(|e| ServerError::Keys(format!("{name}: header of {}: {e}", u.path.display())))?,
+                    ),
+                    _ => Box::new(
+                        crate::bdev::slice::BdevHeaderIo::new(base.clone(), CoreId(0), METADATA_REGION_BYTES)
+                            .map_err(|e| ServerError::Keys(format!("{name}: header: {e}")))?,
+                    ),
+                };
+                let nk = NamespaceKeyConfig { provider: ec.provider.clone(), kek_name: ec.kek_name.clone() };
+                km.add_encrypted("nvseal", name, base, header_io, &nk, ec.create)
+                    .map_err(|e| ServerError::Keys(e.to_string()))?;
+            }
+            Some(Arc::new(km))
+        };
+
+        let mut server =
+            Server { reactors: Some(set), target, keys, rpc: None, listen_addrs, _stacks: stacks };
+        if let Some(rc) = &cfg.rpc {
+            server.rpc = Some(server.start_rpc(rc.clone(), audit)?);
+        }
+        Ok(server)
+    }
+
+    /// Addresses the NVMe/TCP listeners are bound to (ports resolved when 0 was asked).
+    pub fn listen_addrs(&self) -> &[SocketAddr] {
+        &self.listen_addrs
+    }
+    pub fn target(&self) -> &Arc<Target> {
+        &self.target
+    }
+    pub fn key_manager(&self) -> Option<&Arc<KeyManager>> {
+        self.keys.as_ref()
+    }
+    pub fn rpc_socket(&self) -> Option<&std::path::Path> {
+        self.rpc.as_ref().map(|h| h.socket_path())
+    }
+
+    fn start_rpc(&self, rc: crate::rpc::config::RpcConfig, audit: Option<Arc<dyn AuditSink>>) -> Result<RpcHandle, ServerError> {
+        let t = self.target.clone();
+        let k1 = self.keys.clone();
+        let k2 = self.keys.clone();
+        let k3 = self.keys.clone();
+        let k4 = self.keys.clone();
+        let reactors = self.reactors.as_ref().map(|s| (0..s.len()).map(|i| s.counters(i)).collect::<Vec<_>>()).unwrap_or_default();
+        let mut b = RpcServer::builder(rc)
+            .method("subsystems.list", Role::Viewer, move |_ctx, _p| Ok(subsystems_json(&t, k1.as_deref())))
+            .method("keys.status", Role::Viewer, move |_ctx, _p| {
+                Ok(json!({ "namespaces": k2.as_ref().map(|k| k.states()).unwrap_or_default() }))
+            })
+            .method("kms.status", Role::Viewer, move |_ctx, _p| {
+                Ok(json!({ "clusters": k3.as_ref().map(|k| k.kms_status()).unwrap_or_default() }))
+            })
+            .method("stats.reactors", Role::Viewer, move |_ctx, _p| {
+                let v: Vec<Value> = reactors
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| {
+                        let s = c.snapshot();
+                        json!({ "reactor": i, "busy_pct_lifetime": busy_pct((0, 0), s), "pollers": c.pollers.load(std::sync::atomic::Ordering::Relaxed) })
+                    })
+                    .collect();
+                Ok(json!({ "reactors": v }))
+            })
+            .method("rekey.shallow", Role::Crypto, move |ctx, p| {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct P {
+                    /// Namespaces (bdev names) to rekey; absent = all.
+                    #[serde(default)]
+                    namespaces: Option<Vec<String>>,
+                    /// Provider of the new KEK: "local" or a KMS cluster alias (a different
+                    /// cluster = change of KMS cluster).
+                    provider: String,
+                }
+                let p: P = parse_params(p)?;
+                let km = k4.as_ref().ok_or_else(|| RpcError::not_found("key manager", "no encrypted namespaces configured"))?;
+                let scope = match p.namespaces {
+                    Some(v) => RekeyScope::Namespaces(v),
+                    None => RekeyScope::All,
+                };
+                let who = format!("uid={} gid={} pid={}", ctx.caller.uid, ctx.caller.gid, ctx.caller.pid);
+                km.shallow_rekey(&who, &scope, &p.provider)
+                    .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
+                    .map_err(|e| RpcError::invalid_params(&e.to_string()))
+            });
+        if let Some(a) = audit {
+            b = b.audit(a);
+        }
+        let server = b.build().map_err(|e| ServerError::Rpc(e.to_string()))?;
+        let h = server.start().map_err(|e| ServerError::Rpc(e.to_string()))?;
+        tracing::info!(socket = %h.socket_path().display(), "control socket listening");
+        Ok(h)
+    }
+
+    /// Stops the control socket, drains the reactors (in-flight I/O completes) and stops them.
+    pub fn shutdown(mut self) {
+        if let Some(r) = self.rpc.take() {
+            r.shutdown();
+        }
+        if let Some(set) = self.reactors.take() {
+            set.shutdown();
+        }
+    }
+}
+
+/// `subsystems.list`: subsystems, namespaces, crypto state.
+fn subsystems_json(t: &Target, keys: Option<&KeyManager>) -> Value {
+    let states: BTreeMap<String, Value> = keys
+        .map(|k| {
+            k.states()
+                .into_iter()
+                .map(|s| (s.ns_id.clone(), serde_json::to_value(&s).unwrap_or(Value::Null)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let subs: Vec<Value> = t
+        .subsystems()
+        .iter()
+        .map(|s| {
+            let ns: Vec<Value> = s
+                .namespaces
+                .iter()
+                .map(|n| {
+                    json!({
+                        "nsid": n.nsid,
+                        "bdev": n.bdev.name(),
+                        "encrypted": n.encrypted || states.contains_key(n.bdev.name()),
+                        "online": n.is_online(),
+                        "block_size": n.block_size,
+                        "num_blocks": n.num_blocks,
+                        "key": states.get(n.bdev.name()),
+                    })
+                })
+                .collect();
+            json!({ "nqn": s.nqn, "serial": s.serial, "model": s.model, "allowed_hosts": s.allowed_hosts, "namespaces": ns })
+        })
+        .collect();
+    json!({ "subsystems": subs })
+}
