@@ -37,7 +37,10 @@ pub enum ServerError {
     #[error("nvmf: {0}")]
     Target(String),
     #[error("listen on {addr}: {source}")]
-    Listen { addr: SocketAddr, source: std::io::Error },
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("keys: {0}")]
     Keys(String),
     #[error("rpc: {0}")]
@@ -65,13 +68,14 @@ impl Poller for AcceptPoller {
                 self.next = self.next.wrapping_add(1);
                 let target = self.target.clone();
                 let peer = stream.peer_addr().ok();
-                let msg: crate::reactor::Msg = Box::new(move |r| match Connection::new(stream, target, r.core()) {
-                    Ok(c) => {
-                        tracing::debug!(?peer, reactor = r.index(), "connection placed");
-                        r.add_poller(Box::new(ConnPoller(c)));
-                    }
-                    Err(e) => tracing::warn!(?peer, "connection refused: {e}"),
-                });
+                let msg: crate::reactor::Msg =
+                    Box::new(move |r| match Connection::new(stream, target, r.core()) {
+                        Ok(c) => {
+                            tracing::debug!(?peer, reactor = r.index(), "connection placed");
+                            r.add_poller(Box::new(ConnPoller(c)));
+                        }
+                        Err(e) => tracing::warn!(?peer, "connection refused: {e}"),
+                    });
                 if let Err(e) = self.mailboxes.send(idx, msg) {
                     tracing::warn!(?peer, "cannot place connection on reactor {idx}: {e}");
                 }
@@ -103,7 +107,12 @@ impl Poller for ConnPoller {
 fn exports_of(cfg: &Config, bdev: &str) -> Vec<(String, u32)> {
     cfg.subsystems
         .iter()
-        .flat_map(|s| s.namespaces.iter().filter(|n| n.bdev == bdev).map(move |n| (s.nqn.clone(), n.nsid)))
+        .flat_map(|s| {
+            s.namespaces
+                .iter()
+                .filter(|n| n.bdev == bdev)
+                .map(move |n| (s.nqn.clone(), n.nsid))
+        })
         .collect()
 }
 
@@ -122,15 +131,25 @@ impl Server {
     /// online on their own as their keys arrive.
     pub fn start(cfg: &Config) -> Result<Server, ServerError> {
         let allowed = crate::sys::affinity::allowed_cpus();
-        let cores =
-            cfg.reactor.cores.placement().and_then(|p| p.resolve(&allowed)).map_err(ServerError::Cores)?;
+        let cores = cfg
+            .reactor
+            .cores
+            .placement()
+            .and_then(|p| p.resolve(&allowed))
+            .map_err(ServerError::Cores)?;
         let stacks = Stacks::open(cfg)?;
-        let bdevs: HashMap<String, Arc<dyn Bdev>> = stacks.bdevs.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-        let target =
-            Target::new(&cfg.subsystems, cfg.nvmf, &bdevs).map_err(|e| ServerError::Target(e.to_string()))?;
+        let bdevs: HashMap<String, Arc<dyn Bdev>> = stacks
+            .bdevs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let target = Target::new(&cfg.subsystems, cfg.nvmf, &bdevs)
+            .map_err(|e| ServerError::Target(e.to_string()))?;
         for name in stacks.encrypted.keys() {
             for (nqn, nsid) in exports_of(cfg, name) {
-                target.set_namespace_online(&nqn, nsid, false).map_err(|e| ServerError::Target(e.to_string()))?;
+                target
+                    .set_namespace_online(&nqn, nsid, false)
+                    .map_err(|e| ServerError::Target(e.to_string()))?;
             }
         }
         let set = ReactorSet::start(&cores, &cfg.reactor.options())?;
@@ -139,7 +158,10 @@ impl Server {
         let mut addrs: Vec<SocketAddr> = Vec::new();
         for s in &cfg.subsystems {
             for l in &s.listen {
-                let ip = l.addr.parse().map_err(|_| ServerError::Target(format!("bad listen address {}", l.addr)))?;
+                let ip = l
+                    .addr
+                    .parse()
+                    .map_err(|_| ServerError::Target(format!("bad listen address {}", l.addr)))?;
                 let a = SocketAddr::new(ip, l.port);
                 if !addrs.contains(&a) {
                     addrs.push(a);
@@ -149,7 +171,8 @@ impl Server {
         let mut listeners = Vec::with_capacity(addrs.len());
         let mut listen_addrs = Vec::with_capacity(addrs.len());
         for a in &addrs {
-            let l = Listener::bind(*a).map_err(|source| ServerError::Listen { addr: *a, source })?;
+            let l =
+                Listener::bind(*a).map_err(|source| ServerError::Listen { addr: *a, source })?;
             listen_addrs.push(l.local_addr().unwrap_or(*a));
             tracing::info!(addr = %listen_addrs.last().map(|a| a.to_string()).unwrap_or_default(), "NVMe/TCP listening");
             listeners.push(l);
@@ -158,7 +181,12 @@ impl Server {
             let t = target.clone();
             set.call(0, move |r| {
                 let mailboxes = r.mailboxes();
-                r.add_poller(Box::new(AcceptPoller { listeners, target: t, mailboxes, next: 0 }));
+                r.add_poller(Box::new(AcceptPoller {
+                    listeners,
+                    target: t,
+                    mailboxes,
+                    next: 0,
+                }));
             })?;
         }
 
@@ -169,9 +197,9 @@ impl Server {
             .and_then(|k| k.audit_log.clone())
             .or_else(|| cfg.rpc.as_ref().and_then(|r| r.audit_log.clone()));
         let audit: Option<Arc<dyn AuditSink>> = match &audit_path {
-            Some(p) => Some(Arc::new(
-                JsonlAuditSink::open(p).map_err(|e| ServerError::Keys(format!("audit log {}: {e}", p.display())))?,
-            )),
+            Some(p) => Some(Arc::new(JsonlAuditSink::open(p).map_err(|e| {
+                ServerError::Keys(format!("audit log {}: {e}", p.display()))
+            })?)),
             None => None,
         };
 
@@ -179,60 +207,105 @@ impl Server {
         let keys = if stacks.encrypted.is_empty() {
             None
         } else {
-            let kc = cfg.keys.clone().ok_or_else(|| ServerError::Keys("encrypted bdevs need a keys: section".into()))?;
+            let kc = cfg
+                .keys
+                .clone()
+                .ok_or_else(|| ServerError::Keys("encrypted bdevs need a keys: section".into()))?;
             if let Some(local) = kc.local.as_ref().filter(|l| l.create) {
-                if let Some(dir) = local.path.parent().filter(|d| !d.as_os_str().is_empty() && !d.exists()) {
+                if let Some(dir) = local
+                    .path
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty() && !d.exists())
+                {
                     use std::os::unix::fs::DirBuilderExt;
                     std::fs::DirBuilder::new()
                         .recursive(true)
                         .mode(0o700)
                         .create(dir)
-                        .map_err(|e| ServerError::Keys(format!("creating {}: {e}", dir.display())))?;
+                        .map_err(|e| {
+                            ServerError::Keys(format!("creating {}: {e}", dir.display()))
+                        })?;
                 }
             }
-            let late: BTreeMap<String, _> = stacks.encrypted.iter().map(|(k, (l, _))| (k.clone(), l.clone())).collect();
-            let exports: BTreeMap<String, Vec<(String, u32)>> =
-                stacks.encrypted.keys().map(|k| (k.clone(), exports_of(cfg, k))).collect();
+            let late: BTreeMap<String, _> = stacks
+                .encrypted
+                .iter()
+                .map(|(k, (l, _))| (k.clone(), l.clone()))
+                .collect();
+            let exports: BTreeMap<String, Vec<(String, u32)>> = stacks
+                .encrypted
+                .keys()
+                .map(|k| (k.clone(), exports_of(cfg, k)))
+                .collect();
             let t = target.clone();
-            let on_online: crate::keys::manager::OnOnline = Arc::new(move |ns_id: &str, bdev: Arc<dyn Bdev>| {
-                let Some(l) = late.get(ns_id) else { return };
-                if !l.is_bound() {
-                    if let Err(e) = l.bind(bdev) {
-                        tracing::error!(bdev = ns_id, "cannot bring the namespace online: {e}");
-                        return;
+            let on_online: crate::keys::manager::OnOnline =
+                Arc::new(move |ns_id: &str, bdev: Arc<dyn Bdev>| {
+                    let Some(l) = late.get(ns_id) else { return };
+                    if !l.is_bound() {
+                        if let Err(e) = l.bind(bdev) {
+                            tracing::error!(bdev = ns_id, "cannot bring the namespace online: {e}");
+                            return;
+                        }
                     }
-                }
-                for (nqn, nsid) in exports.get(ns_id).into_iter().flatten() {
-                    if let Err(e) = t.set_namespace_online(nqn, *nsid, true) {
-                        tracing::error!(bdev = ns_id, nqn, nsid, "{e}");
+                    for (nqn, nsid) in exports.get(ns_id).into_iter().flatten() {
+                        if let Err(e) = t.set_namespace_online(nqn, *nsid, true) {
+                            tracing::error!(bdev = ns_id, nqn, nsid, "{e}");
+                        }
                     }
-                }
-                tracing::info!(bdev = ns_id, "encrypted namespace online");
-            });
+                    tracing::info!(bdev = ns_id, "encrypted namespace online");
+                });
             let max_tier = cfg.crypto.max_tier.as_deref().and_then(|t| t.parse().ok());
-            let km = KeyManager::new(&kc, ManagerOptions { on_online: Some(on_online), audit: audit.clone(), xts_max_tier: max_tier })
-                .map_err(|e| ServerError::Keys(e.to_string()))?;
+            let km = KeyManager::new(
+                &kc,
+                ManagerOptions {
+                    on_online: Some(on_online),
+                    audit: audit.clone(),
+                    xts_max_tier: max_tier,
+                },
+            )
+            .map_err(|e| ServerError::Keys(e.to_string()))?;
             for (name, (_, ec)) in &stacks.encrypted {
-                let base = stacks.get(&ec.base).ok_or_else(|| ServerError::Keys(format!("{name}: no base bdev")))?;
-                let header_io: Box<dyn crate::keys::store::HeaderIo + Send> = match cfg.bdev(&ec.base) {
-                    Some(BdevConfig::Uring(u)) => Box::new(
-                        crate::bdev::slice::FileHeaderIo::open(&u.path, METADATA_REGION_BYTES)
-                            .map_err(|e| ServerError::Keys(format!("{name}: header of {}: {e}", u.path.display())))?,
-                    ),
-                    _ => Box::new(
-                        crate::bdev::slice::BdevHeaderIo::new(base.clone(), CoreId(0), METADATA_REGION_BYTES)
+                let base = stacks
+                    .get(&ec.base)
+                    .ok_or_else(|| ServerError::Keys(format!("{name}: no base bdev")))?;
+                let header_io: Box<dyn crate::keys::store::HeaderIo + Send> =
+                    match cfg.bdev(&ec.base) {
+                        Some(BdevConfig::Uring(u)) => Box::new(
+                            crate::bdev::slice::FileHeaderIo::open(&u.path, METADATA_REGION_BYTES)
+                                .map_err(|e| {
+                                    ServerError::Keys(format!(
+                                        "{name}: header of {}: {e}",
+                                        u.path.display()
+                                    ))
+                                })?,
+                        ),
+                        _ => Box::new(
+                            crate::bdev::slice::BdevHeaderIo::new(
+                                base.clone(),
+                                CoreId(0),
+                                METADATA_REGION_BYTES,
+                            )
                             .map_err(|e| ServerError::Keys(format!("{name}: header: {e}")))?,
-                    ),
+                        ),
+                    };
+                let nk = NamespaceKeyConfig {
+                    provider: ec.provider.clone(),
+                    kek_name: ec.kek_name.clone(),
                 };
-                let nk = NamespaceKeyConfig { provider: ec.provider.clone(), kek_name: ec.kek_name.clone() };
                 km.add_encrypted("nvseal", name, base, header_io, &nk, ec.create)
                     .map_err(|e| ServerError::Keys(e.to_string()))?;
             }
             Some(Arc::new(km))
         };
 
-        let mut server =
-            Server { reactors: Some(set), target, keys, rpc: None, listen_addrs, _stacks: stacks };
+        let mut server = Server {
+            reactors: Some(set),
+            target,
+            keys,
+            rpc: None,
+            listen_addrs,
+            _stacks: stacks,
+        };
         if let Some(rc) = &cfg.rpc {
             server.rpc = Some(server.start_rpc(rc.clone(), audit)?);
         }
@@ -253,13 +326,21 @@ impl Server {
         self.rpc.as_ref().map(|h| h.socket_path())
     }
 
-    fn start_rpc(&self, rc: crate::rpc::config::RpcConfig, audit: Option<Arc<dyn AuditSink>>) -> Result<RpcHandle, ServerError> {
+    fn start_rpc(
+        &self,
+        rc: crate::rpc::config::RpcConfig,
+        audit: Option<Arc<dyn AuditSink>>,
+    ) -> Result<RpcHandle, ServerError> {
         let t = self.target.clone();
         let k1 = self.keys.clone();
         let k2 = self.keys.clone();
         let k3 = self.keys.clone();
         let k4 = self.keys.clone();
-        let reactors = self.reactors.as_ref().map(|s| (0..s.len()).map(|i| s.counters(i)).collect::<Vec<_>>()).unwrap_or_default();
+        let reactors = self
+            .reactors
+            .as_ref()
+            .map(|s| (0..s.len()).map(|i| s.counters(i)).collect::<Vec<_>>())
+            .unwrap_or_default();
         let mut b = RpcServer::builder(rc)
             .method("subsystems.list", Role::Viewer, move |_ctx, _p| Ok(subsystems_json(&t, k1.as_deref())))
             .method("keys.status", Role::Viewer, move |_ctx, _p| {
@@ -305,7 +386,9 @@ impl Server {
             b = b.audit(a);
         }
         let server = b.build().map_err(|e| ServerError::Rpc(e.to_string()))?;
-        let h = server.start().map_err(|e| ServerError::Rpc(e.to_string()))?;
+        let h = server
+            .start()
+            .map_err(|e| ServerError::Rpc(e.to_string()))?;
         tracing::info!(socket = %h.socket_path().display(), "control socket listening");
         Ok(h)
     }
@@ -327,7 +410,12 @@ fn subsystems_json(t: &Target, keys: Option<&KeyManager>) -> Value {
         .map(|k| {
             k.states()
                 .into_iter()
-                .map(|s| (s.ns_id.clone(), serde_json::to_value(&s).unwrap_or(Value::Null)))
+                .map(|s| {
+                    (
+                        s.ns_id.clone(),
+                        serde_json::to_value(&s).unwrap_or(Value::Null),
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default();

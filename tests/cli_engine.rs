@@ -220,7 +220,13 @@ fn serve_default_config_starts_and_stops_on_sigterm() {
     let log = reader.join().unwrap();
     assert!(status.success(), "{status}\n{log}");
     assert!(log.contains("nvseal serving"), "{log}");
-    assert!(log.contains("encrypted namespace online") && log.contains("vol1"), "{log}");
-    assert!(log.contains("NOT FOR PRODUCTION"), "the local key provider must warn loudly: {log}");
+    assert!(
+        log.contains("encrypted namespace online") && log.contains("vol1"),
+        "{log}"
+    );
+    assert!(
+        log.contains("NOT FOR PRODUCTION"),
+        "the local key provider must warn loudly: {log}"
+    );
     assert!(log.contains("stopped"), "{log}");
 }

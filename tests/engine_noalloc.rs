@@ -54,8 +54,10 @@ fn allocs() -> u64 {
 }
 
 fn malloc_bdev(name: &str) -> Arc<dyn Bdev> {
-    let cfg: MallocConfig =
-        serde_yaml_ng::from_str(&format!("name: {name}\nsize_bytes: 16777216\nblock_size: 4096\n")).unwrap();
+    let cfg: MallocConfig = serde_yaml_ng::from_str(&format!(
+        "name: {name}\nsize_bytes: 16777216\nblock_size: 4096\n"
+    ))
+    .unwrap();
     malloc::open(&cfg).unwrap()
 }
 
@@ -65,12 +67,35 @@ fn crypto_over(base: Arc<dyn Bdev>) -> Arc<dyn Bdev> {
 }
 
 /// Runs a job on this thread: `warm` polls, then counts allocations over `measured` polls.
-fn steady_state_allocs(bdev: &Arc<dyn Bdev>, raw: Option<&Arc<dyn Bdev>>, workload: Workload, verify: bool) -> (u64, u64) {
-    let spec = JobSpec { workload, rwmixread: 50, io_size: 8192, queue_depth: 16, verify, seed: 3 };
+fn steady_state_allocs(
+    bdev: &Arc<dyn Bdev>,
+    raw: Option<&Arc<dyn Bdev>>,
+    workload: Workload,
+    verify: bool,
+) -> (u64, u64) {
+    let spec = JobSpec {
+        workload,
+        rwmixread: 50,
+        io_size: 8192,
+        queue_depth: 16,
+        verify,
+        seed: 3,
+    };
     let (tx, rx) = crossbeam_channel::bounded(1);
     let progress = Arc::new(AtomicU64::new(0));
-    let mut job =
-        Job::new("t", bdev, raw, &spec, 0, 1, Until::Count(1 << 40), CoreId(0), progress.clone(), tx).unwrap();
+    let mut job = Job::new(
+        "t",
+        bdev,
+        raw,
+        &spec,
+        0,
+        1,
+        Until::Count(1 << 40),
+        CoreId(0),
+        progress.clone(),
+        tx,
+    )
+    .unwrap();
     for _ in 0..1_000 {
         job.poll();
     }
@@ -98,16 +123,35 @@ fn steady_state_allocates_nothing() {
     let m = malloc_bdev("m0");
     let enc = crypto_over(m.clone());
     let nul: Arc<dyn Bdev> = null::open(
-        &serde_yaml_ng::from_str::<NullConfig>("name: n0\nnum_blocks: 65536\nblock_size: 4096\n").unwrap(),
+        &serde_yaml_ng::from_str::<NullConfig>("name: n0\nnum_blocks: 65536\nblock_size: 4096\n")
+            .unwrap(),
     )
     .unwrap();
     let enc_null = crypto_over(nul.clone());
     let cases: Vec<(&str, &Arc<dyn Bdev>, Option<&Arc<dyn Bdev>>, Workload, bool)> = vec![
         ("malloc randrw", &m, None, Workload::Randrw, false),
         ("crypto/malloc randrw", &enc, None, Workload::Randrw, false),
-        ("crypto/malloc seq write", &enc, None, Workload::Write, false),
-        ("crypto/malloc verify + raw check", &enc, Some(&m), Workload::Write, true),
-        ("crypto/null randread", &enc_null, None, Workload::Randread, false),
+        (
+            "crypto/malloc seq write",
+            &enc,
+            None,
+            Workload::Write,
+            false,
+        ),
+        (
+            "crypto/malloc verify + raw check",
+            &enc,
+            Some(&m),
+            Workload::Write,
+            true,
+        ),
+        (
+            "crypto/null randread",
+            &enc_null,
+            None,
+            Workload::Randread,
+            false,
+        ),
     ];
     for (name, b, raw, w, verify) in cases {
         let (n, ios) = steady_state_allocs(b, raw, w, verify);

@@ -24,7 +24,13 @@ pub struct LateBdev {
 
 impl LateBdev {
     pub fn new(name: &str, block_size: u32, num_blocks: u64, buf_align: usize) -> Self {
-        LateBdev { name: name.to_string(), block_size, num_blocks, buf_align, inner: Arc::new(OnceLock::new()) }
+        LateBdev {
+            name: name.to_string(),
+            block_size,
+            num_blocks,
+            buf_align,
+            inner: Arc::new(OnceLock::new()),
+        }
     }
     /// Binds the real bdev; its geometry must match what was announced.
     pub fn bind(&self, bdev: Arc<dyn Bdev>) -> Result<(), BdevError> {
@@ -40,7 +46,10 @@ impl LateBdev {
                 ),
             });
         }
-        self.inner.set(bdev).map_err(|_| BdevError::Invalid { name: self.name.clone(), what: "already bound".into() })
+        self.inner.set(bdev).map_err(|_| BdevError::Invalid {
+            name: self.name.clone(),
+            what: "already bound".into(),
+        })
     }
     pub fn is_bound(&self) -> bool {
         self.inner.get().is_some()
@@ -67,7 +76,11 @@ impl Bdev for LateBdev {
     fn buf_align(&self) -> usize {
         self.buf_align
     }
-    fn open_channel(&self, core: CoreId, queue_depth: usize) -> Result<Box<dyn BdevChannel>, BdevError> {
+    fn open_channel(
+        &self,
+        core: CoreId,
+        queue_depth: usize,
+    ) -> Result<Box<dyn BdevChannel>, BdevError> {
         let inner = match self.inner.get() {
             Some(b) => Some(b.open_channel(core, queue_depth)?),
             None => None,
@@ -153,14 +166,22 @@ mod tests {
         ch.poll(&mut |io| got.push(io.status));
         assert_eq!(got, vec![IoStatus::IoError(libc::EAGAIN)]);
 
-        let cfg: MallocConfig = serde_yaml_ng::from_str("name: m\nnum_blocks: 128\nblock_size: 4096\n").unwrap();
-        assert!(late.bind(malloc::open(&cfg).unwrap()).is_err(), "geometry mismatch must be refused");
-        let cfg: MallocConfig = serde_yaml_ng::from_str("name: m\nnum_blocks: 256\nblock_size: 4096\n").unwrap();
+        let cfg: MallocConfig =
+            serde_yaml_ng::from_str("name: m\nnum_blocks: 128\nblock_size: 4096\n").unwrap();
+        assert!(
+            late.bind(malloc::open(&cfg).unwrap()).is_err(),
+            "geometry mismatch must be refused"
+        );
+        let cfg: MallocConfig =
+            serde_yaml_ng::from_str("name: m\nnum_blocks: 256\nblock_size: 4096\n").unwrap();
         late.bind(malloc::open(&cfg).unwrap()).unwrap();
         assert!(late.is_bound());
         let mut buf = pool.get(4096).unwrap();
         buf.as_mut_slice().fill(7);
-        assert!(matches!(ch.submit(BdevIo::new(IoType::Write, 3, 1, Some(buf), 2)), Submit::Queued));
+        assert!(matches!(
+            ch.submit(BdevIo::new(IoType::Write, 3, 1, Some(buf), 2)),
+            Submit::Queued
+        ));
         let mut st = Vec::new();
         while st.is_empty() {
             ch.poll(&mut |io| st.push(io.status));

@@ -21,8 +21,8 @@
 use crate::sys::buf::AlignedBuf;
 use crate::types::CoreId;
 
-pub mod malloc;
 pub mod late;
+pub mod malloc;
 pub mod null;
 pub mod sim;
 pub mod slice;

@@ -326,7 +326,10 @@ impl Config {
             }
             if let BdevConfig::Encrypted(c) = b {
                 if !seen.contains(&c.base.as_str()) {
-                    return Err(err(format!("bdevs[{i}].base"), format!("no bdev named {:?} defined before this one", c.base)));
+                    return Err(err(
+                        format!("bdevs[{i}].base"),
+                        format!("no bdev named {:?} defined before this one", c.base),
+                    ));
                 }
                 let keys = self.keys.as_ref();
                 let known = if c.provider == crate::keys::manager::LOCAL_PROVIDER {
@@ -369,17 +372,26 @@ impl Config {
         let mut nqns: Vec<&str> = Vec::new();
         for (i, sub) in self.subsystems.iter().enumerate() {
             if nqns.contains(&sub.nqn.as_str()) {
-                return Err(err(format!("subsystems[{i}].nqn"), format!("subsystem {:?} is defined twice", sub.nqn)));
+                return Err(err(
+                    format!("subsystems[{i}].nqn"),
+                    format!("subsystem {:?} is defined twice", sub.nqn),
+                ));
             }
             nqns.push(&sub.nqn);
             for (j, ns) in sub.namespaces.iter().enumerate() {
                 if !seen.contains(&ns.bdev.as_str()) {
-                    return Err(err(format!("subsystems[{i}].namespaces[{j}].bdev"), format!("no bdev named {:?}", ns.bdev)));
+                    return Err(err(
+                        format!("subsystems[{i}].namespaces[{j}].bdev"),
+                        format!("no bdev named {:?}", ns.bdev),
+                    ));
                 }
             }
             for (j, l) in sub.listen.iter().enumerate() {
                 if l.addr.parse::<std::net::IpAddr>().is_err() {
-                    return Err(err(format!("subsystems[{i}].listen[{j}].addr"), format!("not an IP address: {:?}", l.addr)));
+                    return Err(err(
+                        format!("subsystems[{i}].listen[{j}].addr"),
+                        format!("not an IP address: {:?}", l.addr),
+                    ));
                 }
             }
         }

@@ -77,9 +77,17 @@ fn core_specs() {
 #[test]
 fn encrypted_bdevs_need_a_known_provider_and_namespaces_known_bdevs() {
     let e = err("bdevs:\n  - name: m\n    type: malloc\n    num_blocks: 1024\n  - name: v\n    type: encrypted\n    base: m\n    provider: vault\n");
-    assert_eq!((e.path.as_str(), e.line), ("bdevs[1].provider", Some(8)), "{e}");
+    assert_eq!(
+        (e.path.as_str(), e.line),
+        ("bdevs[1].provider", Some(8)),
+        "{e}"
+    );
     let e = err("subsystems:\n  - nqn: nqn.2026-01.io.x:a\n    serial: S1\n    namespaces:\n      - nsid: 1\n        bdev: nope\n");
-    assert_eq!((e.path.as_str(), e.line), ("subsystems[0].namespaces[0].bdev", Some(6)), "{e}");
+    assert_eq!(
+        (e.path.as_str(), e.line),
+        ("subsystems[0].namespaces[0].bdev", Some(6)),
+        "{e}"
+    );
     let e = err("subsystems:\n  - nqn: nqn.2026-01.io.x:a\n    serial: S1\n    namespaces: []\n    listen:\n      - addr: localhost\n");
     assert_eq!(e.path, "subsystems[0].listen[0].addr", "{e}");
 }

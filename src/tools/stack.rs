@@ -1,12 +1,12 @@
 //! Builds the bdev stacks a config describes (control thread, start-up only).
 
-use crate::bdev::{self, Bdev, BdevError};
 use crate::bdev::late::LateBdev;
+use crate::bdev::{self, Bdev, BdevError};
 use crate::config::{BdevConfig, Config, DevKeySource, EncryptedBdevConfig};
-use crate::keys::header::METADATA_REGION_BYTES;
 use crate::crypto::bdev::{CryptoBdev, DataKey};
 use crate::crypto::key::XtsKey;
 use crate::crypto::xts::Tier;
+use crate::keys::header::METADATA_REGION_BYTES;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use zeroize::Zeroizing;
@@ -63,10 +63,13 @@ impl Stacks {
                     Arc::new(CryptoBdev::new(&c.name, base, dk, c.allow_discards)?)
                 }
                 BdevConfig::Encrypted(c) => {
-                    let base = bdevs.get(&c.base).cloned().ok_or_else(|| BdevError::Invalid {
-                        name: c.name.clone(),
-                        what: format!("base bdev {} not found", c.base),
-                    })?;
+                    let base = bdevs
+                        .get(&c.base)
+                        .cloned()
+                        .ok_or_else(|| BdevError::Invalid {
+                            name: c.name.clone(),
+                            what: format!("base bdev {} not found", c.base),
+                        })?;
                     let bs = u64::from(base.block_size());
                     let header_blocks = METADATA_REGION_BYTES / bs;
                     if base.num_blocks() <= header_blocks {
@@ -92,7 +95,12 @@ impl Stacks {
             };
             bdevs.insert(b.name().to_string(), dev);
         }
-        Ok(Stacks { bdevs, crypto_base, crypto_keys, encrypted })
+        Ok(Stacks {
+            bdevs,
+            crypto_base,
+            crypto_keys,
+            encrypted,
+        })
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<dyn Bdev>> {
