@@ -9,8 +9,8 @@ NVSEAL_QEMU_CACHE="${NVSEAL_QEMU_CACHE:-$HOME/.cache/nvseal/qemu}"
 QEMU_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 # Files the harness produces in the cache (stable names, read by run-guest.sh).
-KERNEL_IMG="$NVSEAL_QEMU_CACHE/vmlinuz"
-INITRAMFS_IMG="$NVSEAL_QEMU_CACHE/initramfs.cpio.zst"
+KERNEL_IMG="$NVSEAL_QEMU_CACHE/vmlinux"
+INITRAMFS_IMG="$NVSEAL_QEMU_CACHE/initramfs.cpio"
 BUILD_INFO="$NVSEAL_QEMU_CACHE/build-info.txt"
 
 # Markers /init prints on the serial console around the test script. run-guest.sh

@@ -16,6 +16,8 @@
 #   NVSEAL_QEMU_SMP      guest CPUs (default 2; TCG runs one host thread per vCPU)
 #   NVSEAL_QEMU_NET      user (QEMU's built-in slirp, default) or passt
 #   NVSEAL_QEMU_ECHO     1 (default) copies the console to stdout while it runs, 0 does not
+#   NVSEAL_QEMU_CPU      QEMU -cpu model (default max: pclmul/sse4.2 for the crc drivers)
+#   NVSEAL_QEMU_APPEND   extra kernel command line words (e.g. "loglevel=7" instead of quiet)
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
@@ -34,6 +36,7 @@ QEMU_BIN="$(command -v qemu-system-x86_64)" || { log "qemu-system-x86_64 missing
 MEM_MB="${NVSEAL_QEMU_MEM_MB:-1024}"
 SMP="${NVSEAL_QEMU_SMP:-2}"
 NET="${NVSEAL_QEMU_NET:-user}"
+CPU="${NVSEAL_QEMU_CPU:-max}"
 ECHO="${NVSEAL_QEMU_ECHO:-1}"
 LOG="${NVSEAL_QEMU_LOG:-$NVSEAL_QEMU_CACHE/logs/run-$(date -u +%Y%m%dT%H%M%S)-$$.log}"
 mkdir -p "$(dirname "$LOG")"
@@ -90,10 +93,10 @@ case "$NET" in
 esac
 
 t0=$(date +%s.%N)
-"$QEMU_BIN" -nodefaults -machine pc,accel=tcg -cpu max -smp "$SMP" -m "$MEM_MB" \
+"$QEMU_BIN" -nodefaults -machine pc,accel=tcg -cpu "$CPU" -smp "$SMP" -m "$MEM_MB" \
     -display none -monitor none -serial "file:$LOG" -no-reboot \
     -kernel "$KERNEL_IMG" -initrd "$WORK/initrd" \
-    -append "console=ttyS0 quiet panic=-1 nvseal.ip=10.0.2.15/24 nvseal.gw=10.0.2.2" \
+    -append "console=ttyS0 quiet panic=-1 nvseal.ip=10.0.2.15/24 nvseal.gw=10.0.2.2 ${NVSEAL_QEMU_APPEND:-}" \
     "${NETDEV[@]}" -device virtio-net-pci,netdev=n0 \
     </dev/null >"$WORK/qemu.out" 2>&1 &
 QEMU_PID=$!

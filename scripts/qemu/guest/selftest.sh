@@ -1,0 +1,76 @@
+#!/bin/bash
+# Guest half of scripts/qemu/selftest.sh: runs as /run.sh inside the QEMU guest.
+# The host prepends: EXPECT_KVER, HTTP_PORT, BLOB_SHA256, CLOSED_PORT.
+# Prints PASS/FAIL per check and exits with the number of failed checks.
+set -u
+passed=0
+failed=0
+check() {
+    local name="$1"
+    shift
+    if "$@"; then
+        echo "PASS $name"
+        passed=$((passed + 1))
+    else
+        echo "FAIL $name"
+        failed=$((failed + 1))
+    fi
+}
+
+# (a) the Debian kernel setup.sh downloaded is the one running.
+kver_ok() { echo "uname -r: $(uname -r)"; [ "$(uname -r)" = "$EXPECT_KVER" ]; }
+check kernel-version kver_ok
+
+# (b) NVMe/TCP initiator loaded by /init, with its dependency chain and the fabrics device.
+modules_ok() {
+    local m
+    for m in nvme_tcp nvme_fabrics nvme_core t10_pi; do
+        [ -d "/sys/module/$m" ] || { echo "missing /sys/module/$m"; return 1; }
+    done
+    [ -c /dev/nvme-fabrics ] || { echo "missing /dev/nvme-fabrics"; return 1; }
+}
+check nvme-tcp-loaded modules_ok
+
+# (c) user-space tools run (dynamic libraries all present).
+nvme_ok() { local v; v="$(nvme version)" && echo "$v" && [[ "$v" == "nvme version "* ]]; }
+check nvme-cli nvme_ok
+fio_ok() { local v; v="$(fio --version)" && echo "$v" && [[ "$v" == fio-3* ]]; }
+check fio-version fio_ok
+
+# (d) the host's 127.0.0.1 is reachable as 10.0.2.2: fetch a random blob the host serves.
+wget_ok() {
+    # busybox 1.35 (Debian 12 static) segfaults on wget -T; bound it with timeout(1).
+    timeout 60 busybox wget -q -O /tmp/blob "http://$NVSEAL_HOST_IP:$HTTP_PORT/blob" || return 1
+    local got
+    got="$(sha256sum /tmp/blob | cut -d' ' -f1)"
+    echo "blob sha256 $got (want $BLOB_SHA256)"
+    [ "$got" = "$BLOB_SHA256" ]
+}
+check host-tcp-via-10.0.2.2 wget_ok
+
+# (d') the kernel initiator's own socket reaches the host: a discover against a host port
+# with no listener must fail with "connection refused", not hang or time out.
+refused_ok() {
+    local out
+    out="$(timeout 60 nvme discover -t tcp -a "$NVSEAL_HOST_IP" -s "$CLOSED_PORT" 2>&1)"
+    local rc=$?
+    echo "nvme discover rc=$rc: $out"
+    [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && dmesg | tail -n 5 | grep -qi 'failed to connect socket: -111'
+}
+check nvme-discover-refused refused_ok
+
+# (e) fio writes and verifies (crc32c) a file in tmpfs.
+fio_verify_ok() {
+    fio --name=selftest --filename=/tmp/fio.dat --size=16M --bs=4k --rw=randwrite \
+        --ioengine=psync --verify=crc32c --do_verify=1 --verify_fatal=1 \
+        --output-format=json >/tmp/fio.json || { cat /tmp/fio.json; return 1; }
+    # fio exits non-zero on a verify mismatch; also make sure it wrote the whole file.
+    local w
+    w="$(sed -n 's/.*"io_bytes" : \([0-9]*\).*/\1/p' /tmp/fio.json | sed -n 2p)"
+    echo "fio wrote ${w:-?} bytes"
+    [ "${w:-0}" -eq $((16 * 1024 * 1024)) ]
+}
+check fio-verify-crc32c fio_verify_ok
+
+echo "guest: $passed passed, $failed failed"
+exit "$failed"
