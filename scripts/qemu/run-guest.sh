@@ -82,12 +82,17 @@ case "$NET" in
         command -v passt >/dev/null || { log "passt missing: run setup.sh"; exit 126; }
         # passt with slirp's addressing: connections to the gateway 10.0.2.2 are mapped to
         # the host's loopback (passt's default --map-gw behaviour).
-        passt -f -1 -q -4 -s "$WORK/passt.sock" -P "$WORK/passt.pid" \
-            -a 10.0.2.15 -n 24 -g 10.0.2.2 >"$WORK/passt.log" 2>&1 &
+        # Started as root, passt switches to nobody before it binds its socket, so the
+        # socket lives in a directory nobody can write (and the run dir must be searchable).
+        chmod 711 "$WORK"
+        mkdir "$WORK/passt"
+        [ "$(id -u)" = 0 ] && chown nobody "$WORK/passt"
+        passt -f -1 -q -4 -s "$WORK/passt/sock" \
+            -a 10.0.2.15 -n 24 -g 10.0.2.2 </dev/null >"$WORK/passt.log" 2>&1 &
         PASST_PID=$!
-        for _ in $(seq 50); do [ -S "$WORK/passt.sock" ] && break; sleep 0.1; done
-        [ -S "$WORK/passt.sock" ] || { log "passt did not start: $(cat "$WORK/passt.log")"; exit 126; }
-        NETDEV=(-netdev "stream,id=n0,server=off,addr.type=unix,addr.path=$WORK/passt.sock")
+        for _ in $(seq 50); do [ -S "$WORK/passt/sock" ] && break; sleep 0.1; done
+        [ -S "$WORK/passt/sock" ] || { log "passt did not start: $(grep -v syslog "$WORK/passt.log")"; exit 126; }
+        NETDEV=(-netdev "stream,id=n0,server=off,addr.type=unix,addr.path=$WORK/passt/sock")
         ;;
     *) log "NVSEAL_QEMU_NET must be user or passt"; exit 126 ;;
 esac

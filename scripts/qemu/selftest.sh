@@ -4,8 +4,8 @@
 # Host side: makes sure setup.sh has run, serves a random 1 MiB blob with python3's
 # http.server on 127.0.0.1:<free port>, then boots the guest with guest/selftest.sh, which
 # checks the kernel version, that nvme-tcp is loaded, nvme-cli and fio run, the blob arrives
-# intact through 10.0.2.2, nvme-tcp's socket to the host works (refused port), and fio
-# verify=crc32c on tmpfs. Exit 0 only if every check passed (and the host saw the download).
+# intact through 10.0.2.2, the kernel's nvme-tcp sends a well-formed ICReq to a host listener
+# (nvme discover), and fio verify=crc32c on tmpfs. Exit 0 only if every check passed (and the host saw the download).
 #
 # usage: selftest.sh [TIMEOUT_S]     (default 600; environment as for run-guest.sh)
 set -euo pipefail
@@ -18,9 +18,10 @@ KVER="$(sed -n 's/^kernel=//p' "$BUILD_INFO")"
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/nvseal-selftest.XXXXXX")"
 HTTP_PID=""
+ICREQ_PID=""
 cleanup() {
-    [ -n "$HTTP_PID" ] && kill "$HTTP_PID" 2>/dev/null
-    wait 2>/dev/null
+    for p in $HTTP_PID $ICREQ_PID; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -41,11 +42,28 @@ for _ in $(seq 50); do
         2>/dev/null && break
     sleep 0.1
 done
-# A port that was free a moment ago and has no listener: the guest expects "refused".
-CLOSED_PORT="$(free_port)"
+# One-shot listener standing in for an NVMe/TCP target: it records the first 8 bytes of
+# what the guest kernel's nvme-tcp sends (the ICReq common header) and hangs up.
+ICREQ_PORT="$(free_port)"
+python3 - "$ICREQ_PORT" "$WORK/icreq.hex" <<'PY' &
+import socket, sys
+srv = socket.create_server(("127.0.0.1", int(sys.argv[1])))
+srv.settimeout(600)
+conn, _ = srv.accept()
+conn.settimeout(60)
+got = b""
+while len(got) < 8:
+    chunk = conn.recv(8 - len(got))
+    if not chunk:
+        break
+    got += chunk
+conn.close()
+open(sys.argv[2], "w").write(got.hex())
+PY
+ICREQ_PID=$!
 
 {
-    echo "EXPECT_KVER='$KVER' HTTP_PORT=$HTTP_PORT BLOB_SHA256=$BLOB_SHA256 CLOSED_PORT=$CLOSED_PORT"
+    echo "EXPECT_KVER='$KVER' HTTP_PORT=$HTTP_PORT BLOB_SHA256=$BLOB_SHA256 ICREQ_PORT=$ICREQ_PORT"
     cat "$QEMU_DIR/guest/selftest.sh"
 } >"$WORK/guest.sh"
 
@@ -53,11 +71,19 @@ rc=0
 "$QEMU_DIR/run-guest.sh" "$WORK/guest.sh" "$TIMEOUT_S" || rc=$?
 
 host_ok=1
-grep -q '"GET /blob HTTP/1.1" 200' "$WORK/http.log" || host_ok=0
+if ! grep -q '"GET /blob HTTP/1.1" 200' "$WORK/http.log"; then
+    log "host http server never served /blob: $(cat "$WORK/http.log")"
+    host_ok=0
+fi
+# ICReq: PDU type 0x00, flags 0, HLEN 128, PDO 0, PLEN 128 (little endian).
+icreq="$(cat "$WORK/icreq.hex" 2>/dev/null || true)"
+if [ "$icreq" != 0000800080000000 ]; then
+    log "host listener did not receive an NVMe/TCP ICReq (got '${icreq}')"
+    host_ok=0
+fi
 if [ "$rc" = 0 ] && [ "$host_ok" = 1 ]; then
     log "selftest: PASS"
     exit 0
 fi
-[ "$host_ok" = 1 ] || log "host http server never served /blob: $(cat "$WORK/http.log")"
 log "selftest: FAIL (run-guest.sh exit $rc)"
 exit $((rc == 0 ? 1 : rc))
