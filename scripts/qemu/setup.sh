@@ -75,9 +75,11 @@ if [ ${#missing_host[@]} -gt 0 ]; then
 fi
 
 # ---------------------------------------------------------------- package download/extract
-# The image package linux-image-amd64 points at (e.g. linux-image-6.1.0-48-amd64).
-KPKG="$(apt-cache depends linux-image-amd64 | awk '/^ *Depends: linux-image-[0-9]/ {print $2; exit}')"
-[ -n "$KPKG" ] || die "cannot resolve linux-image-amd64 to an image package"
+# The image package linux-image-amd64 points at (e.g. linux-image-6.1.0-56-amd64).
+resolve_kpkg() {
+    apt-cache depends linux-image-amd64 2>/dev/null |
+        awk '/^ *Depends: linux-image-[0-9]/ {print $2; exit}'
+}
 
 declare -A FETCHED=()
 # deb_file PKG -> file name apt would download for the candidate version.
@@ -104,10 +106,16 @@ fetch() {
             # A stale package list names a version the mirror dropped: refresh once, retry.
             apt_update "download of $file failed"
             file="$(deb_file "$pkg")"
+            [ -n "$file" ] || return 1
             (cd "$DEBS" && apt-get download -qq "$pkg" 2>&1 | grep -v '^W: Download is performed unsandboxed' >&2 || true)
-            [ -s "$DEBS/$file" ] || die "download of $pkg failed"
+            [ -s "$DEBS/$file" ] || return 1
         fi
     fi
+    extract "$pkg" "$file"
+}
+# extract PKG FILE: unpack debs/FILE into pkgs/PKG/ unless that version is already there.
+extract() {
+    local pkg="$1" file="$2"
     if [ "$(cat "$PKGS/$pkg/.deb" 2>/dev/null)" != "$file" ]; then
         rm -rf "${PKGS:?}/$pkg"
         mkdir -p "$PKGS/$pkg"
@@ -121,8 +129,50 @@ hard_deps() {
     apt-cache depends --important "$1" 2>/dev/null |
         awk '/^ *\|?(Pre)?Depends: [^<]/ {print $2}' | sed 's/:any$//' | sort -u
 }
+# fetch_deps PKG: fetch every hard dependency of PKG (once per PKG). Batched: one apt call
+# names all the files and one downloads the missing ones, since each apt start costs ~1 s
+# here; any package the batch could not handle goes through fetch() on its own.
+declare -A DEPS_DONE=()
+fetch_deps() {
+    local owner="$1" d f uris
+    local -a want=() missing=()
+    local -A file_of=()
+    [ -n "${DEPS_DONE[$owner]:-}" ] && return 0
+    DEPS_DONE[$owner]=1
+    for d in $(hard_deps "$owner"); do
+        [ -z "${FETCHED[$d]:-}" ] && want+=("$d")
+    done
+    [ ${#want[@]} -gt 0 ] || return 0
+    if uris="$(apt-get download --print-uris "${want[@]}" 2>/dev/null)"; then
+        # Lines are: 'URI' FILE SIZE HASH; FILE starts with "<package>_".
+        while read -r _ f _; do
+            [ -n "$f" ] && file_of[${f%%_*}]="$f"
+        done <<<"$uris"
+        for d in "${want[@]}"; do
+            f="${file_of[$d]:-}"
+            [ -n "$f" ] && [ ! -s "$DEBS/$f" ] && missing+=("$d")
+        done
+        if [ ${#missing[@]} -gt 0 ]; then
+            log "download ${missing[*]}"
+            (cd "$DEBS" && apt-get download -qq "${missing[@]}" 2>&1 |
+                grep -v '^W: Download is performed unsandboxed' >&2 || true)
+        fi
+        for d in "${want[@]}"; do
+            f="${file_of[$d]:-}"
+            [ -n "$f" ] && [ -s "$DEBS/$f" ] && extract "$d" "$f"
+        done
+    fi
+    for d in "${want[@]}"; do fetch "$d" || true; done
+}
 
-fetch "$KPKG" root || die "cannot download $KPKG"
+KPKG="$(resolve_kpkg)"
+if [ -z "$KPKG" ] || ! fetch "$KPKG" root; then
+    # Stale lists can name an ABI the mirror no longer has: refresh and resolve again.
+    apt_update "kernel package ${KPKG:-unresolved}"
+    KPKG="$(resolve_kpkg)"
+    [ -n "$KPKG" ] || die "cannot resolve linux-image-amd64 to an image package"
+    fetch "$KPKG" root || die "cannot download $KPKG"
+fi
 fetch busybox-static root || die "cannot download busybox-static"
 for rb in "${ROOT_BINS[@]}"; do fetch "${rb%%:*}" root || die "cannot download ${rb%%:*}"; done
 fetch libc6 root || die "cannot download libc6"
@@ -244,7 +294,7 @@ while [ ${#queue[@]} -gt 0 ]; do
     mapfile -t runpath < <(sed -n 's/.*Library \(runpath\|rpath\): \[\(.*\)\]/\2/p' <<<"$dyn" | tr ':' '\n')
     for so in $(sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' <<<"$dyn"); do
         if ! hit="$(find_lib "$so" "${runpath[@]}")"; then
-            for dep in $(hard_deps "$rpkg"); do fetch "$dep" || true; done
+            fetch_deps "$rpkg"
             hit="$(find_lib "$so" "${runpath[@]}")" ||
                 die "$so (needed by ${real#*:} from $rpkg) not found in $rpkg's dependencies"
         fi
