@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Shared settings for the nvseal QEMU/TCG Linux-initiator harness.
 # Sourced by setup.sh, run-guest.sh and selftest.sh; not meant to be run.
+# shellcheck disable=SC2034  # the variables are used by the scripts that source this
 
 # Where downloaded .deb files, the extracted staging root, the kernel and the
 # built initramfs live. Never inside the git tree.

@@ -76,7 +76,7 @@ head -c "$pad" /dev/zero >>"$WORK/initrd"
 case "$NET" in
     user)
         # slirp: guest 10.0.2.15, gateway/host alias 10.0.2.2 -> host 127.0.0.1.
-        NETDEV=(-netdev user,id=n0,net=10.0.2.0/24,host=10.0.2.2)
+        NETDEV=(-netdev "user,id=n0,net=10.0.2.0/24,host=10.0.2.2")
         ;;
     passt)
         command -v passt >/dev/null || { log "passt missing: run setup.sh"; exit 126; }

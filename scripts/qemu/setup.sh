@@ -292,6 +292,7 @@ while [ ${#queue[@]} -gt 0 ]; do
         queue+=("$owner:${interp#/}")
     fi
     mapfile -t runpath < <(sed -n 's/.*Library \(runpath\|rpath\): \[\(.*\)\]/\2/p' <<<"$dyn" | tr ':' '\n')
+    # shellcheck disable=SC2013  # sonames contain no spaces
     for so in $(sed -n 's/.*Shared library: \[\(.*\)\]/\1/p' <<<"$dyn"); do
         if ! hit="$(find_lib "$so" "${runpath[@]}")"; then
             fetch_deps "$rpkg"

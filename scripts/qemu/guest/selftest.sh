@@ -65,11 +65,13 @@ fio_verify_ok() {
     fio --name=selftest --filename=/tmp/fio.dat --size=16M --bs=4k --rw=randwrite \
         --ioengine=psync --verify=crc32c --do_verify=1 --verify_fatal=1 \
         --output-format=json >/tmp/fio.json || { cat /tmp/fio.json; return 1; }
-    # fio exits non-zero on a verify mismatch; also make sure it wrote the whole file.
-    local w
+    # fio exits non-zero on a verify mismatch; also make sure it wrote the whole file and
+    # read all of it back for verification (JSON order: "read" section, then "write").
+    local r w
+    r="$(sed -n 's/.*"io_bytes" : \([0-9]*\).*/\1/p' /tmp/fio.json | sed -n 1p)"
     w="$(sed -n 's/.*"io_bytes" : \([0-9]*\).*/\1/p' /tmp/fio.json | sed -n 2p)"
-    echo "fio wrote ${w:-?} bytes"
-    [ "${w:-0}" -eq $((16 * 1024 * 1024)) ]
+    echo "fio wrote ${w:-?} bytes, verified ${r:-?} bytes"
+    [ "${w:-0}" -eq $((16 * 1024 * 1024)) ] && [ "${r:-0}" -eq $((16 * 1024 * 1024)) ]
 }
 check fio-verify-crc32c fio_verify_ok
 
