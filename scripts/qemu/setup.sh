@@ -34,6 +34,9 @@ GUEST_MODULES=(
     crc32c_generic crc32c-intel
     crct10dif_generic crct10dif-pclmul
     crc64_rocksoft_generic
+    # Not loaded by /init: the kernel's own NVMe/TCP target and a RAM disk, so a guest script
+    # can stand up a reference target on 127.0.0.1 (the self-test does).
+    nvmet-tcp brd
 )
 
 DEBS="$NVSEAL_QEMU_CACHE/debs"

@@ -75,5 +75,42 @@ fio_verify_ok() {
 }
 check fio-verify-crc32c fio_verify_ok
 
+# (f) the whole initiator path inside the guest: the kernel's own NVMe/TCP target (nvmet)
+# on 127.0.0.1 exporting a 64 MiB RAM disk; nvme connect, then fio with libaio/O_DIRECT and
+# crc32c verify on the resulting /dev/nvmeXnY, then disconnect.
+LOOP_NQN=nqn.2026-11.io.nvseal:selftest-loop
+loop_target_ok() {
+    local cfg=/sys/kernel/config/nvmet sub blk dev=""
+    modprobe nvmet-tcp && modprobe brd rd_nr=1 rd_size=65536 || return 1
+    grep -q ' /sys/kernel/config ' /proc/mounts ||
+        mount -t configfs configfs /sys/kernel/config || return 1
+    sub="$cfg/subsystems/$LOOP_NQN"
+    mkdir "$sub" && echo 1 >"$sub/attr_allow_any_host" &&
+        mkdir "$sub/namespaces/1" && echo /dev/ram0 >"$sub/namespaces/1/device_path" &&
+        echo 1 >"$sub/namespaces/1/enable" && mkdir "$cfg/ports/1" &&
+        echo tcp >"$cfg/ports/1/addr_trtype" && echo ipv4 >"$cfg/ports/1/addr_adrfam" &&
+        echo 127.0.0.1 >"$cfg/ports/1/addr_traddr" && echo 4420 >"$cfg/ports/1/addr_trsvcid" &&
+        ln -s "$sub" "$cfg/ports/1/subsystems/" || return 1
+    nvme discover -t tcp -a 127.0.0.1 -s 4420 | grep -E 'subnqn|traddr'
+    nvme connect -t tcp -a 127.0.0.1 -s 4420 -n "$LOOP_NQN" || return 1
+    # The namespace's block device is the one whose device (controller, or subsystem when
+    # native multipath is on, as in Debian) carries our subsystem NQN.
+    for _ in $(seq 100); do
+        for blk in /sys/block/nvme*n*; do
+            [ "$(cat "$blk/device/subsysnqn" 2>/dev/null)" = "$LOOP_NQN" ] || continue
+            dev="/dev/$(basename "$blk")"
+            [ -b "$dev" ] && break 2
+        done
+        sleep 0.1
+    done
+    [ -n "$dev" ] && [ -b "$dev" ] || { echo "no namespace block device appeared"; return 1; }
+    echo "connected: $dev ($(cat "/sys/block/$(basename "$dev")/size") sectors)"
+    fio --name=loop --filename="$dev" --ioengine=libaio --direct=1 --iodepth=8 \
+        --rw=randwrite --bs=4k --size=32M --verify=crc32c --do_verify=1 --verify_fatal=1 \
+        --output-format=terse >/tmp/fio-loop.txt || { cat /tmp/fio-loop.txt; return 1; }
+    nvme disconnect -n "$LOOP_NQN"
+}
+check kernel-target-loopback-connect-fio loop_target_ok
+
 echo "guest: $passed passed, $failed failed"
 exit "$failed"
