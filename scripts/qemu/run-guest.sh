@@ -45,13 +45,9 @@ mkdir -p "$(dirname "$LOG")"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/nvseal-qemu.XXXXXX")"
 QEMU_PID=""
 PASST_PID=""
-TAIL_PID=""
 cleanup() {
     for p in $QEMU_PID $PASST_PID; do kill "$p" 2>/dev/null || true; done
-    if [ -n "$TAIL_PID" ]; then
-        sleep 0.2
-        kill "$TAIL_PID" 2>/dev/null || true
-    fi
+    # tail --pid ends by itself within a second of QEMU, after copying the last lines.
     wait 2>/dev/null || true
     rm -rf "$WORK"
 }
@@ -106,8 +102,7 @@ t0=$(date +%s.%N)
     </dev/null >"$WORK/qemu.out" 2>&1 &
 QEMU_PID=$!
 if [ "$ECHO" = 1 ]; then
-    tail -n +1 -f "$LOG" &
-    TAIL_PID=$!
+    tail -n +1 -f --pid="$QEMU_PID" "$LOG" &
 fi
 
 # Wait for the end marker, QEMU's exit, or the timeout.
