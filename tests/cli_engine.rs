@@ -50,7 +50,8 @@ fn bdevperf_ab_on_malloc_reports_both_sides() {
             .unwrap()
             > 0.0
     );
-    assert!(r["xts_kernel_ns_per_io"].as_f64().unwrap() > 0.0);
+    assert!(r["xts_kernel"]["hot_ns"].as_f64().unwrap() > 0.0);
+    assert!(r["xts_kernel"]["working_set_ns"].as_f64().unwrap() > 0.0);
     assert!(r["xts_tier"].is_string());
 }
 

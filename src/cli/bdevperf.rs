@@ -5,8 +5,8 @@ use clap::Args;
 use nvseal::config::{BdevConfig, Config, CryptoBdevConfig, DevKeySource};
 use nvseal::reactor::ReactorSet;
 use nvseal::tools::bdevperf::{
-    print_table, run_phase, time_xts_kernel, JobSpec, Ratios, Side, SideReport, SideResult, Until,
-    Workload,
+    print_table, run_phase, time_xts_kernel, JobSpec, KernelTime, Ratios, Side, SideReport,
+    SideResult, Until, Workload,
 };
 use nvseal::tools::stack::Stacks;
 use nvseal::tools::units::{parse_duration, parse_size};
@@ -114,7 +114,7 @@ struct Report {
     verify: bool,
     xts_tier: Option<String>,
     /// The XTS kernel's time for one I/O of `io_size` bytes, same reactor, same run.
-    xts_kernel_ns_per_io: Option<f64>,
+    xts_kernel: Option<KernelTime>,
     sides: Vec<SideReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     ratio_encrypted_over_plaintext: Option<Ratios>,
@@ -272,8 +272,16 @@ fn run_inner(a: &BdevperfArgs) -> Result<ExitCode, (u8, String)> {
     let crypto = stacks.crypto_keys.get(&enc_name).cloned();
     let (tier, kernel_ns) = match (&crypto, a.ab || a.encrypted) {
         (Some(k), true) => {
-            let ns = time_xts_kernel(&set, k, io_size, base.block_size() as usize)
-                .map_err(|e| (EXIT_STARTUP, e))?;
+            let align = base.buf_align().max(64);
+            let ns = time_xts_kernel(
+                &set,
+                k,
+                io_size,
+                base.block_size() as usize,
+                a.queue_depth as usize,
+                align,
+            )
+            .map_err(|e| (EXIT_STARTUP, e))?;
             (Some(k.tier().name().to_string()), Some(ns))
         }
         _ => (None, None),
@@ -347,7 +355,7 @@ fn run_inner(a: &BdevperfArgs) -> Result<ExitCode, (u8, String)> {
         time_per_side_s: results.first().map_or(0.0, |r| r.elapsed_s),
         verify: a.verify,
         xts_tier: tier,
-        xts_kernel_ns_per_io: kernel_ns,
+        xts_kernel: kernel_ns,
         sides: reports,
         ratio_encrypted_over_plaintext: ratios,
     };
@@ -382,10 +390,14 @@ fn run_inner(a: &BdevperfArgs) -> Result<ExitCode, (u8, String)> {
             {
                 let _ = writeln!(
                     out,
-                    "crypto cost: {:.3} us/io over plaintext; XTS kernel alone {:.3} us/io (same run) -> {:.2}x the kernel",
+                    "crypto cost: {:.3} us/io over plaintext; XTS kernel alone (same run): {:.3} us/io hot \
+                     -> {:.2}x, {:.3} us/io over {} rotating buffers -> {:.2}x",
                     r.crypto_us_per_io,
-                    k / 1000.0,
-                    r.crypto_cost_over_kernel.unwrap_or(0.0)
+                    k.hot_ns / 1000.0,
+                    r.crypto_cost_over_kernel_hot.unwrap_or(0.0),
+                    k.working_set_ns / 1000.0,
+                    spec.queue_depth,
+                    r.crypto_cost_over_kernel_working_set.unwrap_or(0.0)
                 );
             }
             if let Some(path) = other {
