@@ -971,7 +971,7 @@ fn run_connected(
     let mut namespaces = Vec::new();
     for &nsid in &cfg.nsids {
         let ns = ctl.namespace(nsid)?;
-        if spec.io_size as u64 % u64::from(ns.block_size) != 0 {
+        if !(spec.io_size as u64).is_multiple_of(u64::from(ns.block_size)) {
             return Err(PerfError::Usage(format!(
                 "I/O size {io_size} is not a multiple of namespace {nsid}'s block size {}",
                 ns.block_size
