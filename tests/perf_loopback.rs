@@ -344,6 +344,32 @@ fn library_refusals_are_connect_errors() {
     wait_until("connections to close", || h.target.connection_count() == 0);
 }
 
+#[test]
+fn library_target_going_away_fails_the_run() {
+    let h = start(Vec::new());
+    let mut cfg = lib_config(&h, vec![1], spec(Workload::Randread, 4096, 8, false));
+    cfg.time = Duration::from_secs(20);
+    let stop = h.stop.clone();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(700));
+        stop.store(true, Ordering::Release);
+    });
+    let t0 = Instant::now();
+    let out = nvmeperf::run(&cfg, &mut |_| {}).unwrap();
+    killer.join().unwrap();
+    // The queue pair saw the connection go: the run ends early and fails, it does not hang.
+    assert!(out.failures() > 0);
+    assert!(out.sides[0]
+        .first_error
+        .as_deref()
+        .is_some_and(|e| e.contains("I/O queue 1")));
+    assert!(
+        t0.elapsed() < Duration::from_secs(15),
+        "took {:?}",
+        t0.elapsed()
+    );
+}
+
 // ------------------------------------------------------------------------------------------------
 // The binary.
 

@@ -986,6 +986,8 @@ fn run_connected(
         let qid = i as u16 + 1;
         let qp = ctl.connect_io_queue(qid, depth, io_size)?;
         per_reactor[i / cfg.queues_per_core].push(IoQueue::new(qp, qid, i, spec.queue_depth));
+        // Many queues to a slow target can take a while: keep the controller alive meanwhile.
+        ctl.keep_alive_tick()?;
     }
     // Reject digests we asked for and did not get? Report them instead: targets may refuse.
     if let Some(q) = per_reactor.first().and_then(|v| v.first()) {
@@ -1041,7 +1043,7 @@ fn run_connected(
                     })
                 },
             );
-            if let Err(e) = r {
+            if let Err(e) = r.and_then(|_| ctl.keep_alive_tick()) {
                 failure = Some(e);
                 break 'outer;
             }
