@@ -941,7 +941,6 @@ pub fn run(
     }
 }
 
-#[allow(clippy::type_complexity)]
 fn run_connected(
     cfg: &PerfConfig,
     ctl: &mut Controller,
