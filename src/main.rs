@@ -23,6 +23,8 @@ enum Cmd {
     Serve(cli::serve::ServeArgs),
     /// Benchmark a bdev stack from the reactors (plaintext, encrypted, or both with --ab).
     Bdevperf(Box<cli::bdevperf::BdevperfArgs>),
+    /// Load-test an NVMe/TCP target (any: nvseal, SPDK, Linux nvmet), as spdk_nvme_perf does.
+    Perf(Box<cli::perf::PerfArgs>),
     /// Check or print configuration files.
     #[command(subcommand)]
     Config(cli::config::ConfigCmd),
@@ -34,6 +36,7 @@ fn main() -> ExitCode {
     match args.cmd {
         Cmd::Serve(a) => cli::serve::run(a),
         Cmd::Bdevperf(a) => cli::bdevperf::run(*a),
+        Cmd::Perf(a) => cli::perf::run(*a),
         Cmd::Config(c) => cli::config::run(c),
     }
 }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 pub mod bdevperf;
 pub mod config;
+pub mod perf;
 pub mod serve;
 
 pub const EXIT_FAILED: u8 = 1;

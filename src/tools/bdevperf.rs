@@ -38,7 +38,8 @@ pub enum Workload {
 }
 
 impl Workload {
-    fn random(self) -> bool {
+    /// Random offsets (as opposed to sequential).
+    pub fn random(self) -> bool {
         matches!(
             self,
             Workload::Randread | Workload::Randwrite | Workload::Randrw
@@ -132,7 +133,8 @@ pub struct Job {
     result_tx: Option<Sender<JobResult>>,
 }
 
-fn splitmix(mut x: u64) -> u64 {
+/// SplitMix64 step: seeds and verify-pattern words (shared with `nvmeperf`).
+pub fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
     let mut z = x;
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -141,7 +143,7 @@ fn splitmix(mut x: u64) -> u64 {
 }
 
 /// Fills `buf` (blocks starting at `lba`) with the verify pattern.
-fn fill_pattern(buf: &mut [u8], lba: u64, block_size: usize, seed: u64) {
+pub fn fill_pattern(buf: &mut [u8], lba: u64, block_size: usize, seed: u64) {
     for (b, block) in buf.chunks_exact_mut(block_size).enumerate() {
         let base = splitmix(seed ^ (lba + b as u64));
         for (w, word) in block.chunks_exact_mut(8).enumerate() {
@@ -151,7 +153,7 @@ fn fill_pattern(buf: &mut [u8], lba: u64, block_size: usize, seed: u64) {
 }
 
 /// Whether `buf` holds the verify pattern (all of it).
-fn check_pattern(buf: &[u8], lba: u64, block_size: usize, seed: u64) -> bool {
+pub fn check_pattern(buf: &[u8], lba: u64, block_size: usize, seed: u64) -> bool {
     buf.chunks_exact(block_size).enumerate().all(|(b, block)| {
         let base = splitmix(seed ^ (lba + b as u64));
         block
@@ -818,13 +820,25 @@ impl Ratios {
 
 /// Prints sides side by side (and the ratio column when there are two).
 pub fn print_table(out: &mut dyn std::io::Write, sides: &[SideReport], ratios: Option<&Ratios>) {
+    print_table_labeled(out, sides, ratios, "bdev", "enc/plain");
+}
+
+/// [`print_table`] with the first row's name (`bdev`, `namespace`, ...) and the ratio column's
+/// heading chosen by the caller.
+pub fn print_table_labeled(
+    out: &mut dyn std::io::Write,
+    sides: &[SideReport],
+    ratios: Option<&Ratios>,
+    what: &str,
+    ratio_heading: &str,
+) {
     let mut rows: Vec<(&str, Vec<String>, Option<String>)> = Vec::new();
     let f = |v: f64, p: usize| format!("{v:.p$}");
     let col = |get: &dyn Fn(&SideReport) -> f64, p: usize| {
         sides.iter().map(|s| f(get(s), p)).collect::<Vec<_>>()
     };
     let r = |get: &dyn Fn(&Ratios) -> f64| ratios.map(|x| format!("{:.3}", get(x)));
-    rows.push(("bdev", sides.iter().map(|s| s.bdev.clone()).collect(), None));
+    rows.push((what, sides.iter().map(|s| s.bdev.clone()).collect(), None));
     rows.push(("IOPS", col(&|s| s.summary.iops, 0), r(&|x| x.iops)));
     rows.push(("MB/s", col(&|s| s.summary.mb_per_s, 1), r(&|x| x.mb_per_s)));
     rows.push(("lat mean us", col(&|s| s.summary.latency_us.mean, 2), None));
@@ -869,7 +883,7 @@ pub fn print_table(out: &mut dyn std::io::Write, sides: &[SideReport], ratios: O
         let _ = write!(out, "{:>16}", s.label);
     }
     if ratios.is_some() {
-        let _ = write!(out, "{:>12}", "enc/plain");
+        let _ = write!(out, "{:>12}", ratio_heading);
     }
     let _ = writeln!(out);
     for (name, vals, rat) in rows {

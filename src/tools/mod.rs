@@ -2,5 +2,6 @@
 //! stacks) and the bdev stack builder they share with `serve`.
 
 pub mod bdevperf;
+pub mod nvmeperf;
 pub mod stack;
 pub mod units;
