@@ -25,6 +25,10 @@ enum Cmd {
     Bdevperf(Box<cli::bdevperf::BdevperfArgs>),
     /// Load-test an NVMe/TCP target (any: nvseal, SPDK, Linux nvmet), as spdk_nvme_perf does.
     Perf(Box<cli::perf::PerfArgs>),
+    /// Call a method on a running target's control socket (JSON-RPC 2.0).
+    Rpc(cli::rpc::RpcArgs),
+    /// Write a password-encrypted support bundle (redacted config, logs, stats, versions).
+    Bundle(cli::bundle::BundleArgs),
     /// Check or print configuration files.
     #[command(subcommand)]
     Config(cli::config::ConfigCmd),
@@ -37,6 +41,8 @@ fn main() -> ExitCode {
         Cmd::Serve(a) => cli::serve::run(a),
         Cmd::Bdevperf(a) => cli::bdevperf::run(*a),
         Cmd::Perf(a) => cli::perf::run(*a),
+        Cmd::Rpc(a) => cli::rpc::run(a),
+        Cmd::Bundle(a) => cli::bundle::run(a),
         Cmd::Config(c) => cli::config::run(c),
     }
 }

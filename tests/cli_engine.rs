@@ -231,3 +231,28 @@ fn serve_default_config_starts_and_stops_on_sigterm() {
     );
     assert!(log.contains("stopped"), "{log}");
 }
+
+#[test]
+fn every_command_has_help() {
+    for cmd in [
+        &["--help"][..],
+        &["serve", "--help"],
+        &["bdevperf", "--help"],
+        &["perf", "--help"],
+        &["rpc", "--help"],
+        &["bundle", "--help"],
+        &["config", "--help"],
+        &["config", "check", "--help"],
+    ] {
+        let out = nvseal().args(cmd).output().unwrap();
+        assert!(
+            out.status.success(),
+            "nvseal {cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("Usage"),
+            "nvseal {cmd:?}"
+        );
+    }
+}

@@ -218,6 +218,49 @@ fn serve_exports_plain_and_encrypted_namespaces_over_nvme_tcp() {
     // I/O still flows after the rekey.
     let (ok, back) = io(&mut q, None, 2, 7, 4, 4096);
     assert!(ok && back == pattern(2, 7, 4 * 4096));
+    // The CLI client and a support bundle from the running target.
+    let out = Command::new(env!("CARGO_BIN_EXE_nvseal"))
+        .args(["rpc", "--socket", sock.to_str().unwrap(), "keys.status"])
+        .output()
+        .unwrap();
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("online"));
+    let bundle = d.join("support.age");
+    let out = Command::new(env!("CARGO_BIN_EXE_nvseal"))
+        .args([
+            "bundle",
+            "--out",
+            bundle.to_str().unwrap(),
+            "-c",
+            cfg.to_str().unwrap(),
+            "--socket",
+            sock.to_str().unwrap(),
+        ])
+        .env("NVSEAL_BUNDLE_PASSWORD", "correct horse battery")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let raw_bundle = std::fs::read(&bundle).unwrap();
+    assert!(
+        !raw_bundle.windows(7).any(|w| w == b"correct"),
+        "the password must not be in the bundle"
+    );
+    let files = nvseal::bundle::read_bundle(
+        &bundle,
+        &nvseal::bundle::SecretString::from("correct horse battery".to_string()),
+    )
+    .unwrap();
+    let all: String = files
+        .iter()
+        .map(|(n, b)| format!("{n}\n{}\n", String::from_utf8_lossy(b)))
+        .collect();
+    assert!(
+        all.contains("keys.status") && all.contains(NQN),
+        "bundle lacks state: {all}"
+    );
     drop(q);
     drop(admin);
     let log = s.stop();

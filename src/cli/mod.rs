@@ -5,8 +5,10 @@
 use std::process::ExitCode;
 
 pub mod bdevperf;
+pub mod bundle;
 pub mod config;
 pub mod perf;
+pub mod rpc;
 pub mod serve;
 
 pub const EXIT_FAILED: u8 = 1;
