@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Medians of repeated `nvseal perf --ab --json` runs (perf/run-nvmf.sh): one row per
+(workload, subsystem) with plaintext (a) and encrypted (b) IOPS, MB/s, p50/p99/p99.9 latency and
+the b/a ratio of the median run.
+
+Usage: report_nvmf.py RUN.json... [--json OUT.json]
+"""
+import json
+import os
+import re
+import statistics
+import sys
+
+
+def main(argv):
+    out_json = None
+    files = []
+    it = iter(argv)
+    for a in it:
+        if a == "--json":
+            out_json = next(it)
+        else:
+            files.append(a)
+    groups = {}
+    for f in sorted(files):
+        m = re.match(r"(.+)-(null|malloc)-(\d+)\.json$", os.path.basename(f))
+        if not m:
+            continue
+        with open(f) as fh:
+            groups.setdefault((m.group(1), m.group(2)), []).append(json.load(fh))
+    rows = []
+    for (name, sub), runs in sorted(groups.items()):
+        def side(r, label):
+            j = next(j for j in r["jobs"] if j["jobname"] == label)
+            t = j["total"]
+            pct = t["clat_ns"]["percentile"]
+            return {
+                "iops": t["iops"],
+                "mb_per_s": t["bw_bytes"] / 1e6,
+                "p50_us": pct["50.000000"] / 1e3,
+                "p99_us": pct["99.000000"] / 1e3,
+                "p99_9_us": pct["99.900000"] / 1e3,
+                "perf_reactor_busy_pct": j.get("reactor_busy_pct"),
+            }
+        ratios = sorted(runs, key=lambda r: r["ratio_b_over_a"]["iops"])
+        median_run = ratios[len(ratios) // 2]
+        rows.append({
+            "workload": name,
+            "subsystem": sub,
+            "runs": len(runs),
+            "plaintext": {k: statistics.median(side(r, "a")[k] for r in runs) for k in ("iops", "mb_per_s", "p50_us", "p99_us", "p99_9_us")},
+            "encrypted": {k: statistics.median(side(r, "b")[k] for r in runs) for k in ("iops", "mb_per_s", "p50_us", "p99_us", "p99_9_us")},
+            "ratio_encrypted_over_plaintext": statistics.median(r["ratio_b_over_a"]["iops"] for r in runs),
+            "ratio_of_median_run": median_run["ratio_b_over_a"],
+        })
+    if out_json:
+        with open(out_json, "w") as fh:
+            json.dump({"rows": rows}, fh, indent=2)
+            fh.write("\n")
+    print(f"{'workload':<14}{'subsys':>7}{'n':>3}{'plain IOPS':>12}{'enc IOPS':>12}{'plain MB/s':>11}{'enc MB/s':>10}{'ratio':>7}"
+          f"{'p50 us p/e':>15}{'p99 us p/e':>16}{'p99.9 us p/e':>18}")
+    for r in rows:
+        p, e = r["plaintext"], r["encrypted"]
+        print(f"{r['workload']:<14}{r['subsystem']:>7}{r['runs']:>3}{p['iops']:>12.0f}{e['iops']:>12.0f}{p['mb_per_s']:>11.0f}{e['mb_per_s']:>10.0f}"
+              f"{r['ratio_encrypted_over_plaintext']:>7.3f}{p['p50_us']:>8.1f}/{e['p50_us']:<6.1f}{p['p99_us']:>8.1f}/{e['p99_us']:<7.1f}"
+              f"{p['p99_9_us']:>9.1f}/{e['p99_9_us']:<8.1f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
