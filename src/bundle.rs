@@ -117,7 +117,7 @@ impl Versions {
             })
             .unwrap_or_else(|| "unknown".into());
         Versions {
-            nvseal: env!("CARGO_PKG_VERSION").to_string(),
+            nvseal: concat!(env!("CARGO_PKG_VERSION"), " (", env!("NVSEAL_GIT_REV"), ")").to_string(),
             kernel: read("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".into()),
             kernel_build: read("/proc/version").unwrap_or_else(|| "unknown".into()),
             os,
@@ -676,7 +676,8 @@ mod tests {
         let out = redact_config(text);
         assert_eq!(out.lines().count(), text.lines().count());
         assert!(out.contains("idle_backoff_us: 50"));
-        assert!(out.contains("key: <redacted>"));
+        assert!(out.contains("provider: local"), "{out}");
+        assert!(out.contains("nqn: nqn.2026-11.io.nvseal:default"), "{out}");
         let _: serde_yaml_ng::Value = serde_yaml_ng::from_str(&out).unwrap();
     }
 

@@ -8,7 +8,7 @@ mod cli;
 
 /// nvseal — an NVMe-over-Fabrics target that encrypts data at rest inline with AES-256-XTS.
 #[derive(Parser)]
-#[command(name = "nvseal", version, about, long_about = None, propagate_version = true)]
+#[command(name = "nvseal", version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("NVSEAL_GIT_REV"), ")"), about, long_about = None, propagate_version = true)]
 struct Cli {
     /// Log filter (tracing-subscriber syntax: `info`, `nvseal=debug`, ...).
     #[arg(long, global = true, env = "NVSEAL_LOG", default_value = "info")]
