@@ -28,6 +28,13 @@ const BLOCK: u64 = 4096;
 /// fio jobs run on each namespace, "bs:rw:offset:size": writes, then crc32c-verified reads.
 /// The 4 KiB job starts at LBA 0, which the host reads back afterwards.
 const FIO_JOBS: &str = "4k:randwrite:0:8M 64k:randwrite:8M:16M 512k:write:24M:24M";
+/// Run in a second session with header and data digests; starts at LBA 12288 (48 MiB).
+const FIO_JOBS_DIGEST: &str = "4k:randwrite:48M:4M 128k:write:52M:8M";
+const DIGEST_LBA: u64 = (48 << 20) / BLOCK;
+/// Also in the digest session: on both namespaces at once, the jobs on different guest CPUs.
+const FIO_CONCURRENT: &str = "16k:randwrite:60M:4M";
+/// Everything the jobs above write: [0, 64 MiB) of each namespace.
+const WRITTEN_BYTES: usize = 64 << 20;
 /// Guest run limit (boot + the whole script) for run-guest.sh.
 const GUEST_TIMEOUT_S: u32 = 420;
 
@@ -254,7 +261,8 @@ fn linux_initiator_discovers_connects_and_verifies_fio_on_both_namespaces() {
     let params = format!(
         "PORT={port} SUBNQN='{NQN}' SERIAL='{SERIAL}' MODEL='{MODEL}' HOSTNQN='{guest_nqn}' \
          DENIED_HOSTNQN='{denied_nqn}' NS_BLOCKS='1:{blocks} 2:{blocks}' PATTERN='{pattern}' \
-         FIO_JOBS='{FIO_JOBS}'\n",
+         FIO_JOBS='{FIO_JOBS}' FIO_JOBS_DIGEST='{FIO_JOBS_DIGEST}' \
+         FIO_CONCURRENT='{FIO_CONCURRENT}'\n",
         port = addr.port(),
     );
     let guest_body = std::fs::read_to_string(repo().join("scripts/qemu/guest/interop.sh")).unwrap();
@@ -330,12 +338,15 @@ fn linux_initiator_discovers_connects_and_verifies_fio_on_both_namespaces() {
     admin.enable().unwrap();
     let mut q = HostQpair::connect(addr, NQN, 1, admin.cntlid(), cfg_host).unwrap();
     for nsid in [1u32, 2] {
-        let data = read_blocks(&mut q, nsid, 0, 4);
-        for (i, blk) in data.chunks(BLOCK as usize).enumerate() {
-            assert!(
-                contains(blk, pattern.as_bytes()),
-                "nsid {nsid} lba {i}: fio's pattern {pattern:?} is not in the block read back"
-            );
+        for lba in [0, DIGEST_LBA] {
+            let data = read_blocks(&mut q, nsid, lba, 4);
+            for (i, blk) in data.chunks(BLOCK as usize).enumerate() {
+                assert!(
+                    contains(blk, pattern.as_bytes()),
+                    "nsid {nsid} lba {}: fio's pattern {pattern:?} is not in the block read back",
+                    lba + i as u64
+                );
+            }
         }
     }
     drop(q);
@@ -345,7 +356,7 @@ fn linux_initiator_discovers_connects_and_verifies_fio_on_both_namespaces() {
     let raw = std::fs::read(&img).unwrap();
     let body = &raw[HEADER_BYTES as usize..];
     assert_eq!(body.len() as u64, NS_BYTES);
-    let written = &body[..(48 << 20)];
+    let written = &body[..WRITTEN_BYTES];
     assert!(
         written
             .chunks(BLOCK as usize)
@@ -358,6 +369,18 @@ fn linux_initiator_discovers_connects_and_verifies_fio_on_both_namespaces() {
     );
 
     let log = s.stop();
+    println!(
+        "---- serve log ----\n{}\n---- end of serve log ----",
+        log.join("\n")
+    );
+    // Nothing went wrong on the target's side: the only warnings are the local key provider's.
+    let bad: Vec<&String> = log
+        .iter()
+        .filter(|l| {
+            (l.contains(" WARN ") || l.contains(" ERROR ")) && !l.contains("nvseal::keys::local")
+        })
+        .collect();
+    assert!(bad.is_empty(), "serve logged warnings or errors: {bad:#?}");
     assert!(
         log.iter().any(|l| l.contains("NOT FOR PRODUCTION")),
         "local key provider warning missing"
