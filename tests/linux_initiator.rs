@@ -48,7 +48,8 @@ impl Serve {
     fn start(cfg: &Path) -> Serve {
         let mut child = Command::new(env!("CARGO_BIN_EXE_nvseal"))
             .args(["serve", "-c", cfg.to_str().unwrap()])
-            .env("NVSEAL_LOG", "info")
+            // conn=debug: "ICReq accepted" shows the digests each connection negotiated.
+            .env("NVSEAL_LOG", "info,nvseal::nvmf::conn=debug")
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -323,6 +324,21 @@ fn linux_initiator_discovers_connects_and_verifies_fio_on_both_namespaces() {
             .iter()
             .any(|l| l.contains("host not allowed") && l.contains(&denied_nqn)),
         "serve did not log refusing {denied_nqn}:\n{}",
+        s.log.join("\n")
+    );
+
+    // The digest session really ran with both digests: its admin and I/O queue connections.
+    let with_digests = s
+        .log
+        .iter()
+        .filter(|l| {
+            l.contains("ICReq accepted") && l.contains("Digests { header: true, data: true }")
+        })
+        .count();
+    assert!(
+        with_digests >= 2,
+        "expected the admin and I/O queues of the second session to negotiate header and data \
+         digests, found {with_digests} such connections:\n{}",
         s.log.join("\n")
     );
 
