@@ -174,6 +174,7 @@ impl Server {
             let l =
                 Listener::bind(*a).map_err(|source| ServerError::Listen { addr: *a, source })?;
             listen_addrs.push(l.local_addr().unwrap_or(*a));
+            target.set_bound_port(*a, listen_addrs.last().map_or(a.port(), |b| b.port()));
             tracing::info!(addr = %listen_addrs.last().map(|a| a.to_string()).unwrap_or_default(), "NVMe/TCP listening");
             listeners.push(l);
         }

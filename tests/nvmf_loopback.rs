@@ -144,6 +144,17 @@ impl Drop for Harness {
 }
 
 fn start(limits: Limits, allowed: Vec<String>, busy_every: usize) -> Harness {
+    start_listen(limits, allowed, busy_every, 4420)
+}
+
+/// `start` with the subsystem's configured listen port (0 = any free port, as `nvseal serve`
+/// allows: the harness then records the port it bound, as the server does).
+fn start_listen(
+    limits: Limits,
+    allowed: Vec<String>,
+    busy_every: usize,
+    listen_port: u16,
+) -> Harness {
     let mut bdevs: HashMap<String, Arc<dyn Bdev>> = HashMap::new();
     for (name, bs) in [("ram0", BS), ("ram1", 4096)] {
         let size = BLOCKS as usize * BS as usize;
@@ -176,12 +187,14 @@ fn start(limits: Limits, allowed: Vec<String>, busy_every: usize) -> Harness {
         allowed_hosts: allowed,
         listen: vec![ListenAddr {
             addr: "127.0.0.1".into(),
-            port: 4420,
+            port: listen_port,
         }],
     };
     let target = Target::new(&[cfg], limits, &bdevs).unwrap();
+    let configured: SocketAddr = format!("127.0.0.1:{listen_port}").parse().unwrap();
     let mut listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
+    target.set_bound_port(configured, addr.port());
     let stop = Arc::new(AtomicBool::new(false));
     let live = Arc::new(AtomicUsize::new(0));
     let (t2, s2, l2) = (Arc::clone(&target), Arc::clone(&stop), Arc::clone(&live));
@@ -1173,6 +1186,38 @@ fn discovery_log_page() {
         host_cfg(Digests::default())
     )
     .is_err());
+}
+
+/// Regression (found by the Linux-initiator interop test): a subsystem listening on port 0 (any
+/// free port) had its discovery log entry say TRSVCID "0" instead of the bound port, so
+/// `nvme connect-all` could not reach it.
+#[test]
+fn discovery_log_advertises_the_bound_port_of_a_port_zero_listener() {
+    let h = start_listen(Limits::default(), vec![], 0, 0);
+    let mut d = HostQpair::connect(
+        h.addr,
+        DISCOVERY_NQN,
+        0,
+        connect::CNTLID_DYNAMIC,
+        host_cfg(Digests::default()),
+    )
+    .unwrap();
+    d.enable().unwrap();
+    let full = d.get_log_page(log_id::DISCOVERY, 0, 2048, 0).unwrap();
+    assert_eq!(u64::from_le_bytes(full[8..16].try_into().unwrap()), 1);
+    let e = &full[1024..2048];
+    let port = h.addr.port().to_string();
+    let trsvcid = &e[32..64];
+    assert_eq!(
+        &trsvcid[..port.len()],
+        port.as_bytes(),
+        "TRSVCID is the bound port"
+    );
+    assert!(
+        trsvcid[port.len()..].iter().all(|&b| b == b' ' || b == 0),
+        "TRSVCID is padded after the port"
+    );
+    assert_ne!(h.addr.port(), 0);
 }
 
 #[test]

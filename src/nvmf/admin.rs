@@ -443,7 +443,7 @@ impl Connection {
                 } else {
                     nlog::ADRFAM_IPV4
                 };
-                let port = a.port.to_string();
+                let port = self.target.advertised_port(a).to_string();
                 let mut e = [0u8; nlog::DISCOVERY_ENTRY_SIZE];
                 DiscoveryEntry {
                     adrfam,

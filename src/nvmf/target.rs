@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
@@ -244,6 +244,9 @@ pub struct Target {
     connections: AtomicUsize,
     /// Discovery log generation counter: bumped whenever what discovery reports changes.
     genctr: AtomicU64,
+    /// Listen addresses configured with port 0 (any free port) and the port each was bound to,
+    /// so discovery advertises a port a host can connect to. Admin path only.
+    bound_ports: Mutex<Vec<(SocketAddr, u16)>>,
 }
 
 impl Target {
@@ -331,6 +334,7 @@ impl Target {
             }),
             connections: AtomicUsize::new(0),
             genctr: AtomicU64::new(1),
+            bound_ports: Mutex::new(Vec::new()),
         }))
     }
 
@@ -387,6 +391,34 @@ impl Target {
             .filter_map(Weak::upgrade)
             .filter(|c| c.subsys.nqn == subnqn && !c.is_dead())
             .collect()
+    }
+
+    /// Records the port the listener for `configured` was bound to. Only listen addresses
+    /// configured with port 0 need it: without it the discovery log page would advertise
+    /// TRSVCID "0", which no host can connect to. Called once per listener at start-up.
+    pub fn set_bound_port(&self, configured: SocketAddr, bound_port: u16) {
+        if configured.port() != 0 {
+            return;
+        }
+        let mut b = self.bound_ports.lock().unwrap_or_else(|e| e.into_inner());
+        b.retain(|(a, _)| *a != configured);
+        b.push((configured, bound_port));
+        self.genctr.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The TCP port discovery advertises for a listen address: the configured port, or for
+    /// port 0 the one its listener was bound to (0 while unknown).
+    pub fn advertised_port(&self, l: &ListenAddr) -> u16 {
+        if l.port != 0 {
+            return l.port;
+        }
+        let Ok(ip) = l.addr.parse::<IpAddr>() else {
+            return 0;
+        };
+        let b = self.bound_ports.lock().unwrap_or_else(|e| e.into_inner());
+        b.iter()
+            .find(|(a, _)| a.ip() == ip)
+            .map_or(0, |&(_, port)| port)
     }
 
     /// Discovery log generation counter.
