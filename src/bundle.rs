@@ -117,7 +117,8 @@ impl Versions {
             })
             .unwrap_or_else(|| "unknown".into());
         Versions {
-            nvseal: concat!(env!("CARGO_PKG_VERSION"), " (", env!("NVSEAL_GIT_REV"), ")").to_string(),
+            nvseal: concat!(env!("CARGO_PKG_VERSION"), " (", env!("NVSEAL_GIT_REV"), ")")
+                .to_string(),
             kernel: read("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".into()),
             kernel_build: read("/proc/version").unwrap_or_else(|| "unknown".into()),
             os,

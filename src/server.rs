@@ -381,7 +381,7 @@ impl Server {
                 let who = format!("uid={} gid={} pid={}", ctx.caller.uid, ctx.caller.gid, ctx.caller.pid);
                 km.shallow_rekey(&who, &scope, &p.provider)
                     .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
-                    .map_err(|e| RpcError::invalid_params(&e.to_string()))
+                    .map_err(|e| RpcError::invalid_params(e.to_string()))
             });
         if let Some(a) = audit {
             b = b.audit(a);

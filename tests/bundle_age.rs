@@ -107,7 +107,13 @@ fn bundle_round_trip_with_the_age_crate() {
     assert_eq!(stats["namespaces"][0]["read_iops"], 1234);
     let versions: Value =
         serde_json::from_slice(entry(&entries, "nvseal-bundle/versions.json")).unwrap();
-    assert!(versions["nvseal"].as_str().unwrap().starts_with(env!("CARGO_PKG_VERSION")), "{versions}");
+    assert!(
+        versions["nvseal"]
+            .as_str()
+            .unwrap()
+            .starts_with(env!("CARGO_PKG_VERSION")),
+        "{versions}"
+    );
     assert!(versions["kernel"].as_str().unwrap().len() > 1);
     assert!(versions["cpu_flags"].is_array());
     let small = entry(&entries, "nvseal-bundle/logs/00-nvseal.log");

@@ -128,7 +128,14 @@ fn steady_state_allocates_nothing() {
     )
     .unwrap();
     let enc_null = crypto_over(nul.clone());
-    let cases: Vec<(&str, &Arc<dyn Bdev>, Option<&Arc<dyn Bdev>>, Workload, bool)> = vec![
+    type Case<'a> = (
+        &'a str,
+        &'a Arc<dyn Bdev>,
+        Option<&'a Arc<dyn Bdev>>,
+        Workload,
+        bool,
+    );
+    let cases: Vec<Case> = vec![
         ("malloc randrw", &m, None, Workload::Randrw, false),
         ("crypto/malloc randrw", &enc, None, Workload::Randrw, false),
         (

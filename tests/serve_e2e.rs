@@ -104,7 +104,9 @@ fn host_cfg() -> HostConfig {
 
 fn pattern(nsid: u32, lba: u64, len: usize) -> Vec<u8> {
     (0..len)
-        .map(|i| ((i as u64).wrapping_mul(31) ^ lba.wrapping_mul(131) ^ u64::from(nsid) * 7) as u8)
+        .map(|i| {
+            ((i as u64).wrapping_mul(31) ^ lba.wrapping_mul(131) ^ (u64::from(nsid) * 7)) as u8
+        })
         .collect()
 }
 
