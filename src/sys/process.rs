@@ -10,3 +10,13 @@ pub fn set_non_dumpable() -> Result<(), String> {
 pub fn is_dumpable() -> Result<bool, String> {
     nix::sys::prctl::get_dumpable().map_err(|e| format!("prctl(PR_GET_DUMPABLE): {e}"))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn non_dumpable_sticks() {
+        // nextest runs each test in its own process, so this changes nothing else.
+        super::set_non_dumpable().unwrap();
+        assert!(!super::is_dumpable().unwrap());
+    }
+}
