@@ -128,7 +128,7 @@ fn rpc(sock: &Path, method: &str) -> Value {
         .unwrap_or_else(|e| panic!("{method}: {e}"))
 }
 
-fn ns<'a>(v: &'a Value, nsid: u32) -> &'a Value {
+fn ns(v: &Value, nsid: u32) -> &Value {
     v["namespaces"]
         .as_array()
         .unwrap()
