@@ -17,6 +17,7 @@ use crate::nvmf::target::{Listener, Target};
 use crate::reactor::{busy_pct, Mailboxes, Poller, ReactorSet};
 use crate::rpc::audit::{AuditSink, JsonlAuditSink};
 use crate::rpc::{parse_params, Role, RpcError, RpcHandle, RpcServer};
+use crate::stats::reactor as ns_stats;
 use crate::tools::stack::Stacks;
 use crate::types::CoreId;
 use serde::Deserialize;
@@ -342,6 +343,16 @@ impl Server {
             .as_ref()
             .map(|s| (0..s.len()).map(|i| s.counters(i)).collect::<Vec<_>>())
             .unwrap_or_default();
+        // Per-namespace I/O stats live on the reactors; the RPC threads reach them by message.
+        let mailboxes = match self.reactors.as_ref() {
+            Some(s) => Some(s.call(0, |r| r.mailboxes())?),
+            None => None,
+        };
+        let stats = Arc::new(StatsAccess {
+            mailboxes,
+            since: std::sync::Mutex::new(std::time::Instant::now()),
+        });
+        let (st1, st2, st3) = (stats.clone(), stats.clone(), stats);
         let mut b = RpcServer::builder(rc)
             .method("subsystems.list", Role::Viewer, move |_ctx, _p| Ok(subsystems_json(&t, k1.as_deref())))
             .method("keys.status", Role::Viewer, move |_ctx, _p| {
@@ -360,6 +371,18 @@ impl Server {
                     })
                     .collect();
                 Ok(json!({ "reactors": v }))
+            })
+            .method("stats.namespaces", Role::Viewer, move |_ctx, _p| {
+                let (all, elapsed) = st1.collect()?;
+                Ok(ns_stats::namespaces_json(&all, elapsed))
+            })
+            .method("stats.prometheus", Role::Viewer, move |_ctx, _p| {
+                let (all, _) = st2.collect()?;
+                Ok(json!({ "text": ns_stats::prometheus_text(&all) }))
+            })
+            .method("stats.reset", Role::Admin, move |_ctx, _p| {
+                st3.reset()?;
+                Ok(json!({ "reset": true }))
             })
             .method("rekey.shallow", Role::Crypto, move |ctx, p| {
                 #[derive(Deserialize)]
@@ -402,6 +425,38 @@ impl Server {
         if let Some(set) = self.reactors.take() {
             set.shutdown();
         }
+    }
+}
+
+/// What the `stats.*` RPC methods need: the reactors' mailboxes and the start of the window.
+struct StatsAccess {
+    mailboxes: Option<Mailboxes>,
+    /// Start of the rate window: server start or the last `stats.reset` (control threads only).
+    since: std::sync::Mutex<std::time::Instant>,
+}
+
+/// How long an RPC waits for one reactor to answer a stats message.
+const STATS_REACTOR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl StatsAccess {
+    /// Merged per-namespace stats of all reactors and the seconds they cover.
+    fn collect(&self) -> Result<(Vec<ns_stats::NsSnapshot>, f64), RpcError> {
+        let Some(mb) = &self.mailboxes else {
+            return Ok((Vec::new(), 0.0));
+        };
+        let since = *self.since.lock().unwrap_or_else(|e| e.into_inner());
+        let all = ns_stats::collect(mb, STATS_REACTOR_TIMEOUT)
+            .map_err(|e| RpcError::internal(e.to_string()))?;
+        Ok((all, since.elapsed().as_secs_f64()))
+    }
+    fn reset(&self) -> Result<(), RpcError> {
+        let mut since = self.since.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(mb) = &self.mailboxes {
+            ns_stats::reset_all(mb, STATS_REACTOR_TIMEOUT)
+                .map_err(|e| RpcError::internal(e.to_string()))?;
+        }
+        *since = std::time::Instant::now();
+        Ok(())
     }
 }
 

@@ -2,6 +2,8 @@
 //! its control thread (progress, phase wait), nor on the in-process target's poll thread serving
 //! it — for plain reads, plain writes (in-capsule and R2T/H2CData), encrypted writes with
 //! digests, and verify. A process-wide counting allocator is read between two progress reports.
+//! The target's connections record every I/O in their thread's per-namespace latency stats
+//! (`nvseal::stats::reactor`), so the window also covers that recording.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::HashMap;
@@ -16,6 +18,7 @@ use nvseal::crypto::key::XtsKey;
 use nvseal::nvmf::pdu::Digests;
 use nvseal::nvmf::{Connection, Limits, Listener, NamespaceConfig, SubsystemConfig, Target};
 use nvseal::reactor::ReactorOptions;
+use nvseal::stats::OpClass;
 use nvseal::tools::bdevperf::{JobSpec, Workload};
 use nvseal::tools::nvmeperf::{self, PerfConfig, TargetSpec};
 use nvseal::types::CoreId;
@@ -108,6 +111,8 @@ fn steady_state_allocates_nothing() {
             }
             conns.retain(|c| !c.is_closed());
         }
+        drop(conns);
+        nvseal::stats::reactor::snapshot()
     });
     let cases = [
         ("randread 4k", 1, Workload::Randread, 4096, false, false),
@@ -196,5 +201,24 @@ fn steady_state_allocates_nothing() {
         );
     }
     stop.store(true, Ordering::Release);
-    thread.join().unwrap();
+    let stats = thread.join().unwrap();
+    // The I/Os of the window above were recorded (and survive their connections).
+    let ios = |nsid: u32, op: OpClass| {
+        stats
+            .iter()
+            .find(|s| s.nqn == NQN && s.nsid == nsid)
+            .map_or(0, |s| s.stats.op(op).latency_ns.len())
+    };
+    for (nsid, op) in [
+        (1, OpClass::Read),
+        (1, OpClass::Write),
+        (2, OpClass::Write),
+        (2, OpClass::Read),
+    ] {
+        assert!(
+            ios(nsid, op) > 100,
+            "nsid {nsid} {op:?}: {} recorded",
+            ios(nsid, op)
+        );
+    }
 }

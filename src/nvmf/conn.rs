@@ -26,6 +26,9 @@ use crate::nvmf::pdu::{
     CH_LEN, DIGEST_LEN, MAX_HEADER_REGION,
 };
 use crate::nvmf::target::{Controller, QueueStats, Subsystem, Target};
+use crate::stats::reactor::{self as stats_reactor, ConnStats};
+use crate::stats::OpClass;
+use crate::sys::clock;
 use crate::types::CoreId;
 
 /// Bytes of the receive staging buffer: headers and small data are read through it.
@@ -148,6 +151,8 @@ pub(super) struct Request {
     tx_off: usize,
     /// The C2HData carries the SUCCESS flag: no CapsuleResp follows it.
     tx_success: bool,
+    /// `clock::ticks()` when the command capsule was decoded (latency stats).
+    t_rx: u64,
 }
 
 impl Request {
@@ -175,6 +180,7 @@ impl Request {
             tx_ddgst: [0; DIGEST_LEN],
             tx_off: 0,
             tx_success: false,
+            t_rx: 0,
         }
     }
 }
@@ -291,6 +297,8 @@ pub struct Connection {
     /// Deadline for completing Fabrics Connect (cleared once connected).
     pub(super) connect_deadline: Option<Instant>,
     pub(super) stats: Arc<QueueStats>,
+    /// This connection's handles into its reactor's per-namespace latency stats.
+    io_stats: ConnStats,
 }
 
 impl Connection {
@@ -323,6 +331,8 @@ impl Connection {
                 .max(target.limits.max_admin_queue_depth),
         );
         let connect_timeout_ms = target.limits.connect_timeout_ms;
+        // Calibrated once per process (reactors do it at start); never on the first I/O.
+        clock::ticks_per_ns();
         let mut reqs = Vec::with_capacity(slots);
         reqs.resize_with(slots, Request::new);
         Ok(Connection {
@@ -366,6 +376,7 @@ impl Connection {
                 Instant::now() + Duration::from_millis(u64::from(connect_timeout_ms)),
             ),
             stats: Arc::new(QueueStats::default()),
+            io_stats: ConnStats::default(),
         })
     }
 
@@ -505,6 +516,9 @@ impl Connection {
                 });
             }
         }
+        if self.qid != 0 {
+            self.record_io(idx, status);
+        }
         let dg = self.dg;
         let hpda = self.hpda;
         let sqhd_disabled = self.sqhd_disabled;
@@ -542,6 +556,33 @@ impl Connection {
             self.queue_resp(idx);
         }
         self.tx_queue.push_back(idx);
+    }
+
+    /// Records an I/O command's completion in the reactor's per-namespace stats
+    /// (`crate::stats::reactor`): latency from capsule decoded to completion queued, bytes moved
+    /// by successful reads/writes, errors. Allocates only the first time this connection
+    /// completes a command for a namespace; nsids that do not exist are not recorded.
+    fn record_io(&mut self, idx: usize, status: Status) {
+        let r = &self.reqs[idx];
+        let Some(op) = stats_reactor::op_class_of(r.sqe.opcode) else {
+            return;
+        };
+        let nsid = r.sqe.nsid;
+        let ok = status.is_success();
+        let bytes = match op {
+            OpClass::Read | OpClass::Write if ok => r.buf.as_ref().map_or(0, |b| b.len() as u64),
+            _ => 0,
+        };
+        let ns = clock::ticks_to_ns(clock::ticks().wrapping_sub(r.t_rx));
+        if !self.io_stats.record(nsid, op, bytes, ns, ok) {
+            let Some(s) = self.subsys.as_ref() else {
+                return;
+            };
+            if s.namespace(nsid).is_some() {
+                let h = self.io_stats.attach(&s.nqn, nsid);
+                h.borrow_mut().record(op, bytes, ns, ok);
+            }
+        }
     }
 
     fn queue_resp(&mut self, idx: usize) {
@@ -832,6 +873,7 @@ impl Connection {
             return Err(Fatal::term(Fes::PduSequenceError, pdu::OFF_TYPE));
         };
         let r = &mut self.reqs[idx];
+        r.t_rx = clock::ticks();
         r.sqe = sqe;
         r.cqe = Cqe::default();
         r.c2h = false;

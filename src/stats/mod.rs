@@ -9,6 +9,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 
 pub mod prometheus;
+pub mod reactor;
 
 /// Highest latency a histogram tracks (ns); larger values are clamped to it.
 /// One minute: anything slower is a hang, and is still counted.
