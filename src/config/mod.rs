@@ -402,6 +402,18 @@ impl Config {
             if let Err(e) = r.validate() {
                 return Err(err("rpc".into(), e.to_string()));
             }
+            let encrypted = self
+                .bdevs
+                .iter()
+                .any(|b| matches!(b, BdevConfig::Encrypted(_)));
+            let audit =
+                self.keys.as_ref().is_some_and(|k| k.audit_log.is_some()) || r.audit_log.is_some();
+            if encrypted && !audit {
+                return Err(err(
+                    "rpc".into(),
+                    "key operations over the control socket are audited: set keys.audit_log (or rpc.audit_log)".into(),
+                ));
+            }
         }
         Ok(())
     }
