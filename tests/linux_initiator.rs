@@ -9,13 +9,13 @@
 //! Needs root (the harness build uses apt, mknod, chroot). `NVSEAL_SKIP_QEMU=1` skips it, loudly;
 //! anything else that keeps it from running is a failure.
 
+mod common;
+
+use common::serve::{addr_of, Serve};
 use nvseal::nvme::connect;
 use nvseal::nvmf::host::{HostConfig, HostQpair};
-use std::io::BufRead;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const NQN: &str = "nqn.2026-11.io.nvseal:interop";
@@ -37,99 +37,6 @@ const FIO_CONCURRENT: &str = "16k:randwrite:60M:4M";
 const WRITTEN_BYTES: usize = 64 << 20;
 /// Guest run limit (boot + the whole script) for run-guest.sh.
 const GUEST_TIMEOUT_S: u32 = 420;
-
-struct Serve {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-}
-
-impl Serve {
-    fn start(cfg: &Path) -> Serve {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nvseal"))
-            .args(["serve", "-c", cfg.to_str().unwrap()])
-            // conn=debug: "ICReq accepted" shows the digests each connection negotiated.
-            .env("NVSEAL_LOG", "info,nvseal::nvmf::conn=debug")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let err = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Serve {
-            child,
-            lines: rx,
-            log: Vec::new(),
-        }
-    }
-
-    /// Waits for a log line containing `what` (or finds one already received); returns it.
-    fn wait_for(&mut self, what: &str) -> String {
-        if let Some(l) = self.log.iter().find(|l| l.contains(what)) {
-            return l.clone();
-        }
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(60) {
-            match self.lines.recv_timeout(Duration::from_millis(200)) {
-                Ok(l) => {
-                    self.log.push(l.clone());
-                    if l.contains(what) {
-                        return l;
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => self.assert_running(what),
-                Err(_) => break,
-            }
-        }
-        panic!("no {what:?} in serve's log:\n{}", self.log.join("\n"));
-    }
-
-    /// Moves every log line received so far into `self.log`.
-    fn drain(&mut self) {
-        while let Ok(l) = self.lines.try_recv() {
-            self.log.push(l);
-        }
-    }
-
-    fn assert_running(&mut self, when: &str) {
-        if let Some(s) = self.child.try_wait().unwrap() {
-            self.drain();
-            panic!("serve exited ({s}) {when}:\n{}", self.log.join("\n"));
-        }
-    }
-
-    fn stop(mut self) -> Vec<String> {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let st = self.child.wait().unwrap();
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(500)) {
-            self.log.push(l);
-        }
-        assert!(st.success(), "serve exit {st}:\n{}", self.log.join("\n"));
-        std::mem::take(&mut self.log)
-    }
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        // A failing test must not leave serve running (stop() has already reaped it).
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -170,16 +77,6 @@ fn harness_ready() -> bool {
         String::from_utf8_lossy(&out.stderr).trim()
     );
     true
-}
-
-fn addr_of(line: &str) -> SocketAddr {
-    let i = line.find("addr=").expect("addr= in listening line") + 5;
-    line[i..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
 }
 
 fn uuid_nqn() -> String {
@@ -252,7 +149,7 @@ fn linux_initiator_discovers_connects_and_verifies_fio_on_both_namespaces() {
     )
     .unwrap();
 
-    let mut s = Serve::start(&cfg);
+    let mut s = Serve::start_with_log(&cfg, "info,nvseal::nvmf::conn=debug");
     let addr = addr_of(&s.wait_for("NVMe/TCP listening"));
     s.wait_for("encrypted namespace online");
     s.wait_for("nvseal serving");

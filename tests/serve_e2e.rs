@@ -3,96 +3,16 @@
 //! host writes and reads both; the file holds ciphertext; the control socket shows the state and
 //! performs a shallow rekey (audited); after a restart the data reads back through the new KEK.
 
+mod common;
+
+use common::serve::{addr_of, Serve};
 use nvseal::nvme::connect;
 use nvseal::nvmf::host::{HostConfig, HostQpair};
-use std::io::BufRead;
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const NQN: &str = "nqn.2026-11.io.nvseal:e2e";
-
-struct Serve {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-}
-
-impl Serve {
-    fn start(cfg: &Path) -> Serve {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nvseal"))
-            .args(["serve", "-c", cfg.to_str().unwrap()])
-            .env("NVSEAL_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let err = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Serve {
-            child,
-            lines: rx,
-            log: Vec::new(),
-        }
-    }
-    /// Waits for a log line containing `what`; returns it.
-    fn wait_for(&mut self, what: &str) -> String {
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(60) {
-            match self.lines.recv_timeout(Duration::from_millis(200)) {
-                Ok(l) => {
-                    self.log.push(l.clone());
-                    if l.contains(what) {
-                        return l;
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if let Some(s) = self.child.try_wait().unwrap() {
-                        panic!(
-                            "serve exited ({s}) before {what:?}:\n{}",
-                            self.log.join("\n")
-                        );
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        panic!("no {what:?} in serve's log:\n{}", self.log.join("\n"));
-    }
-    fn stop(mut self) -> Vec<String> {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let st = self.child.wait().unwrap();
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(500)) {
-            self.log.push(l);
-        }
-        assert!(st.success(), "serve exit {st}:\n{}", self.log.join("\n"));
-        self.log
-    }
-}
-
-fn addr_of(line: &str) -> SocketAddr {
-    let i = line.find("addr=").expect("addr= in listening line") + 5;
-    line[i..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
 
 fn host_cfg() -> HostConfig {
     HostConfig {

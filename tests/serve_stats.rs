@@ -5,97 +5,18 @@
 //! that decode to the same counts; `stats.prometheus` carries the counters; `stats.reset` zeroes
 //! them.
 
+mod common;
+
 use base64::Engine;
+use common::serve::{addr_of, Serve};
 use nvseal::nvme::connect;
 use nvseal::nvmf::host::{HostConfig, HostQpair};
 use serde_json::{json, Value};
-use std::io::BufRead;
-use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const NQN: &str = "nqn.2026-11.io.nvseal:stats";
 const BS: u32 = 4096;
-
-struct Serve {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    log: Vec<String>,
-}
-
-impl Serve {
-    fn start(cfg: &Path) -> Serve {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nvseal"))
-            .args(["serve", "-c", cfg.to_str().unwrap()])
-            .env("NVSEAL_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let err = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        Serve {
-            child,
-            lines: rx,
-            log: Vec::new(),
-        }
-    }
-    fn wait_for(&mut self, what: &str) -> String {
-        let t0 = Instant::now();
-        while t0.elapsed() < Duration::from_secs(60) {
-            match self.lines.recv_timeout(Duration::from_millis(200)) {
-                Ok(l) => {
-                    self.log.push(l.clone());
-                    if l.contains(what) {
-                        return l;
-                    }
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    if let Some(s) = self.child.try_wait().unwrap() {
-                        panic!(
-                            "serve exited ({s}) before {what:?}:\n{}",
-                            self.log.join("\n")
-                        );
-                    }
-                }
-                Err(_) => break,
-            }
-        }
-        panic!("no {what:?} in serve's log:\n{}", self.log.join("\n"));
-    }
-    fn stop(mut self) {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let st = self.child.wait().unwrap();
-        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(500)) {
-            self.log.push(l);
-        }
-        assert!(st.success(), "serve exit {st}:\n{}", self.log.join("\n"));
-    }
-}
-
-fn addr_of(line: &str) -> SocketAddr {
-    let i = line.find("addr=").expect("addr= in listening line") + 5;
-    line[i..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
 
 fn host_cfg() -> HostConfig {
     HostConfig {

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod kmip;
+pub mod serve;
 
 use std::io::Write;
 use std::path::Path;
