@@ -277,11 +277,9 @@ fn namespaces_created_and_deleted_over_the_control_socket() {
         json!({ "nqn": NQN, "bdevs": [{ "name": "mem1", "type": "null", "num_blocks": 1024, "block_size": 4096 }] }),
     );
     assert_eq!(r["nsid"], 2, "{r}");
-    let (ok, st, back) = io(&mut q, None, 2, 0, 1);
-    assert!(
-        ok && back.iter().all(|&b| b == 0),
-        "null bdev reads zeroes ({st:#x})"
-    );
+    // (The null bdev discards data and does not fill read buffers: only the status counts.)
+    let (ok, st, _) = io(&mut q, None, 2, 0, 1);
+    assert!(ok, "I/O to the re-created nsid 2: status {st:#x}");
 
     drop(q);
     drop(admin);
