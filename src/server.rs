@@ -152,6 +152,17 @@ struct Dynamic {
     late: Arc<Mutex<LateMap>>,
     /// Serializes namespace.create / namespace.delete.
     change: Mutex<()>,
+    /// Where keyed namespace changes are recorded (who, what, when, result).
+    audit: Option<Arc<dyn AuditSink>>,
+}
+
+/// What a `namespace.*` handler tells its wrapper for the audit trail.
+#[derive(Default)]
+struct AuditNote {
+    /// A key is involved: the call is recorded.
+    keyed: bool,
+    /// What it acted on (`nqn nsid N bdev B`).
+    target: String,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -327,6 +338,7 @@ impl Server {
             created: Mutex::new(BTreeMap::new()),
             late: late_map,
             change: Mutex::new(()),
+            audit: audit.clone(),
         });
         let mut server = Server {
             reactors: Some(set),
@@ -472,12 +484,46 @@ fn register_encrypted(
 }
 
 impl Dynamic {
+    /// Records a keyed namespace change (and refusals of one) in the audit trail.
+    fn audited(
+        &self,
+        ctx: &crate::rpc::CallContext,
+        note: &AuditNote,
+        r: Result<Value, RpcError>,
+    ) -> Result<Value, RpcError> {
+        if let (true, Some(a)) = (note.keyed, &self.audit) {
+            let result = match &r {
+                Ok(_) => "ok".to_string(),
+                Err(e) => format!("error: {e}"),
+            };
+            a.record(&ctx.caller.to_string(), &ctx.method, &note.target, &result);
+        }
+        r
+    }
+
+    fn create(&self, ctx: &crate::rpc::CallContext, p: &Value) -> Result<Value, RpcError> {
+        let mut note = AuditNote::default();
+        let r = self.create_inner(ctx, p, &mut note);
+        self.audited(ctx, &note, r)
+    }
+
+    fn delete(&self, ctx: &crate::rpc::CallContext, p: &Value) -> Result<Value, RpcError> {
+        let mut note = AuditNote::default();
+        let r = self.delete_inner(ctx, p, &mut note);
+        self.audited(ctx, &note, r)
+    }
+
     /// `namespace.create`: builds the bdev stack in `bdevs` (entries as in the config's
     /// `bdevs:` list, bases before what stacks on them; the last one is exported) and adds it as
     /// namespace `nsid` (default: the lowest free) of subsystem `nqn`. A stack with a `crypto`
     /// or `encrypted` entry needs the crypto role; an `encrypted` namespace starts locked and
     /// comes online when the key manager has its key.
-    fn create(&self, ctx: &crate::rpc::CallContext, p: &Value) -> Result<Value, RpcError> {
+    fn create_inner(
+        &self,
+        ctx: &crate::rpc::CallContext,
+        p: &Value,
+        note: &mut AuditNote,
+    ) -> Result<Value, RpcError> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct P {
@@ -491,6 +537,14 @@ impl Dynamic {
             .bdevs
             .iter()
             .any(|b| matches!(b, BdevConfig::Crypto(_) | BdevConfig::Encrypted(_)));
+        note.keyed = keyed;
+        note.target = format!(
+            "{} nsid {} bdev {}",
+            p.nqn,
+            p.nsid
+                .map_or_else(|| "(first free)".to_string(), |n| n.to_string()),
+            p.bdevs.last().map_or("", |b| b.name())
+        );
         if keyed && !ctx.roles.contains(Role::Crypto) {
             return Err(RpcError::permission_denied(
                 &ctx.method,
@@ -618,7 +672,12 @@ impl Dynamic {
     /// `namespace.delete`: takes namespace `nsid` of subsystem `nqn` away from hosts and waits
     /// (up to `drain_ms`, default 5 s) until no I/O queue holds it. A namespace with a key needs
     /// the crypto role.
-    fn delete(&self, ctx: &crate::rpc::CallContext, p: &Value) -> Result<Value, RpcError> {
+    fn delete_inner(
+        &self,
+        ctx: &crate::rpc::CallContext,
+        p: &Value,
+        note: &mut AuditNote,
+    ) -> Result<Value, RpcError> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct P {
@@ -641,6 +700,8 @@ impl Dynamic {
         let keyed = ns.encrypted
             || lock(&self.late).contains_key(ns.bdev.name())
             || lock(&self.created).get(&key).is_some_and(|d| d.encrypted);
+        note.keyed = keyed;
+        note.target = format!("{} nsid {} bdev {}", p.nqn, p.nsid, ns.bdev.name());
         drop(ns);
         if keyed && !ctx.roles.contains(Role::Crypto) {
             return Err(RpcError::permission_denied(

@@ -253,7 +253,9 @@ fn namespaces_created_and_deleted_over_the_control_socket() {
         .clone();
     let ids: Vec<u64> = ns.iter().map(|n| n["nsid"].as_u64().unwrap()).collect();
     assert_eq!(ids, [1, 2, 5], "{list}");
-    assert_eq!(ns[2]["key"]["state"]["state"], "online", "{list}");
+    assert_eq!(ns[2]["online"], true, "{list}");
+    assert_eq!(ns[2]["encrypted"], true, "{list}");
+    assert_eq!(ns[2]["key"]["ns_id"], "vol5", "{list}");
 
     // Delete the plaintext one: I/O to it fails with Invalid Namespace (SCT 0, SC 0x0b);
     // the others keep working.
@@ -281,13 +283,29 @@ fn namespaces_created_and_deleted_over_the_control_socket() {
     let (ok, st, _) = io(&mut q, None, 2, 0, 1);
     assert!(ok, "I/O to the re-created nsid 2: status {st:#x}");
 
+    // The encrypted one goes too (crypto role: root holds every role here); nsid 1 stays.
+    let r = rpc(&sock, "namespace.delete", json!({ "nqn": NQN, "nsid": 5 }));
+    assert_eq!(r["freed"], true, "{r}");
+    let (ok, st, _) = io(&mut q, None, 5, 3, 2);
+    assert!(!ok && st & 0x7ff == 0x0b, "status field {st:#x}");
+    verify(&mut q, 1, 17);
+
     drop(q);
     drop(admin);
     s.stop();
     let audit = std::fs::read_to_string(d.join("audit.jsonl")).unwrap();
+    let lines: Vec<&str> = audit.lines().collect();
+    for op in ["namespace.create", "namespace.delete"] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(op) && l.contains("vol5") && l.contains("\"ok\"")),
+            "{op} of the encrypted namespace is audited: {audit}"
+        );
+    }
     assert!(
-        audit.contains("vol5"),
-        "the key operation is audited: {audit}"
+        !lines.iter().any(|l| l.contains("mem1")),
+        "plaintext namespaces are not key operations: {audit}"
     );
 }
 
@@ -312,6 +330,11 @@ fn keyed_namespaces_need_the_crypto_role() {
     );
     assert_eq!(code, -32001, "{msg}");
     assert!(msg.contains("crypto"), "{msg}");
+    let audit = std::fs::read_to_string(d.join("audit.jsonl")).unwrap();
+    assert!(
+        audit.contains("namespace.create") && audit.contains("permission denied"),
+        "the refusal is audited: {audit}"
+    );
     // Plaintext is an admin operation.
     let r = rpc(
         &sock,
