@@ -785,4 +785,93 @@ mod tests {
         assert_eq!(u[8] >> 6, 0b10, "RFC variant");
         assert_ne!(&u[..], &a[..]);
     }
+
+    fn null(name: &str, block_size: u32) -> Arc<dyn Bdev> {
+        crate::bdev::null::open(&crate::bdev::null::NullConfig {
+            name: name.into(),
+            num_blocks: Some(64),
+            size_bytes: None,
+            block_size,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn namespace_slots_add_and_remove() {
+        const NQN: &str = "nqn.2026-01.io.nvseal:t";
+        let cfg = SubsystemConfig {
+            nqn: NQN.into(),
+            serial: "S".into(),
+            model: "M".into(),
+            namespaces: vec![crate::nvmf::config::NamespaceConfig {
+                nsid: 2,
+                bdev: "n0".into(),
+                encrypted: false,
+            }],
+            allowed_hosts: vec![],
+            listen: vec![],
+        };
+        let bdevs: HashMap<String, Arc<dyn Bdev>> = [("n0".to_string(), null("n0", 512))].into();
+        let limits = Limits {
+            max_namespaces: 4,
+            ..Default::default()
+        };
+        let t = Target::new(&[cfg], limits, &bdevs).unwrap();
+        let s = t.subsystem(NQN).unwrap().clone();
+        assert_eq!(s.max_nsid(), 4, "NN = slots");
+        let g0 = s.ns_generation();
+        // Lowest free nsid first, then the next; a locked one stays offline.
+        assert_eq!(
+            t.add_namespace(NQN, None, null("a", 512), false, true)
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            t.add_namespace(NQN, None, null("b", 4096), true, false)
+                .unwrap(),
+            3
+        );
+        assert!(s.ns_generation() > g0, "every change moves the generation");
+        assert!(!s.namespace(3).unwrap().is_online());
+        assert_eq!(s.namespace(3).unwrap().block_size, 4096);
+        assert!(matches!(
+            t.add_namespace(NQN, Some(3), null("c", 512), false, true),
+            Err(TargetError::NsidInUse { nsid: 3, .. })
+        ));
+        assert!(matches!(
+            t.add_namespace(NQN, Some(0), null("c", 512), false, true),
+            Err(TargetError::NsidOutOfRange { nsid: 0, .. })
+        ));
+        assert_eq!(
+            t.add_namespace(NQN, None, null("d", 512), false, true)
+                .unwrap(),
+            4
+        );
+        assert!(matches!(
+            t.add_namespace(NQN, None, null("e", 512), false, true),
+            Err(TargetError::NoFreeNsid { max: 4, .. })
+        ));
+        assert!(matches!(
+            t.add_namespace(DISCOVERY_NQN, None, null("f", 512), false, true),
+            Err(TargetError::NoSubsystem(_))
+        ));
+        // Removal frees the slot at once when no queue holds the namespace.
+        let held = s.namespace(1).unwrap();
+        let g1 = s.ns_generation();
+        assert!(matches!(
+            t.remove_namespace(NQN, 1, Duration::from_millis(20)),
+            Err(TargetError::DrainTimeout { nsid: 1, .. })
+        ));
+        assert!(s.namespace(1).is_none(), "removed even though still held");
+        assert!(!held.is_online());
+        assert!(s.ns_generation() > g1);
+        drop(held);
+        t.remove_namespace(NQN, 2, Duration::from_secs(1)).unwrap();
+        let left: Vec<u32> = s.namespaces().iter().map(|n| n.nsid).collect();
+        assert_eq!(left, [3, 4]);
+        assert!(matches!(
+            t.remove_namespace(NQN, 2, Duration::from_secs(1)),
+            Err(TargetError::NoNamespace { nsid: 2, .. })
+        ));
+    }
 }
