@@ -7,9 +7,16 @@
 //! namespaces on its own control threads and, when a key arrives, binds the namespace's crypto
 //! bdev and brings the namespace online; until then the namespace is exported offline (locked).
 //! The RPC server has its own accept thread and one thread per client.
+//!
+//! Namespaces can also be created and deleted at run time over the control socket
+//! (`namespace.create`, `namespace.delete`): the RPC client thread builds the bdev stack, adds
+//! it to the target (connections pick it up on their own reactors, see `nvmf::target`), and for
+//! a managed-key namespace registers it with the key manager, which brings it online when its
+//! key arrives.
 
+use crate::bdev::late::LateBdev;
 use crate::bdev::Bdev;
-use crate::config::{BdevConfig, Config};
+use crate::config::{BdevConfig, Config, EncryptedBdevConfig};
 use crate::keys::header::METADATA_REGION_BYTES;
 use crate::keys::manager::{KeyManager, ManagerOptions, NamespaceKeyConfig, RekeyScope};
 use crate::nvmf::conn::Connection;
@@ -22,9 +29,10 @@ use crate::tools::stack::Stacks;
 use crate::types::CoreId;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +125,54 @@ fn exports_of(cfg: &Config, bdev: &str) -> Vec<(String, u32)> {
         .collect()
 }
 
+/// Managed-key namespaces the key manager brings online: bdev name → the stand-in it binds
+/// and the (subsystem, nsid) pairs exporting it. Control threads only.
+type LateMap = BTreeMap<String, (Arc<LateBdev>, Vec<(String, u32)>)>;
+
+/// A namespace created over the control socket.
+struct DynNamespace {
+    /// Its bdevs (kept open while it exists).
+    _stacks: Stacks,
+    /// Names of its bdevs.
+    names: Vec<String>,
+    /// Whether a key is involved (crypto or managed-key encrypted).
+    encrypted: bool,
+    /// Managed-key (the key manager holds an entry under the exported bdev's name).
+    managed: bool,
+}
+
+/// Run-time namespace state shared by the `namespace.*` handlers (control path only).
+struct Dynamic {
+    target: Arc<Target>,
+    keys: Option<Arc<KeyManager>>,
+    /// The server's config: `crypto` and the KMS settings new bdev stacks are built with.
+    template: Config,
+    /// Every bdev name in use (config and run time): a new bdev may not reuse one.
+    names: Mutex<BTreeSet<String>>,
+    created: Mutex<BTreeMap<(String, u32), DynNamespace>>,
+    late: Arc<Mutex<LateMap>>,
+    /// Serializes namespace.create / namespace.delete.
+    change: Mutex<()>,
+    /// Where keyed namespace changes are recorded (who, what, when, result).
+    audit: Option<Arc<dyn AuditSink>>,
+}
+
+/// What a `namespace.*` handler tells its wrapper for the audit trail.
+#[derive(Default)]
+struct AuditNote {
+    /// A key is involved: the call is recorded.
+    keyed: bool,
+    /// What it acted on (`nqn nsid N bdev B`).
+    target: String,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How long `namespace.delete` waits, by default, for I/O in flight to the namespace.
+const DEFAULT_DRAIN_MS: u64 = 5000;
+
 /// A running target.
 pub struct Server {
     reactors: Option<ReactorSet>,
@@ -124,6 +180,7 @@ pub struct Server {
     keys: Option<Arc<KeyManager>>,
     rpc: Option<RpcHandle>,
     listen_addrs: Vec<SocketAddr>,
+    dynamic: Arc<Dynamic>,
     _stacks: Stacks,
 }
 
@@ -205,8 +262,16 @@ impl Server {
             None => None,
         };
 
-        // Key manager: encrypted namespaces.
-        let keys = if stacks.encrypted.is_empty() {
+        // Key manager: encrypted namespaces (configured, or created later over the control
+        // socket when a keys: section exists).
+        let late_map: Arc<Mutex<LateMap>> = Arc::new(Mutex::new(
+            stacks
+                .encrypted
+                .iter()
+                .map(|(k, (l, _))| (k.clone(), (l.clone(), exports_of(cfg, k))))
+                .collect(),
+        ));
+        let keys = if stacks.encrypted.is_empty() && cfg.keys.is_none() {
             None
         } else {
             let kc = cfg
@@ -229,27 +294,20 @@ impl Server {
                         })?;
                 }
             }
-            let late: BTreeMap<String, _> = stacks
-                .encrypted
-                .iter()
-                .map(|(k, (l, _))| (k.clone(), l.clone()))
-                .collect();
-            let exports: BTreeMap<String, Vec<(String, u32)>> = stacks
-                .encrypted
-                .keys()
-                .map(|k| (k.clone(), exports_of(cfg, k)))
-                .collect();
             let t = target.clone();
+            let late = late_map.clone();
             let on_online: crate::keys::manager::OnOnline =
                 Arc::new(move |ns_id: &str, bdev: Arc<dyn Bdev>| {
-                    let Some(l) = late.get(ns_id) else { return };
+                    let Some((l, exports)) = lock(&late).get(ns_id).cloned() else {
+                        return;
+                    };
                     if !l.is_bound() {
                         if let Err(e) = l.bind(bdev) {
                             tracing::error!(bdev = ns_id, "cannot bring the namespace online: {e}");
                             return;
                         }
                     }
-                    for (nqn, nsid) in exports.get(ns_id).into_iter().flatten() {
+                    for (nqn, nsid) in &exports {
                         if let Err(e) = t.set_namespace_online(nqn, *nsid, true) {
                             tracing::error!(bdev = ns_id, nqn, nsid, "{e}");
                         }
@@ -267,45 +325,29 @@ impl Server {
             )
             .map_err(|e| ServerError::Keys(e.to_string()))?;
             for (name, (_, ec)) in &stacks.encrypted {
-                let base = stacks
-                    .get(&ec.base)
-                    .ok_or_else(|| ServerError::Keys(format!("{name}: no base bdev")))?;
-                let header_io: Box<dyn crate::keys::store::HeaderIo + Send> =
-                    match cfg.bdev(&ec.base) {
-                        Some(BdevConfig::Uring(u)) => Box::new(
-                            crate::bdev::slice::FileHeaderIo::open(&u.path, METADATA_REGION_BYTES)
-                                .map_err(|e| {
-                                    ServerError::Keys(format!(
-                                        "{name}: header of {}: {e}",
-                                        u.path.display()
-                                    ))
-                                })?,
-                        ),
-                        _ => Box::new(
-                            crate::bdev::slice::BdevHeaderIo::new(
-                                base.clone(),
-                                CoreId(0),
-                                METADATA_REGION_BYTES,
-                            )
-                            .map_err(|e| ServerError::Keys(format!("{name}: header: {e}")))?,
-                        ),
-                    };
-                let nk = NamespaceKeyConfig {
-                    provider: ec.provider.clone(),
-                    kek_name: ec.kek_name.clone(),
-                };
-                km.add_encrypted("nvseal", name, base, header_io, &nk, ec.create)
-                    .map_err(|e| ServerError::Keys(e.to_string()))?;
+                register_encrypted(&km, "nvseal", &stacks, cfg, name, ec)
+                    .map_err(ServerError::Keys)?;
             }
             Some(Arc::new(km))
         };
 
+        let dynamic = Arc::new(Dynamic {
+            target: target.clone(),
+            keys: keys.clone(),
+            template: cfg.clone(),
+            names: Mutex::new(stacks.bdevs.keys().cloned().collect()),
+            created: Mutex::new(BTreeMap::new()),
+            late: late_map,
+            change: Mutex::new(()),
+            audit: audit.clone(),
+        });
         let mut server = Server {
             reactors: Some(set),
             target,
             keys,
             rpc: None,
             listen_addrs,
+            dynamic,
             _stacks: stacks,
         };
         if let Some(rc) = &cfg.rpc {
@@ -338,6 +380,8 @@ impl Server {
         let k2 = self.keys.clone();
         let k3 = self.keys.clone();
         let k4 = self.keys.clone();
+        let d1 = self.dynamic.clone();
+        let d2 = self.dynamic.clone();
         let reactors = self
             .reactors
             .as_ref()
@@ -412,6 +456,13 @@ impl Server {
                     .map_err(|e| RpcError::invalid_params(e.to_string()))
             });
         }
+        b = b
+            .method("namespace.create", Role::Admin, move |ctx, p| {
+                d1.create(ctx, p)
+            })
+            .method("namespace.delete", Role::Admin, move |ctx, p| {
+                d2.delete(ctx, p)
+            });
         if let Some(a) = audit {
             b = b.audit(a);
         }
@@ -466,6 +517,290 @@ impl StatsAccess {
     }
 }
 
+/// Registers a managed-key (`encrypted`) bdev of `stacks` with the key manager: it reads the
+/// header through the base (the file itself for a uring base) and binds the crypto bdev when
+/// the key arrives.
+fn register_encrypted(
+    km: &KeyManager,
+    who: &str,
+    stacks: &Stacks,
+    cfg: &Config,
+    name: &str,
+    ec: &EncryptedBdevConfig,
+) -> Result<(), String> {
+    let base = stacks
+        .get(&ec.base)
+        .ok_or_else(|| format!("{name}: no base bdev"))?;
+    let header_io: Box<dyn crate::keys::store::HeaderIo + Send> = match cfg.bdev(&ec.base) {
+        Some(BdevConfig::Uring(u)) => Box::new(
+            crate::bdev::slice::FileHeaderIo::open(&u.path, METADATA_REGION_BYTES)
+                .map_err(|e| format!("{name}: header of {}: {e}", u.path.display()))?,
+        ),
+        _ => Box::new(
+            crate::bdev::slice::BdevHeaderIo::new(base.clone(), CoreId(0), METADATA_REGION_BYTES)
+                .map_err(|e| format!("{name}: header: {e}"))?,
+        ),
+    };
+    let nk = NamespaceKeyConfig {
+        provider: ec.provider.clone(),
+        kek_name: ec.kek_name.clone(),
+    };
+    km.add_encrypted(who, name, base, header_io, &nk, ec.create)
+        .map_err(|e| e.to_string())
+}
+
+impl Dynamic {
+    /// Records a keyed namespace change (and refusals of one) in the audit trail.
+    fn audited(
+        &self,
+        ctx: &crate::rpc::CallContext,
+        note: &AuditNote,
+        r: Result<Value, RpcError>,
+    ) -> Result<Value, RpcError> {
+        if let (true, Some(a)) = (note.keyed, &self.audit) {
+            let result = match &r {
+                Ok(_) => "ok".to_string(),
+                Err(e) => format!("error: {e}"),
+            };
+            a.record(&ctx.caller.to_string(), &ctx.method, &note.target, &result);
+        }
+        r
+    }
+
+    fn create(&self, ctx: &crate::rpc::CallContext, p: &Value) -> Result<Value, RpcError> {
+        let mut note = AuditNote::default();
+        let r = self.create_inner(ctx, p, &mut note);
+        self.audited(ctx, &note, r)
+    }
+
+    fn delete(&self, ctx: &crate::rpc::CallContext, p: &Value) -> Result<Value, RpcError> {
+        let mut note = AuditNote::default();
+        let r = self.delete_inner(ctx, p, &mut note);
+        self.audited(ctx, &note, r)
+    }
+
+    /// `namespace.create`: builds the bdev stack in `bdevs` (entries as in the config's
+    /// `bdevs:` list, bases before what stacks on them; the last one is exported) and adds it as
+    /// namespace `nsid` (default: the lowest free) of subsystem `nqn`. A stack with a `crypto`
+    /// or `encrypted` entry needs the crypto role; an `encrypted` namespace starts locked and
+    /// comes online when the key manager has its key.
+    fn create_inner(
+        &self,
+        ctx: &crate::rpc::CallContext,
+        p: &Value,
+        note: &mut AuditNote,
+    ) -> Result<Value, RpcError> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct P {
+            nqn: String,
+            #[serde(default)]
+            nsid: Option<u32>,
+            bdevs: Vec<BdevConfig>,
+        }
+        let p: P = parse_params(p)?;
+        let keyed = p
+            .bdevs
+            .iter()
+            .any(|b| matches!(b, BdevConfig::Crypto(_) | BdevConfig::Encrypted(_)));
+        note.keyed = keyed;
+        note.target = format!(
+            "{} nsid {} bdev {}",
+            p.nqn,
+            p.nsid
+                .map_or_else(|| "(first free)".to_string(), |n| n.to_string()),
+            p.bdevs.last().map_or("", |b| b.name())
+        );
+        if keyed && !ctx.roles.contains(Role::Crypto) {
+            return Err(RpcError::permission_denied(
+                &ctx.method,
+                Role::Crypto,
+                ctx.caller.uid,
+                ctx.caller.gid,
+            ));
+        }
+        let Some(last) = p.bdevs.last() else {
+            return Err(RpcError::invalid_params(
+                "bdevs: at least one bdev is needed (the last one is exported)",
+            ));
+        };
+        let exported = last.name().to_string();
+        let sub = self
+            .target
+            .subsystem(&p.nqn)
+            .filter(|s| s.kind == crate::nvmf::target::SubsystemKind::Nvm)
+            .ok_or_else(|| RpcError::not_found("subsystem", &p.nqn))?
+            .clone();
+        let _g = lock(&self.change);
+        if let Some(n) = p.nsid {
+            if n == 0 || n > sub.max_nsid() {
+                return Err(RpcError::invalid_params(format!(
+                    "nsid: {n} is outside 1..={} (nvmf.max_namespaces)",
+                    sub.max_nsid()
+                )));
+            }
+            if sub.namespace(n).is_some() {
+                return Err(RpcError::busy(format!("nsid {n} of {} is in use", p.nqn))
+                    .with_data(json!({ "nqn": p.nqn, "nsid": n })));
+            }
+        }
+        {
+            let names = lock(&self.names);
+            let mut seen = BTreeSet::new();
+            for (i, b) in p.bdevs.iter().enumerate() {
+                if names.contains(b.name()) || !seen.insert(b.name()) {
+                    return Err(RpcError::busy(format!(
+                        "bdevs[{i}].name: a bdev named {} already exists",
+                        b.name()
+                    ))
+                    .with_data(json!({ "field": format!("bdevs[{i}].name"), "bdev": b.name() })));
+                }
+            }
+        }
+        let managed = match last {
+            BdevConfig::Encrypted(ec) => Some(ec.clone()),
+            _ => None,
+        };
+        if p.bdevs[..p.bdevs.len() - 1]
+            .iter()
+            .any(|b| matches!(b, BdevConfig::Encrypted(_)))
+        {
+            return Err(RpcError::invalid_params(
+                "bdevs: an encrypted bdev must be the last (exported) entry",
+            ));
+        }
+        let km = match (&managed, &self.keys) {
+            (Some(_), None) => {
+                return Err(RpcError::unavailable(
+                    "encrypted namespaces need a keys: section in the config",
+                ))
+            }
+            (_, k) => k.clone(),
+        };
+        let mut cfg = self.template.clone();
+        cfg.bdevs = p.bdevs;
+        let stacks =
+            Stacks::open(&cfg).map_err(|e| RpcError::invalid_params(format!("bdevs: {e}")))?;
+        let dev = stacks
+            .get(&exported)
+            .ok_or_else(|| RpcError::internal(format!("bdev {exported} was not built")))?;
+        let nsid = self
+            .target
+            .add_namespace(&p.nqn, p.nsid, dev, keyed, managed.is_none())
+            .map_err(|e| match e {
+                crate::nvmf::target::TargetError::NsidInUse { .. }
+                | crate::nvmf::target::TargetError::NoFreeNsid { .. } => {
+                    RpcError::busy(e.to_string())
+                }
+                crate::nvmf::target::TargetError::NoSubsystem(n) => {
+                    RpcError::not_found("subsystem", &n)
+                }
+                e => RpcError::invalid_params(format!("bdevs: {e}")),
+            })?;
+        let names: Vec<String> = cfg.bdevs.iter().map(|b| b.name().to_string()).collect();
+        if let (Some(ec), Some(km)) = (&managed, &km) {
+            let late = stacks
+                .encrypted
+                .get(&exported)
+                .map(|(l, _)| l.clone())
+                .ok_or_else(|| RpcError::internal(format!("bdev {exported} has no stand-in")))?;
+            lock(&self.late).insert(exported.clone(), (late, vec![(p.nqn.clone(), nsid)]));
+            let who = ctx.caller.to_string();
+            if let Err(e) = register_encrypted(km, &who, &stacks, &cfg, &exported, ec) {
+                lock(&self.late).remove(&exported);
+                if let Err(re) = self.target.remove_namespace(
+                    &p.nqn,
+                    nsid,
+                    Duration::from_millis(DEFAULT_DRAIN_MS),
+                ) {
+                    tracing::warn!("rolling back namespace {nsid}: {re}");
+                }
+                return Err(RpcError::invalid_params(format!("bdevs: {e}")));
+            }
+        }
+        lock(&self.names).extend(names.iter().cloned());
+        tracing::info!(nqn = %p.nqn, nsid, bdev = %exported, caller = %ctx.caller, "namespace created");
+        let online = sub.namespace(nsid).is_some_and(|n| n.is_online());
+        lock(&self.created).insert(
+            (p.nqn.clone(), nsid),
+            DynNamespace {
+                _stacks: stacks,
+                names,
+                encrypted: keyed,
+                managed: managed.is_some(),
+            },
+        );
+        Ok(
+            json!({ "nqn": p.nqn, "nsid": nsid, "bdev": exported, "encrypted": keyed, "online": online }),
+        )
+    }
+
+    /// `namespace.delete`: takes namespace `nsid` of subsystem `nqn` away from hosts and waits
+    /// (up to `drain_ms`, default 5 s) until no I/O queue holds it. A namespace with a key needs
+    /// the crypto role.
+    fn delete_inner(
+        &self,
+        ctx: &crate::rpc::CallContext,
+        p: &Value,
+        note: &mut AuditNote,
+    ) -> Result<Value, RpcError> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct P {
+            nqn: String,
+            nsid: u32,
+            #[serde(default)]
+            drain_ms: Option<u64>,
+        }
+        let p: P = parse_params(p)?;
+        let sub = self
+            .target
+            .subsystem(&p.nqn)
+            .ok_or_else(|| RpcError::not_found("subsystem", &p.nqn))?
+            .clone();
+        let _g = lock(&self.change);
+        let ns = sub.namespace(p.nsid).ok_or_else(|| {
+            RpcError::not_found("namespace", &format!("{} nsid {}", p.nqn, p.nsid))
+        })?;
+        let key = (p.nqn.clone(), p.nsid);
+        let keyed = ns.encrypted
+            || lock(&self.late).contains_key(ns.bdev.name())
+            || lock(&self.created).get(&key).is_some_and(|d| d.encrypted);
+        note.keyed = keyed;
+        note.target = format!("{} nsid {} bdev {}", p.nqn, p.nsid, ns.bdev.name());
+        drop(ns);
+        if keyed && !ctx.roles.contains(Role::Crypto) {
+            return Err(RpcError::permission_denied(
+                &ctx.method,
+                Role::Crypto,
+                ctx.caller.uid,
+                ctx.caller.gid,
+            ));
+        }
+        let drain = Duration::from_millis(p.drain_ms.unwrap_or(DEFAULT_DRAIN_MS));
+        let freed = match self.target.remove_namespace(&p.nqn, p.nsid, drain) {
+            Ok(()) => true,
+            Err(crate::nvmf::target::TargetError::DrainTimeout { .. }) => false,
+            Err(e) => return Err(RpcError::not_found("namespace", &e.to_string())),
+        };
+        if let Some(d) = lock(&self.created).remove(&key) {
+            if d.managed {
+                // The key manager keeps its entry under this name; the name stays taken.
+                if let Some(last) = d.names.last() {
+                    lock(&self.late).remove(last);
+                }
+            } else {
+                let mut names = lock(&self.names);
+                for n in &d.names {
+                    names.remove(n);
+                }
+            }
+        }
+        tracing::info!(nqn = %p.nqn, nsid = p.nsid, freed, caller = %ctx.caller, "namespace deleted");
+        Ok(json!({ "nqn": p.nqn, "nsid": p.nsid, "freed": freed }))
+    }
+}
+
 /// `subsystems.list`: subsystems, namespaces, crypto state.
 fn subsystems_json(t: &Target, keys: Option<&KeyManager>) -> Value {
     let states: BTreeMap<String, Value> = keys
@@ -486,7 +821,7 @@ fn subsystems_json(t: &Target, keys: Option<&KeyManager>) -> Value {
         .iter()
         .map(|s| {
             let ns: Vec<Value> = s
-                .namespaces
+                .namespaces()
                 .iter()
                 .map(|n| {
                     json!({

@@ -30,6 +30,8 @@ struct RamBdev {
     data: Arc<Mutex<Vec<u8>>>,
     /// Every Nth submit answers Busy (0 = never).
     busy_every: usize,
+    /// While set, completions are held at the bdev (I/O stays in flight).
+    hold: Arc<AtomicBool>,
 }
 
 struct RamChannel {
@@ -40,6 +42,7 @@ struct RamChannel {
     depth: usize,
     busy_every: usize,
     submits: usize,
+    hold: Arc<AtomicBool>,
 }
 
 impl Bdev for RamBdev {
@@ -68,6 +71,7 @@ impl Bdev for RamBdev {
             depth: queue_depth,
             busy_every: self.busy_every,
             submits: 0,
+            hold: Arc::clone(&self.hold),
         }))
     }
 }
@@ -107,6 +111,9 @@ impl BdevChannel for RamChannel {
         Submit::Queued
     }
     fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize {
+        if self.hold.load(Ordering::Acquire) {
+            return 0;
+        }
         let n = self.done.len();
         while let Some(io) = self.done.pop_front() {
             done(io);
@@ -165,6 +172,7 @@ fn start_listen(
                 block_size: bs,
                 data: Arc::new(Mutex::new(vec![0; size])),
                 busy_every,
+                hold: Arc::new(AtomicBool::new(false)),
             }),
         );
     }
@@ -432,8 +440,8 @@ fn identify_and_data_paths_all_digest_combinations() {
             assert_eq!(id[77], 5, "MDTS = 128 KiB / 4 KiB = 2^5");
             assert_eq!(
                 u32::from_le_bytes(id[516..520].try_into().unwrap()),
-                2,
-                "NN"
+                Limits::default().max_namespaces,
+                "NN = namespace slots"
             );
             assert_eq!(
                 u16::from_le_bytes(id[78..80].try_into().unwrap()),
@@ -1349,4 +1357,174 @@ fn mutated_and_random_streams_never_break_the_target() {
         h.target.connection_count() == 2
     });
     write_read_verify(&mut healthy, 1, BS, 0, 65536, 77);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Run-time namespaces.
+
+fn ram_bdev(name: &str, bs: u32, hold: &Arc<AtomicBool>) -> Arc<RamBdev> {
+    Arc::new(RamBdev {
+        name: name.into(),
+        block_size: bs,
+        data: Arc::new(Mutex::new(vec![0; BLOCKS as usize * BS as usize])),
+        busy_every: 0,
+        hold: Arc::clone(hold),
+    })
+}
+
+/// Polls `q` until the command with `tag` completes; other completions are checked to be
+/// successful. Returns its status.
+fn wait_tag(q: &mut HostQpair, tag: u64) -> Status {
+    let mut st = None;
+    wait_until("a completion", || {
+        q.poll(&mut |c| {
+            if c.tag == tag {
+                st = Some(c.cqe.status());
+            } else {
+                assert_eq!(c.cqe.status(), Status::SUCCESS, "tag {}", c.tag);
+            }
+        })
+        .unwrap();
+        st.is_some()
+    });
+    st.unwrap()
+}
+
+#[test]
+fn namespaces_added_and_removed_at_run_time_on_a_live_connection() {
+    let h = start(Limits::default(), vec![], 0);
+    let cfg = host_cfg(Digests::default());
+    let mut a = admin(&h, cfg.clone());
+    let mut q = io_queue(&h, &a, 1, cfg);
+    write_read_verify(&mut q, 1, BS, 0, 4096, 1);
+    // Namespace attribute notices on.
+    let (s, _, _) = run(
+        &mut a,
+        Sqe {
+            opcode: admin_op::SET_FEATURES,
+            cdw10: u32::from(nvme::feature::ASYNC_EVENT_CONFIG),
+            cdw11: 1 << 8,
+            ..Default::default()
+        },
+        Dir::None,
+        &[],
+        0,
+    );
+    assert_eq!(s, Status::SUCCESS);
+
+    // Before: nsid 3 does not exist.
+    let (s, _, _) = run(
+        &mut q,
+        nvseal::nvmf::host::rw_sqe(io_op::READ, 3, 0, 1),
+        Dir::FromCtrl,
+        &[],
+        512,
+    );
+    assert_eq!(s, Status::INVALID_NAMESPACE);
+
+    // Add nsid 3 (lowest free) while the connection is up: usable on the same I/O queue.
+    let hold = Arc::new(AtomicBool::new(false));
+    let ram2 = ram_bdev("ram2", BS, &hold);
+    let nsid = h
+        .target
+        .add_namespace(NQN, None, ram2.clone() as Arc<dyn Bdev>, false, true)
+        .unwrap();
+    assert_eq!(nsid, 3);
+    write_read_verify(&mut q, 3, BS, 8, 8192, 3);
+    let list = a.identify(cns::ACTIVE_NS_LIST, 0).unwrap();
+    assert_eq!(&list[0..12], &[1, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0]);
+    let changed = a.get_log_page(log_id::CHANGED_NS_LIST, 0, 4096, 0).unwrap();
+    assert_eq!(&changed[0..8], &[3, 0, 0, 0, 0, 0, 0, 0]);
+
+    // Refusals: nsid in use, out of range, unknown subsystem, unknown namespace.
+    let other: Arc<dyn Bdev> = ram_bdev("ramx", BS, &hold);
+    assert!(matches!(
+        h.target
+            .add_namespace(NQN, Some(1), other.clone(), false, true),
+        Err(nvseal::nvmf::target::TargetError::NsidInUse { nsid: 1, .. })
+    ));
+    assert!(matches!(
+        h.target
+            .add_namespace(NQN, Some(33), other.clone(), false, true),
+        Err(nvseal::nvmf::target::TargetError::NsidOutOfRange { nsid: 33, .. })
+    ));
+    assert!(matches!(
+        h.target.add_namespace(
+            "nqn.2026-01.io.nvseal:nope",
+            None,
+            other.clone(),
+            false,
+            true
+        ),
+        Err(nvseal::nvmf::target::TargetError::NoSubsystem(_))
+    ));
+    assert!(matches!(
+        h.target.remove_namespace(NQN, 7, Duration::from_secs(1)),
+        Err(nvseal::nvmf::target::TargetError::NoNamespace { nsid: 7, .. })
+    ));
+
+    // A write to nsid 3 is held in flight at the bdev while nsid 3 is removed.
+    hold.store(true, Ordering::Release);
+    let data = pattern(4096, 9);
+    q.write(3, 100, &data, BS, 300).unwrap();
+    // The RAM bdev copies the data at submit: once it is there, the write is at the bdev,
+    // and its completion is held.
+    wait_until("the write to reach the bdev", || {
+        q.poll(&mut |_| panic!("held")).unwrap();
+        ram2.data.lock().unwrap()[100 * 512..100 * 512 + 4096] == data[..]
+    });
+    let t = Arc::clone(&h.target);
+    let remover = std::thread::spawn(move || t.remove_namespace(NQN, 3, Duration::from_secs(20)));
+    wait_until("nsid 3 to leave the table", || {
+        h.target.subsystem(NQN).unwrap().namespace(3).is_none()
+    });
+    // New I/O to the removed namespace: Invalid Namespace; the others are unaffected.
+    q.read(3, 0, 1, BS, 301).unwrap();
+    assert_eq!(wait_tag(&mut q, 301), Status::INVALID_NAMESPACE);
+    write_read_verify(&mut q, 1, BS, 16, 4096, 4);
+    write_read_verify(&mut q, 2, 4096, 1, 4096, 5);
+    assert!(
+        !remover.is_finished(),
+        "removal waits for the I/O in flight"
+    );
+    // Release the held write: it completes (it was accepted before the removal), and only then
+    // is the namespace freed.
+    hold.store(false, Ordering::Release);
+    assert_eq!(wait_tag(&mut q, 300), Status::SUCCESS);
+    remover.join().unwrap().unwrap();
+    assert_eq!(Arc::strong_count(&ram2), 1, "the target let go of the bdev");
+    assert_eq!(
+        &ram2.data.lock().unwrap()[100 * 512..100 * 512 + 4096],
+        &data[..]
+    );
+    let list = a.identify(cns::ACTIVE_NS_LIST, 0).unwrap();
+    assert_eq!(&list[0..12], &[1, 0, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0]);
+    let changed = a.get_log_page(log_id::CHANGED_NS_LIST, 0, 4096, 0).unwrap();
+    assert_eq!(&changed[0..8], &[3, 0, 0, 0, 0, 0, 0, 0]);
+    let (s, _, _) = run(
+        &mut q,
+        nvseal::nvmf::host::rw_sqe(io_op::READ, 3, 0, 1),
+        Dir::FromCtrl,
+        &[],
+        512,
+    );
+    assert_eq!(s, Status::INVALID_NAMESPACE);
+
+    // The slot can be reused by another bdev (4 KiB blocks this time) on the same connection.
+    let ram3 = ram_bdev("ram3", 4096, &Arc::new(AtomicBool::new(false)));
+    assert_eq!(
+        h.target
+            .add_namespace(NQN, Some(3), ram3.clone() as Arc<dyn Bdev>, false, true)
+            .unwrap(),
+        3
+    );
+    write_read_verify(&mut q, 3, 4096, 2, 8192, 6);
+    assert_eq!(
+        &ram3.data.lock().unwrap()[2 * 4096..4 * 4096],
+        &pattern(8192, 6)[..]
+    );
+    // A namespace added on a new I/O queue is there from Connect.
+    let mut q2 = io_queue(&h, &a, 2, host_cfg(Digests::default()));
+    write_read_verify(&mut q2, 3, 4096, 0, 4096, 7);
+    write_read_verify(&mut q2, 1, BS, 0, 4096, 8);
 }

@@ -42,7 +42,7 @@ pub fn run(args: ServeArgs) -> ExitCode {
         Err(e) => return fail(EXIT_STARTUP, e),
     };
     for sub in server.target().subsystems() {
-        for n in &sub.namespaces {
+        for n in &sub.namespaces() {
             tracing::info!(nqn = %sub.nqn, nsid = n.nsid, bdev = n.bdev.name(), online = n.is_online(), "namespace");
         }
     }

@@ -293,7 +293,8 @@ impl Connection {
         let l = self.target.limits;
         match (cns_v, s.kind) {
             (cns::CONTROLLER, kind) => {
-                let all = |t| s.namespaces.iter().all(|n| n.supports(t));
+                let namespaces = s.namespaces();
+                let all = |t| namespaces.iter().all(|n| n.supports(t));
                 let mut oncs = 0;
                 if all(crate::bdev::IoType::WriteZeroes) {
                     oncs |= identify::ONCS_WRITE_ZEROES;
@@ -322,8 +323,7 @@ impl Connection {
                     } else {
                         oncs
                     },
-                    vwc: s
-                        .namespaces
+                    vwc: namespaces
                         .iter()
                         .any(|n| n.supports(crate::bdev::IoType::Flush)),
                     oaes: if kind == SubsystemKind::Discovery {
@@ -340,7 +340,7 @@ impl Connection {
             (cns::NAMESPACE, SubsystemKind::Nvm) => {
                 match s.namespace(sqe.nsid) {
                     // An inactive (offline) namespace reads as zeroes, per the spec.
-                    Some((_, ns)) if ns.is_online() => {
+                    Some(ns) if ns.is_online() => {
                         identify::build_namespace(&mut out, ns.num_blocks, ns.block_size, &ns.nguid)
                     }
                     Some(_) => {}
@@ -355,15 +355,12 @@ impl Connection {
                 if sqe.nsid >= 0xffff_fffe {
                     return Err(Status::INVALID_NAMESPACE);
                 }
-                let active = s
-                    .namespaces
-                    .iter()
-                    .filter(|n| n.is_online())
-                    .map(|n| n.nsid);
+                let namespaces = s.namespaces();
+                let active = namespaces.iter().filter(|n| n.is_online()).map(|n| n.nsid);
                 identify::build_active_ns_list(&mut out, active, sqe.nsid);
             }
             (cns::NS_ID_DESCRIPTORS, SubsystemKind::Nvm) => match s.namespace(sqe.nsid) {
-                Some((_, ns)) if ns.is_online() => {
+                Some(ns) if ns.is_online() => {
                     identify::build_ns_id_descriptors(&mut out, &ns.nguid, &ns.uuid)
                 }
                 _ => return Err(Status::INVALID_NAMESPACE),

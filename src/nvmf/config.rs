@@ -61,6 +61,9 @@ fn default_port() -> u16 {
     4420
 }
 
+/// Upper bound of [`Limits::max_namespaces`] (and of a configured nsid).
+pub const MAX_NAMESPACE_SLOTS: u32 = 1024;
+
 /// Transport and queue limits. Every limit has a default that a Linux host works well with.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -91,6 +94,10 @@ pub struct Limits {
     /// A connection that has not completed Fabrics Connect this long after accept is closed, so
     /// idle or half-open sockets cannot pin connection slots (Linux nvmet waits similarly).
     pub connect_timeout_ms: u32,
+    /// Namespace slots per subsystem (Identify Controller NN): the highest nsid a namespace
+    /// created at run time may take. Slots are allocated up front so the I/O path never sees a
+    /// table being resized; 32 is plenty for a target exporting volumes, the cap is 1024.
+    pub max_namespaces: u32,
 }
 
 impl Default for Limits {
@@ -105,6 +112,7 @@ impl Default for Limits {
             max_h2c_data_size: 128 * 1024,
             allow_digests: true,
             connect_timeout_ms: 10_000,
+            max_namespaces: 32,
         }
     }
 }
@@ -134,6 +142,12 @@ impl Limits {
         }
         if self.max_queue_depth < 2 || self.max_admin_queue_depth < 2 {
             return Err("queue depths must be >= 2".into());
+        }
+        if !(1..=MAX_NAMESPACE_SLOTS).contains(&self.max_namespaces) {
+            return Err(format!(
+                "max_namespaces {} must be between 1 and {MAX_NAMESPACE_SLOTS}",
+                self.max_namespaces
+            ));
         }
         if self.max_connections == 0 || self.max_io_queues == 0 {
             return Err("max_connections and max_io_queues must be >= 1".into());

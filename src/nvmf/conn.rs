@@ -25,7 +25,7 @@ use crate::nvmf::pdu::{
     self, flags, CommonHeader, DataHdr, Digests, Fes, Layout, PduError, PduHeader, R2t, TermReq,
     CH_LEN, DIGEST_LEN, MAX_HEADER_REGION,
 };
-use crate::nvmf::target::{Controller, QueueStats, Subsystem, Target};
+use crate::nvmf::target::{Controller, Namespace, QueueStats, Subsystem, Target};
 use crate::stats::reactor::{self as stats_reactor, ConnStats};
 use crate::stats::OpClass;
 use crate::sys::clock;
@@ -252,6 +252,9 @@ pub(super) enum Action {
     Pending,
 }
 
+/// Data pool buffer alignment at least: a page, enough for O_DIRECT backends.
+const POOL_ALIGN: usize = 4096;
+
 /// One NVMe/TCP queue pair (see the module docs).
 pub struct Connection {
     stream: TcpStream,
@@ -285,7 +288,18 @@ pub struct Connection {
     state_counts: [u32; N_STATES],
     boot_pool: BufPool,
     pub(super) pool: Option<BufPool>,
+    /// Bdev channel per namespace slot (index = nsid - 1), I/O queues only.
     pub(super) channels: Vec<Option<Box<dyn BdevChannel>>>,
+    /// This queue's copy of the subsystem's namespace table (index = nsid - 1): what the I/O
+    /// path reads, so it takes no lock. Refreshed when `ns_gen` falls behind the subsystem's.
+    ns_cache: Vec<Option<Arc<Namespace>>>,
+    /// Namespace table generation `ns_cache` reflects; 0 until this is an I/O queue.
+    ns_gen: u64,
+    /// Alignment of the data pool's buffers (set at Connect).
+    pool_align: usize,
+    /// Channels of removed (or replaced) namespaces with I/O still in flight: polled until
+    /// drained, then dropped with their namespace reference.
+    retired: Vec<(Arc<Namespace>, Box<dyn BdevChannel>)>,
     exec_queue: VecDeque<usize>,
     tx_queue: VecDeque<usize>,
     ctl_buf: [u8; 24 + pdu::TERM_MAX_DATA],
@@ -365,6 +379,10 @@ impl Connection {
             boot_pool,
             pool: None,
             channels: Vec::new(),
+            ns_cache: Vec::new(),
+            ns_gen: 0,
+            pool_align: POOL_ALIGN,
+            retired: Vec::new(),
             exec_queue: VecDeque::with_capacity(slots),
             tx_queue: VecDeque::with_capacity(slots * 2),
             ctl_buf: [0; 24 + pdu::TERM_MAX_DATA],
@@ -406,12 +424,34 @@ impl Connection {
     }
 
     fn bdev_in_flight(&self) -> usize {
-        self.channels.iter().flatten().map(|c| c.in_flight()).sum()
+        self.channels
+            .iter()
+            .flatten()
+            .map(|c| c.in_flight())
+            .sum::<usize>()
+            + self
+                .retired
+                .iter()
+                .map(|(_, c)| c.in_flight())
+                .sum::<usize>()
     }
 
-    /// One poll step: bdev completions, parked submissions, input, events/timers, output.
+    /// One poll step: namespace changes, bdev completions, parked submissions, input,
+    /// events/timers, output.
     pub fn poll(&mut self) -> usize {
-        let mut work = self.poll_bdevs();
+        let mut work = 0;
+        if self.ns_gen != 0 {
+            if let Some(s) = &self.subsys {
+                if s.ns_generation() != self.ns_gen {
+                    self.sync_namespaces();
+                    work += 1;
+                }
+            }
+            if !self.retired.is_empty() {
+                work += self.poll_retired();
+            }
+        }
+        work += self.poll_bdevs();
         if self.phase == Phase::Closed {
             return work;
         }
@@ -1079,9 +1119,16 @@ impl Connection {
         Ok((ns_idx, lba, nlb, bytes as u32))
     }
 
-    fn io_namespace(&self, nsid: u32) -> Result<(usize, &crate::nvmf::target::Namespace), Status> {
-        let s = self.subsys.as_ref().ok_or(Status::COMMAND_SEQUENCE_ERROR)?;
-        let (i, ns) = s.namespace(nsid).ok_or(Status::INVALID_NAMESPACE)?;
+    fn io_namespace(&self, nsid: u32) -> Result<(usize, &Namespace), Status> {
+        if self.subsys.is_none() {
+            return Err(Status::COMMAND_SEQUENCE_ERROR);
+        }
+        let i = nsid.wrapping_sub(1) as usize;
+        let ns = self
+            .ns_cache
+            .get(i)
+            .and_then(Option::as_deref)
+            .ok_or(Status::INVALID_NAMESPACE)?;
         if !ns.is_online() || self.channels.get(i).is_none_or(|c| c.is_none()) {
             return Err(Status::NAMESPACE_NOT_READY);
         }
@@ -1578,32 +1625,125 @@ impl Connection {
     pub(super) fn setup_queue(&mut self, depth: usize, io_queue: bool) -> Result<(), Status> {
         let l = self.target.limits;
         let subsys = self.subsys.clone().ok_or(Status::INTERNAL_ERROR)?;
+        // Page alignment suits every backend (O_DIRECT included), so namespaces added after
+        // Connect can use this pool too.
         let align = subsys
-            .namespaces
+            .namespaces()
             .iter()
             .map(|n| n.bdev.buf_align())
             .max()
-            .unwrap_or(64)
-            .max(64);
+            .unwrap_or(POOL_ALIGN)
+            .max(POOL_ALIGN);
+        self.pool_align = align;
         let pool = BufPool::new(depth, l.max_io_size as usize, align)
             .map_err(|_| Status::INTERNAL_ERROR)?;
         self.pool = Some(pool);
         self.depth = depth;
         self.sqhd = 0;
         if io_queue {
-            let mut chans = Vec::with_capacity(subsys.namespaces.len());
-            for ns in &subsys.namespaces {
-                match ns.bdev.open_channel(self.core, depth) {
-                    Ok(c) => chans.push(Some(c)),
-                    Err(e) => {
-                        tracing::warn!(bdev = ns.bdev.name(), error = %e, "cannot open bdev channel");
-                        chans.push(None);
-                    }
-                }
-            }
-            self.channels = chans;
+            self.sync_namespaces();
         }
         Ok(())
+    }
+
+    /// Brings `ns_cache` and `channels` up to date with the subsystem's namespace table, on
+    /// this connection's reactor: a removed or replaced namespace's channel moves to `retired`
+    /// (its I/O in flight completes there), requests parked for it fail with Invalid
+    /// Namespace, and a new namespace gets a channel. Runs at Connect and when the table
+    /// generation moved; the only place the I/O path allocates for namespaces.
+    fn sync_namespaces(&mut self) {
+        let Some(s) = self.subsys.clone() else { return };
+        // Read the generation first: a change racing with this pass bumps it again, so the
+        // next poll repeats the pass.
+        let gen = s.ns_generation();
+        let n = s.max_nsid() as usize;
+        if self.ns_cache.len() < n {
+            self.ns_cache.resize_with(n, || None);
+        }
+        if self.channels.len() < n {
+            self.channels.resize_with(n, || None);
+        }
+        for i in 0..n {
+            let cur = s.slot(i);
+            let same = match (&cur, &self.ns_cache[i]) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if same {
+                continue;
+            }
+            let old = self.ns_cache[i].take();
+            if let (Some(old), Some(ch)) = (old, self.channels[i].take()) {
+                self.retired.push((old, ch));
+            }
+            self.fail_parked(i);
+            if let Some(ns) = cur {
+                if ns.bdev.buf_align() > self.pool_align {
+                    tracing::warn!(
+                        bdev = ns.bdev.name(),
+                        "bdev needs buffers aligned beyond this queue's pool; namespace not ready here"
+                    );
+                    self.ns_cache[i] = Some(ns);
+                    continue;
+                }
+                match ns.bdev.open_channel(self.core, self.depth) {
+                    Ok(c) => self.channels[i] = Some(c),
+                    Err(e) => {
+                        tracing::warn!(bdev = ns.bdev.name(), error = %e, "cannot open bdev channel")
+                    }
+                }
+                self.ns_cache[i] = Some(ns);
+            }
+        }
+        self.ns_gen = gen;
+    }
+
+    /// Fails requests parked (channel busy) for namespace slot `slot`, whose namespace is gone:
+    /// they must not reach whatever namespace takes the slot next.
+    fn fail_parked(&mut self, slot: usize) {
+        for _ in 0..self.exec_queue.len() {
+            let Some(idx) = self.exec_queue.pop_front() else {
+                break;
+            };
+            let r = &mut self.reqs[idx];
+            if r.ns_idx != slot {
+                self.exec_queue.push_back(idx);
+                continue;
+            }
+            if r.sub_pending == 0 {
+                self.complete(idx, Status::INVALID_NAMESPACE);
+            } else {
+                // Dataset Management with ranges at the old channel: submit no more, complete
+                // when those are back.
+                r.sub_total = r.sub_next;
+                if r.sub_status.is_success() {
+                    r.sub_status = Status::INVALID_NAMESPACE;
+                }
+            }
+        }
+    }
+
+    /// Polls the channels of removed namespaces; drops each (and its namespace reference, which
+    /// [`Target::remove_namespace`] waits for) once nothing is in flight on it.
+    fn poll_retired(&mut self) -> usize {
+        let mut work = 0;
+        let mut i = 0;
+        while i < self.retired.len() {
+            let (ns, mut ch) = self.retired.swap_remove(i);
+            work += ch.poll(&mut |io| self.io_done(io));
+            if ch.in_flight() == 0 {
+                drop(ch);
+                drop(ns);
+                work += 1;
+            } else {
+                self.retired.push((ns, ch));
+                let last = self.retired.len() - 1;
+                self.retired.swap(i, last);
+                i += 1;
+            }
+        }
+        work
     }
 }
 

@@ -5,16 +5,30 @@
 //! `Arc`. What the I/O path reads of it is immutable or atomic (namespace geometry, the
 //! namespace online flags, a controller's dead flag); the `Mutex`es here are taken only on the
 //! Connect/admin path and by control-thread calls such as [`Target::set_namespace_online`].
+//!
+//! Namespaces are dynamic: each subsystem has a fixed table of `Limits::max_namespaces` slots
+//! (slot `i` holds nsid `i + 1`) whose entries are published with `arc-swap` (a lock-free load)
+//! and a per-subsystem generation counter. [`Target::add_namespace`] and
+//! [`Target::remove_namespace`] (control thread) publish a change and bump the counter; every
+//! connection compares the counter with its own copy once per poll (one atomic load) and, only
+//! when it moved, re-reads the table on its own reactor and opens or drops its bdev channels.
+//! Between changes the I/O path uses the connection's own copy of the table: no lock, no
+//! allocation.
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
 
 use crate::bdev::{Bdev, IoType};
 use crate::nvme::log::{self, ErrorEntry};
-use crate::nvmf::config::{Limits, ListenAddr, SubsystemConfig, DISCOVERY_NQN};
+use crate::nvmf::config::{
+    Limits, ListenAddr, SubsystemConfig, DISCOVERY_NQN, MAX_NAMESPACE_SLOTS,
+};
 use crate::sys::clock;
 
 /// Errors building or changing a [`Target`].
@@ -28,6 +42,24 @@ pub enum TargetError {
     NoSubsystem(String),
     #[error("subsystem {nqn} has no namespace {nsid}")]
     NoNamespace { nqn: String, nsid: u32 },
+    #[error("subsystem {nqn}: nsid {nsid} is in use")]
+    NsidInUse { nqn: String, nsid: u32 },
+    #[error("subsystem {nqn}: nsid {nsid} is outside 1..={max} (max_namespaces)")]
+    NsidOutOfRange { nqn: String, nsid: u32, max: u32 },
+    #[error("subsystem {nqn}: all {max} namespace slots are in use")]
+    NoFreeNsid { nqn: String, max: u32 },
+    #[error("subsystem {nqn}: bdev {bdev}: {what}")]
+    BadBdev {
+        nqn: String,
+        bdev: String,
+        what: String,
+    },
+    #[error("subsystem {nqn} namespace {nsid} was removed, but I/O queues still held it after {waited_ms} ms; it is freed when they let go")]
+    DrainTimeout {
+        nqn: String,
+        nsid: u32,
+        waited_ms: u64,
+    },
 }
 
 /// One namespace: a bdev, its stable identifiers, and whether it is online.
@@ -46,6 +78,18 @@ pub struct Namespace {
 }
 
 impl Namespace {
+    fn new(nqn: &str, nsid: u32, bdev: Arc<dyn Bdev>, encrypted: bool, online: bool) -> Namespace {
+        Namespace {
+            nsid,
+            encrypted,
+            nguid: nguid_for(nqn, nsid),
+            uuid: uuid_for(nqn, nsid),
+            online: AtomicBool::new(online),
+            block_size: bdev.block_size(),
+            num_blocks: bdev.num_blocks(),
+            bdev,
+        }
+    }
     pub fn is_online(&self) -> bool {
         self.online.load(Ordering::Acquire)
     }
@@ -95,8 +139,12 @@ pub struct Subsystem {
     pub kind: SubsystemKind,
     pub serial: String,
     pub model: String,
-    /// Sorted by nsid.
-    pub namespaces: Vec<Namespace>,
+    /// Namespace slots: slot `i` holds nsid `i + 1` (see the module docs).
+    slots: Box<[ArcSwapOption<Namespace>]>,
+    /// Bumped (Release) after every change of `slots`; connections compare it (Acquire).
+    ns_gen: AtomicU64,
+    /// Serializes namespace create/delete (control thread only, never the I/O path).
+    ns_change: Mutex<()>,
     pub allowed_hosts: Vec<String>,
     pub listen: Vec<ListenAddr>,
 }
@@ -106,15 +154,50 @@ impl Subsystem {
         self.allowed_hosts.is_empty() || self.allowed_hosts.iter().any(|h| h == hostnqn)
     }
     /// The namespace with this id, if it exists (online or not).
-    pub fn namespace(&self, nsid: u32) -> Option<(usize, &Namespace)> {
-        self.namespaces
-            .binary_search_by_key(&nsid, |n| n.nsid)
-            .ok()
-            .map(|i| (i, &self.namespaces[i]))
+    pub fn namespace(&self, nsid: u32) -> Option<Arc<Namespace>> {
+        let i = usize::try_from(nsid.checked_sub(1)?).ok()?;
+        self.slots.get(i)?.load_full()
     }
-    /// Highest nsid (Identify Controller NN).
+    /// The namespace published in slot `i` (nsid `i + 1`), if any.
+    pub fn slot(&self, i: usize) -> Option<Arc<Namespace>> {
+        self.slots.get(i)?.load_full()
+    }
+    /// Number of namespace slots (Identify Controller NN; the highest valid nsid).
     pub fn max_nsid(&self) -> u32 {
-        self.namespaces.last().map_or(0, |n| n.nsid)
+        self.slots.len() as u32
+    }
+    /// The namespaces that exist now, by nsid (admin and control path: allocates).
+    pub fn namespaces(&self) -> Vec<Arc<Namespace>> {
+        self.slots.iter().filter_map(|s| s.load_full()).collect()
+    }
+    /// Namespace table generation: changes whenever a namespace is added or removed.
+    #[inline]
+    pub fn ns_generation(&self) -> u64 {
+        self.ns_gen.load(Ordering::Acquire)
+    }
+    fn new(
+        nqn: String,
+        kind: SubsystemKind,
+        serial: String,
+        model: String,
+        slots: usize,
+        allowed_hosts: Vec<String>,
+        listen: Vec<ListenAddr>,
+    ) -> Subsystem {
+        Subsystem {
+            nqn,
+            kind,
+            serial,
+            model,
+            slots: (0..slots).map(|_| ArcSwapOption::empty()).collect(),
+            ns_gen: AtomicU64::new(1),
+            ns_change: Mutex::new(()),
+            allowed_hosts,
+            listen,
+        }
+    }
+    fn bump_generation(&self) {
+        self.ns_gen.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -233,6 +316,15 @@ struct Registry {
     ctrls: HashMap<u16, Weak<Controller>>,
 }
 
+/// Checks that a bdev's block size is one a namespace can have (a power of two, 512..=64 KiB).
+fn check_block_size(bdev: &dyn Bdev) -> Result<(), String> {
+    let bs = bdev.block_size();
+    if !bs.is_power_of_two() || !(512..=65536).contains(&bs) {
+        return Err(format!("bdev {} block size {bs} unsupported", bdev.name()));
+    }
+    Ok(())
+}
+
 /// Highest cntlid the dynamic model hands out (0xfff0..0xffff are reserved).
 const MAX_CNTLID: u16 = 0xffef;
 
@@ -259,15 +351,15 @@ impl Target {
     ) -> Result<Arc<Target>, TargetError> {
         limits.validate().map_err(TargetError::Limits)?;
         let mut subsystems = Vec::with_capacity(configs.len() + 1);
-        subsystems.push(Arc::new(Subsystem {
-            nqn: DISCOVERY_NQN.to_string(),
-            kind: SubsystemKind::Discovery,
-            serial: "discovery".into(),
-            model: "nvseal discovery".into(),
-            namespaces: Vec::new(),
-            allowed_hosts: Vec::new(),
-            listen: Vec::new(),
-        }));
+        subsystems.push(Arc::new(Subsystem::new(
+            DISCOVERY_NQN.to_string(),
+            SubsystemKind::Discovery,
+            "discovery".into(),
+            "nvseal discovery".into(),
+            0,
+            Vec::new(),
+            Vec::new(),
+        )));
         for c in configs {
             let err = |what: String| TargetError::Subsystem {
                 nqn: c.nqn.clone(),
@@ -288,42 +380,42 @@ impl Target {
                     "serial (<= 20) and model (<= 40) must be short ASCII".into()
                 ));
             }
-            let mut namespaces = Vec::with_capacity(c.namespaces.len());
+            let highest = c.namespaces.iter().map(|n| n.nsid).max().unwrap_or(0);
+            if highest > MAX_NAMESPACE_SLOTS {
+                return Err(err(format!(
+                    "nsid {highest} is above the {MAX_NAMESPACE_SLOTS} namespace slots nvseal supports"
+                )));
+            }
+            let s = Subsystem::new(
+                c.nqn.clone(),
+                SubsystemKind::Nvm,
+                c.serial.clone(),
+                c.model.clone(),
+                limits.max_namespaces.max(highest) as usize,
+                c.allowed_hosts.clone(),
+                c.listen.clone(),
+            );
             for n in &c.namespaces {
-                if n.nsid == 0 || n.nsid == u32::MAX {
+                if n.nsid == 0 {
                     return Err(err(format!("nsid {} is reserved", n.nsid)));
                 }
                 let bdev = bdevs
                     .get(&n.bdev)
                     .ok_or_else(|| err(format!("no bdev named {}", n.bdev)))?;
-                let bs = bdev.block_size();
-                if !bs.is_power_of_two() || !(512..=65536).contains(&bs) {
-                    return Err(err(format!("bdev {} block size {bs} unsupported", n.bdev)));
+                check_block_size(bdev.as_ref()).map_err(err)?;
+                let slot = &s.slots[(n.nsid - 1) as usize];
+                if slot.load().is_some() {
+                    return Err(err("duplicate nsid".into()));
                 }
-                namespaces.push(Namespace {
-                    nsid: n.nsid,
-                    bdev: Arc::clone(bdev),
-                    encrypted: n.encrypted,
-                    nguid: nguid_for(&c.nqn, n.nsid),
-                    uuid: uuid_for(&c.nqn, n.nsid),
-                    online: AtomicBool::new(true),
-                    block_size: bs,
-                    num_blocks: bdev.num_blocks(),
-                });
+                slot.store(Some(Arc::new(Namespace::new(
+                    &c.nqn,
+                    n.nsid,
+                    Arc::clone(bdev),
+                    n.encrypted,
+                    true,
+                ))));
             }
-            namespaces.sort_by_key(|n| n.nsid);
-            if namespaces.windows(2).any(|w| w[0].nsid == w[1].nsid) {
-                return Err(err("duplicate nsid".into()));
-            }
-            subsystems.push(Arc::new(Subsystem {
-                nqn: c.nqn.clone(),
-                kind: SubsystemKind::Nvm,
-                serial: c.serial.clone(),
-                model: c.model.clone(),
-                namespaces,
-                allowed_hosts: c.allowed_hosts.clone(),
-                listen: c.listen.clone(),
-            }));
+            subsystems.push(Arc::new(s));
         }
         Ok(Arc::new(Target {
             limits,
@@ -359,7 +451,7 @@ impl Target {
         let s = self
             .subsystem(subnqn)
             .ok_or_else(|| TargetError::NoSubsystem(subnqn.to_string()))?;
-        let (_, ns) = s.namespace(nsid).ok_or_else(|| TargetError::NoNamespace {
+        let ns = s.namespace(nsid).ok_or_else(|| TargetError::NoNamespace {
             nqn: subnqn.to_string(),
             nsid,
         })?;
@@ -367,6 +459,123 @@ impl Target {
             return Ok(());
         }
         tracing::info!(subnqn, nsid, online, "namespace state changed");
+        self.notify_ns_changed(subnqn, nsid);
+        Ok(())
+    }
+
+    /// Adds a namespace at run time: `nsid` (or, if `None`, the lowest free one) in subsystem
+    /// `subnqn`, exporting `bdev`. `online: false` adds it locked (an encrypted namespace whose
+    /// key has not arrived; [`Target::set_namespace_online`] brings it up). Connections pick it
+    /// up on their next poll; hosts learn through the Changed Namespace List and, if enabled, a
+    /// namespace attribute notice. Returns the nsid. Control thread only.
+    pub fn add_namespace(
+        &self,
+        subnqn: &str,
+        nsid: Option<u32>,
+        bdev: Arc<dyn Bdev>,
+        encrypted: bool,
+        online: bool,
+    ) -> Result<u32, TargetError> {
+        let s = self
+            .subsystem(subnqn)
+            .filter(|s| s.kind == SubsystemKind::Nvm)
+            .ok_or_else(|| TargetError::NoSubsystem(subnqn.to_string()))?;
+        check_block_size(bdev.as_ref()).map_err(|what| TargetError::BadBdev {
+            nqn: subnqn.to_string(),
+            bdev: bdev.name().to_string(),
+            what,
+        })?;
+        let _g = s.ns_change.lock().unwrap_or_else(|e| e.into_inner());
+        let max = s.max_nsid();
+        let nsid = match nsid {
+            Some(n) if n == 0 || n > max => {
+                return Err(TargetError::NsidOutOfRange {
+                    nqn: subnqn.to_string(),
+                    nsid: n,
+                    max,
+                })
+            }
+            Some(n) => n,
+            None => s
+                .slots
+                .iter()
+                .position(|x| x.load().is_none())
+                .map(|i| i as u32 + 1)
+                .ok_or_else(|| TargetError::NoFreeNsid {
+                    nqn: subnqn.to_string(),
+                    max,
+                })?,
+        };
+        let slot = &s.slots[(nsid - 1) as usize];
+        if slot.load().is_some() {
+            return Err(TargetError::NsidInUse {
+                nqn: subnqn.to_string(),
+                nsid,
+            });
+        }
+        slot.store(Some(Arc::new(Namespace::new(
+            subnqn, nsid, bdev, encrypted, online,
+        ))));
+        s.bump_generation();
+        tracing::info!(subnqn, nsid, online, "namespace added");
+        self.notify_ns_changed(subnqn, nsid);
+        Ok(nsid)
+    }
+
+    /// Removes a namespace at run time: it goes offline and leaves the table at once (new I/O
+    /// to it completes with Invalid Namespace), hosts are notified, and then this waits, up to
+    /// `drain`, until every connection has seen the change and its I/O in flight to the
+    /// namespace has completed (each drops its channel and its reference on its own reactor).
+    /// On success the namespace, and the bdev unless someone else holds it, are freed. On
+    /// [`TargetError::DrainTimeout`] it is removed all the same and freed when the last I/O
+    /// completes. Control thread only (it sleeps).
+    pub fn remove_namespace(
+        &self,
+        subnqn: &str,
+        nsid: u32,
+        drain: Duration,
+    ) -> Result<(), TargetError> {
+        let s = self
+            .subsystem(subnqn)
+            .ok_or_else(|| TargetError::NoSubsystem(subnqn.to_string()))?;
+        let ns = {
+            let _g = s.ns_change.lock().unwrap_or_else(|e| e.into_inner());
+            let ns = nsid
+                .checked_sub(1)
+                .and_then(|i| s.slots.get(i as usize))
+                .and_then(|slot| slot.swap(None))
+                .ok_or_else(|| TargetError::NoNamespace {
+                    nqn: subnqn.to_string(),
+                    nsid,
+                })?;
+            ns.online.store(false, Ordering::Release);
+            s.bump_generation();
+            ns
+        };
+        tracing::info!(
+            subnqn,
+            nsid,
+            "namespace removed; waiting for I/O queues to let go"
+        );
+        self.notify_ns_changed(subnqn, nsid);
+        let start = Instant::now();
+        while Arc::strong_count(&ns) > 1 {
+            if start.elapsed() >= drain {
+                return Err(TargetError::DrainTimeout {
+                    nqn: subnqn.to_string(),
+                    nsid,
+                    waited_ms: start.elapsed().as_millis() as u64,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        tracing::info!(subnqn, nsid, "namespace freed");
+        Ok(())
+    }
+
+    /// Records a namespace change in every controller of the subsystem (Changed Namespace List,
+    /// namespace attribute notice).
+    fn notify_ns_changed(&self, subnqn: &str, nsid: u32) {
         for c in self.controllers_of(subnqn) {
             let mut a = c.admin();
             if !a.changed_ns.contains(&nsid) {
@@ -380,7 +589,6 @@ impl Target {
                 c.event_pending.store(true, Ordering::Release);
             }
         }
-        Ok(())
     }
 
     /// Live controllers of a subsystem.
@@ -576,5 +784,94 @@ mod tests {
         assert_eq!(u[6] >> 4, 8, "version 8");
         assert_eq!(u[8] >> 6, 0b10, "RFC variant");
         assert_ne!(&u[..], &a[..]);
+    }
+
+    fn null(name: &str, block_size: u32) -> Arc<dyn Bdev> {
+        crate::bdev::null::open(&crate::bdev::null::NullConfig {
+            name: name.into(),
+            num_blocks: Some(64),
+            size_bytes: None,
+            block_size,
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn namespace_slots_add_and_remove() {
+        const NQN: &str = "nqn.2026-01.io.nvseal:t";
+        let cfg = SubsystemConfig {
+            nqn: NQN.into(),
+            serial: "S".into(),
+            model: "M".into(),
+            namespaces: vec![crate::nvmf::config::NamespaceConfig {
+                nsid: 2,
+                bdev: "n0".into(),
+                encrypted: false,
+            }],
+            allowed_hosts: vec![],
+            listen: vec![],
+        };
+        let bdevs: HashMap<String, Arc<dyn Bdev>> = [("n0".to_string(), null("n0", 512))].into();
+        let limits = Limits {
+            max_namespaces: 4,
+            ..Default::default()
+        };
+        let t = Target::new(&[cfg], limits, &bdevs).unwrap();
+        let s = t.subsystem(NQN).unwrap().clone();
+        assert_eq!(s.max_nsid(), 4, "NN = slots");
+        let g0 = s.ns_generation();
+        // Lowest free nsid first, then the next; a locked one stays offline.
+        assert_eq!(
+            t.add_namespace(NQN, None, null("a", 512), false, true)
+                .unwrap(),
+            1
+        );
+        assert_eq!(
+            t.add_namespace(NQN, None, null("b", 4096), true, false)
+                .unwrap(),
+            3
+        );
+        assert!(s.ns_generation() > g0, "every change moves the generation");
+        assert!(!s.namespace(3).unwrap().is_online());
+        assert_eq!(s.namespace(3).unwrap().block_size, 4096);
+        assert!(matches!(
+            t.add_namespace(NQN, Some(3), null("c", 512), false, true),
+            Err(TargetError::NsidInUse { nsid: 3, .. })
+        ));
+        assert!(matches!(
+            t.add_namespace(NQN, Some(0), null("c", 512), false, true),
+            Err(TargetError::NsidOutOfRange { nsid: 0, .. })
+        ));
+        assert_eq!(
+            t.add_namespace(NQN, None, null("d", 512), false, true)
+                .unwrap(),
+            4
+        );
+        assert!(matches!(
+            t.add_namespace(NQN, None, null("e", 512), false, true),
+            Err(TargetError::NoFreeNsid { max: 4, .. })
+        ));
+        assert!(matches!(
+            t.add_namespace(DISCOVERY_NQN, None, null("f", 512), false, true),
+            Err(TargetError::NoSubsystem(_))
+        ));
+        // Removal frees the slot at once when no queue holds the namespace.
+        let held = s.namespace(1).unwrap();
+        let g1 = s.ns_generation();
+        assert!(matches!(
+            t.remove_namespace(NQN, 1, Duration::from_millis(20)),
+            Err(TargetError::DrainTimeout { nsid: 1, .. })
+        ));
+        assert!(s.namespace(1).is_none(), "removed even though still held");
+        assert!(!held.is_online());
+        assert!(s.ns_generation() > g1);
+        drop(held);
+        t.remove_namespace(NQN, 2, Duration::from_secs(1)).unwrap();
+        let left: Vec<u32> = s.namespaces().iter().map(|n| n.nsid).collect();
+        assert_eq!(left, [3, 4]);
+        assert!(matches!(
+            t.remove_namespace(NQN, 2, Duration::from_secs(1)),
+            Err(TargetError::NoNamespace { nsid: 2, .. })
+        ));
     }
 }
