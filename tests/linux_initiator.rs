@@ -20,6 +20,8 @@ use std::time::{Duration, Instant};
 
 const NQN: &str = "nqn.2026-11.io.nvseal:interop";
 const SERIAL: &str = "NVSEALINTEROP01";
+/// `nvmf.max_namespaces`: Identify Controller NN, the highest nsid the controller supports.
+const MAX_NAMESPACES: u32 = 4;
 const MODEL: &str = "nvseal-interop";
 /// Both namespaces: 64 MiB of 4 KiB blocks (the encrypted one's file adds the 1 MiB header).
 const NS_BYTES: u64 = 64 << 20;
@@ -130,6 +132,7 @@ fn linux_initiator_discovers_connects_and_verifies_fio_on_both_namespaces() {
         &cfg,
         format!(
             "reactor:\n  cores: 2\n  pin: false\n  idle_backoff_us: 50\n\
+             nvmf:\n  max_namespaces: {MAX_NAMESPACES}\n\
              keys:\n  local:\n    path: {keys}\n    create: true\n  audit_log: {audit}\n\
              rpc:\n  socket_path: {sock}\n\
              bdevs:\n  - name: mem0\n    type: malloc\n    size_bytes: {ns}\n    block_size: 4096\n\
@@ -157,7 +160,7 @@ fn linux_initiator_discovers_connects_and_verifies_fio_on_both_namespaces() {
 
     let blocks = NS_BYTES / BLOCK;
     let params = format!(
-        "PORT={port} SUBNQN='{NQN}' SERIAL='{SERIAL}' MODEL='{MODEL}' HOSTNQN='{guest_nqn}' \
+        "PORT={port} SUBNQN='{NQN}' SERIAL='{SERIAL}' NN={MAX_NAMESPACES} MODEL='{MODEL}' HOSTNQN='{guest_nqn}' \
          DENIED_HOSTNQN='{denied_nqn}' NS_BLOCKS='1:{blocks} 2:{blocks}' PATTERN='{pattern}' \
          FIO_JOBS='{FIO_JOBS}' FIO_JOBS_DIGEST='{FIO_JOBS_DIGEST}' \
          FIO_CONCURRENT='{FIO_CONCURRENT}'\n",

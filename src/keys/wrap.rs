@@ -22,6 +22,8 @@ use sha2::Sha256;
 use thiserror::Error;
 use zeroize::Zeroizing;
 
+use crate::sys::mlock::{locked_copy, LockedBox};
+
 /// Size of a KEK: AES-256.
 pub const KEK_BYTES: usize = 32;
 /// Size of a DEK: AES-256-XTS uses two AES-256 keys (key1 = data, key2 = tweak).
@@ -56,18 +58,18 @@ pub enum KeyError {
 }
 
 /// A key-encryption key (AES-256). Zeroized on drop; never printed.
-pub struct Kek(Zeroizing<[u8; KEK_BYTES]>);
+pub struct Kek(LockedBox<[u8; KEK_BYTES]>);
 
 impl Kek {
     /// Takes ownership of key bytes. The caller should pass a `Zeroizing` buffer so that no copy
     /// of the key outlives this value.
     pub fn from_bytes(bytes: Zeroizing<[u8; KEK_BYTES]>) -> Self {
-        Self(bytes)
+        Self(locked_copy(&bytes))
     }
 
     /// A fresh random KEK from the OS CSPRNG (used by the local provider).
     pub fn generate() -> Result<Self, KeyError> {
-        let mut bytes = Zeroizing::new([0u8; KEK_BYTES]);
+        let mut bytes = locked_copy(&[0u8; KEK_BYTES]);
         getrandom::fill(bytes.as_mut()).map_err(|e| KeyError::Rng(e.to_string()))?;
         Ok(Self(bytes))
     }
@@ -99,7 +101,7 @@ impl fmt::Debug for Kek {
 /// A data-encryption key: the 512-bit AES-256-XTS key of one namespace (bytes 0..32 = key1, the
 /// data key; bytes 32..64 = key2, the tweak key — the order dm-crypt and OpenSSL use).
 /// Zeroized on drop; never printed. The two halves are guaranteed to differ.
-pub struct Dek(Zeroizing<[u8; DEK_BYTES]>);
+pub struct Dek(LockedBox<[u8; DEK_BYTES]>);
 
 impl Dek {
     /// A fresh DEK from the OS CSPRNG; draws again if the halves are equal.
@@ -120,7 +122,7 @@ impl Dek {
         if key1 == key2 {
             return Err(KeyError::XtsHalvesEqual);
         }
-        Ok(Self(bytes))
+        Ok(Self(locked_copy(&bytes)))
     }
 
     /// The raw 64-byte XTS key (key1 ‖ key2).
@@ -131,7 +133,7 @@ impl Dek {
     /// Hands the key bytes over (e.g. to build the XTS engine's key type) without a copy that
     /// escapes zeroization.
     pub fn into_zeroizing(self) -> Zeroizing<[u8; DEK_BYTES]> {
-        self.0
+        Zeroizing::new(*self.0)
     }
 }
 

@@ -15,8 +15,6 @@
 use std::fmt;
 use std::str::FromStr;
 
-use zeroize::{Zeroize, ZeroizeOnDrop};
-
 /// KEK length in bytes: AES-256.
 pub const KEK_LEN: usize = 32;
 
@@ -49,16 +47,16 @@ impl fmt::Display for KeyId {
 /// A 256-bit AES key-encryption key. Zeroized on drop; deliberately has no `Debug`,
 /// `Display`, `Clone` or `Serialize`. Callers that wrap or unwrap DEKs read it through
 /// [`Kek::as_bytes`] and must not copy it into non-zeroizing memory.
-#[derive(Zeroize, ZeroizeOnDrop)]
-pub struct Kek([u8; KEK_LEN]);
+/// The bytes live in a locked page (`mlock`, excluded from core dumps) that is zeroed on drop.
+pub struct Kek(crate::sys::mlock::LockedBox<[u8; KEK_LEN]>);
 
 impl Kek {
     /// Takes `bytes` if it is exactly [`KEK_LEN`] long.
     pub fn from_slice(bytes: &[u8]) -> Option<Self> {
-        let mut key = Kek([0; KEK_LEN]);
         if bytes.len() != KEK_LEN {
             return None;
         }
+        let mut key = Kek(crate::sys::mlock::locked_copy(&[0; KEK_LEN]));
         key.0.copy_from_slice(bytes);
         Some(key)
     }
@@ -69,7 +67,7 @@ impl Kek {
 
     /// The fingerprint stored next to the KEK id (see the module docs).
     pub fn fingerprint(&self) -> KekFingerprint {
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0);
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0[..]);
         let tag = ring::hmac::sign(&key, FINGERPRINT_LABEL);
         let mut out = [0u8; 32];
         out.copy_from_slice(tag.as_ref());
@@ -78,7 +76,7 @@ impl Kek {
 
     /// Checks this key against a stored fingerprint, in constant time.
     pub fn matches(&self, expected: &KekFingerprint) -> bool {
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0);
+        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0[..]);
         ring::hmac::verify(&key, FINGERPRINT_LABEL, &expected.0).is_ok()
     }
 }

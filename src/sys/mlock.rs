@@ -124,6 +124,21 @@ impl<T> Drop for LockedBox<T> {
     }
 }
 
+/// A locked, zeroed-on-drop copy of `src` (key bytes). Aborts like `Box::new` if the allocator
+/// fails: key material never falls back to unlocked memory silently.
+pub fn locked_copy<const N: usize>(src: &[u8; N]) -> LockedBox<[u8; N]> {
+    let Some(mut b) = LockedBox::new([0u8; N]) else {
+        let page = page_size();
+        // The layout is valid (page is a power of two); only allocation can fail here.
+        std::alloc::handle_alloc_error(
+            std::alloc::Layout::from_size_align(N.max(1).next_multiple_of(page), page)
+                .unwrap_or(std::alloc::Layout::new::<u8>()),
+        );
+    };
+    b.copy_from_slice(src);
+    b
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@
 #
 # The host prepends one line of parameters:
 #   PORT       TCP port nvseal listens on (host 127.0.0.1, reached as $NVSEAL_HOST_IP)
-#   SUBNQN     subsystem NQN; SERIAL, MODEL: what Identify Controller must report
+#   SUBNQN     subsystem NQN; SERIAL, MODEL, NN: what Identify Controller must report
 #   HOSTNQN    the host NQN the subsystem allows (unique per run); DENIED_HOSTNQN: one it does not
 #   NS_BLOCKS  "nsid:blocks ..." for every namespace, 4 KiB blocks
 #   PATTERN    fio verify_pattern (an ASCII word); the host looks for it in the backing file
@@ -17,7 +17,7 @@
 set -euo pipefail
 
 HOST="${NVSEAL_HOST_IP:-10.0.2.2}"
-: "${PORT:?}" "${SUBNQN:?}" "${SERIAL:?}" "${MODEL:?}" "${HOSTNQN:?}" "${DENIED_HOSTNQN:?}"
+: "${PORT:?}" "${NN:?}" "${SUBNQN:?}" "${SERIAL:?}" "${MODEL:?}" "${HOSTNQN:?}" "${DENIED_HOSTNQN:?}"
 : "${NS_BLOCKS:?}" "${PATTERN:?}" "${FIO_JOBS:?}" "${FIO_JOBS_DIGEST:?}"
 : "${FIO_CONCURRENT:?}"
 
@@ -200,7 +200,7 @@ expect "^sn +: $SERIAL *\$" "id-ctrl serial"
 expect "^mn +: $MODEL *\$" "id-ctrl model"
 expect "^subnqn +: $SUBNQN *\$" "id-ctrl subnqn"
 expect "^cntrltype +: 1" "id-ctrl controller type (I/O controller)"
-expect "^nn +: ${#nsids[@]}\$" "id-ctrl number of namespaces"
+expect "^nn +: $NN\$" "id-ctrl number of namespaces (nvmf.max_namespaces)"
 
 for nb in $NS_BLOCKS; do
     n="${nb%%:*}"
