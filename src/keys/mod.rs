@@ -81,7 +81,6 @@ pub enum SlotUsed {
 }
 
 /// An opened (or freshly formatted) encrypted namespace.
-#[derive(Debug)]
 pub struct Opened {
     /// The current header, which copy it came from and the other copy's state.
     pub stored: Stored,
@@ -89,6 +88,17 @@ pub struct Opened {
     pub dek: Dek,
     /// Which slot's KEK unwrapped it.
     pub slot: SlotUsed,
+}
+
+/// Written by hand so that the DEK field can never be printed, whatever `Dek`'s own Debug does.
+impl std::fmt::Debug for Opened {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Opened")
+            .field("stored", &self.stored)
+            .field("dek", &"<redacted>")
+            .field("slot", &self.slot)
+            .finish()
+    }
 }
 
 impl Opened {
@@ -566,6 +576,23 @@ mod tests {
             DEV_BYTES as u64,
             KekId::new(DEFAULT_KEK_ID).expect("id"),
         )
+    }
+
+    #[test]
+    fn opened_debug_never_shows_the_dek() {
+        let (_d, mut p, mut io) = setup();
+        let o = format_encrypted(&mut io, &mut p, &params()).expect("format");
+        let text = format!("{o:?} {o:#?}");
+        let hex: String = o.dek.expose().iter().map(|b| format!("{b:02x}")).collect();
+        assert!(text.contains("<redacted>"), "{text}");
+        assert!(
+            !text.contains(&hex[..16]) && !text.contains(&hex[64..80]),
+            "{text}"
+        );
+        assert!(
+            !text.contains(&format!("{:?}", &o.dek.expose()[..8])),
+            "{text}"
+        );
     }
 
     #[test]
