@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Medians of repeated `nvseal perf --ab --json` runs (perf/run-nvmf.sh): one row per
 (workload, subsystem) with plaintext (a) and encrypted (b) IOPS, MB/s, p50/p99/p99.9 latency and
-the b/a ratio of the median run.
+the b/a ratio of the median run, and the target's reactor busy % and CPU us per I/O when the
+runs were made with `--target-rpc`.
 
 Usage: report_nvmf.py RUN.json... [--json OUT.json]
 """
@@ -10,6 +11,10 @@ import os
 import re
 import statistics
 import sys
+
+
+KEYS = ("iops", "mb_per_s", "p50_us", "p99_us", "p99_9_us", "perf_busy_pct", "target_busy_pct",
+        "target_cpu_us_per_io")
 
 
 def main(argv):
@@ -40,7 +45,9 @@ def main(argv):
                 "p50_us": pct["50.000000"] / 1e3,
                 "p99_us": pct["99.000000"] / 1e3,
                 "p99_9_us": pct["99.900000"] / 1e3,
-                "perf_reactor_busy_pct": j.get("reactor_busy_pct"),
+                "perf_busy_pct": j.get("reactor_busy_pct", 0.0),
+                "target_busy_pct": j.get("target_busy_pct", float("nan")),
+                "target_cpu_us_per_io": j.get("target_cpu_us_per_io", float("nan")),
             }
         ratios = sorted(runs, key=lambda r: r["ratio_b_over_a"]["iops"])
         median_run = ratios[len(ratios) // 2]
@@ -48,8 +55,8 @@ def main(argv):
             "workload": name,
             "subsystem": sub,
             "runs": len(runs),
-            "plaintext": {k: statistics.median(side(r, "a")[k] for r in runs) for k in ("iops", "mb_per_s", "p50_us", "p99_us", "p99_9_us")},
-            "encrypted": {k: statistics.median(side(r, "b")[k] for r in runs) for k in ("iops", "mb_per_s", "p50_us", "p99_us", "p99_9_us")},
+            "plaintext": {k: statistics.median(side(r, "a")[k] for r in runs) for k in KEYS},
+            "encrypted": {k: statistics.median(side(r, "b")[k] for r in runs) for k in KEYS},
             "ratio_encrypted_over_plaintext": statistics.median(r["ratio_b_over_a"]["iops"] for r in runs),
             "ratio_of_median_run": median_run["ratio_b_over_a"],
         })
@@ -58,12 +65,13 @@ def main(argv):
             json.dump({"rows": rows}, fh, indent=2)
             fh.write("\n")
     print(f"{'workload':<14}{'subsys':>7}{'n':>3}{'plain IOPS':>12}{'enc IOPS':>12}{'plain MB/s':>11}{'enc MB/s':>10}{'ratio':>7}"
-          f"{'p50 us p/e':>15}{'p99 us p/e':>16}{'p99.9 us p/e':>18}")
+          f"{'p50 us p/e':>15}{'p99 us p/e':>16}{'p99.9 us p/e':>18}{'tgt busy% p/e':>15}{'tgt us/io p/e':>16}")
     for r in rows:
         p, e = r["plaintext"], r["encrypted"]
         print(f"{r['workload']:<14}{r['subsystem']:>7}{r['runs']:>3}{p['iops']:>12.0f}{e['iops']:>12.0f}{p['mb_per_s']:>11.0f}{e['mb_per_s']:>10.0f}"
               f"{r['ratio_encrypted_over_plaintext']:>7.3f}{p['p50_us']:>8.1f}/{e['p50_us']:<6.1f}{p['p99_us']:>8.1f}/{e['p99_us']:<7.1f}"
-              f"{p['p99_9_us']:>9.1f}/{e['p99_9_us']:<8.1f}")
+              f"{p['p99_9_us']:>9.1f}/{e['p99_9_us']:<8.1f}"
+              f"{p['target_busy_pct']:>8.1f}/{e['target_busy_pct']:<6.1f}{p['target_cpu_us_per_io']:>8.2f}/{e['target_cpu_us_per_io']:<7.2f}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,10 @@ OUT=${OUT:-perf/out/nvmf-$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT/runs"
 
 cfg="$OUT/target.yaml"
-sed "s/^  cores: \"0\"/  cores: \"$TARGET_CORE\"/" configs/perf-target.yaml > "$cfg"
+sock="$(mktemp -d /tmp/nvseal-perf.XXXXXX)/rpc.sock"
+# The target's own reactor busy time is read over its control socket (--target-rpc).
+{ sed "s/^  cores: \"0\"/  cores: \"$TARGET_CORE\"/" configs/perf-target.yaml
+  printf 'rpc:\n  socket_path: %s\n' "$sock"; } > "$cfg"
 "$NVSEAL" serve -c "$cfg" --log warn 2> "$OUT/serve.log" &
 serve_pid=$!
 trap 'kill -INT $serve_pid 2>/dev/null; wait $serve_pid 2>/dev/null || true' EXIT
@@ -33,7 +36,7 @@ run() { # name subsys workload size qd
     echo ">> $name on $sub, run $r/$RUNS" >&2
     "$NVSEAL" perf --traddr 127.0.0.1:4420 --subnqn "nqn.2026-11.io.nvseal:perf-$sub" \
       --ab --nsid-a 1 --nsid-b 2 -w "$wl" -o "$size" -q "$qd" -t "$TIME" --cores "$PERF_CORES" \
-      --no-progress --json "$OUT/runs/$name-$sub-$r.json" > "$OUT/runs/$name-$sub-$r.txt"
+      --no-progress --target-rpc "$sock" --json "$OUT/runs/$name-$sub-$r.json" > "$OUT/runs/$name-$sub-$r.txt"
   done
 }
 for sub in null malloc; do

@@ -398,7 +398,9 @@ impl Server {
         });
         let (st1, st2, st3) = (stats.clone(), stats.clone(), stats);
         let mut b = RpcServer::builder(rc)
-            .method("subsystems.list", Role::Viewer, move |_ctx, _p| Ok(subsystems_json(&t, k1.as_deref())))
+            .method("subsystems.list", Role::Viewer, move |_ctx, _p| {
+                Ok(subsystems_json(&t, k1.as_deref()))
+            })
             .method("keys.status", Role::Viewer, move |_ctx, _p| {
                 Ok(json!({ "namespaces": k2.as_ref().map(|k| k.states()).unwrap_or_default() }))
             })
@@ -411,7 +413,13 @@ impl Server {
                     .enumerate()
                     .map(|(i, c)| {
                         let s = c.snapshot();
-                        json!({ "reactor": i, "busy_pct_lifetime": busy_pct((0, 0), s), "pollers": c.pollers.load(std::sync::atomic::Ordering::Relaxed) })
+                        json!({
+                            "reactor": i,
+                            "busy_pct_lifetime": busy_pct((0, 0), s),
+                            "busy_ns": crate::sys::clock::ticks_to_ns(s.0),
+                            "idle_ns": crate::sys::clock::ticks_to_ns(s.1),
+                            "pollers": c.pollers.load(std::sync::atomic::Ordering::Relaxed),
+                        })
                     })
                     .collect();
                 Ok(json!({ "reactors": v }))

@@ -196,6 +196,7 @@ fn lib_config(h: &Harness, nsids: Vec<u32>, spec: JobSpec) -> PerfConfig {
             pin: false,
             ..ReactorOptions::default()
         },
+        target_rpc: None,
     }
 }
 

@@ -174,6 +174,7 @@ fn steady_state_allocates_nothing() {
                 pin: false,
                 ..ReactorOptions::default()
             },
+            target_rpc: None,
         };
         // Progress comes every ~500 ms: compare the counter at the 2nd and the 5th report.
         let mut calls = 0;

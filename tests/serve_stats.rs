@@ -185,3 +185,85 @@ fn serve_reports_per_namespace_stats_over_the_control_socket() {
     drop(admin);
     s.stop();
 }
+
+/// `stats.reactors` carries raw busy/idle time, and `nvseal perf --target-rpc` turns it into the
+/// target's busy % and CPU µs per I/O for each side of an A/B run (what the perf matrix reports
+/// next to its own reactor's). A socket that does not answer is a warning, not a failed run.
+#[test]
+fn perf_reports_the_target_reactors_busy_time_per_side() {
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let d = dir.path();
+    let cfg = d.join("busy.yaml");
+    let sock = d.join("rpc.sock");
+    std::fs::write(
+        &cfg,
+        format!(
+            "reactor:\n  cores: 1\n  pin: false\n  idle_backoff_us: 0\n\
+             rpc:\n  socket_path: {sock}\n\
+             bdevs:\n  - {{ name: n0, type: null, size_bytes: 1073741824 }}\n\
+             \x20 - {{ name: n1, type: null, size_bytes: 1073741824 }}\n\
+             \x20 - {{ name: n1c, type: crypto, base: n1, key: ephemeral }}\n\
+             subsystems:\n  - nqn: {NQN}\n    serial: BUSY1\n    namespaces:\n      - {{ nsid: 1, bdev: n0 }}\n      - {{ nsid: 2, bdev: n1c, encrypted: true }}\n    listen:\n      - addr: 127.0.0.1\n        port: 0\n",
+            sock = sock.display(),
+        ),
+    )
+    .unwrap();
+    let mut s = Serve::start(&cfg);
+    let addr = addr_of(&s.wait_for("NVMe/TCP listening"));
+    s.wait_for("control socket listening");
+
+    let v = rpc(&sock, "stats.reactors");
+    let r0 = &v["reactors"][0];
+    assert!(r0["busy_ns"].as_u64().is_some(), "{v}");
+    assert!(r0["idle_ns"].as_u64().unwrap() > 0, "{v}");
+
+    let perf = |rpc_path: &Path, json: &Path| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_nvseal"))
+            .args([
+                "perf",
+                "--traddr",
+                &addr.to_string(),
+                "--subnqn",
+                NQN,
+                "--ab",
+            ])
+            .args([
+                "-w", "randread", "-o", "4k", "-q", "8", "-t", "1", "--slice", "250ms",
+            ])
+            .args(["--no-pin", "--no-progress", "--cores", "0", "--target-rpc"])
+            .arg(rpc_path)
+            .arg("--json")
+            .arg(json)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let j: Value = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
+        (
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+            j,
+        )
+    };
+    let (table, _, j) = perf(&sock, &d.join("a.json"));
+    assert!(table.contains("target busy %"), "{table}");
+    assert!(table.contains("target cpu us/io"), "{table}");
+    for job in j["jobs"].as_array().unwrap() {
+        let busy = job["target_busy_pct"].as_f64().unwrap();
+        // A spinning reactor that served I/O: some busy time, never more than all of it.
+        assert!(busy > 0.0 && busy <= 100.0, "{job}");
+        assert!(job["target_cpu_us_per_io"].as_f64().unwrap() > 0.0, "{job}");
+    }
+    assert!(
+        j["ratio_b_over_a"]["target_cpu_us_per_io"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+
+    // No socket there: the run still succeeds, says why once, and reports no target figures.
+    let (table, err, j) = perf(&d.join("missing.sock"), &d.join("b.json"));
+    assert!(err.contains("target busy time"), "{err}");
+    assert!(!table.contains("target busy %"), "{table}");
+    assert!(j["jobs"][0].get("target_busy_pct").is_none(), "{j}");
+    s.stop();
+}

@@ -160,6 +160,17 @@ impl BdevChannel for MallocChannel {
     fn in_flight(&self) -> usize {
         self.ring.len()
     }
+    fn hint_write(&mut self, offset_blocks: u64, num_blocks: u32) {
+        let bs = u64::from(self.block_size);
+        let end = offset_blocks.saturating_add(u64::from(num_blocks));
+        if end <= self.num_blocks {
+            // In bounds, so the byte range fits usize (checked in new()).
+            self.region.prefetch_for_write(
+                (offset_blocks * bs) as usize,
+                (u64::from(num_blocks) * bs) as usize,
+            );
+        }
+    }
 }
 
 #[cfg(test)]

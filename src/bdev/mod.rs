@@ -206,6 +206,10 @@ pub trait BdevChannel {
     fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize;
     /// I/Os submitted and not yet handed back by `poll`.
     fn in_flight(&self) -> usize;
+    /// A hint that a write of `num_blocks` at `offset_blocks` will be submitted soon: a layer
+    /// that works on the data first (the crypto bdev encrypting it) calls this so that the
+    /// backend can start moving its destination into cache meanwhile. Default: nothing.
+    fn hint_write(&mut self, _offset_blocks: u64, _num_blocks: u32) {}
 }
 
 /// A block device shared by all reactors.

@@ -84,6 +84,10 @@ pub struct PerfArgs {
     /// Ask for the NVMe/TCP data digest (CRC32C).
     #[arg(short = 'I', long)]
     pub ddgst: bool,
+    /// Control socket of the nvseal target under test (same machine): its reactors' busy % and
+    /// CPU µs per I/O are read over `stats.reactors` for each side and shown in the report.
+    #[arg(long, value_name = "SOCKET")]
+    pub target_rpc: Option<std::path::PathBuf>,
     /// Keep alive timeout to ask for (ms; 0 = none). Keep Alive goes out every KATO/2.
     #[arg(long, default_value_t = 10_000)]
     pub kato: u32,
@@ -200,6 +204,7 @@ fn config(a: &PerfArgs) -> Result<PerfConfig, String> {
             pin: !a.no_pin,
             ..ReactorOptions::default()
         },
+        target_rpc: a.target_rpc.clone(),
     })
 }
 

@@ -173,6 +173,8 @@ impl BdevChannel for CryptoChannel {
         }
         if io.io_type == IoType::Write {
             let first = io.offset_blocks;
+            // Let the base start fetching the destination while the cipher runs.
+            self.base.hint_write(first, io.num_blocks);
             if let Some(buf) = io.buf.as_mut() {
                 if self
                     .key

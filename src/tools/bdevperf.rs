@@ -542,6 +542,10 @@ pub struct SideResult {
     /// Busy ticks and total ticks over the side's phases, all reactors.
     pub busy_ticks: u64,
     pub total_ticks: u64,
+    /// The target's reactors (all of them) over the side's phases, in ns, when the target
+    /// reports them (`nvseal perf --target-rpc`); both 0 when unknown.
+    pub target_busy_ns: u64,
+    pub target_total_ns: u64,
     pub verify_mismatches: u64,
     pub plaintext_leaks: u64,
     pub io_errors: u64,
@@ -557,6 +561,8 @@ impl SideResult {
             elapsed_s: 0.0,
             busy_ticks: 0,
             total_ticks: 0,
+            target_busy_ns: 0,
+            target_total_ns: 0,
             verify_mismatches: 0,
             plaintext_leaks: 0,
             io_errors: 0,
@@ -580,6 +586,17 @@ impl SideResult {
     }
     pub fn summary(&self) -> Summary {
         self.stats.data_summary(self.elapsed_s)
+    }
+    /// The target reactors' busy share while this side ran, when known.
+    pub fn target_busy_pct(&self) -> Option<f64> {
+        (self.target_total_ns > 0)
+            .then(|| 100.0 * self.target_busy_ns as f64 / self.target_total_ns as f64)
+    }
+    /// Target reactor CPU time (busy polls, all reactors) per I/O in µs, when known.
+    pub fn target_cpu_us_per_io(&self) -> Option<f64> {
+        let ios = self.stats.total_ios();
+        (self.target_total_ns > 0 && ios > 0)
+            .then(|| self.target_busy_ns as f64 / 1000.0 / ios as f64)
     }
 }
 
@@ -747,6 +764,11 @@ pub struct SideReport {
     pub write: Summary,
     pub reactor_busy_pct: f64,
     pub cpu_us_per_io: f64,
+    /// The target's reactors (NVMe/TCP runs with `--target-rpc` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_busy_pct: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_cpu_us_per_io: Option<f64>,
     pub verify_mismatches: u64,
     pub plaintext_leaks: u64,
     pub io_errors: u64,
@@ -764,6 +786,8 @@ impl SideReport {
             write: s.stats.summary(OpClass::Write, s.elapsed_s),
             reactor_busy_pct: s.busy_pct(),
             cpu_us_per_io: s.cpu_us_per_io(),
+            target_busy_pct: s.target_busy_pct(),
+            target_cpu_us_per_io: s.target_cpu_us_per_io(),
             verify_mismatches: s.verify_mismatches,
             plaintext_leaks: s.plaintext_leaks,
             io_errors: s.io_errors,
@@ -870,6 +894,27 @@ pub fn print_table_labeled(
         col(&|s| s.cpu_us_per_io, 3),
         r(&|x| x.cpu_us_per_io),
     ));
+    if sides.iter().any(|s| s.target_busy_pct.is_some()) {
+        let opt = |get: &dyn Fn(&SideReport) -> Option<f64>, p: usize| {
+            sides
+                .iter()
+                .map(|s| get(s).map_or_else(|| "-".to_string(), |v| f(v, p)))
+                .collect::<Vec<_>>()
+        };
+        let cpu_ratio = match sides {
+            [a, b] => match (a.target_cpu_us_per_io, b.target_cpu_us_per_io) {
+                (Some(x), Some(y)) if x > 0.0 => Some(format!("{:.3}", y / x)),
+                _ => None,
+            },
+            _ => None,
+        };
+        rows.push(("target busy %", opt(&|s| s.target_busy_pct, 1), None));
+        rows.push((
+            "target cpu us/io",
+            opt(&|s| s.target_cpu_us_per_io, 3),
+            cpu_ratio,
+        ));
+    }
     rows.push((
         "errors",
         col(

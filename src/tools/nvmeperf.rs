@@ -846,6 +846,56 @@ pub struct PerfConfig {
     /// A/B slice length.
     pub slice: Duration,
     pub reactor: ReactorOptions,
+    /// The target's nvseal control socket, when it is an nvseal on this machine: its reactors'
+    /// busy time is read (`stats.reactors`) at the start and end of every phase.
+    pub target_rpc: Option<std::path::PathBuf>,
+}
+
+/// Reads the busy and total time of an nvseal target's reactors over its control socket.
+/// A failure is reported once on stderr and turns the probe off: the run goes on without it.
+struct TargetProbe {
+    socket: Option<std::path::PathBuf>,
+}
+
+impl TargetProbe {
+    /// (busy ns, busy + idle ns) summed over the target's reactors.
+    fn sample(&mut self) -> Option<(u64, u64)> {
+        let path = self.socket.as_ref()?;
+        let r = crate::rpc::client::call(path, "stats.reactors", None)
+            .map_err(|e| e.to_string())
+            .and_then(|v| parse_reactor_times(&v));
+        match r {
+            Ok(t) => Some(t),
+            Err(e) => {
+                eprintln!(
+                    "nvseal perf: warning: target busy time from {}: {e}; not reported",
+                    path.display()
+                );
+                self.socket = None;
+                None
+            }
+        }
+    }
+}
+
+/// Sums `busy_ns` and `idle_ns` over the reactors of a `stats.reactors` result.
+fn parse_reactor_times(v: &serde_json::Value) -> Result<(u64, u64), String> {
+    let list = v
+        .get("reactors")
+        .and_then(serde_json::Value::as_array)
+        .ok_or("no \"reactors\" array in the answer")?;
+    let (mut busy, mut total) = (0u64, 0u64);
+    for r in list {
+        let get = |k: &str| {
+            r.get(k)
+                .and_then(serde_json::Value::as_u64)
+                .ok_or_else(|| format!("a reactor without \"{k}\" (not an nvseal target?)"))
+        };
+        let (b, i) = (get("busy_ns")?, get("idle_ns")?);
+        busy = busy.saturating_add(b);
+        total = total.saturating_add(b.saturating_add(i));
+    }
+    Ok((busy, total))
 }
 
 /// Progress as the control thread sees it (about once per 100 ms).
@@ -1016,6 +1066,9 @@ fn run_connected(
         None => vec![Until::Time(cfg.time)],
     };
     let nslices = slices.len();
+    let mut probe = TargetProbe {
+        socket: cfg.target_rpc.clone(),
+    };
     let mut failure = None;
     'outer: for (k, until) in slices.iter().enumerate() {
         for (ns, side) in namespaces.iter().zip(sides.iter_mut()) {
@@ -1026,6 +1079,7 @@ fn run_connected(
                 &set,
                 ctl,
                 &mut per_reactor,
+                &mut probe,
                 ns,
                 spec,
                 *until,
@@ -1073,6 +1127,7 @@ fn run_phase(
     set: &ReactorSet,
     ctl: &mut Controller,
     per_reactor: &mut [Vec<IoQueue>],
+    probe: &mut TargetProbe,
     ns: &NsInfo,
     spec: &JobSpec,
     until: Until,
@@ -1091,6 +1146,7 @@ fn run_phase(
     let n = per_reactor.len();
     let (tx, rx): (Sender<PhaseOutput>, Receiver<PhaseOutput>) = bounded(n);
     let counters: Vec<Arc<AtomicU64>> = (0..n).map(|_| Arc::new(AtomicU64::new(0))).collect();
+    let target_before = probe.sample();
     let before = set.snapshots();
     for (i, queues) in per_reactor.iter_mut().enumerate() {
         let job = PhaseJob {
@@ -1167,6 +1223,10 @@ fn run_phase(
     for (b, a) in before.iter().zip(after.iter()) {
         into.busy_ticks += a.0.saturating_sub(b.0);
         into.total_ticks += a.0.saturating_sub(b.0) + a.1.saturating_sub(b.1);
+    }
+    if let (Some(b), Some(a)) = (target_before, probe.sample()) {
+        into.target_busy_ns += a.0.saturating_sub(b.0);
+        into.target_total_ns += a.1.saturating_sub(b.1);
     }
     into.elapsed_s += max_elapsed_ns as f64 / 1e9;
     Ok(())
@@ -1267,6 +1327,12 @@ pub struct FioJob {
     /// Busy share of the perf reactors while this side ran.
     pub reactor_busy_pct: f64,
     pub cpu_us_per_io: f64,
+    /// Busy share of the target's reactors while this side ran (`--target-rpc` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_busy_pct: Option<f64>,
+    /// Target reactor time per I/O in µs (`--target-rpc` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_cpu_us_per_io: Option<f64>,
     pub io_errors: u64,
     pub verify_mismatches: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1282,6 +1348,8 @@ pub struct AbRatios {
     pub clat_p99: f64,
     pub clat_p99_9: f64,
     pub cpu_us_per_io: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_cpu_us_per_io: Option<f64>,
 }
 
 /// The run's options as fio names them where it has a name for them.
@@ -1364,6 +1432,8 @@ pub fn report(cfg: &PerfConfig, o: &PerfOutcome) -> PerfReport {
                 total,
                 reactor_busy_pct: s.busy_pct(),
                 cpu_us_per_io: s.cpu_us_per_io(),
+                target_busy_pct: s.target_busy_pct(),
+                target_cpu_us_per_io: s.target_cpu_us_per_io(),
                 io_errors: s.io_errors,
                 verify_mismatches: s.verify_mismatches,
                 first_error: s.first_error.clone(),
@@ -1383,6 +1453,10 @@ pub fn report(cfg: &PerfConfig, o: &PerfOutcome) -> PerfReport {
                 clat_p99: r(p(b, "99.000000"), p(a, "99.000000")),
                 clat_p99_9: r(p(b, "99.900000"), p(a, "99.900000")),
                 cpu_us_per_io: r(b.cpu_us_per_io, a.cpu_us_per_io),
+                target_cpu_us_per_io: match (a.target_cpu_us_per_io, b.target_cpu_us_per_io) {
+                    (Some(x), Some(y)) => Some(r(y, x)),
+                    _ => None,
+                },
             })
         }
         _ => None,
