@@ -155,6 +155,14 @@ impl BdevChannel for SliceChannel {
         }
     }
 
+    fn hint_write(&mut self, offset_blocks: u64, num_blocks: u32) {
+        if offset_blocks.saturating_add(u64::from(num_blocks)) <= self.num_blocks {
+            // Inside the window, which lies inside the base: no overflow.
+            self.base
+                .hint_write(offset_blocks + self.offset_blocks, num_blocks);
+        }
+    }
+
     fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize {
         let mut n = 0;
         while let Some(io) = self.invalid.pop_front() {
