@@ -207,6 +207,12 @@ mod tests {
         let mut ch = b.open_channel(CoreId(0), 8).unwrap();
         let mut pool = BufPool::new(4, 8 * bs, 64).unwrap();
         for lba in [0u64, 5, b.num_blocks() - 3] {
+            // The write hint is only a hint: in range, past the end or overflowing, it changes
+            // nothing and never fails.
+            ch.hint_write(lba, 3);
+            ch.hint_write(b.num_blocks() - 1, 3);
+            ch.hint_write(u64::MAX, u32::MAX);
+            assert_eq!(ch.in_flight(), 0);
             let mut w = pool.get(3 * bs).unwrap();
             w.as_mut_slice().copy_from_slice(&pattern(lba, 3 * bs));
             let io = run(ch.as_mut(), BdevIo::new(IoType::Write, lba, 3, Some(w), 0));
