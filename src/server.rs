@@ -137,8 +137,6 @@ struct DynNamespace {
     names: Vec<String>,
     /// Whether a key is involved (crypto or managed-key encrypted).
     encrypted: bool,
-    /// Managed-key (the key manager holds an entry under the exported bdev's name).
-    managed: bool,
 }
 
 /// Run-time namespace state shared by the `namespace.*` handlers (control path only).
@@ -735,7 +733,6 @@ impl Dynamic {
                 _stacks: stacks,
                 names,
                 encrypted: keyed,
-                managed: managed.is_some(),
             },
         );
         Ok(
@@ -776,6 +773,7 @@ impl Dynamic {
             || lock(&self.created).get(&key).is_some_and(|d| d.encrypted);
         note.keyed = keyed;
         note.target = format!("{} nsid {} bdev {}", p.nqn, p.nsid, ns.bdev.name());
+        let bdev_name = ns.bdev.name().to_string();
         drop(ns);
         if keyed && !ctx.roles.contains(Role::Crypto) {
             return Err(RpcError::permission_denied(
@@ -791,21 +789,40 @@ impl Dynamic {
             Err(crate::nvmf::target::TargetError::DrainTimeout { .. }) => false,
             Err(e) => return Err(RpcError::not_found("namespace", &e.to_string())),
         };
-        if let Some(d) = lock(&self.created).remove(&key) {
-            if d.managed {
-                // The key manager keeps its entry under this name; the name stays taken.
-                if let Some(last) = d.names.last() {
-                    lock(&self.late).remove(last);
+        // A managed-key namespace no one exports any more: its stand-in lets go of the crypto
+        // bdev and the key manager forgets it, so the DEK leaves memory once the connections
+        // have closed their channels (now, when drained). The header stays on disk.
+        let released = {
+            let mut late = lock(&self.late);
+            let gone = match late.get_mut(&bdev_name) {
+                Some((_, exports)) => {
+                    exports.retain(|(n, i)| !(n == &p.nqn && *i == p.nsid));
+                    exports.is_empty()
                 }
+                None => false,
+            };
+            if gone {
+                late.remove(&bdev_name)
             } else {
-                let mut names = lock(&self.names);
-                for n in &d.names {
-                    names.remove(n);
-                }
+                None
+            }
+        };
+        let mut key_released = false;
+        if let Some((stand_in, _)) = released {
+            stand_in.release();
+            if let Some(km) = &self.keys {
+                key_released = km.remove(&ctx.caller.to_string(), &bdev_name);
             }
         }
-        tracing::info!(nqn = %p.nqn, nsid = p.nsid, freed, caller = %ctx.caller, "namespace deleted");
-        Ok(json!({ "nqn": p.nqn, "nsid": p.nsid, "freed": freed }))
+        if let Some(d) = lock(&self.created).remove(&key) {
+            // Its bdevs close with it (dropped here), so their names are free again.
+            let mut names = lock(&self.names);
+            for n in &d.names {
+                names.remove(n);
+            }
+        }
+        tracing::info!(nqn = %p.nqn, nsid = p.nsid, freed, key_released, caller = %ctx.caller, "namespace deleted");
+        Ok(json!({ "nqn": p.nqn, "nsid": p.nsid, "freed": freed, "key_released": key_released }))
     }
 }
 

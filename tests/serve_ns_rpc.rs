@@ -286,15 +286,39 @@ fn namespaces_created_and_deleted_over_the_control_socket() {
     // The encrypted one goes too (crypto role: root holds every role here); nsid 1 stays.
     let r = rpc(&sock, "namespace.delete", json!({ "nqn": NQN, "nsid": 5 }));
     assert_eq!(r["freed"], true, "{r}");
+    // Its key left key management (the DEK goes with the last channel, already closed).
+    assert_eq!(r["key_released"], true, "{r}");
     let (ok, st, _) = io(&mut q, None, 5, 3, 2);
     assert!(!ok && st & 0x7ff == 0x0b, "status field {st:#x}");
     verify(&mut q, 1, 17);
+    let k = rpc(&sock, "keys.status", json!({}));
+    assert_eq!(k["namespaces"], json!([]), "{k}");
+    // Its names are free again: the same stack can be created anew and comes online.
+    let r = rpc(
+        &sock,
+        "namespace.create",
+        json!({ "nqn": NQN, "nsid": 5, "bdevs": [
+            { "name": "raw5", "type": "malloc", "size_bytes": 6291456 },
+            { "name": "vol5", "type": "encrypted", "base": "raw5", "provider": "local", "create": true }
+        ] }),
+    );
+    assert_eq!(r["nsid"], 5, "{r}");
+    s.wait_for("encrypted namespace online");
+    verify(&mut q, 5, 4);
+    let r = rpc(&sock, "namespace.delete", json!({ "nqn": NQN, "nsid": 5 }));
+    assert_eq!(r["key_released"], true, "{r}");
 
     drop(q);
     drop(admin);
     s.stop();
     let audit = std::fs::read_to_string(d.join("audit.jsonl")).unwrap();
     let lines: Vec<&str> = audit.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("\"remove\"") && l.contains("vol5") && l.contains("\"ok\"")),
+        "the key manager's release of vol5 is audited: {audit}"
+    );
     for op in ["namespace.create", "namespace.delete"] {
         assert!(
             lines

@@ -7,11 +7,15 @@
 //! open their inner channel at the first I/O after it (a one-time allocation on the reactor,
 //! not a per-I/O one); until then every I/O completes with `IoError(EAGAIN)` — the NVMe layer
 //! does not send I/O to an offline namespace, so that is a last line of defence.
+//!
+//! When its namespace is deleted, [`LateBdev::release`] drops the stand-in's reference to the
+//! bound bdev (and with it, once the last channel is closed, the crypto bdev and its key); a
+//! released stand-in never binds again.
 
 use super::{Bdev, BdevChannel, BdevError, BdevIo, IoStatus, IoType, Submit};
 use crate::types::CoreId;
 use std::collections::VecDeque;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Stand-in for a bdev that is not available yet.
 pub struct LateBdev {
@@ -19,7 +23,26 @@ pub struct LateBdev {
     block_size: u32,
     num_blocks: u64,
     buf_align: usize,
-    inner: Arc<OnceLock<Arc<dyn Bdev>>>,
+    inner: Arc<Mutex<Cell>>,
+}
+
+/// What a stand-in holds.
+enum Cell {
+    Unbound,
+    Bound(Arc<dyn Bdev>),
+    /// Its namespace was deleted: the bdev (and key) let go, never bound again.
+    Released,
+}
+
+fn lock(c: &Mutex<Cell>) -> MutexGuard<'_, Cell> {
+    c.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn bound(c: &Mutex<Cell>) -> Option<Arc<dyn Bdev>> {
+    match &*lock(c) {
+        Cell::Bound(b) => Some(b.clone()),
+        _ => None,
+    }
 }
 
 impl LateBdev {
@@ -29,7 +52,7 @@ impl LateBdev {
             block_size,
             num_blocks,
             buf_align,
-            inner: Arc::new(OnceLock::new()),
+            inner: Arc::new(Mutex::new(Cell::Unbound)),
         }
     }
     /// Binds the real bdev; its geometry must match what was announced.
@@ -46,13 +69,31 @@ impl LateBdev {
                 ),
             });
         }
-        self.inner.set(bdev).map_err(|_| BdevError::Invalid {
-            name: self.name.clone(),
-            what: "already bound".into(),
-        })
+        let mut cell = lock(&self.inner);
+        match &*cell {
+            Cell::Unbound => {
+                *cell = Cell::Bound(bdev);
+                Ok(())
+            }
+            Cell::Bound(_) => Err(BdevError::Invalid {
+                name: self.name.clone(),
+                what: "already bound".into(),
+            }),
+            Cell::Released => Err(BdevError::Invalid {
+                name: self.name.clone(),
+                what: "released (its namespace was deleted)".into(),
+            }),
+        }
     }
     pub fn is_bound(&self) -> bool {
-        self.inner.get().is_some()
+        matches!(&*lock(&self.inner), Cell::Bound(_))
+    }
+    /// Lets go of the bound bdev, if any, for good: channels already open keep theirs until
+    /// they are closed; no new channel reaches it and nothing binds again. Returns whether a
+    /// bdev was bound.
+    pub fn release(&self) -> bool {
+        let old = std::mem::replace(&mut *lock(&self.inner), Cell::Released);
+        matches!(old, Cell::Bound(_))
     }
 }
 
@@ -67,7 +108,7 @@ impl Bdev for LateBdev {
         self.num_blocks
     }
     fn io_type_supported(&self, io_type: IoType) -> bool {
-        match self.inner.get() {
+        match bound(&self.inner) {
             Some(b) => b.io_type_supported(io_type),
             // What the crypto bdev will support (it refuses Write Zeroes and, by default, Unmap).
             None => matches!(io_type, IoType::Read | IoType::Write | IoType::Flush),
@@ -81,7 +122,7 @@ impl Bdev for LateBdev {
         core: CoreId,
         queue_depth: usize,
     ) -> Result<Box<dyn BdevChannel>, BdevError> {
-        let inner = match self.inner.get() {
+        let inner = match bound(&self.inner) {
             Some(b) => Some(b.open_channel(core, queue_depth)?),
             None => None,
         };
@@ -96,8 +137,9 @@ impl Bdev for LateBdev {
 }
 
 struct LateChannel {
-    /// The `LateBdev`'s cell: read until the bdev is bound, then never again.
-    cell: Arc<OnceLock<Arc<dyn Bdev>>>,
+    /// The `LateBdev`'s cell: read (a short lock, only while this channel has no inner one,
+    /// i.e. while the namespace is offline) until the bdev is bound, then never again.
+    cell: Arc<Mutex<Cell>>,
     core: CoreId,
     depth: usize,
     inner: Option<Box<dyn BdevChannel>>,
@@ -108,7 +150,7 @@ impl LateChannel {
     /// Opens the inner channel once the bdev is bound (once per channel).
     fn try_bind(&mut self) {
         if self.inner.is_none() {
-            if let Some(b) = self.cell.get() {
+            if let Some(b) = bound(&self.cell) {
                 match b.open_channel(self.core, self.depth) {
                     Ok(ch) => self.inner = Some(ch),
                     Err(e) => tracing::error!(bdev = b.name(), "opening channel after bind: {e}"),
@@ -187,5 +229,38 @@ mod tests {
             ch.poll(&mut |io| st.push(io.status));
         }
         assert_eq!(st, vec![IoStatus::Success]);
+
+        // Released: the stand-in lets go of the bdev (the open channel keeps working until it
+        // is closed), new channels refuse I/O, and it never binds again.
+        let weak = match &*lock(&late.inner) {
+            Cell::Bound(b) => Arc::downgrade(b),
+            _ => unreachable!(),
+        };
+        assert!(late.release());
+        assert!(!late.is_bound());
+        // The stand-in held the only reference to the bdev object.
+        assert!(weak.upgrade().is_none(), "released: the bdev is gone");
+        // The channel opened before keeps its own resources until it is closed.
+        let mut pool = BufPool::new(2, 4096, 4096).unwrap();
+        let buf = pool.get(4096).unwrap();
+        assert!(matches!(
+            ch.submit(BdevIo::new(IoType::Read, 3, 1, Some(buf), 4)),
+            Submit::Queued
+        ));
+        let mut st = Vec::new();
+        while st.is_empty() {
+            ch.poll(&mut |io| st.push(io.status));
+        }
+        assert_eq!(st, vec![IoStatus::Success]);
+        let mut ch2 = late.open_channel(CoreId(0), 4).unwrap();
+        let io = BdevIo::new(IoType::Read, 0, 1, pool.get(4096), 3);
+        assert!(matches!(ch2.submit(io), Submit::Queued));
+        let mut got = Vec::new();
+        ch2.poll(&mut |io| got.push(io.status));
+        assert_eq!(got, vec![IoStatus::IoError(libc::EAGAIN)]);
+        let cfg: MallocConfig =
+            serde_yaml_ng::from_str("name: m\nnum_blocks: 256\nblock_size: 4096\n").unwrap();
+        assert!(late.bind(malloc::open(&cfg).unwrap()).is_err());
+        assert!(!late.release(), "nothing left to release");
     }
 }

@@ -575,6 +575,9 @@ struct Inner {
     on_online: Option<OnOnline>,
     xts_max_tier: Option<Tier>,
     rekey_lock: Mutex<()>,
+    /// KEKs named by the headers of namespaces that were removed (`KeyManager::remove`): their
+    /// data is still on disk under those KEKs, so a later rekey never revokes them.
+    retained: Mutex<Vec<(KekRef, String)>>,
 }
 
 fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -671,6 +674,7 @@ impl KeyManager {
                 on_online: options.on_online,
                 xts_max_tier: options.xts_max_tier,
                 rekey_lock: Mutex::new(()),
+                retained: Mutex::new(Vec::new()),
             }),
             threads: Mutex::new(Vec::new()),
         })
@@ -771,6 +775,33 @@ impl KeyManager {
                 })
             }
         }
+    }
+
+    /// Forgets an encrypted namespace whose export was deleted: stops its unlock thread (a
+    /// key that arrives afterwards is dropped, never brought online) and drops the manager's
+    /// reference to its crypto bdev, so its DEK is wiped from memory once the target's channels
+    /// are closed. The header on disk is left alone, and the KEKs it names are kept from
+    /// revocation by later rekeys (the data still needs them), so the namespace can be added
+    /// again. Waits for a rekey in progress. Returns false if `ns_id` is not registered.
+    pub fn remove(&self, who: &str, ns_id: &str) -> bool {
+        let _serial = lock(&self.inner.rekey_lock);
+        let Some(entry) = lock(&self.inner.namespaces).remove(ns_id) else {
+            return false;
+        };
+        {
+            let mut retained = lock(&self.inner.retained);
+            for r in [&entry.active, &entry.pending].into_iter().flatten() {
+                retained.push((r.clone(), ns_id.to_owned()));
+            }
+        }
+        let was = entry.state.clone();
+        // Dropping the entry drops its stop sender (the unlock thread's back-off wait ends and
+        // the thread sees the entry gone) and its reference to the crypto bdev.
+        drop(entry);
+        self.inner.changed.notify_all();
+        self.inner.audit(who, "remove", ns_id, "ok");
+        tracing::info!(namespace = %ns_id, state = ?was, "encrypted namespace removed from key management");
+        true
     }
 
     /// Wakes a namespace that waits for its next unlock attempt, so it retries now (e.g. after
@@ -1456,6 +1487,13 @@ impl Inner {
             })
             .map(|(id, _)| id.clone())
             .collect();
+        let mut used_by = used_by;
+        used_by.extend(
+            lock(&self.retained)
+                .iter()
+                .filter(|((p, id), _)| p == provider && id == kek_id)
+                .map(|(_, ns)| format!("{ns} (removed; its header still needs it)")),
+        );
         let target = format!("{provider}/{kek_id}");
         if !used_by.is_empty() {
             tracing::info!(kek = %target, ?used_by, "old KEK still in use; not revoked");
@@ -1647,6 +1685,69 @@ mod tests {
         .expect("malloc")
     }
 
+    /// Removing a namespace: the manager lets go of its crypto bdev (so of its DEK), forgets
+    /// it, and a later rekey of the others does not revoke the KEK its header still names; it
+    /// can be added again and unlocks with that KEK.
+    #[test]
+    fn removed_namespace_lets_go_of_its_key_and_keeps_its_kek() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cfg = KeysConfig {
+            local: Some(LocalKeysConfig {
+                path: dir.path().join("keys"),
+                create: true,
+            }),
+            ..KeysConfig::default()
+        };
+        let (d1, d2) = (malloc_dev("m1"), malloc_dev("m2"));
+        let key = NamespaceKeyConfig {
+            provider: LOCAL_PROVIDER.into(),
+            kek_name: None,
+        };
+        let hio = |d: &Arc<dyn Bdev>| -> Box<dyn HeaderIo + Send> {
+            Box::new(BdevHeaderIo::new(d.clone(), CoreId(0), METADATA_REGION_BYTES).expect("hio"))
+        };
+        let m = KeyManager::new(&cfg, ManagerOptions::default()).expect("manager");
+        let online = |m: &KeyManager, ns: &str| {
+            let st = m
+                .wait_for(ns, Duration::from_secs(30), |s| {
+                    *s == NamespaceKeyState::Online
+                })
+                .expect("status");
+            assert_eq!(st.state, NamespaceKeyState::Online, "{st:?}");
+            st
+        };
+        for (ns, d) in [("ns1", &d1), ("ns2", &d2)] {
+            m.add_encrypted("test", ns, d.clone(), hio(d), &key, true)
+                .expect("add");
+            online(&m, ns);
+        }
+        let weak = Arc::downgrade(&m.bdev("ns1").expect("bdev"));
+        assert!(m.remove("op", "ns1"));
+        assert!(!m.remove("op", "ns1"), "already gone");
+        assert!(m.state("ns1").is_none());
+        assert!(
+            weak.upgrade().is_none(),
+            "no reference to the crypto bdev (and its DEK) is left"
+        );
+        // Rekey what is left: ns2 moves to a new KEK; the old one stays, ns1's header needs it.
+        let report = m
+            .shallow_rekey("test", &RekeyScope::All, LOCAL_PROVIDER)
+            .expect("rekey");
+        assert_eq!(report.namespaces.len(), 1);
+        assert_eq!(report.namespaces[0].result, NamespaceRekeyResult::Rekeyed);
+        assert!(
+            matches!(&report.old_keks[0].action, OldKekAction::Kept { used_by } if used_by[0].starts_with("ns1")),
+            "{:?}",
+            report.old_keks
+        );
+        // Back again: the header is read (not formatted over) and opens with the kept KEK.
+        m.add_encrypted("test", "ns1", d1.clone(), hio(&d1), &key, true)
+            .expect("add again");
+        let st = online(&m, "ns1");
+        assert_eq!(st.kek_id.as_ref().map(KekId::as_str), Some(DEFAULT_KEK_ID));
+        assert_eq!(st.header_generation, Some(1));
+    }
+
     /// Local provider end to end on a RAM disk: format, online, restart, rekey, revoke.
     #[test]
     fn local_namespace_formats_unlocks_and_rekeys() {
@@ -1815,6 +1916,7 @@ mod tests {
             on_online: None,
             xts_max_tier: None,
             rekey_lock: Mutex::new(()),
+            retained: Mutex::new(Vec::new()),
         }
     }
 
