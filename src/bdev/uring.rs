@@ -11,11 +11,16 @@
 //!   zero-byte transfer is `IoError(EIO)`.
 //! * Flush: `IORING_OP_FSYNC` with `DATASYNC` (the file size never changes, so data sync is a
 //!   full flush of what was written).
-//! * WriteZeroes: on a regular file `fallocate(FALLOC_FL_ZERO_RANGE | KEEP_SIZE)` through the ring;
-//!   if the filesystem answers `EOPNOTSUPP`/`EINVAL`, the channel switches (for good) to writing
-//!   from a preallocated zero buffer, which is also what block devices always use.
-//! * Unmap: on a regular file `fallocate(FALLOC_FL_PUNCH_HOLE | KEEP_SIZE)` (the range reads back
-//!   as zeroes); on a block device Unmap is reported `Unsupported` (BLKDISCARD is not wired).
+//! * WriteZeroes: `fallocate(FALLOC_FL_ZERO_RANGE | KEEP_SIZE)` through the ring, on a regular
+//!   file and on a block device alike (for a block device the kernel turns it into a zero-out
+//!   that keeps the blocks allocated); if the filesystem or device answers `EOPNOTSUPP`/`EINVAL`,
+//!   the channel switches (for good) to writing from a preallocated zero buffer.
+//! * Unmap: `fallocate(FALLOC_FL_PUNCH_HOLE | KEEP_SIZE)`: on a file it punches a hole, on a
+//!   block device the kernel issues a write-zeroes that may deallocate (thin devices, SSDs);
+//!   either way the range reads back as zeroes. A block device that cannot do that answers
+//!   `EOPNOTSUPP`; the channel then zeroes unmapped ranges as WriteZeroes does (for good), so
+//!   the read-back-zeroes promise holds everywhere. Plain `BLKDISCARD` is not used because a
+//!   discarded range may read back as anything.
 //! * Errors from the kernel (negative CQE results) become `IoStatus::IoError(errno)`.
 //!
 //! Dropping a channel with requests in flight is safe: its queue waits for their CQEs (bounded by
@@ -206,6 +211,13 @@ impl UringBdev {
     }
 }
 
+impl UringBdev {
+    /// Whether the path is a block device (rather than a regular file).
+    pub fn is_block_device(&self) -> bool {
+        self.kind == FileKind::BlockDevice
+    }
+}
+
 impl Bdev for UringBdev {
     fn name(&self) -> &str {
         &self.name
@@ -219,7 +231,7 @@ impl Bdev for UringBdev {
     fn io_type_supported(&self, io_type: IoType) -> bool {
         match io_type {
             IoType::Read | IoType::Write | IoType::Flush | IoType::WriteZeroes => true,
-            IoType::Unmap => self.kind == FileKind::Regular && self.fallocate,
+            IoType::Unmap => self.fallocate,
         }
     }
     fn buf_align(&self) -> usize {
@@ -254,8 +266,9 @@ impl Bdev for UringBdev {
             file: self.file.clone(),
             block_size: self.block_size,
             num_blocks: self.num_blocks,
-            zero_range: self.kind == FileKind::Regular && self.fallocate,
-            unmap: self.kind == FileKind::Regular && self.fallocate,
+            zero_range: self.fallocate,
+            unmap: self.fallocate,
+            unmap_supported: self.fallocate,
         }))
     }
 }
@@ -300,7 +313,11 @@ pub struct UringChannel {
     num_blocks: u64,
     /// Write-zeroes may still use fallocate(ZERO_RANGE) (cleared if the filesystem refuses it).
     zero_range: bool,
+    /// Unmap may still use fallocate(PUNCH_HOLE) (cleared if the device refuses it; unmap then
+    /// zeroes the range).
     unmap: bool,
+    /// Unmap is offered at all (the kernel's io_uring has fallocate).
+    unmap_supported: bool,
 }
 
 /// How a request's next SQE went.
@@ -364,11 +381,23 @@ impl UringChannel {
     fn on_cqe(&mut self, id: u32, res: i32) -> Option<IoStatus> {
         let st = self.q.state_mut(id)?;
         if res < 0 {
-            if st.step == Step::ZeroRange && matches!(-res, libc::EOPNOTSUPP | libc::EINVAL) {
+            let refused = matches!(-res, libc::EOPNOTSUPP | libc::EINVAL);
+            if st.step == Step::ZeroRange && refused {
                 // This filesystem cannot zero a range: write zeroes from now on.
                 st.step = Step::ZeroWrite;
                 st.done = 0;
                 self.zero_range = false;
+                return self.next(id);
+            }
+            if st.step == Step::Punch && refused {
+                // This device cannot deallocate with zeroes: unmap zeroes the range instead.
+                st.step = if self.zero_range {
+                    Step::ZeroRange
+                } else {
+                    Step::ZeroWrite
+                };
+                st.done = 0;
+                self.unmap = false;
                 return self.next(id);
             }
             return Some(IoStatus::IoError(-res));
@@ -420,12 +449,14 @@ impl BdevChannel for UringChannel {
             IoType::Flush => Step::Fsync,
             IoType::WriteZeroes if self.zero_range => Step::ZeroRange,
             IoType::WriteZeroes => Step::ZeroWrite,
-            IoType::Unmap if self.unmap => Step::Punch,
-            IoType::Unmap => {
+            IoType::Unmap if !self.unmap_supported => {
                 io.status = IoStatus::Unsupported;
                 self.ready.push(io);
                 return Submit::Queued;
             }
+            IoType::Unmap if self.unmap => Step::Punch,
+            IoType::Unmap if self.zero_range => Step::ZeroRange,
+            IoType::Unmap => Step::ZeroWrite,
         };
         if io.io_type != IoType::Flush && io.num_blocks == 0 {
             io.status = IoStatus::Success;
