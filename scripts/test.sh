@@ -11,6 +11,8 @@ need_apt=()
 command -v openssl >/dev/null || need_apt+=(openssl)
 [ -e /usr/include/openssl/ssl.h ] || need_apt+=(libssl-dev)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+# The uring bdev on a real block device (tests/uring_blockdev.rs) attaches a loop device.
+command -v losetup >/dev/null || need_apt+=(mount)
 # Independent XTS check of on-disk data (tests/keys_openssl.rs): OpenSSL's CLI refuses XTS.
 python3 -c 'import cryptography' 2>/dev/null || python3 -m pip install --quiet cryptography
 if [ ${#need_apt[@]} -gt 0 ]; then
