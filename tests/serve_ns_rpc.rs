@@ -177,6 +177,15 @@ fn config(d: &Path, rpc_extra: &str) -> std::path::PathBuf {
     cfg
 }
 
+/// `namespace.create` params for a managed-key namespace (local provider) at nsid 5 over a
+/// fresh RAM disk.
+fn vol5_stack() -> Value {
+    json!({ "nqn": NQN, "nsid": 5, "bdevs": [
+        { "name": "raw5", "type": "malloc", "size_bytes": 6291456 },
+        { "name": "vol5", "type": "encrypted", "base": "raw5", "provider": "local", "create": true }
+    ] })
+}
+
 #[test]
 fn namespaces_created_and_deleted_over_the_control_socket() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
@@ -202,14 +211,7 @@ fn namespaces_created_and_deleted_over_the_control_socket() {
     assert_eq!(r["nsid"], 2, "{r}");
     assert_eq!(r["online"], true, "{r}");
     // Encrypted (managed key, local provider) on a RAM base at nsid 5.
-    let r = rpc(
-        &sock,
-        "namespace.create",
-        json!({ "nqn": NQN, "nsid": 5, "bdevs": [
-            { "name": "raw5", "type": "malloc", "size_bytes": 6291456 },
-            { "name": "vol5", "type": "encrypted", "base": "raw5", "provider": "local", "create": true }
-        ] }),
-    );
+    let r = rpc(&sock, "namespace.create", vol5_stack());
     assert_eq!(r["nsid"], 5, "{r}");
     assert_eq!(r["encrypted"], true, "{r}");
     s.wait_for("encrypted namespace online");
@@ -294,14 +296,7 @@ fn namespaces_created_and_deleted_over_the_control_socket() {
     let k = rpc(&sock, "keys.status", json!({}));
     assert_eq!(k["namespaces"], json!([]), "{k}");
     // Its names are free again: the same stack can be created anew and comes online.
-    let r = rpc(
-        &sock,
-        "namespace.create",
-        json!({ "nqn": NQN, "nsid": 5, "bdevs": [
-            { "name": "raw5", "type": "malloc", "size_bytes": 6291456 },
-            { "name": "vol5", "type": "encrypted", "base": "raw5", "provider": "local", "create": true }
-        ] }),
-    );
+    let r = rpc(&sock, "namespace.create", vol5_stack());
     assert_eq!(r["nsid"], 5, "{r}");
     s.wait_for("encrypted namespace online");
     verify(&mut q, 5, 4);
@@ -344,14 +339,7 @@ fn keyed_namespaces_need_the_crypto_role() {
     let sock = d.join("rpc.sock");
     let mut s = Serve::start(&cfg);
     s.wait_for("control socket listening");
-    let (code, msg) = rpc_err(
-        &sock,
-        "namespace.create",
-        json!({ "nqn": NQN, "bdevs": [
-            { "name": "raw5", "type": "malloc", "size_bytes": 6291456 },
-            { "name": "vol5", "type": "encrypted", "base": "raw5", "provider": "local", "create": true }
-        ] }),
-    );
+    let (code, msg) = rpc_err(&sock, "namespace.create", vol5_stack());
     assert_eq!(code, -32001, "{msg}");
     assert!(msg.contains("crypto"), "{msg}");
     let audit = std::fs::read_to_string(d.join("audit.jsonl")).unwrap();

@@ -1674,6 +1674,17 @@ mod tests {
         assert!(lines[1]["unix_ms"].as_u64().expect("ms") > 0);
     }
 
+    /// Keys config with only the local provider, its key file in `dir`.
+    fn local_keys(dir: &Path) -> KeysConfig {
+        KeysConfig {
+            local: Some(LocalKeysConfig {
+                path: dir.join("keys"),
+                create: true,
+            }),
+            ..KeysConfig::default()
+        }
+    }
+
     fn malloc_dev(name: &str) -> Arc<dyn Bdev> {
         malloc::open(&MallocConfig {
             name: name.into(),
@@ -1691,13 +1702,7 @@ mod tests {
     #[test]
     fn removed_namespace_lets_go_of_its_key_and_keeps_its_kek() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = KeysConfig {
-            local: Some(LocalKeysConfig {
-                path: dir.path().join("keys"),
-                create: true,
-            }),
-            ..KeysConfig::default()
-        };
+        let cfg = local_keys(dir.path());
         let (d1, d2) = (malloc_dev("m1"), malloc_dev("m2"));
         let key = NamespaceKeyConfig {
             provider: LOCAL_PROVIDER.into(),
@@ -1752,13 +1757,7 @@ mod tests {
     #[test]
     fn local_namespace_formats_unlocks_and_rekeys() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = KeysConfig {
-            local: Some(LocalKeysConfig {
-                path: dir.path().join("keys"),
-                create: true,
-            }),
-            ..KeysConfig::default()
-        };
+        let cfg = local_keys(dir.path());
         let dev = malloc_dev("m0");
         let online = Arc::new(Mutex::new(Vec::<String>::new()));
         let seen = online.clone();
@@ -1845,13 +1844,7 @@ mod tests {
     #[test]
     fn blank_device_without_create_is_an_error_and_stays_blank() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = KeysConfig {
-            local: Some(LocalKeysConfig {
-                path: dir.path().join("keys"),
-                create: true,
-            }),
-            ..KeysConfig::default()
-        };
+        let cfg = local_keys(dir.path());
         let dev = malloc_dev("m1");
         let m = KeyManager::new(&cfg, ManagerOptions::default()).expect("manager");
         let hio = BdevHeaderIo::new(dev.clone(), CoreId(0), METADATA_REGION_BYTES).expect("hio");
