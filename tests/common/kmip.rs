@@ -145,8 +145,59 @@ impl PyKmip {
     }
 
     /// Freezes the server (SIGSTOP): TCP connects still succeed (kernel backlog), nothing answers.
+    /// Returns once every thread of the group is stopped: a busy machine can take a while to
+    /// deliver the stop, and a server still running answers what should time out.
     pub fn pause(&self) {
         killpg(Pid::from_raw(self.pgid), Signal::SIGSTOP).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !self.all_stopped() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "PyKMIP group {} not stopped 10 s after SIGSTOP",
+                self.pgid
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    /// Whether every thread of every process in the server's process group is stopped (or a
+    /// zombie: neither can answer).
+    fn all_stopped(&self) -> bool {
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return true;
+        };
+        let mut seen = false;
+        for p in procs.flatten() {
+            if !p
+                .file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+            {
+                continue;
+            }
+            let Ok(tasks) = std::fs::read_dir(p.path().join("task")) else {
+                continue;
+            };
+            for t in tasks.flatten() {
+                let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
+                    continue;
+                };
+                // Fields after the parenthesised command: state, ppid, pgrp, ...
+                let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                    continue;
+                };
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                if f.get(2).and_then(|g| g.parse::<i32>().ok()) != Some(self.pgid) {
+                    continue;
+                }
+                seen = true;
+                if !matches!(f.first(), Some(&"T") | Some(&"t") | Some(&"Z")) {
+                    return false;
+                }
+            }
+        }
+        seen
     }
 
     pub fn resume(&self) {
