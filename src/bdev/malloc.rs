@@ -15,7 +15,9 @@ use std::sync::Arc;
 use serde::Deserialize;
 
 use super::null::{default_block_size, geometry, DoneRing};
-use super::{validate, Bdev, BdevChannel, BdevError, BdevIo, IoStatus, IoType, Submit};
+use super::{
+    check_queue_depth, validate, Bdev, BdevChannel, BdevError, BdevIo, IoStatus, IoType, Submit,
+};
 use crate::sys::mem::{Backing, MemError, Region};
 use crate::types::CoreId;
 
@@ -97,12 +99,7 @@ impl Bdev for MallocBdev {
         _core: CoreId,
         queue_depth: usize,
     ) -> Result<Box<dyn BdevChannel>, BdevError> {
-        if queue_depth == 0 {
-            return Err(BdevError::Invalid {
-                name: self.name.clone(),
-                what: "queue_depth must be > 0".into(),
-            });
-        }
+        check_queue_depth(&self.name, queue_depth)?;
         Ok(Box::new(MallocChannel {
             ring: DoneRing::new(queue_depth),
             block_size: self.block_size,

@@ -231,6 +231,17 @@ pub trait Bdev: Send + Sync {
     ) -> Result<Box<dyn BdevChannel>, BdevError>;
 }
 
+/// The queue depth check every RAM-backed channel makes when it opens.
+pub(crate) fn check_queue_depth(name: &str, queue_depth: usize) -> Result<(), BdevError> {
+    if queue_depth == 0 {
+        return Err(BdevError::Invalid {
+            name: name.to_string(),
+            what: "queue_depth must be > 0".into(),
+        });
+    }
+    Ok(())
+}
+
 /// Checks an I/O against a device's geometry; the status to complete it with if it is invalid.
 pub fn validate(io: &BdevIo, block_size: u32, num_blocks: u64) -> Result<(), IoStatus> {
     let end = io

@@ -24,7 +24,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use serde::Deserialize;
 
 use super::null::{default_block_size, geometry, DoneRing};
-use super::{validate, Bdev, BdevChannel, BdevError, BdevIo, IoStatus, IoType, Submit};
+use super::{
+    check_queue_depth, validate, Bdev, BdevChannel, BdevError, BdevIo, IoStatus, IoType, Submit,
+};
 use crate::types::CoreId;
 
 /// `sim` bdev settings.
@@ -370,12 +372,7 @@ impl Bdev for SimBdev {
         _core: CoreId,
         queue_depth: usize,
     ) -> Result<Box<dyn BdevChannel>, BdevError> {
-        if queue_depth == 0 {
-            return Err(BdevError::Invalid {
-                name: self.name.clone(),
-                what: "queue_depth must be > 0".into(),
-            });
-        }
+        check_queue_depth(&self.name, queue_depth)?;
         Ok(Box::new(SimChannel {
             ring: DoneRing::new(queue_depth),
             block_size: self.block_size,
