@@ -993,6 +993,10 @@ impl Inner {
         });
         let mut table = lock(&self.namespaces);
         if let Some(e) = table.get_mut(ns_id) {
+            // Back after a removal: its live entry names its KEKs from now on, so what was
+            // retained for it goes (else a KEK its header no longer names after a rekey would
+            // never be revoked). Lock order: namespaces, then retained (as nowhere the reverse).
+            lock(&self.retained).retain(|(_, ns)| ns != ns_id);
             e.active = Some(active);
             e.pending = pending;
             e.namespace_uuid = Some(stored.header.namespace_uuid);
@@ -1751,6 +1755,22 @@ mod tests {
         let st = online(&m, "ns1");
         assert_eq!(st.kek_id.as_ref().map(KekId::as_str), Some(DEFAULT_KEK_ID));
         assert_eq!(st.header_generation, Some(1));
+        // Back, it names its KEK through its live entry: the retained reference is gone, so
+        // once ns1 moves to a new KEK too, the old one is revoked.
+        assert!(lock(&m.inner.retained).is_empty());
+        let report = m
+            .shallow_rekey(
+                "test",
+                &RekeyScope::Namespaces(vec!["ns1".into()]),
+                LOCAL_PROVIDER,
+            )
+            .expect("rekey ns1");
+        assert_eq!(report.namespaces[0].result, NamespaceRekeyResult::Rekeyed);
+        assert_eq!(
+            report.old_keks[0].action,
+            OldKekAction::Revoked,
+            "{report:?}"
+        );
     }
 
     /// Local provider end to end on a RAM disk: format, online, restart, rekey, revoke.
