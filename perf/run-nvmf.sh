@@ -24,7 +24,7 @@ sock="$(mktemp -d /tmp/nvseal-perf.XXXXXX)/rpc.sock"
   printf 'rpc:\n  socket_path: %s\n' "$sock"; } > "$cfg"
 "$NVSEAL" serve -c "$cfg" --log warn 2> "$OUT/serve.log" &
 serve_pid=$!
-trap 'kill -INT $serve_pid 2>/dev/null; wait $serve_pid 2>/dev/null || true' EXIT
+trap 'kill -INT $serve_pid 2>/dev/null; wait $serve_pid 2>/dev/null || true; rm -rf "$(dirname "$sock")"' EXIT
 for _ in $(seq 100); do
   (exec 3<>/dev/tcp/127.0.0.1/4420) 2>/dev/null && break
   sleep 0.1
