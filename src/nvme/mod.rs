@@ -437,10 +437,16 @@ pub mod connect {
         std::str::from_utf8(field.get(..end)?).ok()
     }
 
-    /// The completion dword 0 for "Connect Invalid Parameters": IATTR bit 0 says whether the bad
-    /// field is in the data (1) or the SQE (0); IPO (bits 31:16) is its byte offset.
+    /// The completion dword 0 for "Connect Invalid Parameters" (Fabrics Connect response):
+    /// IPO, bits 15:00, is the byte offset of the bad field; IATTR, bit 16, says whether that
+    /// offset is in the Connect data (1) or in the SQE (0). (Linux nvmet and SPDK agree.)
     pub fn invalid_param_dw0(in_data: bool, offset: u16) -> u32 {
-        u32::from(in_data) | (u32::from(offset) << 16)
+        (u32::from(in_data) << 16) | u32::from(offset)
+    }
+
+    /// Splits a "Connect Invalid Parameters" dword 0 into (IATTR: in the data, IPO: offset).
+    pub fn invalid_param_from_dw0(dw0: u32) -> (bool, u16) {
+        (dw0 & (1 << 16) != 0, (dw0 & 0xffff) as u16)
     }
 }
 
@@ -527,7 +533,11 @@ mod tests {
         assert_eq!(b[46], 4);
         assert_eq!(connect::ConnectCmd::from_sqe(&Sqe::decode(&b)), c);
         assert_eq!(connect::nqn_from_field(b"nqn.x\0\0junk"), Some("nqn.x"));
-        assert_eq!(connect::invalid_param_dw0(true, 512), 0x0200_0001);
+        // As Linux nvmet encodes "bad SUBNQN in the data": (1 << 16) | 256.
+        assert_eq!(connect::invalid_param_dw0(true, 256), 0x0001_0100);
+        assert_eq!(connect::invalid_param_dw0(false, 44), 44);
+        assert_eq!(connect::invalid_param_from_dw0(0x0001_0200), (true, 512));
+        assert_eq!(connect::invalid_param_from_dw0(42), (false, 42));
     }
 
     #[test]

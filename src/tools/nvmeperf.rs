@@ -114,9 +114,8 @@ fn describe_connect(e: HostError, t: &TargetSpec, qid: u16) -> PerfError {
             t.addr, t.hostnqn, t.subnqn
         ),
         HostError::Status { status, dw0 } if status == Status::CONNECT_INVALID_PARAMETERS => {
-            let in_data = dw0 & 1 != 0;
-            let ipo = dw0 >> 16;
-            let field = match (in_data, ipo as usize) {
+            let (in_data, ipo) = connect::invalid_param_from_dw0(dw0);
+            let field = match (in_data, usize::from(ipo)) {
                 (true, o) if o == connect::SUBNQN_OFF => {
                     format!("the target has no subsystem {}", t.subnqn)
                 }
@@ -1608,7 +1607,8 @@ mod tests {
         let e = describe_connect(
             HostError::Status {
                 status: Status::CONNECT_INVALID_PARAMETERS,
-                dw0: 1 | (256 << 16),
+                // What Linux nvmet answers for an unknown subsystem.
+                dw0: (1 << 16) | 256,
             },
             &t,
             0,
@@ -1632,7 +1632,7 @@ mod tests {
         let e = describe_connect(
             HostError::Status {
                 status: Status::CONNECT_INVALID_PARAMETERS,
-                dw0: 44 << 16,
+                dw0: 44,
             },
             &t,
             3,
