@@ -18,6 +18,8 @@
 #   NVSEAL_QEMU_ECHO     1 (default) copies the console to stdout while it runs, 0 does not
 #   NVSEAL_QEMU_CPU      QEMU -cpu model (default max: pclmul/sse4.2 for the crc drivers)
 #   NVSEAL_QEMU_APPEND   extra kernel command line words (e.g. "loglevel=7" instead of quiet)
+#   NVSEAL_QEMU_HOSTFWD  "HOSTPORT:GUESTPORT ..." TCP ports of the host's 127.0.0.1 forwarded to
+#                        the guest (to reach a target running in the guest from the host)
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
@@ -69,10 +71,19 @@ head -c "$pad" /dev/zero >>"$WORK/initrd"
 (cd "$WORK/extra" && find . -print0 | LC_ALL=C sort -z |
     cpio --null -o -H newc --owner=0:0 --quiet) >>"$WORK/initrd"
 
+# Host-to-guest forwards, bound on the host's loopback only.
+FWD_USER=""
+FWD_PASST=()
+for f in ${NVSEAL_QEMU_HOSTFWD:-}; do
+    [[ "$f" =~ ^([0-9]+):([0-9]+)$ ]] || { log "NVSEAL_QEMU_HOSTFWD: '$f' is not HOSTPORT:GUESTPORT"; exit 126; }
+    FWD_USER+=",hostfwd=tcp:127.0.0.1:${BASH_REMATCH[1]}-:${BASH_REMATCH[2]}"
+    FWD_PASST+=(-t "127.0.0.1/${BASH_REMATCH[1]}:${BASH_REMATCH[2]}")
+done
+
 case "$NET" in
     user)
         # slirp: guest 10.0.2.15, gateway/host alias 10.0.2.2 -> host 127.0.0.1.
-        NETDEV=(-netdev "user,id=n0,net=10.0.2.0/24,host=10.0.2.2")
+        NETDEV=(-netdev "user,id=n0,net=10.0.2.0/24,host=10.0.2.2$FWD_USER")
         ;;
     passt)
         command -v passt >/dev/null || { log "passt missing: run setup.sh"; exit 126; }
@@ -84,7 +95,7 @@ case "$NET" in
         mkdir "$WORK/passt"
         [ "$(id -u)" = 0 ] && chown nobody "$WORK/passt"
         passt -f -1 -q -4 -s "$WORK/passt/sock" \
-            -a 10.0.2.15 -n 24 -g 10.0.2.2 </dev/null >"$WORK/passt.log" 2>&1 &
+            -a 10.0.2.15 -n 24 -g 10.0.2.2 "${FWD_PASST[@]}" </dev/null >"$WORK/passt.log" 2>&1 &
         PASST_PID=$!
         for _ in $(seq 50); do [ -S "$WORK/passt/sock" ] && break; sleep 0.1; done
         [ -S "$WORK/passt/sock" ] || { log "passt did not start: $(grep -v syslog "$WORK/passt.log")"; exit 126; }

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod kmip;
+pub mod qemu;
 pub mod serve;
 
 use std::io::Write;

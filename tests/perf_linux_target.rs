@@ -1,0 +1,351 @@
+//! `nvseal perf` against a target that is not nvseal: the Linux kernel's own NVMe/TCP target
+//! (nvmet-tcp over two `brd` RAM disks) in the QEMU/TCG guest of scripts/qemu/, reached from the
+//! host through a QEMU port forward on 127.0.0.1 (scripts/qemu/guest/nvmet-target.sh).
+//!
+//! Checks what a perf lab relies on when it points the tool at Linux: Connect, Identify and the
+//! controller facts (model "Linux", the configured serial, digests on request), an `--ab` run on
+//! two namespaces with verification and both digests, a timed read run, refusals reported with
+//! the target's reason (host not allowed; unknown subsystem, which carries IPO/IATTR), and —
+//! independently of perf's own read-back check — that the bytes perf wrote are the bytes on
+//! Linux's RAM disks (SHA-256 computed in the guest, compared with the pattern here).
+//!
+//! Needs root (the harness build uses apt, mknod, chroot). `NVSEAL_SKIP_QEMU=1` skips it, loudly.
+
+mod common;
+
+use common::qemu::{harness_ready, repo};
+use sha2::{Digest, Sha256};
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const SUBNQN: &str = "nqn.2026-11.io.nvseal:linux-nvmet";
+const SERIAL: &str = "LNXNVMETPERF01";
+/// Port nvmet listens on inside the guest.
+const GUEST_PORT: u16 = 4420;
+/// Each RAM disk, MiB.
+const NS_MB: u32 = 64;
+/// How long the guest serves before it gives up on the host.
+const GUEST_WAIT_S: u32 = 480;
+/// run-guest.sh limit (boot + serving + hashing).
+const GUEST_TIMEOUT_S: u32 = 560;
+/// The runs whose data the guest hashes: (nsid, I/O size, I/Os, seed).
+const HASHED: [(u32, usize, usize, u64); 2] = [(1, 4096, 256, 11), (2, 128 << 10, 16, 22)];
+
+/// A one-route HTTP server on the host's loopback: `GET /done` answers 404 until [`Done::set`],
+/// then 200. The guest polls it (busybox wget via 10.0.2.2) to learn that the host is finished.
+struct Done {
+    port: u16,
+    flag: Arc<AtomicBool>,
+}
+
+impl Done {
+    fn start() -> Done {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let flag = Arc::new(AtomicBool::new(false));
+        let f = flag.clone();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(mut s) = s else { continue };
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut req = [0u8; 1024];
+                let _ = s.read(&mut req);
+                let reply = if f.load(Ordering::SeqCst) {
+                    "HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\ndone\n"
+                } else {
+                    "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+                };
+                let _ = s.write_all(reply.as_bytes());
+            }
+        });
+        Done { port, flag }
+    }
+    fn set(&self) {
+        self.flag.store(true, Ordering::SeqCst);
+    }
+}
+
+/// The guest; killed if the test ends early.
+struct Guest(Option<Child>);
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn console(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn perf(fwd: u16, args: &[&str]) -> Output {
+    let addr = format!("127.0.0.1:{fwd}");
+    let mut all = vec!["perf", "--traddr", &addr, "--no-pin", "--no-progress"];
+    all.extend_from_slice(args);
+    println!("+ nvseal {}", all.join(" "));
+    let out = Command::new(env!("CARGO_BIN_EXE_nvseal"))
+        .args(&all)
+        .stdin(Stdio::null())
+        .output()
+        .expect("cannot run nvseal perf");
+    println!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn perf_ok(fwd: u16, args: &[&str], json: &Path) -> serde_json::Value {
+    let mut a = args.to_vec();
+    let j = json.display().to_string();
+    a.extend_from_slice(&["--json", &j]);
+    let out = perf(fwd, &a);
+    assert!(out.status.success(), "nvseal perf {args:?} failed");
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(json).unwrap()).unwrap();
+    for job in v["jobs"].as_array().expect("jobs") {
+        assert_eq!(job["io_errors"], 0, "I/O errors in {job}");
+        assert_eq!(job["verify_mismatches"], 0, "verify mismatches in {job}");
+    }
+    v
+}
+
+fn perf_refused(fwd: u16, args: &[&str], want: &[&str]) {
+    let out = perf(fwd, args);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "nvseal perf {args:?} should fail");
+    for w in want {
+        assert!(err.contains(w), "error of {args:?} should say {w:?}: {err}");
+    }
+}
+
+#[test]
+fn perf_drives_the_linux_kernel_target_with_verify_digests_and_ab() {
+    if !harness_ready() {
+        return;
+    }
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let d = dir.path();
+    let log = d.join("console.log");
+    let fwd = free_port();
+    let done = Done::start();
+    let hostnqn = format!("nqn.2014-08.org.nvmexpress:uuid:{}", uuid::Uuid::new_v4());
+    let hash_blocks: Vec<String> = HASHED
+        .iter()
+        .map(|&(nsid, bs, n, _)| format!("{nsid}:{}", bs * n / 4096))
+        .collect();
+    let params = format!(
+        "GUEST_PORT={GUEST_PORT} SUBNQN='{SUBNQN}' SERIAL='{SERIAL}' HOSTNQN='{hostnqn}' \
+         NS_MB={NS_MB} DONE_URL='http://10.0.2.2:{}/done' WAIT_S={GUEST_WAIT_S} \
+         HASH_BLOCKS='{}'\n",
+        done.port,
+        hash_blocks.join(" ")
+    );
+    let body = std::fs::read_to_string(repo().join("scripts/qemu/guest/nvmet-target.sh")).unwrap();
+    let script = d.join("guest.sh");
+    std::fs::write(&script, params + &body).unwrap();
+
+    let t0 = Instant::now();
+    let mut guest = Guest(Some(
+        Command::new("bash")
+            .arg(repo().join("scripts/qemu/run-guest.sh"))
+            .arg(&script)
+            .arg(GUEST_TIMEOUT_S.to_string())
+            .env("NVSEAL_QEMU_LOG", &log)
+            .env("NVSEAL_QEMU_ECHO", "0")
+            .env("NVSEAL_QEMU_HOSTFWD", format!("{fwd}:{GUEST_PORT}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cannot run scripts/qemu/run-guest.sh"),
+    ));
+    loop {
+        let c = console(&log);
+        if c.contains("NVMET-READY") {
+            break;
+        }
+        let exited = guest.0.as_mut().unwrap().try_wait().unwrap();
+        assert!(
+            exited.is_none() && !c.contains("NVMET-FAIL") && t0.elapsed().as_secs() < 300,
+            "the guest's nvmet target did not come up ({exited:?} after {:.0} s):\n{c}",
+            t0.elapsed().as_secs_f64()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    println!("nvmet up after {:.1} s", t0.elapsed().as_secs_f64());
+
+    // Refusals carry the target's reason.
+    let other_host = format!("nqn.2014-08.org.nvmexpress:uuid:{}", uuid::Uuid::new_v4());
+    perf_refused(
+        fwd,
+        &["--subnqn", SUBNQN, "--hostnqn", &other_host, "-t", "1"],
+        &["is not allowed on subsystem", "Connect Invalid Host"],
+    );
+    perf_refused(
+        fwd,
+        &[
+            "--subnqn",
+            "nqn.2026-11.io.nvseal:absent",
+            "--hostnqn",
+            &hostnqn,
+            "-t",
+            "1",
+        ],
+        &[
+            "no subsystem nqn.2026-11.io.nvseal:absent",
+            "Connect Invalid Parameters",
+        ],
+    );
+
+    // --ab on both namespaces, every I/O written then read back and compared, with header and
+    // data digests (CRC32C) on every PDU.
+    let ab = perf_ok(
+        fwd,
+        &[
+            "--subnqn",
+            SUBNQN,
+            "--hostnqn",
+            &hostnqn,
+            "--ab",
+            "--nsid-a",
+            "1",
+            "--nsid-b",
+            "2",
+            "-w",
+            "randrw",
+            "-M",
+            "50",
+            "-o",
+            "16k",
+            "-q",
+            "8",
+            "-n",
+            "150",
+            "--verify",
+            "-H",
+            "-I",
+        ],
+        &d.join("ab.json"),
+    );
+    let c = &ab["controller"];
+    assert_eq!(c["model"], "Linux", "{c}");
+    assert_eq!(c["serial"], SERIAL, "{c}");
+    assert_eq!(
+        (c["header_digest"].as_bool(), c["data_digest"].as_bool()),
+        (Some(true), Some(true))
+    );
+    let jobs = ab["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 2);
+    for (job, nsid) in jobs.iter().zip([1, 2]) {
+        assert_eq!(job["nsid"], nsid);
+        assert_eq!(
+            job["num_blocks"],
+            u64::from(NS_MB) << 20 >> 9,
+            "brd: 512-byte blocks"
+        );
+        assert_eq!(job["write"]["total_ios"], 150, "{job}");
+        assert_eq!(job["read"]["total_ios"], 150, "{job}");
+    }
+    assert!(ab["ratio_b_over_a"]["iops"].as_f64().unwrap() > 0.0);
+
+    // A timed sequential read run of large I/Os.
+    let rd = perf_ok(
+        fwd,
+        &[
+            "--subnqn",
+            SUBNQN,
+            "--hostnqn",
+            &hostnqn,
+            "-w",
+            "read",
+            "-o",
+            "128k",
+            "-q",
+            "4",
+            "-t",
+            "1",
+        ],
+        &d.join("read.json"),
+    );
+    assert!(
+        rd["jobs"][0]["read"]["total_ios"].as_u64().unwrap() > 0,
+        "{rd}"
+    );
+
+    // Last writes: the guest hashes what they left on the RAM disks.
+    for &(nsid, bs, n, seed) in &HASHED {
+        let (ns, o, count, s) = (
+            nsid.to_string(),
+            bs.to_string(),
+            n.to_string(),
+            seed.to_string(),
+        );
+        let v = perf_ok(
+            fwd,
+            &[
+                "--subnqn",
+                SUBNQN,
+                "--hostnqn",
+                &hostnqn,
+                "--nsid",
+                &ns,
+                "-w",
+                "write",
+                "-o",
+                &o,
+                "-q",
+                "4",
+                "-n",
+                &count,
+                "--verify",
+                "--seed",
+                &s,
+            ],
+            &d.join(format!("write-{nsid}.json")),
+        );
+        assert_eq!(v["jobs"][0]["write"]["total_ios"], n);
+    }
+
+    done.set();
+    let out = guest.0.take().unwrap().wait_with_output().unwrap();
+    let c = console(&log);
+    println!("---- guest console ----\n{c}\n---- end of guest console ----");
+    assert!(
+        out.status.success() && c.contains("NVMET-DONE"),
+        "guest failed: run-guest.sh {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for &(nsid, bs, n, seed) in &HASHED {
+        let mut want = vec![0u8; bs * n];
+        // Sequential writes from LBA 0 in 512-byte blocks: one continuous pattern.
+        nvseal::tools::bdevperf::fill_pattern(&mut want, 0, 512, seed);
+        let want: String = Sha256::digest(&want)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let line = format!("NVMET-SHA256 nsid={nsid} blocks={} {want}", bs * n / 4096);
+        assert!(
+            c.lines().any(|l| l.trim_end() == line),
+            "nsid {nsid}: the Linux target's RAM disk does not hold what perf wrote (want {line:?})"
+        );
+    }
+    println!("whole test {:.1} s", t0.elapsed().as_secs_f64());
+}
