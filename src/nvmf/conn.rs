@@ -1136,6 +1136,18 @@ impl Connection {
     }
 
     fn io_cmd(&mut self, idx: usize) -> Result<(), Status> {
+        // The namespace table may have changed after this poll's generation check (an RPC that
+        // returned while this reactor was between the check and its socket read): a command the
+        // host sent after `namespace.create` returned must see the new namespace. One shared
+        // atomic load per command; the pass itself runs only on a change.
+        if self.ns_gen != 0
+            && self
+                .subsys
+                .as_ref()
+                .is_some_and(|s| s.ns_generation() != self.ns_gen)
+        {
+            self.sync_namespaces();
+        }
         let sqe = self.reqs[idx].sqe;
         match sqe.opcode {
             io_op::READ => {
