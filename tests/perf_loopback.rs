@@ -15,6 +15,8 @@ use nvseal::bdev::malloc::{self, MallocConfig};
 use nvseal::bdev::{Bdev, BdevChannel, BdevError, BdevIo, IoStatus, IoType, Submit};
 use nvseal::crypto::bdev::{CryptoBdev, DataKey};
 use nvseal::crypto::key::XtsKey;
+use nvseal::nvme::connect;
+use nvseal::nvmf::host::{HostConfig, HostQpair};
 use nvseal::nvmf::pdu::Digests;
 use nvseal::nvmf::{
     Connection, Limits, ListenAddr, Listener, NamespaceConfig, SubsystemConfig, Target,
@@ -285,6 +287,107 @@ fn library_ab_verify_passes_on_plain_and_encrypted_namespaces() {
     wait_until("connections to close", || h.target.connection_count() == 0);
 }
 
+/// Reads `nlb` 4 KiB blocks at `lba` of `nsid` with nvseal's host, one command of at most 128 KiB.
+fn read_back(h: &Harness, nsid: u32, lba: u64, nlb: u32) -> Vec<u8> {
+    let hc = HostConfig {
+        hostnqn: HOST.into(),
+        ..Default::default()
+    };
+    let mut admin =
+        HostQpair::connect(h.addr, NQN, 0, connect::CNTLID_DYNAMIC, hc.clone()).unwrap();
+    admin.enable().unwrap();
+    let mut q = HostQpair::connect(h.addr, NQN, 1, admin.cntlid(), hc).unwrap();
+    let mut out = Vec::new();
+    for chunk in 0..nlb.div_ceil(32) {
+        let n = 32.min(nlb - chunk * 32);
+        q.read(nsid, lba + u64::from(chunk * 32), n, 4096, 7)
+            .unwrap();
+        let mut got = None;
+        let t0 = Instant::now();
+        while got.is_none() {
+            q.poll(&mut |c| got = Some((c.cqe.status().is_success(), c.data.to_vec())))
+                .unwrap();
+            assert!(t0.elapsed() < Duration::from_secs(20), "read timed out");
+        }
+        let (ok, data) = got.unwrap();
+        assert!(ok, "read of nsid {nsid} failed");
+        out.extend_from_slice(&data);
+    }
+    out
+}
+
+#[test]
+fn library_ios_over_mdts_are_split_into_mdts_commands() {
+    let h = start(vec![HOST.into()]);
+    // 512 KiB I/Os against a 128 KiB MDTS: 4 commands each, on both namespaces, with digests
+    // and verify. The target refuses any command over its MDTS, so a clean run means split.
+    let mut cfg = lib_config(&h, vec![1, 2], spec(Workload::Randrw, 512 << 10, 4, true));
+    cfg.target.digests = Digests {
+        header: true,
+        data: true,
+    };
+    cfg.io_count = Some(24);
+    let out = nvmeperf::run(&cfg, &mut |_| {}).unwrap();
+    assert_eq!(
+        out.failures(),
+        0,
+        "{:?}",
+        out.sides.iter().map(|s| &s.first_error).collect::<Vec<_>>()
+    );
+    assert_eq!(out.commands_per_io, 4);
+    for s in &out.sides {
+        // I/Os are counted whole: 24 verified writes and 24 read-backs of 512 KiB.
+        assert_eq!(s.stats.op(OpClass::Write).ios, 24, "{}", s.label);
+        assert_eq!(s.stats.op(OpClass::Read).ios, 24, "{}", s.label);
+        assert_eq!(s.stats.op(OpClass::Read).bytes, 24 * (512 << 10));
+    }
+    let r = nvmeperf::report(&cfg, &out);
+    assert_eq!(r.global_options.commands_per_io, 4);
+
+    // Sequential 384 KiB writes (3 commands each) from LBA 0: the namespace holds the pattern
+    // exactly where each piece was aimed, read back in other-sized commands.
+    let mut cfg = lib_config(&h, vec![1], spec(Workload::Write, 384 << 10, 2, true));
+    cfg.io_count = Some(5);
+    let out = nvmeperf::run(&cfg, &mut |_| {}).unwrap();
+    assert_eq!(out.failures(), 0, "{:?}", out.sides[0].first_error);
+    assert_eq!(out.commands_per_io, 3);
+    let blocks = 5 * 96;
+    let got = read_back(&h, 1, 0, blocks);
+    let mut want = vec![0u8; blocks as usize * 4096];
+    nvseal::tools::bdevperf::fill_pattern(&mut want, 0, 4096, 11);
+    assert!(
+        got == want,
+        "the split writes did not land where they belong"
+    );
+    wait_until("connections to close", || h.target.connection_count() == 0);
+}
+
+#[test]
+fn split_sizes() {
+    // Under or at MDTS: one command. Over: MDTS-sized pieces, rounded down to whole blocks.
+    assert_eq!(
+        nvmeperf::split_io(4096, Some(131072), 4096).unwrap(),
+        (4096, 1)
+    );
+    assert_eq!(
+        nvmeperf::split_io(131072, Some(131072), 4096).unwrap(),
+        (131072, 1)
+    );
+    assert_eq!(
+        nvmeperf::split_io(1 << 20, Some(131072), 4096).unwrap(),
+        (131072, 8)
+    );
+    assert_eq!(
+        nvmeperf::split_io(300 * 512, Some(65536), 512).unwrap(),
+        (65536, 3)
+    );
+    assert_eq!(
+        nvmeperf::split_io(1 << 20, None, 4096).unwrap(),
+        (1 << 20, 1)
+    );
+    assert!(nvmeperf::split_io(8192, Some(2048), 4096).is_err());
+}
+
 #[test]
 fn library_randrw_with_digests_over_two_reactors() {
     let h = start(Vec::new());
@@ -488,10 +591,15 @@ fn binary_wrong_subnqn_and_host_not_allowed_exit_3() {
 #[test]
 fn binary_usage_errors_exit_2() {
     let h = start(Vec::new());
-    // Over MDTS (128 KiB on this target).
-    let o = perf_bin(&h, &["--subnqn", NQN, "-o", "256k", "-n", "10"]);
+    // Over MDTS (128 KiB on this target) the I/O is split: 1 MiB = 8 commands, and QD 32 x 8
+    // is over the 128 queue entries this target allows.
+    let o = perf_bin(&h, &["--subnqn", NQN, "-o", "1m", "-q", "32", "-n", "10"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("MDTS"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("8 commands per I/O") && err.contains("MQES"),
+        "{err}"
+    );
     // Deeper than CAP.MQES allows.
     let o = perf_bin(&h, &["--subnqn", NQN, "-q", "4096", "-n", "10"]);
     assert_eq!(o.status.code(), Some(2));

@@ -57,10 +57,11 @@ pub struct PerfArgs {
     /// Percentage of reads for randrw.
     #[arg(short = 'M', long, default_value_t = 70, value_parser = clap::value_parser!(u8).range(0..=100))]
     pub rwmixread: u8,
-    /// I/O size (bytes, or 4k, 128k, ...): a multiple of the namespace block size, at most MDTS.
+    /// I/O size (bytes, or 4k, 128k, ...): a multiple of the namespace block size. Over the
+    /// controller's MDTS each I/O is split into MDTS-sized commands (as SPDK's driver does).
     #[arg(short = 'o', long, default_value = "4k")]
     pub io_size: String,
-    /// Commands in flight per I/O queue.
+    /// I/Os in flight per I/O queue (each split I/O holds all of its commands).
     #[arg(short = 'q', long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=65536))]
     pub queue_depth: u32,
     /// Run time per side (seconds, or 500ms, 2m).
@@ -269,6 +270,15 @@ fn run_inner(a: &PerfArgs) -> Result<ExitCode, (u8, String)> {
                 c.header_digest,
                 c.data_digest
             );
+            if outcome.commands_per_io > 1 {
+                let _ = writeln!(
+                    out,
+                    "perf: each I/O is split into {} commands (over the controller's MDTS of {} \
+                     bytes); IOPS and latency count whole I/Os",
+                    outcome.commands_per_io,
+                    c.mdts_bytes.unwrap_or(0)
+                );
+            }
             nvmeperf::print_text(&mut out, &outcome);
             if let Some(path) = other {
                 std::fs::write(path, format!("{json}\n"))

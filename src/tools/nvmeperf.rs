@@ -165,6 +165,26 @@ fn text(d: &[u8], off: usize, n: usize) -> String {
         .unwrap_or_default()
 }
 
+/// How an I/O of `io_size` bytes goes out: (bytes per command, commands per I/O). Over `mdts`
+/// the I/O is split, as SPDK's NVMe driver does, into commands of the largest multiple of
+/// `block_size` (the largest block size of the namespaces used) that fits.
+pub fn split_io(io_size: u32, mdts: Option<u64>, block_size: u32) -> Result<(u32, u32), PerfError> {
+    match mdts {
+        Some(m) if u64::from(io_size) > m => {
+            let bs = u64::from(block_size.max(1));
+            let cmd = m / bs * bs;
+            if cmd == 0 {
+                return Err(PerfError::Usage(format!(
+                    "the controller's maximum transfer (MDTS) of {m} bytes is below one \
+                     {block_size}-byte block"
+                )));
+            }
+            Ok((cmd as u32, io_size.div_ceil(cmd as u32)))
+        }
+        _ => Ok((io_size, 1)),
+    }
+}
+
 /// The largest transfer allowed: `mdts` (Identify byte 77, a power of two of the minimum page
 /// size, 0 = unlimited) and CAP.MPSMIN.
 pub fn mdts_bytes(mdts: u8, cap: u64) -> Option<u64> {
@@ -183,6 +203,9 @@ pub struct Controller {
     pub info: ControllerInfo,
     ka_every: Option<Duration>,
     last_ka: Instant,
+    /// Bytes per I/O command and commands per I/O of the run (split over MDTS).
+    cmd_bytes: u32,
+    split: u32,
 }
 
 impl Controller {
@@ -228,6 +251,8 @@ impl Controller {
             info,
             ka_every,
             last_ka: Instant::now(),
+            cmd_bytes: 0,
+            split: 1,
         })
     }
 
@@ -399,11 +424,17 @@ enum Stage {
     VerifyRead,
 }
 
+/// One I/O of the workload (a parent: one command, or several when the I/O size is over the
+/// controller's MDTS and the I/O is split, as SPDK's driver does).
 #[derive(Clone, Copy)]
 struct IoSlot {
     start_ticks: u64,
     lba: u64,
     stage: Stage,
+    /// Commands of this I/O still outstanding.
+    pending: u32,
+    /// One of its commands failed (or read back wrong data); reported once the rest are back.
+    failed: bool,
 }
 
 /// Per-queue bookkeeping (slots, offsets), reset at the start of each phase.
@@ -442,7 +473,9 @@ impl IoQueue {
                     IoSlot {
                         start_ticks: 0,
                         lba: 0,
-                        stage: Stage::Read
+                        stage: Stage::Read,
+                        pending: 0,
+                        failed: false,
                     };
                     depth
                 ],
@@ -501,6 +534,34 @@ struct PhaseCtx {
     spec: JobSpec,
     ns: NsInfo,
     io_blocks: u32,
+    /// Blocks per command: `io_blocks`, or the MDTS-sized piece of a split I/O.
+    cmd_blocks: u32,
+    /// Commands per I/O (1 unless the I/O size is over MDTS).
+    split: u32,
+}
+
+impl PhaseCtx {
+    fn new(spec: &JobSpec, ns: &NsInfo, cmd_bytes: u32) -> PhaseCtx {
+        let bs = u64::from(ns.block_size.max(1));
+        let io_blocks = (spec.io_size as u64 / bs) as u32;
+        let cmd_blocks = ((u64::from(cmd_bytes) / bs) as u32).clamp(1, io_blocks.max(1));
+        PhaseCtx {
+            spec: spec.clone(),
+            ns: *ns,
+            io_blocks,
+            cmd_blocks,
+            split: io_blocks.div_ceil(cmd_blocks).max(1),
+        }
+    }
+
+    /// First block and block count of command `child` of the I/O at `lba`.
+    fn piece(&self, lba: u64, child: u32) -> (u64, u32) {
+        let off = child * self.cmd_blocks;
+        (
+            lba + u64::from(off),
+            self.cmd_blocks.min(self.io_blocks - off),
+        )
+    }
 }
 
 /// Results and counters shared by a job's queues.
@@ -529,20 +590,53 @@ impl QueueState {
         self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 
-    /// Handles one completion (inside `HostQpair::poll`).
+    /// Handles one completion (inside `HostQpair::poll`). The command tag is
+    /// `slot * split + child`; the I/O completes (and is timed) when its last command is back.
     fn complete(&mut self, c: Completion<'_>, ctx: &PhaseCtx, sh: &mut Shared, now: u64) {
-        let Some(tag) = usize::try_from(c.tag)
+        let split = u64::from(ctx.split);
+        let Some(tag) = usize::try_from(c.tag / split)
             .ok()
-            .filter(|&t| t < self.slots.len())
+            .filter(|&t| t < self.slots.len() && self.slots[t].pending > 0)
         else {
             sh.io_errors += 1;
             sh.note_error(|| format!("completion with an unknown tag {}", c.tag));
             return;
         };
-        self.in_flight = self.in_flight.saturating_sub(1);
-        let slot = self.slots[tag];
+        let child = (c.tag % split) as u32;
         let status = c.cqe.status();
-        let ok = status.is_success();
+        let slot = &mut self.slots[tag];
+        slot.pending -= 1;
+        let (lba, nlb) = ctx.piece(slot.lba, child);
+        if !status.is_success() {
+            if !slot.failed {
+                sh.io_errors += 1;
+            }
+            slot.failed = true;
+            let nsid = ctx.ns.nsid;
+            let op = match slot.stage {
+                Stage::Read | Stage::VerifyRead => "Read",
+                Stage::Write | Stage::VerifyWrite => "Write",
+            };
+            sh.note_error(|| format!("{op} of nsid {nsid} LBA {lba} failed: {status:?}"));
+        } else if slot.stage == Stage::VerifyRead {
+            let bs = ctx.ns.block_size as usize;
+            if c.data.len() != nlb as usize * bs || !check_pattern(c.data, lba, bs, ctx.spec.seed) {
+                if !slot.failed {
+                    sh.verify_mismatches += 1;
+                }
+                slot.failed = true;
+                let nsid = ctx.ns.nsid;
+                sh.note_error(|| {
+                    format!("verify: data read back from nsid {nsid} LBA {lba} differs from what was written")
+                });
+            }
+        }
+        if slot.pending > 0 {
+            return;
+        }
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let slot = *slot;
+        let ok = !slot.failed;
         let op = match slot.stage {
             Stage::Read | Stage::VerifyRead => OpClass::Read,
             Stage::Write | Stage::VerifyWrite => OpClass::Write,
@@ -557,32 +651,11 @@ impl QueueState {
         sh.progress
             .store(sh.progress.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
         let tag16 = tag as u16;
-        if !ok {
-            sh.io_errors += 1;
-            let (nsid, lba) = (ctx.ns.nsid, slot.lba);
-            sh.note_error(|| format!("{} of nsid {nsid} LBA {lba} failed: {status:?}", op.name()));
+        if ok && slot.stage == Stage::VerifyWrite {
+            self.slots[tag].stage = Stage::VerifyRead;
+            self.ready.push_back(tag16);
+        } else {
             self.free.push(tag16);
-            return;
-        }
-        match slot.stage {
-            Stage::Read | Stage::Write => self.free.push(tag16),
-            Stage::VerifyWrite => {
-                self.slots[tag].stage = Stage::VerifyRead;
-                self.ready.push_back(tag16);
-            }
-            Stage::VerifyRead => {
-                let bs = ctx.ns.block_size as usize;
-                if c.data.len() != ctx.spec.io_size
-                    || !check_pattern(c.data, slot.lba, bs, ctx.spec.seed)
-                {
-                    sh.verify_mismatches += 1;
-                    let (nsid, lba) = (ctx.ns.nsid, slot.lba);
-                    sh.note_error(|| {
-                        format!("verify: data read back from nsid {nsid} LBA {lba} differs from what was written")
-                    });
-                }
-                self.free.push(tag16);
-            }
         }
     }
 
@@ -624,41 +697,50 @@ impl QueueState {
     }
 }
 
-/// Submits the command of slot `tag` (already filled in).
+/// Submits the command(s) of slot `tag` (already filled in); returns how many went out. `Busy`
+/// only when the first one finds no free queue entry: queue pairs are connected with
+/// `depth × split` entries, so the rest of an I/O always fits.
 fn submit_slot(
     qp: &mut HostQpair,
     ctx: &PhaseCtx,
     slot: IoSlot,
     tag: u16,
-) -> Result<u16, HostError> {
+) -> Result<u32, HostError> {
     let ns = &ctx.ns;
-    match slot.stage {
-        Stage::Read | Stage::VerifyRead => qp.read(
-            ns.nsid,
-            slot.lba,
-            ctx.io_blocks,
-            ns.block_size,
-            u64::from(tag),
-        ),
-        Stage::Write => qp.submit(
-            rw_sqe(io_op::WRITE, ns.nsid, slot.lba, ctx.io_blocks),
-            Dir::ToCtrl,
-            ctx.spec.io_size as u32,
+    let (bs, seed) = (ns.block_size as usize, ctx.spec.seed);
+    for child in 0..ctx.split {
+        let (lba, nlb) = ctx.piece(slot.lba, child);
+        let ctag = u64::from(tag) * u64::from(ctx.split) + u64::from(child);
+        let len = nlb * ns.block_size;
+        let r = match slot.stage {
+            Stage::Read | Stage::VerifyRead => qp.read(ns.nsid, lba, nlb, ns.block_size, ctag),
             // Plain writes send whatever the slot buffer holds: content does not matter.
-            |_| {},
-            u64::from(tag),
-        ),
-        Stage::VerifyWrite => {
-            let (bs, seed) = (ns.block_size as usize, ctx.spec.seed);
-            qp.submit(
-                rw_sqe(io_op::WRITE, ns.nsid, slot.lba, ctx.io_blocks),
+            Stage::Write => qp.submit(
+                rw_sqe(io_op::WRITE, ns.nsid, lba, nlb),
                 Dir::ToCtrl,
-                ctx.spec.io_size as u32,
-                |b| fill_pattern(b, slot.lba, bs, seed),
-                u64::from(tag),
-            )
+                len,
+                |_| {},
+                ctag,
+            ),
+            Stage::VerifyWrite => qp.submit(
+                rw_sqe(io_op::WRITE, ns.nsid, lba, nlb),
+                Dir::ToCtrl,
+                len,
+                |b| fill_pattern(b, lba, bs, seed),
+                ctag,
+            ),
+        };
+        match r {
+            Ok(_) => {}
+            Err(HostError::Busy) if child > 0 => {
+                return Err(HostError::Protocol(
+                    "queue pair full in the middle of a split I/O",
+                ))
+            }
+            Err(e) => return Err(e),
         }
     }
+    Ok(ctx.split)
 }
 
 /// What a phase job hands back: its results and the queues it borrowed.
@@ -749,8 +831,9 @@ impl Poller for PhaseJob {
                 let i = usize::from(tag);
                 st.slots[i].start_ticks = now;
                 match submit_slot(qp, ctx, st.slots[i], tag) {
-                    Ok(_) => {
+                    Ok(n) => {
                         st.ready.pop_front();
+                        st.slots[i].pending = n;
                         st.in_flight += 1;
                         work += 1;
                     }
@@ -767,14 +850,17 @@ impl Poller for PhaseJob {
                         break;
                     }
                     let (lba, stage) = st.next_io(ctx);
-                    let slot = IoSlot {
+                    let mut slot = IoSlot {
                         start_ticks: now,
                         lba,
                         stage,
+                        pending: 0,
+                        failed: false,
                     };
                     match submit_slot(qp, ctx, slot, tag) {
-                        Ok(_) => {
+                        Ok(n) => {
                             st.free.pop();
+                            slot.pending = n;
                             st.slots[usize::from(tag)] = slot;
                             st.in_flight += 1;
                             if let Some(n) = st.ios_left.as_mut() {
@@ -915,6 +1001,8 @@ pub struct PerfOutcome {
     pub sides: Vec<SideResult>,
     pub namespaces: Vec<NsInfo>,
     pub controller: ControllerInfo,
+    /// NVMe commands per I/O: 1, or more when the I/O size is over MDTS and I/Os are split.
+    pub commands_per_io: u32,
     pub queues: usize,
     pub cores: Vec<CoreId>,
     /// Wall time of the whole run, setup and teardown included.
@@ -1000,22 +1088,6 @@ fn run_connected(
     t_start: Instant,
 ) -> Result<(PerfOutcome, Vec<Vec<IoQueue>>), PerfError> {
     let spec = &cfg.spec;
-    if let Some(m) = ctl.info.mdts_bytes {
-        if u64::from(io_size) > m {
-            return Err(PerfError::Usage(format!(
-                "I/O size {io_size} is over the controller's maximum transfer (MDTS) of {m} bytes"
-            )));
-        }
-    }
-    let depth = u16::try_from(spec.queue_depth)
-        .ok()
-        .filter(|&d| u32::from(d) <= ctl.info.max_queue_entries)
-        .ok_or_else(|| {
-            PerfError::Usage(format!(
-                "queue depth {} is over the controller's maximum of {} entries (CAP.MQES)",
-                spec.queue_depth, ctl.info.max_queue_entries
-            ))
-        })?;
     let mut namespaces = Vec::new();
     for &nsid in &cfg.nsids {
         let ns = ctl.namespace(nsid)?;
@@ -1027,12 +1099,35 @@ fn run_connected(
         }
         namespaces.push(ns);
     }
+    let max_bs = namespaces.iter().map(|n| n.block_size).max().unwrap_or(512);
+    let (cmd_bytes, split) = split_io(io_size, ctl.info.mdts_bytes, max_bs)?;
+    let entries = spec.queue_depth.saturating_mul(split as usize);
+    let depth = u16::try_from(entries)
+        .ok()
+        .filter(|&d| u32::from(d) <= ctl.info.max_queue_entries)
+        .ok_or_else(|| {
+            PerfError::Usage(if split > 1 {
+                format!(
+                    "queue depth {} x {split} commands per I/O ({io_size}-byte I/Os split at \
+                     the controller's MDTS into {cmd_bytes}-byte commands) is over its maximum \
+                     of {} entries (CAP.MQES): lower -q or -o",
+                    spec.queue_depth, ctl.info.max_queue_entries
+                )
+            } else {
+                format!(
+                    "queue depth {} is over the controller's maximum of {} entries (CAP.MQES)",
+                    spec.queue_depth, ctl.info.max_queue_entries
+                )
+            })
+        })?;
+    ctl.cmd_bytes = cmd_bytes;
+    ctl.split = split;
     ctl.request_io_queues(nq)?;
     // Connect every I/O queue (qid 1..=N), queue i on reactor i / queues_per_core.
     let mut per_reactor: Vec<Vec<IoQueue>> = (0..cfg.cores.len()).map(|_| Vec::new()).collect();
     for i in 0..total_queues {
         let qid = i as u16 + 1;
-        let qp = ctl.connect_io_queue(qid, depth, io_size)?;
+        let qp = ctl.connect_io_queue(qid, depth, cmd_bytes)?;
         per_reactor[i / cfg.queues_per_core].push(IoQueue::new(qp, qid, i, spec.queue_depth));
         // Many queues to a slow target can take a while: keep the controller alive meanwhile.
         ctl.keep_alive_tick()?;
@@ -1113,6 +1208,7 @@ fn run_connected(
         sides,
         namespaces,
         controller: ctl.info.clone(),
+        commands_per_io: ctl.split,
         queues: total_queues,
         cores: cfg.cores.clone(),
         wall_s: t_start.elapsed().as_secs_f64(),
@@ -1137,11 +1233,7 @@ fn run_phase(
     for q in per_reactor.iter_mut().flatten() {
         q.reset(ns, spec, until, total_queues)?;
     }
-    let ctx = PhaseCtx {
-        spec: spec.clone(),
-        ns: *ns,
-        io_blocks: (spec.io_size as u64 / u64::from(ns.block_size)) as u32,
-    };
+    let ctx = PhaseCtx::new(spec, ns, ctl.cmd_bytes);
     let n = per_reactor.len();
     let (tx, rx): (Sender<PhaseOutput>, Receiver<PhaseOutput>) = bounded(n);
     let counters: Vec<Arc<AtomicU64>> = (0..n).map(|_| Arc::new(AtomicU64::new(0))).collect();
@@ -1372,6 +1464,9 @@ pub struct GlobalOptions {
     pub verify: bool,
     pub hdgst: bool,
     pub ddgst: bool,
+    /// NVMe commands per I/O (I/Os over the controller's MDTS are split; latency and IOPS count
+    /// whole I/Os, as spdk_nvme_perf does).
+    pub commands_per_io: u32,
 }
 
 /// The JSON report.
@@ -1483,6 +1578,7 @@ pub fn report(cfg: &PerfConfig, o: &PerfOutcome) -> PerfReport {
             verify: cfg.spec.verify,
             hdgst: o.controller.header_digest,
             ddgst: o.controller.data_digest,
+            commands_per_io: o.commands_per_io,
         },
         controller: o.controller.clone(),
         jobs,
