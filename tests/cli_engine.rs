@@ -167,15 +167,31 @@ fn bad_usage_and_config_exit_2_with_position() {
     assert!(out.status.success());
 }
 
+/// Kills a still-running child when a test fails part-way (a leaked `serve` would hold the
+/// default port for every later run).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[test]
 fn serve_default_config_starts_and_stops_on_sigterm() {
-    let mut child = nvseal()
-        .args(["serve"])
-        .env("NVSEAL_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut guard = KillOnDrop(
+        nvseal()
+            .args(["serve"])
+            .env("NVSEAL_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut guard.0;
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     let reader = std::thread::spawn(move || {

@@ -83,7 +83,17 @@ impl Serve {
             self.log.push(l);
         }
         assert!(st.success(), "serve exit {st}:\n{}", self.log.join("\n"));
-        self.log
+        std::mem::take(&mut self.log)
+    }
+}
+
+/// A test that fails part-way must not leave its serve process running.
+impl Drop for Serve {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
