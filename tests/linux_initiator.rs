@@ -11,6 +11,7 @@
 
 mod common;
 
+use common::host::read_blocks;
 use common::qemu::harness_ready;
 
 use common::serve::{addr_of, Serve};
@@ -18,7 +19,7 @@ use nvseal::nvme::connect;
 use nvseal::nvmf::host::{HostConfig, HostQpair};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 const NQN: &str = "nqn.2026-11.io.nvseal:interop";
 const SERIAL: &str = "NVSEALINTEROP01";
@@ -53,21 +54,6 @@ fn uuid_nqn() -> String {
 fn rpc(sock: &Path, method: &str) -> serde_json::Value {
     nvseal::rpc::client::call(sock, method, Some(serde_json::json!({})))
         .unwrap_or_else(|e| panic!("{method}: {e}"))
-}
-
-/// Reads `nlb` blocks at `lba` of `nsid` through nvseal's own NVMe/TCP host.
-fn read_blocks(q: &mut HostQpair, nsid: u32, lba: u64, nlb: u32) -> Vec<u8> {
-    q.read(nsid, lba, nlb, BLOCK as u32, 1).unwrap();
-    let mut out = None;
-    let t0 = Instant::now();
-    while out.is_none() {
-        q.poll(&mut |c| out = Some((c.cqe.status().is_success(), c.data.to_vec())))
-            .unwrap();
-        assert!(t0.elapsed() < Duration::from_secs(20), "read timed out");
-    }
-    let (ok, data) = out.unwrap();
-    assert!(ok, "read nsid {nsid} lba {lba} failed");
-    data
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
@@ -220,7 +206,7 @@ fn linux_initiator_discovers_connects_and_verifies_fio_on_both_namespaces() {
     let mut q = HostQpair::connect(addr, NQN, 1, admin.cntlid(), cfg_host).unwrap();
     for nsid in [1u32, 2] {
         for lba in [0, DIGEST_LBA] {
-            let data = read_blocks(&mut q, nsid, lba, 4);
+            let data = read_blocks(&mut q, nsid, lba, 4, BLOCK as u32);
             for (i, blk) in data.chunks(BLOCK as usize).enumerate() {
                 assert!(
                     contains(blk, pattern.as_bytes()),

@@ -3,6 +3,9 @@
 //! malloc), and a namespace that corrupts reads (to show verify catches it); the perf engine runs
 //! against it as a library call and as the real binary.
 
+mod common;
+
+use common::host::read_blocks;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::process::{Command, Output};
@@ -300,18 +303,13 @@ fn read_back(h: &Harness, nsid: u32, lba: u64, nlb: u32) -> Vec<u8> {
     let mut out = Vec::new();
     for chunk in 0..nlb.div_ceil(32) {
         let n = 32.min(nlb - chunk * 32);
-        q.read(nsid, lba + u64::from(chunk * 32), n, 4096, 7)
-            .unwrap();
-        let mut got = None;
-        let t0 = Instant::now();
-        while got.is_none() {
-            q.poll(&mut |c| got = Some((c.cqe.status().is_success(), c.data.to_vec())))
-                .unwrap();
-            assert!(t0.elapsed() < Duration::from_secs(20), "read timed out");
-        }
-        let (ok, data) = got.unwrap();
-        assert!(ok, "read of nsid {nsid} failed");
-        out.extend_from_slice(&data);
+        out.extend(read_blocks(
+            &mut q,
+            nsid,
+            lba + u64::from(chunk * 32),
+            n,
+            4096,
+        ));
     }
     out
 }

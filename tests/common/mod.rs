@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+pub mod host;
 pub mod kmip;
 pub mod qemu;
 pub mod serve;
