@@ -289,6 +289,44 @@ fn perf_drives_the_linux_kernel_target_with_verify_digests_and_ab() {
         "{rd}"
     );
 
+    // Several I/O queues on one controller (Set Features Number of Queues, one Connect per qid)
+    // with 1 MiB verified I/Os: Linux reports no MDTS, so nothing is split.
+    let mq = perf_ok(
+        fwd,
+        &[
+            "--subnqn",
+            SUBNQN,
+            "--hostnqn",
+            &hostnqn,
+            "--queues-per-core",
+            "3",
+            "-w",
+            "randrw",
+            "-o",
+            "1m",
+            "-q",
+            "2",
+            "-n",
+            "4",
+            "--verify",
+        ],
+        &d.join("multiqueue.json"),
+    );
+    assert_eq!(mq["global_options"]["numjobs"], 3, "{mq}");
+    assert_eq!(mq["global_options"]["commands_per_io"], 1, "{mq}");
+    assert!(
+        mq["controller"]["io_queues_granted"].as_u64().unwrap() >= 3,
+        "{mq}"
+    );
+    assert_eq!(
+        mq["controller"]["mdts_bytes"],
+        serde_json::Value::Null,
+        "{mq}"
+    );
+    // 4 verified I/Os per queue, 3 queues.
+    assert_eq!(mq["jobs"][0]["write"]["total_ios"], 12, "{mq}");
+    assert_eq!(mq["jobs"][0]["read"]["total_ios"], 12, "{mq}");
+
     // Last writes: the guest hashes what they left on the RAM disks.
     for &(nsid, bs, n, seed) in &HASHED {
         let (ns, o, count, s) = (
