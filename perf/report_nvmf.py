@@ -4,6 +4,9 @@
 the b/a ratio of the median run, and the target's reactor busy % and CPU us per I/O when the
 runs were made with `--target-rpc`.
 
+After the table it checks the project's performance goals (docs/perf.md, "Goals") against the
+medians and prints each as met or missed, with the measured value.
+
 Usage: report_nvmf.py RUN.json... [--json OUT.json]
 """
 import json
@@ -12,6 +15,17 @@ import re
 import statistics
 import sys
 
+
+# (what, workload, subsystem, measure, minimum): measure is "plain_iops", "plain_gbps" or "ratio".
+GOALS = [
+    ("plaintext 4 KiB randread QD32 on null", "randread-4k", "null", "plain_iops", 900e3),
+    ("plaintext 128 KiB read QD8 on null", "read-128k", "null", "plain_gbps", 7.0),
+] + [
+    (f"encrypted/plaintext {w} on {sub}", w, sub, "ratio", m)
+    for w, m in (("randread-4k", 0.85), ("randwrite-4k", 0.85), ("read-128k", 0.78),
+                 ("write-128k", 0.78))
+    for sub in ("null", "malloc")
+]
 
 KEYS = ("iops", "mb_per_s", "p50_us", "p99_us", "p99_9_us", "perf_busy_pct", "target_busy_pct",
         "target_cpu_us_per_io")
@@ -60,9 +74,22 @@ def main(argv):
             "ratio_encrypted_over_plaintext": statistics.median(r["ratio_b_over_a"]["iops"] for r in runs),
             "ratio_of_median_run": median_run["ratio_b_over_a"],
         })
+    goals = []
+    for what, name, sub, measure, minimum in GOALS:
+        row = next((r for r in rows if r["workload"] == name and r["subsystem"] == sub), None)
+        if row is None:
+            value = None
+        elif measure == "plain_iops":
+            value = row["plaintext"]["iops"]
+        elif measure == "plain_gbps":
+            value = row["plaintext"]["mb_per_s"] / 1e3
+        else:
+            value = row["ratio_encrypted_over_plaintext"]
+        goals.append({"goal": what, "minimum": minimum, "measured": value,
+                      "met": value is not None and value >= minimum})
     if out_json:
         with open(out_json, "w") as fh:
-            json.dump({"rows": rows}, fh, indent=2)
+            json.dump({"rows": rows, "goals": goals}, fh, indent=2)
             fh.write("\n")
     print(f"{'workload':<14}{'subsys':>7}{'n':>3}{'plain IOPS':>12}{'enc IOPS':>12}{'plain MB/s':>11}{'enc MB/s':>10}{'ratio':>7}"
           f"{'p50 us p/e':>15}{'p99 us p/e':>16}{'p99.9 us p/e':>18}{'tgt busy% p/e':>15}{'tgt us/io p/e':>16}")
@@ -72,6 +99,14 @@ def main(argv):
               f"{r['ratio_encrypted_over_plaintext']:>7.3f}{p['p50_us']:>8.1f}/{e['p50_us']:<6.1f}{p['p99_us']:>8.1f}/{e['p99_us']:<7.1f}"
               f"{p['p99_9_us']:>9.1f}/{e['p99_9_us']:<8.1f}"
               f"{p['target_busy_pct']:>8.1f}/{e['target_busy_pct']:<6.1f}{p['target_cpu_us_per_io']:>8.2f}/{e['target_cpu_us_per_io']:<7.2f}")
+
+    print()
+    print("goals (docs/perf.md):")
+    for g in goals:
+        v = g["measured"]
+        shown = "not run" if v is None else (f"{v:,.0f}" if v >= 1000 else f"{v:.3f}")
+        print(f"  {'met   ' if g['met'] else 'MISSED'} {g['goal']:<46} {shown:>10}  (>= {g['minimum']:g})")
+    print(f"  {sum(g['met'] for g in goals)} of {len(goals)} met")
 
 
 if __name__ == "__main__":
