@@ -90,6 +90,9 @@ pub enum HostError {
     Busy,
     #[error("transfer of {0} bytes is larger than the slot buffers")]
     TooLarge(u32),
+    /// A broken invariant on the host side (not the controller's doing).
+    #[error("host-side error: {0}")]
+    Internal(&'static str),
 }
 
 /// Direction of a command's data.

@@ -733,7 +733,7 @@ fn submit_slot(
         match r {
             Ok(_) => {}
             Err(HostError::Busy) if child > 0 => {
-                return Err(HostError::Protocol(
+                return Err(HostError::Internal(
                     "queue pair full in the middle of a split I/O",
                 ))
             }
