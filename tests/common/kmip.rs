@@ -42,14 +42,77 @@ pub fn ensure_pykmip() {
     });
 }
 
-/// A port on 127.0.0.1 that nothing listened on a moment ago.
+/// A port on 127.0.0.1 for a test's KMS server that no other test process will be handed for
+/// the next [`PORT_QUARANTINE`]. Tests kill a server and later restart it on the same port (KMS
+/// down, then back); meanwhile its port must not become another test's server (one CI run saw
+/// the key manager reach a parallel test's PyKMIP there and fail on its certificate). So ports
+/// come from below the kernel's ephemeral range (`ip_local_port_range` starts at 32768 by
+/// default), which `bind(…:0)` listeners never use, and every port handed out is recorded,
+/// under an exclusive lock, in a file that all test processes share.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    use std::io::{Read, Seek, Write};
+    let path = std::env::temp_dir().join("nvseal-test-ports");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .expect("port registry");
+    let _lock = nix::fcntl::Flock::lock(
+        f.try_clone().expect("port registry"),
+        nix::fcntl::FlockArg::LockExclusive,
+    )
+    .map_err(|(_, e)| e)
+    .expect("lock the port registry");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+        .as_secs();
+    let mut text = String::new();
+    f.read_to_string(&mut text).expect("read the port registry");
+    // "port unix_seconds" per line; entries older than the quarantine are forgotten.
+    let mut recent: Vec<(u16, u64)> = text
+        .lines()
+        .filter_map(|l| {
+            let (p, t) = l.split_once(' ')?;
+            Some((p.parse().ok()?, t.parse().ok()?))
+        })
+        .filter(|&(_, t)| now.saturating_sub(t) < PORT_QUARANTINE.as_secs())
+        .collect();
+    let mut seed = u64::from(std::process::id()) ^ now.rotate_left(17);
+    let port = (0..20_000)
+        .find_map(|_| {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let p = PORT_LOW + ((seed >> 33) % u64::from(PORT_HIGH - PORT_LOW)) as u16;
+            if recent.iter().any(|&(q, _)| q == p) {
+                return None;
+            }
+            // Free right now (no SO_REUSEADDR: a TIME_WAIT leftover counts as taken).
+            std::net::TcpListener::bind(("127.0.0.1", p))
+                .ok()
+                .map(|_| p)
+        })
+        .expect("no free port in the test range");
+    recent.push((port, now));
+    let mut out = String::new();
+    for (p, t) in &recent {
+        out.push_str(&format!("{p} {t}\n"));
+    }
+    f.set_len(0).expect("rewrite the port registry");
+    f.rewind().expect("rewrite the port registry");
+    f.write_all(out.as_bytes())
+        .expect("rewrite the port registry");
+    port
 }
+
+/// How long a port handed out by [`free_port`] stays reserved for its test.
+pub const PORT_QUARANTINE: std::time::Duration = std::time::Duration::from_secs(900);
+/// The range [`free_port`] draws from: below the default ephemeral range.
+const PORT_LOW: u16 = 20_000;
+const PORT_HIGH: u16 = 32_000;
 
 /// A temp directory holding CA, server and client certificates (see gen-certs.sh).
 pub struct Certs {
