@@ -441,11 +441,8 @@ impl Connection {
     pub fn poll(&mut self) -> usize {
         let mut work = 0;
         if self.ns_gen != 0 {
-            if let Some(s) = &self.subsys {
-                if s.ns_generation() != self.ns_gen {
-                    self.sync_namespaces();
-                    work += 1;
-                }
+            if self.refresh_namespaces() {
+                work += 1;
             }
             if !self.retired.is_empty() {
                 work += self.poll_retired();
@@ -692,6 +689,11 @@ impl Connection {
                 Ok((n, false)) => {
                     self.rx_len = n;
                     work += 1;
+                    // Commands in these bytes may have been sent after a `namespace.create`
+                    // that returned since this poll's check: they must see the new table.
+                    if self.ns_gen != 0 {
+                        self.refresh_namespaces();
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -1136,18 +1138,6 @@ impl Connection {
     }
 
     fn io_cmd(&mut self, idx: usize) -> Result<(), Status> {
-        // The namespace table may have changed after this poll's generation check (an RPC that
-        // returned while this reactor was between the check and its socket read): a command the
-        // host sent after `namespace.create` returned must see the new namespace. One shared
-        // atomic load per command; the pass itself runs only on a change.
-        if self.ns_gen != 0
-            && self
-                .subsys
-                .as_ref()
-                .is_some_and(|s| s.ns_generation() != self.ns_gen)
-        {
-            self.sync_namespaces();
-        }
         let sqe = self.reqs[idx].sqe;
         match sqe.opcode {
             io_op::READ => {
@@ -1709,6 +1699,20 @@ impl Connection {
             }
         }
         self.ns_gen = gen;
+    }
+
+    /// Re-reads the namespace table if the subsystem's generation moved (one atomic load
+    /// otherwise); true if it did. Called once per poll and after each socket read that brings
+    /// commands, so a command sent after an RPC changed the table always sees the change.
+    fn refresh_namespaces(&mut self) -> bool {
+        let moved = self
+            .subsys
+            .as_ref()
+            .is_some_and(|s| s.ns_generation() != self.ns_gen);
+        if moved {
+            self.sync_namespaces();
+        }
+        moved
     }
 
     /// Fails requests parked (channel busy) for namespace slot `slot`, whose namespace is gone:
