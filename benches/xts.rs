@@ -16,7 +16,7 @@
 use std::hint::black_box;
 
 use nvseal::crypto::key::XtsKey;
-use nvseal::crypto::xts::{Tier, Xts};
+use nvseal::crypto::xts::{Tier, UnitRun, Xts};
 use nvseal::sys::buf::AlignedBuf;
 use openssl::cipher::Cipher;
 use openssl::cipher_ctx::CipherCtx;
@@ -125,6 +125,19 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+/// The batch comparison: this many 4 KiB I/Os, each in its own buffer `BATCH_STRIDE` apart, by
+/// the best tier, one `*_units` call per I/O against one `*_runs` call for all of them (what the
+/// crypto bdev does with the I/Os of one poll).
+const BATCH_IOS: usize = 8;
+const BATCH_STRIDE: usize = 16 * 1024;
+
+struct BatchCell {
+    batched: bool,
+    decrypt: bool,
+    iters: u64,
+    samples: Vec<f64>,
+}
+
 struct Cell {
     row: usize,
     imp: Imp,
@@ -194,7 +207,60 @@ fn main() {
         Imp::OpenSsl => ossl.run(decrypt, data, row.unit, first_unit),
     };
 
+    let best_engine = engines.last();
+    let run_batch = |batched: bool, decrypt: bool, data: &mut [u8]| {
+        let Some(x) = best_engine else { return };
+        let ios = data
+            .chunks_exact_mut(BATCH_STRIDE)
+            .take(BATCH_IOS)
+            .map(|c| &mut c[..4096])
+            .zip((0u64..).map(|i| first_unit + i * 97));
+        if batched {
+            let runs = ios.map(|(d, t)| UnitRun::new(d, 4096, t).expect("run"));
+            if decrypt {
+                x.decrypt_runs(runs)
+            } else {
+                x.encrypt_runs(runs)
+            }
+        } else {
+            for (d, t) in ios {
+                let r = if decrypt {
+                    x.decrypt_units(d, 4096, t)
+                } else {
+                    x.encrypt_units(d, 4096, t)
+                };
+                r.expect("xts");
+            }
+        }
+    };
+    let mut batch_cells: Vec<BatchCell> =
+        [(false, false), (true, false), (false, true), (true, true)]
+            .into_iter()
+            .map(|(batched, decrypt)| BatchCell {
+                batched,
+                decrypt,
+                iters: 1,
+                samples: Vec::new(),
+            })
+            .collect();
+    let batch_bytes = (BATCH_IOS * 4096) as u64;
+
     // Calibrate: iterations per sample so that one sample takes about sample_ns.
+    for c in batch_cells.iter_mut() {
+        let mut iters = 1u64;
+        loop {
+            let t0 = thread_cpu_ns();
+            for _ in 0..iters {
+                run_batch(c.batched, c.decrypt, black_box(buf.as_mut_slice()));
+            }
+            let dt = thread_cpu_ns() - t0;
+            if dt >= sample_ns / 4 || iters >= 1 << 30 {
+                c.iters = (iters * sample_ns / dt.max(1)).max(1);
+                break;
+            }
+            iters *= 2;
+        }
+    }
     for c in cells.iter_mut() {
         let row = &ROWS[c.row];
         let data = &mut buf.as_mut_slice()[..row.total];
@@ -224,7 +290,20 @@ fn main() {
             c.samples
                 .push((row.total as u64 * c.iters) as f64 / dt as f64);
         }
+        for c in batch_cells.iter_mut() {
+            let t0 = thread_cpu_ns();
+            for _ in 0..c.iters {
+                run_batch(c.batched, c.decrypt, black_box(buf.as_mut_slice()));
+            }
+            let dt = (thread_cpu_ns() - t0).max(1);
+            c.samples.push((batch_bytes * c.iters) as f64 / dt as f64);
+        }
     }
+    // ns per 4 KiB I/O: [encrypt one call each, encrypt batched, decrypt each, decrypt batched].
+    let batch_ns: Vec<f64> = batch_cells
+        .iter_mut()
+        .map(|c| 4096.0 / median(&mut c.samples))
+        .collect();
 
     let gbps = |cells: &mut Vec<Cell>, row: usize, imp: Imp, decrypt: bool| -> f64 {
         let c = cells
@@ -268,6 +347,13 @@ fn main() {
             "pinned_cpu": if pinned { Some(cpu_desc) } else { None },
             "best_tier": best.name(),
             "kernel_ns_per_4k": { "encrypt": ns_4k(false), "decrypt": ns_4k(true) },
+            "batch": {
+                "ios": BATCH_IOS, "io_bytes": 4096, "tier": best.name(),
+                "ns_per_io": {
+                    "encrypt_one_call_each": batch_ns[0], "encrypt_batched": batch_ns[1],
+                    "decrypt_one_call_each": batch_ns[2], "decrypt_batched": batch_ns[3],
+                },
+            },
             "results": rows,
         });
         println!("{}", serde_json::to_string_pretty(&doc).expect("json"));
@@ -317,5 +403,16 @@ fn main() {
         best.name(),
         ns_4k(false),
         ns_4k(true)
+    );
+    println!(
+        "{BATCH_IOS} x 4 KiB I/Os in separate buffers ({}), ns per I/O: encrypt {:.0} one call \
+         each, {:.0} batched ({:.2}x); decrypt {:.0} one call each, {:.0} batched ({:.2}x)",
+        best.name(),
+        batch_ns[0],
+        batch_ns[1],
+        batch_ns[0] / batch_ns[1],
+        batch_ns[2],
+        batch_ns[3],
+        batch_ns[2] / batch_ns[3]
     );
 }

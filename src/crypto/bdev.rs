@@ -1,8 +1,16 @@
 //! The crypto bdev: AES-256-XTS in place on top of any bdev.
 //!
 //! Runs on the reactor that owns the channel; the cipher work happens on that core, inside the
-//! submit (writes) and poll (reads) calls, with no copy: the buffer belongs to the I/O, so it is
-//! transformed where it is (SPDK's crypto vbdev pays a bounce copy for writes; we do not).
+//! channel's `poll`, with no copy: the buffer belongs to the I/O, so it is transformed where it
+//! is (SPDK's crypto vbdev pays a bounce copy for writes; we do not).
+//!
+//! Batching: a write is not encrypted in `submit`; it is staged, and the next `poll` encrypts
+//! every staged write in one kernel call ([`Xts::encrypt_runs`]) before handing them to the base
+//! in submission order. Likewise the reads the base completes in one `poll` are decrypted in one
+//! call before they are handed back. The reactor polls the channel right after the transport's
+//! receive step, so staging adds no poll round to a write, and a batch of small I/Os pays the
+//! cipher's per-call pipeline fill and drain once (4 KiB: 179 → 139 ns per I/O on Zen 5, see
+//! `docs/xts.md`).
 //!
 //! Buffer ownership and contents:
 //! * Write: the caller hands a plaintext buffer to `submit`; it is encrypted in place before the
@@ -21,7 +29,7 @@
 
 use crate::bdev::{validate, Bdev, BdevChannel, BdevError, BdevIo, IoStatus, IoType, Submit};
 use crate::crypto::key::XtsKey;
-use crate::crypto::xts::{Tier, Xts};
+use crate::crypto::xts::{Tier, UnitRun, Xts};
 use crate::crypto::CryptoError;
 use crate::types::CoreId;
 use std::collections::VecDeque;
@@ -126,9 +134,17 @@ impl Bdev for CryptoBdev {
             allow_discards: self.allow_discards,
             pending: VecDeque::with_capacity(queue_depth),
             done: VecDeque::with_capacity(queue_depth),
+            reads: VecDeque::with_capacity(queue_depth),
             depth: queue_depth,
         }))
     }
+}
+
+/// An I/O accepted by the channel that the base has not taken yet.
+struct Waiting {
+    io: BdevIo,
+    /// False for a write whose buffer still holds plaintext (encrypted at the next poll).
+    sealed: bool,
 }
 
 /// A reactor's channel on a crypto bdev.
@@ -138,16 +154,48 @@ struct CryptoChannel {
     block_size: usize,
     num_blocks: u64,
     allow_discards: bool,
-    /// Already-encrypted writes (and other I/O) the base channel pushed back; retried in `poll`.
-    pending: VecDeque<BdevIo>,
+    /// I/O not yet taken by the base, in submission order: staged writes (encrypted at the next
+    /// poll), and I/O the base pushed back or that arrived behind them.
+    pending: VecDeque<Waiting>,
     /// I/O completed here without reaching the base (invalid, unsupported).
     done: VecDeque<BdevIo>,
+    /// Reads the base completed in this poll, decrypted together before they are handed back.
+    reads: VecDeque<BdevIo>,
     depth: usize,
 }
 
 impl CryptoChannel {
     fn queued(&self) -> usize {
         self.pending.len() + self.done.len()
+    }
+
+    /// Encrypts every staged write in one batch call. A write whose buffer does not match its
+    /// block count (validate() makes that unreachable) fails with a status instead: its
+    /// plaintext never reaches the base.
+    fn seal_staged(&mut self) {
+        let bs = self.block_size;
+        let runs = self
+            .pending
+            .iter_mut()
+            .filter(|w| !w.sealed)
+            .filter_map(|w| {
+                w.sealed = true;
+                let io = &mut w.io;
+                let first = io.offset_blocks;
+                match io
+                    .buf
+                    .as_mut()
+                    .map(|b| UnitRun::new(b.as_mut_slice(), bs, first))
+                {
+                    Some(Ok(run)) => Some(run),
+                    Some(Err(_)) => {
+                        io.status = IoStatus::InvalidRange;
+                        None
+                    }
+                    None => None,
+                }
+            });
+        self.key.xts.encrypt_runs(runs);
     }
 }
 
@@ -172,34 +220,20 @@ impl BdevChannel for CryptoChannel {
             return Submit::Queued;
         }
         if io.io_type == IoType::Write {
-            let first = io.offset_blocks;
-            // Let the base start fetching the destination while the cipher runs.
-            self.base.hint_write(first, io.num_blocks);
-            if let Some(buf) = io.buf.as_mut() {
-                if self
-                    .key
-                    .xts
-                    .encrypt_units(buf.as_mut_slice(), self.block_size, first)
-                    .is_err()
-                {
-                    // validate() checked the length, so this is unreachable in practice; still a
-                    // status, never a panic.
-                    io.status = IoStatus::InvalidRange;
-                    self.done.push_back(io);
-                    return Submit::Queued;
-                }
-            }
+            // Let the base start fetching the destination while the write waits for its batch.
+            self.base.hint_write(io.offset_blocks, io.num_blocks);
+            self.pending.push_back(Waiting { io, sealed: false });
+            return Submit::Queued;
         }
         if !self.pending.is_empty() {
-            // Keep order behind earlier pushed-back I/O.
-            self.pending.push_back(io);
+            // Keep order behind earlier staged or pushed-back I/O.
+            self.pending.push_back(Waiting { io, sealed: true });
             return Submit::Queued;
         }
         match self.base.submit(io) {
             Submit::Queued => Submit::Queued,
             Submit::Busy(io) => {
-                // Already encrypted: keep it rather than hand ciphertext back to the caller.
-                self.pending.push_back(io);
+                self.pending.push_back(Waiting { io, sealed: true });
                 Submit::Queued
             }
         }
@@ -207,11 +241,20 @@ impl BdevChannel for CryptoChannel {
 
     fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize {
         let mut n = 0;
-        while let Some(io) = self.pending.pop_front() {
-            match self.base.submit(io) {
+        if self.pending.iter().any(|w| !w.sealed) {
+            self.seal_staged();
+        }
+        while let Some(w) = self.pending.pop_front() {
+            if w.io.status != IoStatus::Pending {
+                // Failed its encryption (seal_staged): completed here, never submitted.
+                self.done.push_back(w.io);
+                continue;
+            }
+            match self.base.submit(w.io) {
                 Submit::Queued => {}
                 Submit::Busy(io) => {
-                    self.pending.push_front(io);
+                    // Already encrypted: keep it rather than hand ciphertext back to the caller.
+                    self.pending.push_front(Waiting { io, sealed: true });
                     break;
                 }
             }
@@ -220,27 +263,257 @@ impl BdevChannel for CryptoChannel {
             done(io);
             n += 1;
         }
-        let key = &self.key;
-        let bs = self.block_size;
-        n += self.base.poll(&mut |mut io: BdevIo| {
+        let reads = &mut self.reads;
+        n += self.base.poll(&mut |io: BdevIo| {
             if io.io_type == IoType::Read && io.status == IoStatus::Success {
-                let first = io.offset_blocks;
-                if let Some(buf) = io.buf.as_mut() {
-                    if key
-                        .xts
-                        .decrypt_units(buf.as_mut_slice(), bs, first)
-                        .is_err()
-                    {
-                        io.status = IoStatus::InvalidRange;
-                    }
-                }
+                reads.push_back(io);
+            } else {
+                done(io);
             }
-            done(io)
         });
+        if !self.reads.is_empty() {
+            let bs = self.block_size;
+            let runs = self.reads.iter_mut().filter_map(|io| {
+                let first = io.offset_blocks;
+                match io
+                    .buf
+                    .as_mut()
+                    .map(|b| UnitRun::new(b.as_mut_slice(), bs, first))
+                {
+                    Some(Ok(run)) => Some(run),
+                    Some(Err(_)) => {
+                        io.status = IoStatus::InvalidRange;
+                        None
+                    }
+                    None => None,
+                }
+            });
+            self.key.xts.decrypt_runs(runs);
+            while let Some(io) = self.reads.pop_front() {
+                done(io);
+            }
+        }
         n
     }
 
     fn in_flight(&self) -> usize {
         self.base.in_flight() + self.queued()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bdev::malloc::{MallocBdev, MallocConfig};
+    use crate::bdev::BufPool;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const BS: usize = 4096;
+
+    fn malloc(blocks: u64) -> Arc<MallocBdev> {
+        Arc::new(
+            MallocBdev::new(&MallocConfig {
+                name: "m".into(),
+                num_blocks: Some(blocks),
+                size_bytes: None,
+                block_size: BS as u32,
+                hugepages: false,
+            })
+            .expect("malloc"),
+        )
+    }
+
+    fn key() -> XtsKey {
+        let mut k = [0u8; 64];
+        for (i, b) in k.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(29).wrapping_add(3);
+        }
+        XtsKey::from_bytes(&k).expect("key")
+    }
+
+    fn pattern(lba: u64, blocks: usize) -> Vec<u8> {
+        (0..blocks * BS)
+            .map(|i| (lba as usize * 7 + i * 13 + i / 4093) as u8)
+            .collect()
+    }
+
+    fn io(pool: &mut BufPool, t: IoType, lba: u64, data: Option<&[u8]>, blocks: u32) -> BdevIo {
+        let mut b = pool.get(blocks as usize * BS).expect("buffer");
+        if let Some(d) = data {
+            b.as_mut_slice().copy_from_slice(d);
+        }
+        BdevIo::new(t, lba, blocks, Some(b), lba)
+    }
+
+    /// Polls until `n` I/Os came back (bounded), in completion order.
+    fn drain(ch: &mut dyn BdevChannel, n: usize) -> Vec<BdevIo> {
+        let mut out = Vec::new();
+        for _ in 0..1000 {
+            ch.poll(&mut |io| out.push(io));
+            if out.len() >= n {
+                return out;
+            }
+        }
+        panic!("only {} of {n} I/Os completed", out.len());
+    }
+
+    /// What the base must hold for `plain` at `lba`: encrypted by an independent engine.
+    fn sealed(plain: &[u8], lba: u64) -> Vec<u8> {
+        let x = Xts::with_tier(&key(), Tier::Soft).expect("soft");
+        let mut c = plain.to_vec();
+        x.encrypt_units(&mut c, BS, lba).expect("encrypt");
+        c
+    }
+
+    fn read_base(base: &Arc<MallocBdev>, pool: &mut BufPool, lba: u64, blocks: u32) -> Vec<u8> {
+        let mut ch = base.open_channel(CoreId(0), 4).expect("base channel");
+        assert!(matches!(
+            ch.submit(io(pool, IoType::Read, lba, None, blocks)),
+            Submit::Queued
+        ));
+        let mut got = drain(ch.as_mut(), 1);
+        let io = got.pop().expect("read");
+        assert_eq!(io.status, IoStatus::Success);
+        let b = io.buf.expect("buffer");
+        let v = b.as_slice().to_vec();
+        pool.put(b);
+        v
+    }
+
+    /// Writes submitted between two polls are staged (the base sees nothing, plaintext never
+    /// reaches it), then encrypted as one batch at the next poll; a read submitted behind them
+    /// sees the new data; the base holds exactly what an independent engine produces.
+    #[test]
+    fn staged_writes_are_encrypted_as_one_batch_in_submission_order() {
+        let base = malloc(64);
+        let dk = DataKey::new(&key(), None).expect("data key");
+        let crypto = CryptoBdev::new("c", base.clone(), dk, false).expect("crypto");
+        let mut ch = crypto.open_channel(CoreId(0), 16).expect("channel");
+        let mut pool = BufPool::new(16, 2 * BS, 64).expect("pool");
+        let writes: [(u64, u32); 5] = [(3, 1), (9, 2), (20, 1), (4, 1), (40, 2)];
+        for &(lba, n) in &writes {
+            let p = pattern(lba, n as usize);
+            assert!(matches!(
+                ch.submit(io(&mut pool, IoType::Write, lba, Some(&p), n)),
+                Submit::Queued
+            ));
+        }
+        assert!(matches!(
+            ch.submit(io(&mut pool, IoType::Read, 9, None, 2)),
+            Submit::Queued
+        ));
+        assert_eq!(ch.in_flight(), 6);
+        // Nothing has reached the base yet.
+        assert!(read_base(&base, &mut pool, 9, 2).iter().all(|&b| b == 0));
+
+        let done = drain(ch.as_mut(), 6);
+        assert_eq!(ch.in_flight(), 0);
+        for io in done {
+            assert_eq!(io.status, IoStatus::Success, "lba {}", io.offset_blocks);
+            if io.io_type == IoType::Read {
+                let b = io.buf.as_ref().expect("buffer");
+                assert_eq!(b.as_slice(), &pattern(9, 2)[..], "read behind the writes");
+            }
+            pool.put(io.buf.expect("buffer"));
+        }
+        for &(lba, n) in &writes {
+            assert_eq!(
+                read_base(&base, &mut pool, lba, n),
+                sealed(&pattern(lba, n as usize), lba),
+                "ciphertext at lba {lba}"
+            );
+        }
+    }
+
+    /// A base that refuses its first `busy` submissions.
+    struct Refusing {
+        inner: Arc<MallocBdev>,
+        busy: Arc<AtomicUsize>,
+    }
+    struct RefusingChannel {
+        inner: Box<dyn BdevChannel>,
+        busy: Arc<AtomicUsize>,
+    }
+    impl Bdev for Refusing {
+        fn name(&self) -> &str {
+            "refusing"
+        }
+        fn block_size(&self) -> u32 {
+            self.inner.block_size()
+        }
+        fn num_blocks(&self) -> u64 {
+            self.inner.num_blocks()
+        }
+        fn io_type_supported(&self, t: IoType) -> bool {
+            self.inner.io_type_supported(t)
+        }
+        fn open_channel(&self, core: CoreId, qd: usize) -> Result<Box<dyn BdevChannel>, BdevError> {
+            Ok(Box::new(RefusingChannel {
+                inner: self.inner.open_channel(core, qd)?,
+                busy: self.busy.clone(),
+            }))
+        }
+    }
+    impl BdevChannel for RefusingChannel {
+        fn submit(&mut self, io: BdevIo) -> Submit {
+            let left = self.busy.load(Ordering::Relaxed);
+            if left > 0 {
+                self.busy.store(left - 1, Ordering::Relaxed);
+                return Submit::Busy(io);
+            }
+            self.inner.submit(io)
+        }
+        fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize {
+            self.inner.poll(done)
+        }
+        fn in_flight(&self) -> usize {
+            self.inner.in_flight()
+        }
+    }
+
+    /// Writes the base pushes back are kept (already encrypted, encrypted once) and retried in
+    /// order; what lands is the ciphertext, and reads decrypt it back.
+    #[test]
+    fn pushed_back_writes_are_retried_encrypted_once() {
+        let inner = malloc(32);
+        let busy = Arc::new(AtomicUsize::new(0));
+        let base: Arc<dyn Bdev> = Arc::new(Refusing {
+            inner: inner.clone(),
+            busy: busy.clone(),
+        });
+        let dk = DataKey::new(&key(), None).expect("data key");
+        let crypto = CryptoBdev::new("c", base, dk, false).expect("crypto");
+        let mut ch = crypto.open_channel(CoreId(0), 8).expect("channel");
+        let mut pool = BufPool::new(8, BS, 64).expect("pool");
+        for lba in [1u64, 2, 3] {
+            let p = pattern(lba, 1);
+            assert!(matches!(
+                ch.submit(io(&mut pool, IoType::Write, lba, Some(&p), 1)),
+                Submit::Queued
+            ));
+        }
+        busy.store(2, Ordering::Relaxed);
+        let done = drain(ch.as_mut(), 3);
+        for io in done {
+            assert_eq!(io.status, IoStatus::Success);
+            pool.put(io.buf.expect("buffer"));
+        }
+        for lba in [1u64, 2, 3] {
+            assert_eq!(
+                read_base(&inner, &mut pool, lba, 1),
+                sealed(&pattern(lba, 1), lba)
+            );
+            assert!(matches!(
+                ch.submit(io(&mut pool, IoType::Read, lba, None, 1)),
+                Submit::Queued
+            ));
+            let mut got = drain(ch.as_mut(), 1);
+            let io = got.pop().expect("read");
+            assert_eq!(
+                io.buf.as_ref().expect("buffer").as_slice(),
+                &pattern(lba, 1)[..]
+            );
+            pool.put(io.buf.expect("buffer"));
+        }
     }
 }

@@ -71,29 +71,27 @@ fn mul_alpha16(t: __m512i, poly: __m512i) -> __m512i {
     _mm512_xor_si512(_mm512_bslli_epi128::<2>(t), reduced)
 }
 
-/// Encrypts the tweak counters `seq .. seq + 4N` with key2 (`N` zmm chains) into `out`, one
-/// 16-byte tweak per unit.
+/// Encrypts the tweak counters `seqs[..4N]` with key2 (`N` zmm chains) into `out`, one 16-byte
+/// tweak per unit.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,vaes")]
 fn encrypt_counters<const N: usize>(
     k2: &[WideKey; ROUND_KEYS],
-    seq: u128,
+    seqs: &[u128; TWEAK_BATCH],
     out: &mut [[u8; BLOCK_LEN]; TWEAK_BATCH],
 ) {
     let k2 = load_keys(k2);
     let mut b = [_mm512_setzero_si512(); N];
-    for (j, x) in b.iter_mut().enumerate() {
-        let lane = |i: usize| seq.wrapping_add((j * LANES + i) as u128);
-        let (l0, l1, l2, l3) = (lane(0), lane(1), lane(2), lane(3));
+    for (x, l) in b.iter_mut().zip(seqs.as_chunks::<LANES>().0) {
         let v = _mm512_set_epi64(
-            (l3 >> 64) as i64,
-            l3 as i64,
-            (l2 >> 64) as i64,
-            l2 as i64,
-            (l1 >> 64) as i64,
-            l1 as i64,
-            (l0 >> 64) as i64,
-            l0 as i64,
+            (l[3] >> 64) as i64,
+            l[3] as i64,
+            (l[2] >> 64) as i64,
+            l[2] as i64,
+            (l[1] >> 64) as i64,
+            l[1] as i64,
+            (l[0] >> 64) as i64,
+            l[0] as i64,
         );
         *x = _mm512_xor_si512(v, k2[0]);
     }
@@ -122,21 +120,63 @@ pub(super) fn crypt_units<const DEC: bool>(
     if unit_size == 0 {
         return;
     }
-    let keys = if DEC { &rk.dec } else { &rk.enc };
+    let units = data
+        .chunks_exact_mut(unit_size)
+        .zip(0u128..)
+        .map(|(u, i)| (u, first_tweak.wrapping_add(i)));
+    crypt_stream::<DEC, _>(rk, units);
+}
+
+/// VAES-512 XTS over several requests' buffers in one call; see [`super::Xts::encrypt_runs`].
+/// Units of different requests share tweak batches and follow each other with no pipeline
+/// drain in between.
+#[target_feature(enable = "avx512f,avx512bw,vaes,vpclmulqdq,aes")]
+pub(super) fn crypt_runs<'a, const DEC: bool>(
+    rk: &RoundKeys,
+    runs: impl Iterator<Item = super::UnitRun<'a>>,
+) {
+    let units = runs.flat_map(|r| {
+        let (data, unit_size, first) = r.into_parts();
+        data.chunks_exact_mut(unit_size)
+            .zip(0u128..)
+            .map(move |(u, i)| (u, first.wrapping_add(i)))
+    });
+    crypt_stream::<DEC, _>(rk, units);
+}
+
+/// The shared loop: `units` yields each data unit with its tweak counter; their tweaks are
+/// encrypted [`TWEAK_BATCH`] at a time, then the units are transformed in order.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,vaes,vpclmulqdq,aes")]
+fn crypt_stream<'a, const DEC: bool, I: Iterator<Item = (&'a mut [u8], u128)>>(
+    rk: &RoundKeys,
+    mut units: I,
+) {
+    let k = load_keys(if DEC { &rk.dec } else { &rk.enc });
     let mut t0 = [[0u8; BLOCK_LEN]; TWEAK_BATCH];
-    let mut seq = first_tweak;
-    for group in data.chunks_mut(unit_size.saturating_mul(TWEAK_BATCH)) {
-        let units = group.len() / unit_size;
-        match units.div_ceil(LANES) {
-            0 | 1 => encrypt_counters::<1>(&rk.tweak, seq, &mut t0),
-            2 => encrypt_counters::<2>(&rk.tweak, seq, &mut t0),
-            3 => encrypt_counters::<3>(&rk.tweak, seq, &mut t0),
-            _ => encrypt_counters::<4>(&rk.tweak, seq, &mut t0),
+    loop {
+        let mut group: [Option<&mut [u8]>; TWEAK_BATCH] = Default::default();
+        let mut seqs = [0u128; TWEAK_BATCH];
+        let mut n = 0;
+        for (slot, (u, s)) in group.iter_mut().zip(units.by_ref()) {
+            *slot = Some(u);
+            seqs[n] = s;
+            n += 1;
         }
-        seq = seq.wrapping_add(units as u128);
-        let k = load_keys(keys);
-        for (unit, t) in group.chunks_exact_mut(unit_size).zip(t0.iter()) {
-            crypt_unit::<DEC>(&k, unit, t);
+        match n.div_ceil(LANES) {
+            0 => return,
+            1 => encrypt_counters::<1>(&rk.tweak, &seqs, &mut t0),
+            2 => encrypt_counters::<2>(&rk.tweak, &seqs, &mut t0),
+            3 => encrypt_counters::<3>(&rk.tweak, &seqs, &mut t0),
+            _ => encrypt_counters::<4>(&rk.tweak, &seqs, &mut t0),
+        }
+        for (unit, t) in group.iter_mut().zip(t0.iter()) {
+            if let Some(unit) = unit {
+                crypt_unit::<DEC>(&k, unit, t);
+            }
+        }
+        if n < TWEAK_BATCH {
+            return;
         }
     }
 }
