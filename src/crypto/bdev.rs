@@ -169,9 +169,7 @@ impl CryptoChannel {
         self.pending.len() + self.done.len()
     }
 
-    /// Encrypts every staged write in one batch call. A write whose buffer does not match its
-    /// block count (validate() makes that unreachable) fails with a status instead: its
-    /// plaintext never reaches the base.
+    /// Encrypts every staged write in one batch call (see [`unit_run`] for a bad buffer).
     fn seal_staged(&mut self) {
         let bs = self.block_size;
         let runs = self
@@ -180,22 +178,28 @@ impl CryptoChannel {
             .filter(|w| !w.sealed)
             .filter_map(|w| {
                 w.sealed = true;
-                let io = &mut w.io;
-                let first = io.offset_blocks;
-                match io
-                    .buf
-                    .as_mut()
-                    .map(|b| UnitRun::new(b.as_mut_slice(), bs, first))
-                {
-                    Some(Ok(run)) => Some(run),
-                    Some(Err(_)) => {
-                        io.status = IoStatus::InvalidRange;
-                        None
-                    }
-                    None => None,
-                }
+                unit_run(&mut w.io, bs)
             });
         self.key.xts.encrypt_runs(runs);
+    }
+}
+
+/// The cipher's view of an I/O's buffer. A buffer that does not hold whole blocks (validate()
+/// makes that unreachable) marks the I/O failed instead: a write's plaintext then never reaches
+/// the base and a read is handed back undecrypted with an error status.
+fn unit_run(io: &mut BdevIo, block_size: usize) -> Option<UnitRun<'_>> {
+    let first = io.offset_blocks;
+    match io
+        .buf
+        .as_mut()
+        .map(|b| UnitRun::new(b.as_mut_slice(), block_size, first))
+    {
+        Some(Ok(run)) => Some(run),
+        Some(Err(_)) => {
+            io.status = IoStatus::InvalidRange;
+            None
+        }
+        None => None,
     }
 }
 
@@ -273,21 +277,7 @@ impl BdevChannel for CryptoChannel {
         });
         if !self.reads.is_empty() {
             let bs = self.block_size;
-            let runs = self.reads.iter_mut().filter_map(|io| {
-                let first = io.offset_blocks;
-                match io
-                    .buf
-                    .as_mut()
-                    .map(|b| UnitRun::new(b.as_mut_slice(), bs, first))
-                {
-                    Some(Ok(run)) => Some(run),
-                    Some(Err(_)) => {
-                        io.status = IoStatus::InvalidRange;
-                        None
-                    }
-                    None => None,
-                }
-            });
+            let runs = self.reads.iter_mut().filter_map(|io| unit_run(io, bs));
             self.key.xts.decrypt_runs(runs);
             while let Some(io) = self.reads.pop_front() {
                 done(io);
