@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 
 use nvseal::crypto::key::{CryptoError, XtsKey};
-use nvseal::crypto::xts::{Tier, Xts};
+use nvseal::crypto::xts::{Tier, UnitRun, Xts};
 use openssl::symm::{Cipher, Crypter, Mode};
 
 fn data_path(name: &str) -> PathBuf {
@@ -368,6 +368,66 @@ fn misaligned_buffers_against_openssl() {
             let (unit, units) = [(512, 3), (4096, 2), (16, 5), (272, 2), (4080, 1)][offset % 5];
             let first = rng.unit_number();
             check_request(&mut rng, tier, unit, units, first, offset);
+        }
+    }
+}
+
+/// One `UnitRun` per request buffer; shape = (unit size, units, first unit number, offset).
+fn runs<'a>(bufs: &'a mut [Vec<u8>], shapes: &[(usize, usize, u64, usize)]) -> Vec<UnitRun<'a>> {
+    bufs.iter_mut()
+        .zip(shapes)
+        .map(|(b, &(unit, _, first, off))| UnitRun::new(&mut b[off..], unit, first).expect("run"))
+        .collect()
+}
+
+/// Batch calls (`encrypt_runs` / `decrypt_runs`, what the crypto bdev uses): random batches of
+/// 1..=40 requests, each with its own random unit size, unit count, first unit number and
+/// misalignment, every unit of every request compared with OpenSSL, then decrypted back.
+#[test]
+fn random_batches_of_requests_against_openssl() {
+    let mut rng = Rng::from_env();
+    for tier in tiers() {
+        for _ in 0..40 {
+            let key = rng.key();
+            let x = engine(&key, tier);
+            let n = 1 + (rng.next() % 40) as usize;
+            // (unit size, units, first unit number, offset) per request.
+            let shapes: Vec<(usize, usize, u64, usize)> = (0..n)
+                .map(|_| {
+                    let unit = match rng.next() % 3 {
+                        0 => 4096,
+                        1 => 512,
+                        _ => 16 * (1 + (rng.next() % 40) as usize),
+                    };
+                    let units = (rng.next() % 21) as usize; // 0 = an empty request
+                    (unit, units, rng.unit_number(), (rng.next() % 16) as usize)
+                })
+                .collect();
+            let mut bufs: Vec<Vec<u8>> = shapes
+                .iter()
+                .map(|&(unit, units, _, off)| {
+                    let mut b = vec![0u8; off + unit * units];
+                    rng.fill(&mut b[off..]);
+                    b
+                })
+                .collect();
+            let plain = bufs.clone();
+            x.encrypt_runs(runs(&mut bufs, &shapes));
+            for (r, (b, &(unit, _, first, off))) in bufs.iter().zip(&shapes).enumerate() {
+                for (i, (c, p)) in b[off..]
+                    .chunks(unit)
+                    .zip(plain[r][off..].chunks(unit))
+                    .enumerate()
+                {
+                    let want = openssl_unit(&key, false, u128::from(first) + i as u128, p);
+                    assert!(
+                        c == &want[..],
+                        "tier {tier:?} batch of {n}: request {r} (unit {unit}), unit {i} differs from OpenSSL"
+                    );
+                }
+            }
+            x.decrypt_runs(runs(&mut bufs, &shapes));
+            assert!(bufs == plain, "tier {tier:?} batch of {n}: round trip");
         }
     }
 }
