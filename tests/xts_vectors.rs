@@ -373,16 +373,32 @@ fn misaligned_buffers_against_openssl() {
 }
 
 /// One `UnitRun` per request buffer; shape = (unit size, units, first unit number, offset).
-fn runs<'a>(bufs: &'a mut [Vec<u8>], shapes: &[(usize, usize, u64, usize)]) -> Vec<UnitRun<'a>> {
+/// One request of a random batch: unit size, units, first unit number, offset of its
+/// buffer, and whether it runs out of place (from a separate source buffer at offset
+/// `(off + 5) % 16`).
+type Shape = (usize, usize, u64, usize, bool);
+
+fn runs<'a>(bufs: &'a mut [Vec<u8>], srcs: &'a [Vec<u8>], shapes: &[Shape]) -> Vec<UnitRun<'a>> {
     bufs.iter_mut()
+        .zip(srcs)
         .zip(shapes)
-        .map(|(b, &(unit, _, first, off))| UnitRun::new(&mut b[off..], unit, first).expect("run"))
+        .map(|((b, s), &(unit, _, first, off, oop))| {
+            if oop {
+                UnitRun::from_source(&mut b[off..], &s[(off + 5) % 16..], unit, first)
+            } else {
+                UnitRun::new(&mut b[off..], unit, first)
+            }
+            .expect("run")
+        })
         .collect()
 }
 
 /// Batch calls (`encrypt_runs` / `decrypt_runs`, what the crypto bdev uses): random batches of
 /// 1..=40 requests, each with its own random unit size, unit count, first unit number and
-/// misalignment, every unit of every request compared with OpenSSL, then decrypted back.
+/// misalignment, about half of them out of place (`UnitRun::from_source`, what the NVMe/TCP
+/// target uses for in-capsule writes). Every unit of every request is compared with OpenSSL,
+/// every source must be left untouched, and everything is decrypted back (out of place again
+/// for the same requests, into fresh garbage).
 #[test]
 fn random_batches_of_requests_against_openssl() {
     let mut rng = Rng::from_env();
@@ -391,8 +407,7 @@ fn random_batches_of_requests_against_openssl() {
             let key = rng.key();
             let x = engine(&key, tier);
             let n = 1 + (rng.next() % 40) as usize;
-            // (unit size, units, first unit number, offset) per request.
-            let shapes: Vec<(usize, usize, u64, usize)> = (0..n)
+            let shapes: Vec<Shape> = (0..n)
                 .map(|_| {
                     let unit = match rng.next() % 3 {
                         0 => 4096,
@@ -400,34 +415,58 @@ fn random_batches_of_requests_against_openssl() {
                         _ => 16 * (1 + (rng.next() % 40) as usize),
                     };
                     let units = (rng.next() % 21) as usize; // 0 = an empty request
-                    (unit, units, rng.unit_number(), (rng.next() % 16) as usize)
+                    let off = (rng.next() % 16) as usize;
+                    (unit, units, rng.unit_number(), off, rng.next() % 2 == 0)
                 })
                 .collect();
-            let mut bufs: Vec<Vec<u8>> = shapes
-                .iter()
-                .map(|&(unit, units, _, off)| {
-                    let mut b = vec![0u8; off + unit * units];
-                    rng.fill(&mut b[off..]);
-                    b
-                })
-                .collect();
-            let plain = bufs.clone();
-            x.encrypt_runs(runs(&mut bufs, &shapes));
-            for (r, (b, &(unit, _, first, off))) in bufs.iter().zip(&shapes).enumerate() {
-                for (i, (c, p)) in b[off..]
-                    .chunks(unit)
-                    .zip(plain[r][off..].chunks(unit))
-                    .enumerate()
-                {
+            // In place: `bufs` holds the plaintext. Out of place: `srcs` does and `bufs` starts
+            // as garbage.
+            let mut plain = Vec::with_capacity(n);
+            let mut bufs = Vec::with_capacity(n);
+            let mut srcs = Vec::with_capacity(n);
+            for &(unit, units, _, off, oop) in &shapes {
+                let mut p = vec![0u8; unit * units];
+                rng.fill(&mut p);
+                let mut b = vec![0u8; off + p.len()];
+                let mut src = vec![0u8; (off + 5) % 16 + p.len()];
+                if oop {
+                    rng.fill(&mut b);
+                    src[(off + 5) % 16..].copy_from_slice(&p);
+                } else {
+                    b[off..].copy_from_slice(&p);
+                }
+                plain.push(p);
+                bufs.push(b);
+                srcs.push(src);
+            }
+            let srcs_before = srcs.clone();
+            x.encrypt_runs(runs(&mut bufs, &srcs, &shapes));
+            assert!(srcs == srcs_before, "tier {tier:?}: a source was written");
+            for (r, (b, &(unit, _, first, off, oop))) in bufs.iter().zip(&shapes).enumerate() {
+                for (i, (c, p)) in b[off..].chunks(unit).zip(plain[r].chunks(unit)).enumerate() {
                     let want = openssl_unit(&key, false, u128::from(first) + i as u128, p);
                     assert!(
                         c == &want[..],
-                        "tier {tier:?} batch of {n}: request {r} (unit {unit}), unit {i} differs from OpenSSL"
+                        "tier {tier:?} batch of {n}: request {r} (unit {unit}, out of place \
+                         {oop}), unit {i} differs from OpenSSL"
                     );
                 }
             }
-            x.decrypt_runs(runs(&mut bufs, &shapes));
-            assert!(bufs == plain, "tier {tier:?} batch of {n}: round trip");
+            // Decrypt: out-of-place requests read the ciphertext from `srcs` into garbage.
+            for ((b, s), &(_, _, _, off, oop)) in bufs.iter_mut().zip(&mut srcs).zip(&shapes) {
+                if oop {
+                    let so = (off + 5) % 16;
+                    s[so..].copy_from_slice(&b[off..]);
+                    rng.fill(&mut b[off..]);
+                }
+            }
+            x.decrypt_runs(runs(&mut bufs, &srcs, &shapes));
+            for (r, (b, &(_, _, _, off, oop))) in bufs.iter().zip(&shapes).enumerate() {
+                assert!(
+                    b[off..] == plain[r][..],
+                    "tier {tier:?} batch of {n}: request {r} (out of place {oop}) round trip"
+                );
+            }
         }
     }
 }

@@ -33,6 +33,9 @@ pub enum CryptoError {
     /// the 16-byte AES block (ciphertext stealing is not implemented).
     #[error("bad XTS length: {data_len} bytes with data unit {unit_size} bytes")]
     BadLength { data_len: usize, unit_size: usize },
+    /// An out-of-place run whose source and destination differ in length.
+    #[error("XTS source is {src_len} bytes but the destination {dst_len}")]
+    SourceLength { src_len: usize, dst_len: usize },
     /// The OS random number generator failed.
     #[error("OS random number generator failed: {0}")]
     Rng(String),

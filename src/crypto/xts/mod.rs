@@ -173,10 +173,15 @@ enum Dir {
 }
 
 /// One request's buffer in a batch call ([`Xts::encrypt_runs`]): whole data units, the first
-/// with tweak `first_unit`. Built only through [`UnitRun::new`], which checks the lengths, so a
-/// batch call cannot fail half-way through.
+/// with tweak `first_unit`. Built only through [`UnitRun::new`] / [`UnitRun::from_source`], which
+/// check the lengths, so a batch call cannot fail half-way through.
+///
+/// A run built with [`UnitRun::from_source`] is out of place: its input is read from `src` and
+/// the result written to `data`, which saves the copy a caller would otherwise make first (the
+/// NVMe/TCP target encrypts in-capsule write data straight out of its receive buffer).
 pub struct UnitRun<'a> {
     data: &'a mut [u8],
+    src: Option<&'a [u8]>,
     unit_size: usize,
     first_unit: u128,
 }
@@ -188,14 +193,49 @@ impl<'a> UnitRun<'a> {
         check_units(data.len(), unit_size)?;
         Ok(UnitRun {
             data,
+            src: None,
             unit_size,
             first_unit: u128::from(first_unit),
         })
     }
 
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    /// An out-of-place run: transforms `src` into `dst` (same length; the units are checked as
+    /// for [`UnitRun::new`]). `src` is left as it is.
+    pub fn from_source(
+        dst: &'a mut [u8],
+        src: &'a [u8],
+        unit_size: usize,
+        first_unit: u64,
+    ) -> Result<Self, CryptoError> {
+        if src.len() != dst.len() {
+            return Err(CryptoError::SourceLength {
+                src_len: src.len(),
+                dst_len: dst.len(),
+            });
+        }
+        check_units(dst.len(), unit_size)?;
+        Ok(UnitRun {
+            data: dst,
+            src: Some(src),
+            unit_size,
+            first_unit: u128::from(first_unit),
+        })
+    }
+
+    /// The run's parts; an out-of-place run's source is copied into `data` first (the tiers
+    /// without an out-of-place kernel then work in place).
     fn into_parts(self) -> (&'a mut [u8], usize, u128) {
+        if let Some(src) = self.src {
+            self.data.copy_from_slice(src);
+        }
         (self.data, self.unit_size, self.first_unit)
+    }
+
+    /// The run's parts with the source kept apart (for the VAES-512 kernel, which reads it
+    /// directly).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    fn into_parts_with_source(self) -> (&'a mut [u8], Option<&'a [u8]>, usize, u128) {
+        (self.data, self.src, self.unit_size, self.first_unit)
     }
 }
 
@@ -285,8 +325,8 @@ impl Xts {
         Ok(())
     }
 
-    /// Encrypts several requests' buffers in place in one call: the same result as
-    /// [`Xts::encrypt_units`] on each run, but the VAES-512 kernel shares tweak batches across
+    /// Encrypts several requests' buffers in one call (in place, or out of place for runs built
+    /// with [`UnitRun::from_source`]): the same result as [`Xts::encrypt_units`] on each run, but the VAES-512 kernel shares tweak batches across
     /// runs and streams their units back to back, so a batch of small I/Os pays the per-call
     /// pipeline fill and drain once (measured in `benches/xts.rs`, see `docs/xts.md`). Other
     /// tiers process the runs one after the other.
@@ -294,7 +334,7 @@ impl Xts {
         self.run_batch(Dir::Encrypt, runs.into_iter());
     }
 
-    /// Decrypts several requests' buffers in place; the inverse of [`Xts::encrypt_runs`].
+    /// Decrypts several requests' buffers in one call; the inverse of [`Xts::encrypt_runs`].
     pub fn decrypt_runs<'a>(&self, runs: impl IntoIterator<Item = UnitRun<'a>>) {
         self.run_batch(Dir::Decrypt, runs.into_iter());
     }
@@ -540,6 +580,82 @@ mod tests {
             Err(CryptoError::BadLength { .. })
         ));
         assert!(UnitRun::new(&mut odd, 0, 0).is_err());
+    }
+
+    /// An out-of-place run gives what copying its source and running in place gives, on every
+    /// tier, leaves the source alone, and mixes with in-place runs in one batch (including a
+    /// unit that is not a multiple of the kernel's 256-byte chunk). Mismatched lengths are
+    /// refused when the run is built.
+    #[test]
+    fn out_of_place_runs_match_copy_then_in_place() {
+        let k = key();
+        let shapes: [(usize, usize, u64, bool); 5] = [
+            (4096 * 2, 4096, 77, true),
+            (4096, 4096, 3, false),
+            (512 * 5, 512, u64::MAX - 1, true),
+            (48 * 3, 48, 1 << 40, true),
+            (0, 512, 0, true),
+        ];
+        let total: usize = shapes.iter().map(|s| s.0).sum();
+        let plain: Vec<u8> = (0..total).map(|i| (i * 29 + i / 251) as u8).collect();
+        for tier in Tier::all().into_iter().filter(|t| t.is_available()) {
+            let x = Xts::with_tier(&k, tier).expect("tier");
+            for dec in [false, true] {
+                let mut want = plain.clone();
+                let mut rest = &mut want[..];
+                for &(len, unit, first, _) in &shapes {
+                    let (run, tail) = rest.split_at_mut(len);
+                    if dec {
+                        x.decrypt_units(run, unit, first).expect("dec");
+                    } else {
+                        x.encrypt_units(run, unit, first).expect("enc");
+                    }
+                    rest = tail;
+                }
+                // Out-of-place destinations start as garbage; in-place ones hold the input.
+                let mut got: Vec<u8> = plain.clone();
+                let mut pos = 0;
+                for &(len, _, _, oop) in &shapes {
+                    if oop {
+                        got[pos..pos + len].fill(0xa5);
+                    }
+                    pos += len;
+                }
+                let src = plain.clone();
+                let mut runs = Vec::new();
+                let (mut rest, mut srest) = (&mut got[..], &src[..]);
+                for &(len, unit, first, oop) in &shapes {
+                    let (run, tail) = rest.split_at_mut(len);
+                    let (s, stail) = srest.split_at(len);
+                    runs.push(if oop {
+                        UnitRun::from_source(run, s, unit, first).expect("run")
+                    } else {
+                        UnitRun::new(run, unit, first).expect("run")
+                    });
+                    rest = tail;
+                    srest = stail;
+                }
+                if dec {
+                    x.decrypt_runs(runs);
+                } else {
+                    x.encrypt_runs(runs);
+                }
+                assert_eq!(got, want, "{tier:?} decrypt {dec}");
+                assert_eq!(src, plain, "{tier:?}: the source was written");
+            }
+        }
+        let mut dst = [0u8; 32];
+        assert!(matches!(
+            UnitRun::from_source(&mut dst, &[0u8; 48], 16, 0),
+            Err(CryptoError::SourceLength {
+                src_len: 48,
+                dst_len: 32
+            })
+        ));
+        assert!(matches!(
+            UnitRun::from_source(&mut dst, &[0u8; 32], 24, 0),
+            Err(CryptoError::BadLength { .. })
+        ));
     }
 
     /// Engines are built on a control thread and used from reactors (possibly several).

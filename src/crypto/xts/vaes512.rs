@@ -123,43 +123,50 @@ pub(super) fn crypt_units<const DEC: bool>(
     let units = data
         .chunks_exact_mut(unit_size)
         .zip(0u128..)
-        .map(|(u, i)| (u, first_tweak.wrapping_add(i)));
+        .map(|(u, i)| (u, None, first_tweak.wrapping_add(i)));
     crypt_stream::<DEC, _>(rk, units);
 }
 
 /// VAES-512 XTS over several requests' buffers in one call; see [`super::Xts::encrypt_runs`].
 /// Units of different requests share tweak batches and follow each other with no pipeline
-/// drain in between.
+/// drain in between. An out-of-place run's units are read from its source directly.
 #[target_feature(enable = "avx512f,avx512bw,vaes,vpclmulqdq,aes")]
 pub(super) fn crypt_runs<'a, const DEC: bool>(
     rk: &RoundKeys,
     runs: impl Iterator<Item = super::UnitRun<'a>>,
 ) {
     let units = runs.flat_map(|r| {
-        let (data, unit_size, first) = r.into_parts();
+        let (data, src, unit_size, first) = r.into_parts_with_source();
+        // A source unit per data unit, or none (in place). The lengths match (UnitRun checks).
+        let srcs = src
+            .into_iter()
+            .flat_map(move |s| s.chunks_exact(unit_size).map(Some))
+            .chain(core::iter::repeat(None));
         data.chunks_exact_mut(unit_size)
+            .zip(srcs)
             .zip(0u128..)
-            .map(move |(u, i)| (u, first.wrapping_add(i)))
+            .map(move |((u, s), i)| (u, s, first.wrapping_add(i)))
     });
     crypt_stream::<DEC, _>(rk, units);
 }
 
-/// The shared loop: `units` yields each data unit with its tweak counter; their tweaks are
-/// encrypted [`TWEAK_BATCH`] at a time, then the units are transformed in order.
+/// The shared loop: `units` yields each data unit, its source unit when out of place (same
+/// length), and its tweak counter; their tweaks are encrypted [`TWEAK_BATCH`] at a time, then
+/// the units are transformed in order.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,vaes,vpclmulqdq,aes")]
-fn crypt_stream<'a, const DEC: bool, I: Iterator<Item = (&'a mut [u8], u128)>>(
+fn crypt_stream<'a, const DEC: bool, I: Iterator<Item = (&'a mut [u8], Option<&'a [u8]>, u128)>>(
     rk: &RoundKeys,
     mut units: I,
 ) {
     let k = load_keys(if DEC { &rk.dec } else { &rk.enc });
     let mut t0 = [[0u8; BLOCK_LEN]; TWEAK_BATCH];
     loop {
-        let mut group: [Option<&mut [u8]>; TWEAK_BATCH] = Default::default();
+        let mut group: [Option<(&mut [u8], Option<&[u8]>)>; TWEAK_BATCH] = Default::default();
         let mut seqs = [0u128; TWEAK_BATCH];
         let mut n = 0;
-        for (slot, (u, s)) in group.iter_mut().zip(units.by_ref()) {
-            *slot = Some(u);
+        for (slot, (u, src, s)) in group.iter_mut().zip(units.by_ref()) {
+            *slot = Some((u, src));
             seqs[n] = s;
             n += 1;
         }
@@ -171,8 +178,8 @@ fn crypt_stream<'a, const DEC: bool, I: Iterator<Item = (&'a mut [u8], u128)>>(
             _ => encrypt_counters::<4>(&rk.tweak, &seqs, &mut t0),
         }
         for (unit, t) in group.iter_mut().zip(t0.iter()) {
-            if let Some(unit) = unit {
-                crypt_unit::<DEC>(&k, unit, t);
+            if let Some((unit, src)) = unit {
+                crypt_unit::<DEC>(&k, unit, *src, t);
             }
         }
         if n < TWEAK_BATCH {
@@ -181,10 +188,16 @@ fn crypt_stream<'a, const DEC: bool, I: Iterator<Item = (&'a mut [u8], u128)>>(
     }
 }
 
-/// One data unit whose encrypted tweak is `t`.
+/// One data unit whose encrypted tweak is `t`: in place, or from `src` (as long as `unit`) into
+/// `unit`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,vaes,vpclmulqdq,aes")]
-fn crypt_unit<const DEC: bool>(k: &[__m512i; ROUND_KEYS], unit: &mut [u8], t: &[u8; BLOCK_LEN]) {
+fn crypt_unit<const DEC: bool>(
+    k: &[__m512i; ROUND_KEYS],
+    unit: &mut [u8],
+    src: Option<&[u8]>,
+    t: &[u8; BLOCK_LEN],
+) {
     let poly = _mm512_set1_epi64(0x87);
     // SAFETY: `t` is 16 bytes; loadu has no alignment requirement.
     let t = _mm512_broadcast_i32x4(unsafe { _mm_loadu_si128(t.as_ptr().cast()) });
@@ -194,37 +207,57 @@ fn crypt_unit<const DEC: bool>(k: &[__m512i; ROUND_KEYS], unit: &mut [u8], t: &[
         mul_alpha_lanes(t, 8, poly),
         mul_alpha_lanes(t, 12, poly),
     ];
-    let (chunks, rest) = unit.as_chunks_mut::<CHUNK>();
-    for c in chunks {
-        crypt_chunk::<DEC>(k, &tw, c);
+    let len = unit.len();
+    let dp = unit.as_mut_ptr();
+    let sp: *const u8 = match src {
+        Some(s) if s.len() == len => s.as_ptr(),
+        // In place (a source of another length cannot come from a checked UnitRun).
+        _ => dp,
+    };
+    let whole = len / CHUNK * CHUNK;
+    let mut off = 0;
+    while off < whole {
+        // SAFETY: `off + CHUNK <= whole <= len`, and both `src` and `unit` are `len` bytes long,
+        // so both ranges lie inside their buffers. They are either the same bytes (in place) or
+        // two distinct borrows that cannot overlap.
+        unsafe { crypt_chunk::<DEC>(k, &tw, sp.add(off), dp.add(off)) };
         for t in tw.iter_mut() {
             *t = mul_alpha16(*t, poly);
         }
+        off += CHUNK;
     }
-    if !rest.is_empty() {
+    if off < len {
+        let n = len - off;
         let mut buf = [0u8; CHUNK];
-        let n = rest.len();
-        buf[..n].copy_from_slice(rest);
-        crypt_chunk::<DEC>(k, &tw, &mut buf);
-        rest.copy_from_slice(&buf[..n]);
+        // SAFETY: bytes [off, len) lie inside `src`; `buf` is a distinct local of CHUNK > n bytes.
+        unsafe { core::ptr::copy_nonoverlapping(sp.add(off), buf.as_mut_ptr(), n) };
+        let b = buf.as_mut_ptr();
+        // SAFETY: `buf` is CHUNK bytes, used as source and destination (in place).
+        unsafe { crypt_chunk::<DEC>(k, &tw, b, b) };
+        unit[off..].copy_from_slice(&buf[..n]);
         wipe(&mut buf);
     }
 }
 
-/// XTS on 16 consecutive blocks with the tweaks `tw` (4 per register).
+/// XTS on 16 consecutive blocks with the tweaks `tw` (4 per register), read from `src` and
+/// written to `dst`.
+///
+/// # Safety
+/// `src` must be valid for reading and `dst` for writing [`CHUNK`] bytes. They may be equal (in
+/// place); every block is loaded before any is stored, so that is safe.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,vaes")]
-fn crypt_chunk<const DEC: bool>(
+unsafe fn crypt_chunk<const DEC: bool>(
     k: &[__m512i; ROUND_KEYS],
     tw: &[__m512i; REGS],
-    c: &mut [u8; CHUNK],
+    src: *const u8,
+    dst: *mut u8,
 ) {
-    let p = c.as_mut_ptr();
     let mut b = [_mm512_setzero_si512(); REGS];
     for (j, x) in b.iter_mut().enumerate() {
-        // SAFETY: `c` is CHUNK = REGS * 64 bytes, so bytes [64j, 64j + 64) lie inside it;
-        // loadu has no alignment requirement.
-        let v = unsafe { _mm512_loadu_si512(p.add(j * 64).cast()) };
+        // SAFETY: the caller guarantees CHUNK = REGS * 64 readable bytes at `src`, so bytes
+        // [64j, 64j + 64) are inside them; loadu has no alignment requirement.
+        let v = unsafe { _mm512_loadu_si512(src.add(j * 64).cast()) };
         *x = _mm512_ternarylogic_epi64::<0x96>(v, tw[j], k[0]);
     }
     if DEC {
@@ -311,8 +344,9 @@ fn crypt_chunk<const DEC: bool>(
         } else {
             _mm512_aesenclast_epi128(*x, last)
         };
-        // SAFETY: as for the load above.
-        unsafe { _mm512_storeu_si512(p.add(j * 64).cast(), v) };
+        // SAFETY: the caller guarantees CHUNK writable bytes at `dst`; storeu has no alignment
+        // requirement.
+        unsafe { _mm512_storeu_si512(dst.add(j * 64).cast(), v) };
     }
 }
 
