@@ -33,6 +33,9 @@ const CHUNK: usize = REGS * LANES * BLOCK_LEN;
 /// Units whose tweaks are encrypted together (4 zmm of counters).
 const TWEAK_BATCH: usize = 16;
 
+/// A data unit and, out of place, its source.
+type Unit<'a> = (&'a mut [u8], Option<&'a [u8]>);
+
 /// Loads the 15 round keys (each already repeated in four lanes).
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -162,7 +165,7 @@ fn crypt_stream<'a, const DEC: bool, I: Iterator<Item = (&'a mut [u8], Option<&'
     let k = load_keys(if DEC { &rk.dec } else { &rk.enc });
     let mut t0 = [[0u8; BLOCK_LEN]; TWEAK_BATCH];
     loop {
-        let mut group: [Option<(&mut [u8], Option<&[u8]>)>; TWEAK_BATCH] = Default::default();
+        let mut group: [Option<Unit<'_>>; TWEAK_BATCH] = Default::default();
         let mut seqs = [0u128; TWEAK_BATCH];
         let mut n = 0;
         for (slot, (u, src, s)) in group.iter_mut().zip(units.by_ref()) {
