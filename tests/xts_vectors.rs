@@ -416,7 +416,13 @@ fn random_batches_of_requests_against_openssl() {
                     };
                     let units = (rng.next() % 21) as usize; // 0 = an empty request
                     let off = (rng.next() % 16) as usize;
-                    (unit, units, rng.unit_number(), off, rng.next().is_multiple_of(2))
+                    (
+                        unit,
+                        units,
+                        rng.unit_number(),
+                        off,
+                        rng.next().is_multiple_of(2),
+                    )
                 })
                 .collect();
             // In place: `bufs` holds the plaintext. Out of place: `srcs` does and `bufs` starts

@@ -12,7 +12,7 @@
 //! bound bdev (and with it, once the last channel is closed, the crypto bdev and its key); a
 //! released stand-in never binds again.
 
-use super::{Bdev, BdevChannel, BdevError, BdevIo, IoStatus, IoType, Submit};
+use super::{Bdev, BdevChannel, BdevError, BdevIo, IoStatus, IoType, Submit, WriteFrom};
 use crate::types::CoreId;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -174,6 +174,25 @@ impl BdevChannel for LateChannel {
         io.status = IoStatus::IoError(libc::EAGAIN);
         self.refused.push_back(io);
         Submit::Queued
+    }
+    fn submit_writes_from(
+        &mut self,
+        writes: &mut dyn Iterator<Item = WriteFrom<'_>>,
+        busy: &mut dyn FnMut(BdevIo),
+    ) {
+        if self.inner.is_none() {
+            self.try_bind();
+        }
+        match self.inner.as_mut() {
+            Some(ch) => ch.submit_writes_from(writes, busy),
+            None => {
+                for w in writes {
+                    if let Submit::Busy(io) = self.submit(w.into_copied()) {
+                        busy(io);
+                    }
+                }
+            }
+        }
     }
     fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize {
         let mut n = 0;

@@ -190,6 +190,40 @@ impl BdevIo {
     }
 }
 
+/// A write whose data is not in its buffer yet but in memory the caller reuses right after the
+/// call (the NVMe/TCP target's receive staging buffer): see [`BdevChannel::submit_writes_from`].
+/// Built only through [`WriteFrom::new`], which checks that the source is exactly as long as the
+/// write's buffer, so a channel never has to handle a mismatch.
+pub struct WriteFrom<'a> {
+    io: BdevIo,
+    src: &'a [u8],
+}
+
+impl<'a> WriteFrom<'a> {
+    /// `io` must be a [`IoType::Write`] whose buffer is `src.len()` bytes long; otherwise the
+    /// I/O is handed back untouched.
+    pub fn new(io: BdevIo, src: &'a [u8]) -> Result<Self, BdevIo> {
+        let fits =
+            io.io_type == IoType::Write && io.buf.as_ref().is_some_and(|b| b.len() == src.len());
+        if fits {
+            Ok(WriteFrom { io, src })
+        } else {
+            Err(io)
+        }
+    }
+    /// The I/O (its buffer not filled yet) and the data.
+    pub fn into_parts(self) -> (BdevIo, &'a [u8]) {
+        (self.io, self.src)
+    }
+    /// Copies the data into the buffer: an ordinary write from here on.
+    pub fn into_copied(mut self) -> BdevIo {
+        if let Some(b) = self.io.buf.as_mut() {
+            b.as_mut_slice().copy_from_slice(self.src);
+        }
+        self.io
+    }
+}
+
 /// Result of [`BdevChannel::submit`].
 pub enum Submit {
     /// The channel took the I/O; it comes back from `poll`.
@@ -210,6 +244,26 @@ pub trait BdevChannel {
     /// that works on the data first (the crypto bdev encrypting it) calls this so that the
     /// backend can start moving its destination into cache meanwhile. Default: nothing.
     fn hint_write(&mut self, _offset_blocks: u64, _num_blocks: u32) {}
+    /// Submits writes whose data is still in the caller's transient memory ([`WriteFrom`]): the
+    /// channel is done with every source when this returns. Each write is otherwise taken as
+    /// [`BdevChannel::submit`] would take it, in iteration order; one the channel cannot take
+    /// goes to `busy` with its data copied into its buffer, for the caller to retry with
+    /// `submit`.
+    ///
+    /// Default: copy each into its buffer and `submit` it. The crypto bdev overrides it to
+    /// encrypt the whole batch from the sources straight into the buffers in one cipher call,
+    /// which saves the copy (see `docs/engine.md`).
+    fn submit_writes_from(
+        &mut self,
+        writes: &mut dyn Iterator<Item = WriteFrom<'_>>,
+        busy: &mut dyn FnMut(BdevIo),
+    ) {
+        for w in writes {
+            if let Submit::Busy(io) = self.submit(w.into_copied()) {
+                busy(io);
+            }
+        }
+    }
 }
 
 /// A block device shared by all reactors.
