@@ -19,7 +19,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::bdev::{BdevChannel, BdevIo, BufPool, IoBuf, IoStatus, IoType, Submit};
+use crate::bdev::{BdevChannel, BdevIo, BufPool, IoBuf, IoStatus, IoType, Submit, WriteFrom};
 use crate::nvme::{io_op, sgl, Cqe, Sqe, Status, FABRICS_OPCODE};
 use crate::nvmf::pdu::{
     self, flags, CommonHeader, DataHdr, Digests, Fes, Layout, PduError, PduHeader, R2t, TermReq,
@@ -38,6 +38,9 @@ const RX_BUF_SIZE: usize = 64 * 1024;
 const DIRECT_READ_MIN: usize = 8 * 1024;
 /// Reads per poll step, so one busy connection cannot starve the others on its reactor.
 const RX_BUDGET: usize = 16;
+/// Writes whose in-capsule data is handed to a channel per `submit_writes_from` call (the
+/// requests are gathered in a stack array).
+const ICD_BATCH: usize = 32;
 /// `writev` calls per poll step.
 const TX_BUDGET: usize = 16;
 /// iovecs per `writev` (each PDU takes at most 3).
@@ -153,6 +156,11 @@ pub(super) struct Request {
     tx_success: bool,
     /// `clock::ticks()` when the command capsule was decoded (latency stats).
     t_rx: u64,
+    /// A Write's in-capsule data not copied out of `rx_buf` yet: its offset and length there.
+    /// Valid until `rx_buf` is refilled; [`Connection::flush_icd`] runs before that.
+    icd_at: Option<(u32, u32)>,
+    /// The Write with `icd_at` passed every check and waits for `flush_icd` to submit it.
+    icd_go: bool,
 }
 
 impl Request {
@@ -181,6 +189,8 @@ impl Request {
             tx_off: 0,
             tx_success: false,
             t_rx: 0,
+            icd_at: None,
+            icd_go: false,
         }
     }
 }
@@ -301,6 +311,9 @@ pub struct Connection {
     /// drained, then dropped with their namespace reference.
     retired: Vec<(Arc<Namespace>, Box<dyn BdevChannel>)>,
     exec_queue: VecDeque<usize>,
+    /// Requests whose in-capsule data was left in `rx_buf` (`Request::icd_at`), in arrival
+    /// order; emptied by `flush_icd` before every refill of `rx_buf`.
+    icd_deferred: Vec<usize>,
     tx_queue: VecDeque<usize>,
     ctl_buf: [u8; 24 + pdu::TERM_MAX_DATA],
     ctl_len: usize,
@@ -384,6 +397,7 @@ impl Connection {
             pool_align: POOL_ALIGN,
             retired: Vec::new(),
             exec_queue: VecDeque::with_capacity(slots),
+            icd_deferred: Vec::with_capacity(slots),
             tx_queue: VecDeque::with_capacity(slots * 2),
             ctl_buf: [0; 24 + pdu::TERM_MAX_DATA],
             ctl_len: 0,
@@ -530,12 +544,18 @@ impl Connection {
     }
 
     fn release(&mut self, idx: usize) {
+        let r = &mut self.reqs[idx];
+        r.icd_at = None;
+        r.icd_go = false;
         self.put_buf(idx);
         self.transition(idx, ReqState::Free);
     }
 
     /// Completes a command: C2HData (when it has data for the host) and/or CapsuleResp.
     pub(super) fn complete(&mut self, idx: usize, status: Status) {
+        let r = &mut self.reqs[idx];
+        r.icd_at = None;
+        r.icd_go = false;
         if self.phase == Phase::Closed || self.phase == Phase::Closing {
             self.release(idx);
             return;
@@ -634,7 +654,14 @@ impl Connection {
     // ----------------------------------------------------------------------------------------
     // Receive path.
 
+    /// One receive step; in-capsule write data left in `rx_buf` is dealt with before it returns.
     fn poll_recv(&mut self) -> usize {
+        let work = self.recv_step();
+        self.flush_icd();
+        work
+    }
+
+    fn recv_step(&mut self) -> usize {
         let mut work = 0;
         for _ in 0..RX_BUDGET {
             if self.rx_pos < self.rx_len {
@@ -648,6 +675,8 @@ impl Connection {
                 }
                 continue;
             }
+            // Everything still pointing into rx_buf goes before it is overwritten.
+            self.flush_icd();
             self.rx_pos = 0;
             self.rx_len = 0;
             let res: io::Result<(usize, bool)> = match self.rx {
@@ -741,8 +770,21 @@ impl Connection {
                 }
                 Ok(())
             }
-            Rx::Data { idx, off, left, .. } => {
+            Rx::Data {
+                idx,
+                kind,
+                off,
+                left,
+                ..
+            } => {
                 let n = avail.min(left);
+                if kind == DataKind::Capsule && off == 0 && n == left && self.may_defer_icd(idx) {
+                    // The whole in-capsule data is here: leave it in rx_buf for flush_icd.
+                    self.reqs[idx].icd_at = Some((self.rx_pos as u32, n as u32));
+                    self.icd_deferred.push(idx);
+                    self.rx_pos += n;
+                    return self.data_advanced(n);
+                }
                 let src = &self.rx_buf[self.rx_pos..self.rx_pos + n];
                 match self.reqs[idx]
                     .buf
@@ -825,6 +867,141 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Whether request `idx`'s in-capsule data may stay in `rx_buf` until `flush_icd`: Writes
+    /// on I/O queues without data digests (with them the digest may arrive after a refill).
+    fn may_defer_icd(&self, idx: usize) -> bool {
+        !self.dg.data
+            && self.qid != 0
+            && self.reqs[idx].sqe.opcode == io_op::WRITE
+            && self.icd_deferred.len() < self.icd_deferred.capacity()
+    }
+
+    /// Deals with every in-capsule data still in `rx_buf`, before it is refilled: Writes that
+    /// passed their checks go to their namespace's channel through
+    /// [`BdevChannel::submit_writes_from`], up to [`ICD_BATCH`] per call (the crypto bdev
+    /// encrypts them straight out of `rx_buf`, the others copy); anything else gets its data
+    /// copied into its buffer as if it had never been deferred.
+    fn flush_icd(&mut self) {
+        if self.icd_deferred.is_empty() {
+            return;
+        }
+        // Pass 1: anything that cannot go as a batch is copied now (and a Write that was ready
+        // but whose namespace has no channel is submitted the ordinary way, which fails it).
+        for k in 0..self.icd_deferred.len() {
+            let idx = self.icd_deferred[k];
+            let r = &mut self.reqs[idx];
+            let Some((at, len)) = r.icd_at else { continue };
+            let ready = r.icd_go
+                && r.state == ReqState::ReadyToExecute
+                && r.buf.as_ref().is_some_and(|b| b.len() == len as usize)
+                && self.channels.get(r.ns_idx).is_some_and(|c| c.is_some());
+            if ready {
+                continue;
+            }
+            let go = r.icd_go;
+            r.icd_at = None;
+            r.icd_go = false;
+            let (at, len) = (at as usize, len as usize);
+            if let Some(b) = r.buf.as_mut() {
+                let n = len.min(b.len());
+                b.as_mut_slice()[..n].copy_from_slice(&self.rx_buf[at..at + n]);
+            }
+            if go {
+                self.submit(idx);
+            }
+        }
+        // Pass 2: batches per namespace, in arrival order.
+        let mut k = 0;
+        while k < self.icd_deferred.len() {
+            let first = self.icd_deferred[k];
+            if self.reqs[first].icd_at.is_none() {
+                k += 1;
+                continue;
+            }
+            let ns = self.reqs[first].ns_idx;
+            let Some(mut ch) = self.channels.get_mut(ns).and_then(Option::take) else {
+                k += 1;
+                continue;
+            };
+            let mut batch: [usize; ICD_BATCH] = [0; ICD_BATCH];
+            let mut n = 0;
+            let mut refused: [Option<BdevIo>; ICD_BATCH] = Default::default();
+            let mut nrefused = 0;
+            {
+                let rx_buf = &self.rx_buf;
+                let reqs = &mut self.reqs;
+                let mut writes: [Option<WriteFrom<'_>>; ICD_BATCH] = Default::default();
+                for &idx in &self.icd_deferred[k..] {
+                    if n == ICD_BATCH {
+                        break;
+                    }
+                    let r = &mut reqs[idx];
+                    let Some((at, len)) = r.icd_at else { continue };
+                    if r.ns_idx != ns {
+                        continue;
+                    }
+                    let (at, len) = (at as usize, len as usize);
+                    let io = BdevIo::new(r.io_type, r.io_lba, r.io_nlb, r.buf.take(), idx as u64);
+                    match WriteFrom::new(io, &rx_buf[at..at + len]) {
+                        Ok(w) => {
+                            r.icd_at = None;
+                            writes[n] = Some(w);
+                            batch[n] = idx;
+                            n += 1;
+                        }
+                        // Pass 1 checked the length: unreachable, but never lose the buffer.
+                        Err(io) => r.buf = io.buf,
+                    }
+                }
+                let mut it = writes.iter_mut().take(n).filter_map(Option::take);
+                ch.submit_writes_from(&mut it, &mut |io| {
+                    if nrefused < ICD_BATCH {
+                        refused[nrefused] = Some(io);
+                        nrefused += 1;
+                    }
+                });
+            }
+            self.channels[ns] = Some(ch);
+            // Refused (channel full): their data is in their buffers now; park them.
+            for io in refused.iter_mut().take(nrefused).filter_map(Option::take) {
+                let idx = io.ctx as usize;
+                let r = &mut self.reqs[idx];
+                r.buf = io.buf;
+                r.icd_go = false;
+                self.exec_queue.push_back(idx);
+            }
+            for &idx in &batch[..n] {
+                let r = &mut self.reqs[idx];
+                if r.icd_go {
+                    r.icd_go = false;
+                    r.sub_pending = 1;
+                    self.transition(idx, ReqState::Executing);
+                }
+            }
+            if n == 0 {
+                k += 1;
+            }
+        }
+        // Anything left over (unreachable: pass 2 takes every request with data left) is
+        // copied rather than lost.
+        for k in 0..self.icd_deferred.len() {
+            let idx = self.icd_deferred[k];
+            let r = &mut self.reqs[idx];
+            if let Some((at, len)) = r.icd_at.take() {
+                let go = std::mem::take(&mut r.icd_go);
+                if let Some(b) = r.buf.as_mut() {
+                    let n = (len as usize).min(b.len());
+                    b.as_mut_slice()[..n]
+                        .copy_from_slice(&self.rx_buf[at as usize..at as usize + n]);
+                }
+                if go {
+                    self.submit(idx);
+                }
+            }
+        }
+        self.icd_deferred.clear();
     }
 
     fn max_plen(&self) -> u32 {
@@ -927,6 +1104,8 @@ impl Connection {
         r.sub_status = Status::SUCCESS;
         r.tx_success = false;
         r.tx_data = false;
+        r.icd_at = None;
+        r.icd_go = false;
         self.sqhd = if self.depth > 0 {
             ((usize::from(self.sqhd) + 1) % self.depth) as u16
         } else {
@@ -1150,9 +1329,13 @@ impl Connection {
             }
             io_op::WRITE => {
                 let (ns_idx, lba, nlb, bytes) = self.check_rw(&sqe)?;
-                match self.reqs[idx].buf.as_mut() {
+                let r = &mut self.reqs[idx];
+                match r.buf.as_mut() {
                     Some(b) if b.len() >= bytes as usize => b.set_len(bytes as usize),
                     _ => return Err(Status::DATA_SGL_LENGTH_INVALID),
+                }
+                if let Some((at, _)) = r.icd_at {
+                    r.icd_at = Some((at, bytes));
                 }
                 self.set_io(idx, ns_idx, IoType::Write, lba, nlb);
             }
@@ -1240,9 +1423,14 @@ impl Connection {
         r.sub_pending = 0;
     }
 
-    /// Submits a ReadyToExecute single-I/O request; parks it on Busy.
+    /// Submits a ReadyToExecute single-I/O request; parks it on Busy. A Write whose data is
+    /// still in `rx_buf` is left for `flush_icd`, which hands it over with the others.
     fn submit(&mut self, idx: usize) {
         let r = &mut self.reqs[idx];
+        if r.icd_at.is_some() && r.io_type == IoType::Write {
+            r.icd_go = true;
+            return;
+        }
         let buf = if r.io_type.has_data() {
             r.buf.take()
         } else {
