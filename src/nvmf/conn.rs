@@ -897,19 +897,8 @@ impl Connection {
                 && r.state == ReqState::ReadyToExecute
                 && r.buf.as_ref().is_some_and(|b| b.len() == len as usize)
                 && self.channels.get(r.ns_idx).is_some_and(|c| c.is_some());
-            if ready {
-                continue;
-            }
-            let go = r.icd_go;
-            r.icd_at = None;
-            r.icd_go = false;
-            let (at, len) = (at as usize, len as usize);
-            if let Some(b) = r.buf.as_mut() {
-                let n = len.min(b.len());
-                b.as_mut_slice()[..n].copy_from_slice(&self.rx_buf[at..at + n]);
-            }
-            if go {
-                self.submit(idx);
+            if !ready {
+                self.icd_copy_out(idx, at, len);
             }
         }
         // Pass 2: batches per namespace, in arrival order.
@@ -988,20 +977,28 @@ impl Connection {
         // copied rather than lost.
         for k in 0..self.icd_deferred.len() {
             let idx = self.icd_deferred[k];
-            let r = &mut self.reqs[idx];
-            if let Some((at, len)) = r.icd_at.take() {
-                let go = std::mem::take(&mut r.icd_go);
-                if let Some(b) = r.buf.as_mut() {
-                    let n = (len as usize).min(b.len());
-                    b.as_mut_slice()[..n]
-                        .copy_from_slice(&self.rx_buf[at as usize..at as usize + n]);
-                }
-                if go {
-                    self.submit(idx);
-                }
+            if let Some((at, len)) = self.reqs[idx].icd_at {
+                self.icd_copy_out(idx, at, len);
             }
         }
         self.icd_deferred.clear();
+    }
+
+    /// The ordinary path for deferred in-capsule data: copy it from `rx_buf` (`len` bytes at
+    /// `at`) into the request's buffer, and submit the Write if it was waiting to be.
+    fn icd_copy_out(&mut self, idx: usize, at: u32, len: u32) {
+        let r = &mut self.reqs[idx];
+        let go = r.icd_go;
+        r.icd_at = None;
+        r.icd_go = false;
+        let (at, len) = (at as usize, len as usize);
+        if let Some(b) = r.buf.as_mut() {
+            let n = len.min(b.len());
+            b.as_mut_slice()[..n].copy_from_slice(&self.rx_buf[at..at + n]);
+        }
+        if go {
+            self.submit(idx);
+        }
     }
 
     fn max_plen(&self) -> u32 {
