@@ -398,6 +398,12 @@ mod tests {
         XtsKey::from_bytes(&k).expect("key")
     }
 
+    /// A crypto bdev with the test key (best tier) over `base`.
+    fn crypto_on(base: Arc<dyn Bdev>) -> CryptoBdev {
+        let dk = DataKey::new(&key(), None).expect("data key");
+        CryptoBdev::new("c", base, dk, false).expect("crypto")
+    }
+
     fn pattern(lba: u64, blocks: usize) -> Vec<u8> {
         (0..blocks * BS)
             .map(|i| (lba as usize * 7 + i * 13 + i / 4093) as u8)
@@ -453,8 +459,7 @@ mod tests {
     #[test]
     fn staged_writes_are_encrypted_as_one_batch_in_submission_order() {
         let base = malloc(64);
-        let dk = DataKey::new(&key(), None).expect("data key");
-        let crypto = CryptoBdev::new("c", base.clone(), dk, false).expect("crypto");
+        let crypto = crypto_on(base.clone());
         let mut ch = crypto.open_channel(CoreId(0), 16).expect("channel");
         let mut pool = BufPool::new(16, 2 * BS, 64).expect("pool");
         let writes: [(u64, u32); 5] = [(3, 1), (9, 2), (20, 1), (4, 1), (40, 2)];
@@ -501,8 +506,7 @@ mod tests {
     fn writes_from_transient_sources_are_encrypted_out_of_place() {
         let n = FROM_BATCH + 7;
         let base = malloc(128);
-        let dk = DataKey::new(&key(), None).expect("data key");
-        let crypto = CryptoBdev::new("c", base.clone(), dk, false).expect("crypto");
+        let crypto = crypto_on(base.clone());
         let plain = malloc(128);
         let mut pool = BufPool::new(2 * n + 8, BS, 64).expect("pool");
         // One contiguous "receive buffer" holding every write's data.
@@ -572,8 +576,7 @@ mod tests {
     #[test]
     fn writes_from_sources_refused_when_full_carry_their_data() {
         let base = malloc(16);
-        let dk = DataKey::new(&key(), None).expect("data key");
-        let crypto = CryptoBdev::new("c", base.clone(), dk, false).expect("crypto");
+        let crypto = crypto_on(base.clone());
         let mut ch = crypto.open_channel(CoreId(0), 4).expect("channel");
         let mut pool = BufPool::new(16, BS, 64).expect("pool");
         let rx: Vec<u8> = (0..6u64).flat_map(|l| pattern(l, 1)).collect();
@@ -670,8 +673,7 @@ mod tests {
             inner: inner.clone(),
             busy: busy.clone(),
         });
-        let dk = DataKey::new(&key(), None).expect("data key");
-        let crypto = CryptoBdev::new("c", base, dk, false).expect("crypto");
+        let crypto = crypto_on(base);
         let mut ch = crypto.open_channel(CoreId(0), 8).expect("channel");
         let mut pool = BufPool::new(8, BS, 64).expect("pool");
         for lba in [1u64, 2, 3] {
