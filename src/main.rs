@@ -13,6 +13,15 @@ struct Cli {
     /// Log filter (tracing-subscriber syntax: `info`, `nvseal=debug`, ...).
     #[arg(long, global = true, env = "NVSEAL_LOG", default_value = "info")]
     log: String,
+    /// Log line format: `text` (coloured only on a terminal) or `json` (one object a line).
+    #[arg(
+        long,
+        global = true,
+        env = "NVSEAL_LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: cli::LogFormat,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -36,7 +45,7 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let args = Cli::parse();
-    cli::init_logging(&args.log);
+    cli::init_logging(&args.log, args.log_format);
     match args.cmd {
         Cmd::Serve(a) => cli::serve::run(a),
         Cmd::Bdevperf(a) => cli::bdevperf::run(*a),

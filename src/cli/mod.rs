@@ -15,14 +15,43 @@ pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;
 pub const EXIT_STARTUP: u8 = 3;
 
-/// Logs to stderr, filtered by `filter`.
-pub fn init_logging(filter: &str) {
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines; coloured only when stderr is a terminal (and `NO_COLOR` is unset).
+    Text,
+    /// One JSON object per line (timestamp, level, target, fields), for log shippers.
+    Json,
+}
+
+/// Whether text logs may carry ANSI colour: only on a terminal, never when `NO_COLOR` is set
+/// (<https://no-color.org>), so `nvseal serve 2> serve.log` writes plain text.
+fn colour_allowed(is_terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    is_terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// Logs to stderr, filtered by `filter`, as text or JSON lines.
+pub fn init_logging(filter: &str, format: LogFormat) {
+    use std::io::IsTerminal;
     let f = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(f)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(colour_allowed(
+                std::io::stderr().is_terminal(),
+                std::env::var_os("NO_COLOR"),
+            ))
+            .try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_ansi(false)
+            .try_init(),
+    };
 }
 
 /// Prints `msg` as an error and returns `code`.
@@ -38,5 +67,18 @@ pub fn load_config(
     match path {
         Some(p) => nvseal::config::Config::load(p),
         None => Ok(nvseal::config::Config::builtin_default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::colour_allowed;
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(colour_allowed(true, None));
+        assert!(colour_allowed(true, Some("".into())));
+        assert!(!colour_allowed(true, Some("1".into())));
+        assert!(!colour_allowed(false, None));
     }
 }
