@@ -592,6 +592,62 @@ fn raw_write_capsule(cid: u16, nsid: u32, lba: u64, nlb: u32, data: &[u8]) -> Ve
     v
 }
 
+/// A Read or Write whose SGL descriptor has a type NVMe/TCP does not define (reserved type 0xE,
+/// a Keyed Data Block 0x4x that only RDMA uses, a Data Block with the transport subtype swapped)
+/// fails with SGL Descriptor Type Invalid and moves no data; the queue keeps working.
+#[test]
+fn reads_and_writes_with_undefined_sgl_types_are_refused() {
+    let h = start(Limits::default(), vec![], 0);
+    let cfg = host_cfg(Digests::default());
+    let a = admin(&h, cfg.clone());
+    let mut s = raw_io_queue(h.addr, a.cntlid(), 1);
+    let mut q = io_queue(&h, &a, 2, cfg);
+    write_read_verify(&mut q, 1, BS, 40, 4096, 9);
+    let mut cid = 100u16;
+    for type_byte in [0xe0u8, 0xea, 0x40, 0x0a, 0x50] {
+        for op in [io_op::READ, io_op::WRITE] {
+            let mut sqe = nvseal::nvmf::host::rw_sqe(op, 1, 40, 8);
+            sqe.cid = cid;
+            sqe.sgl = nvme::SglDesc {
+                addr: 0,
+                len: 4096,
+                type_byte,
+            };
+            raw_capsule(&mut s, &sqe, &[], Digests::default());
+            match raw_read_pdu(&mut s, Digests::default()) {
+                Some((PduHeader::CapsuleResp(c), _)) => {
+                    assert_eq!(c.cid, cid);
+                    assert_eq!(
+                        c.status(),
+                        Status::SGL_TYPE_INVALID,
+                        "opcode {op:#x} SGL type {type_byte:#x}"
+                    );
+                }
+                other => panic!("opcode {op:#x} SGL type {type_byte:#x}: got {other:?}"),
+            }
+            cid += 1;
+        }
+    }
+    // Nothing was written, and the well-formed path still works on the same queue.
+    let (st, _, back) = run(
+        &mut q,
+        nvseal::nvmf::host::rw_sqe(io_op::READ, 1, 40, 8),
+        Dir::FromCtrl,
+        &[],
+        4096,
+    );
+    assert_eq!(st, Status::SUCCESS);
+    assert_eq!(back, pattern(4096, 9));
+    let mut sqe = nvseal::nvmf::host::rw_sqe(io_op::READ, 1, 40, 8);
+    sqe.cid = cid;
+    sqe.sgl = nvme::SglDesc::transport(4096);
+    raw_capsule(&mut s, &sqe, &[], Digests::default());
+    match raw_read_pdu(&mut s, Digests::default()) {
+        Some((PduHeader::C2HData(_), d)) => assert_eq!(d, pattern(4096, 9)),
+        other => panic!("expected C2HData, got {other:?}"),
+    }
+}
+
 /// In-capsule write data is left in the target's receive buffer and handed to the bdev in
 /// batches when the buffer is about to be reused. Cases: a burst of writes in one send (one
 /// past the end of the namespace, one with more in-capsule data than its NLB), a capsule split

@@ -1213,11 +1213,15 @@ impl Connection {
         } else {
             sqe.opcode & 0b11 == 0b01
         };
+        // Without in-capsule data, the only descriptor NVMe/TCP defines for a transfer in either
+        // direction is the Transport SGL Data Block (R2T/H2CData or C2HData). Any other type
+        // (reserved ones included) describing data is refused here, before the command runs;
+        // a zero-length descriptor moves nothing, so its type does not matter.
+        if sqe.sgl.len != 0 && sqe.sgl.type_byte != sgl::TRANSPORT_DATA_BLOCK {
+            return self.complete(idx, Status::SGL_TYPE_INVALID);
+        }
         if !host_to_ctrl || sqe.sgl.len == 0 {
             return self.dispatch(idx);
-        }
-        if sqe.sgl.type_byte != sgl::TRANSPORT_DATA_BLOCK {
-            return self.complete(idx, Status::SGL_TYPE_INVALID);
         }
         // Check what can be checked before asking the host for data.
         if self.qid != 0 && sqe.opcode == io_op::WRITE {
