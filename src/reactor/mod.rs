@@ -299,6 +299,31 @@ impl Mailboxes {
     }
 }
 
+/// Exit status of a process whose reactor panicked (`EX_SOFTWARE` of sysexits.h: an internal
+/// software error). Distinct from the CLI's own codes (0-3) so a supervisor or script can tell
+/// a crash from a failed run.
+pub const EXIT_REACTOR_PANIC: i32 = 70;
+
+/// Logs a reactor's panic and ends the process with [`EXIT_REACTOR_PANIC`]. Never returns.
+/// `std::process::exit` skips other threads' destructors, which is what we want here: nothing
+/// a broken reactor left behind is trusted to shut down cleanly. Keys in locked memory leave
+/// with the process (their pages are excluded from core dumps).
+fn reactor_panicked(index: usize, core: CoreId, payload: &(dyn std::any::Any + Send)) -> ! {
+    let what = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(non-text panic payload)");
+    tracing::error!(
+        reactor = index,
+        %core,
+        panic = %what,
+        exit_code = EXIT_REACTOR_PANIC,
+        "reactor panicked: its connections and in-flight I/O are lost; exiting so a supervisor restarts nvseal"
+    );
+    std::process::exit(EXIT_REACTOR_PANIC)
+}
+
 /// Handle on one running reactor.
 struct ReactorHandle {
     core: CoreId,
@@ -359,18 +384,27 @@ impl ReactorSet {
                         }
                     }
                     let _ = ready_tx.send(Ok(()));
-                    let mut reactor = Reactor {
-                        index,
-                        core,
-                        pollers: Vec::new(),
-                        next_poller: 0,
-                        mailbox: rx,
-                        peers,
-                        counters: ctr,
-                        stop: stop2,
-                        draining: false,
-                    };
-                    reactor.run(&o);
+                    // A panic on a reactor leaves its connections, channels and in-flight I/O in
+                    // an unknown state while RPC and the other reactors would still look healthy:
+                    // make it fatal to the whole process instead (logged, non-zero exit), so a
+                    // supervisor restarts nvseal and hosts reconnect to a consistent target.
+                    let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        let mut reactor = Reactor {
+                            index,
+                            core,
+                            pollers: Vec::new(),
+                            next_poller: 0,
+                            mailbox: rx,
+                            peers,
+                            counters: ctr,
+                            stop: stop2,
+                            draining: false,
+                        };
+                        reactor.run(&o);
+                    }));
+                    if let Err(payload) = ran {
+                        reactor_panicked(index, core, payload.as_ref());
+                    }
                 })
                 .map_err(|e| ReactorError::Start {
                     core,
