@@ -291,7 +291,7 @@ fn check_dir(dir: &Path, meta: &fs::Metadata, own_dir: bool) -> Result<(), Strin
         ));
     }
     let mode = meta.mode();
-    let sticky_ok = !own_dir && mode & u32::from(libc::S_ISVTX) != 0;
+    let sticky_ok = !own_dir && mode & libc::S_ISVTX != 0;
     if mode & DIR_WRITE_OTHERS_MASK != 0 && !sticky_ok {
         return Err(format!(
             "directory {} is writable by {} (mode {:04o}): another user could replace the key \
