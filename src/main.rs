@@ -1,4 +1,4 @@
-//! The `nvseal` command line: `serve`, `bdevperf`, `config`. Each subcommand lives in
+//! The `nvseal` command line: `serve`, `bdevperf`, `format`, `config`. Each subcommand lives in
 //! `src/cli/`; the library does the work.
 
 use clap::{Parser, Subcommand};
@@ -38,6 +38,8 @@ enum Cmd {
     Rpc(cli::rpc::RpcArgs),
     /// Write a password-encrypted support bundle (redacted config, logs, stats, versions).
     Bundle(cli::bundle::BundleArgs),
+    /// Format one encrypted bdev's header offline (fresh DEK); --force formats over non-blank data.
+    Format(cli::format::FormatArgs),
     /// Check or print configuration files.
     #[command(subcommand)]
     Config(cli::config::ConfigCmd),
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
         Cmd::Perf(a) => cli::perf::run(*a),
         Cmd::Rpc(a) => cli::rpc::run(a),
         Cmd::Bundle(a) => cli::bundle::run(a),
+        Cmd::Format(a) => cli::format::run(a),
         Cmd::Config(c) => cli::config::run(c),
     }
 }

@@ -74,6 +74,7 @@ fn keys_never_appear_in_logs_states_reports_or_audit() {
             max_ms: 500,
         },
         audit_log: Some(audit.clone()),
+        allow_unlocked_memory: false,
     };
     let d_local = dev("hy0");
     let d_kmip = dev("hy1");

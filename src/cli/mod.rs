@@ -7,6 +7,7 @@ use std::process::ExitCode;
 pub mod bdevperf;
 pub mod bundle;
 pub mod config;
+pub mod format;
 pub mod perf;
 pub mod rpc;
 pub mod serve;

@@ -9,7 +9,7 @@
 use std::fmt;
 
 use crate::crypto::xts::Tier;
-use crate::sys::mlock::LockedBox;
+use crate::sys::mlock::{LockError, LockedBox};
 
 /// Length of an AES-256-XTS key: two AES-256 keys.
 pub const XTS_KEY_LEN: usize = 64;
@@ -42,9 +42,14 @@ pub enum CryptoError {
     /// Allocating locked memory for key material failed.
     #[error("out of memory for key material")]
     OutOfMemory,
+    /// Key memory could not be locked (and unlocked memory is not allowed), or not allocated.
+    #[error(transparent)]
+    Memory(#[from] LockError),
 }
 
-/// A 512-bit AES-256-XTS key (key1 || key2). Zeroed on drop, page-locked, never printable.
+/// A 512-bit AES-256-XTS key (key1 || key2). Zeroed on drop, page-locked (an `mlock` failure is
+/// an error unless the process allows unlocked key memory, see [`crate::sys::mlock`]), never
+/// printable.
 pub struct XtsKey {
     bytes: LockedBox<[u8; XTS_KEY_LEN]>,
 }
@@ -59,14 +64,14 @@ impl XtsKey {
         if ct_eq(key1, key2) {
             return Err(CryptoError::DuplicateKeys);
         }
-        let mut locked = LockedBox::new([0u8; XTS_KEY_LEN]).ok_or(CryptoError::OutOfMemory)?;
+        let mut locked = LockedBox::try_new([0u8; XTS_KEY_LEN])?;
         locked.copy_from_slice(bytes);
         Ok(XtsKey { bytes: locked })
     }
 
     /// A fresh random key from the OS CSPRNG (`getrandom`), written straight into locked memory.
     pub fn generate() -> Result<XtsKey, CryptoError> {
-        let mut locked = LockedBox::new([0u8; XTS_KEY_LEN]).ok_or(CryptoError::OutOfMemory)?;
+        let mut locked = LockedBox::try_new([0u8; XTS_KEY_LEN])?;
         getrandom::fill(&mut locked[..]).map_err(|e| CryptoError::Rng(e.to_string()))?;
         let (key1, key2) = locked.split_at(XTS_KEY_LEN / 2);
         // Equal halves from a working CSPRNG have probability 2^-256; treat it as an RNG fault.

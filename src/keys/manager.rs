@@ -42,21 +42,24 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use uuid::Uuid;
 
-use super::header::{DataUnit, KeySlot, RekeyState};
+use super::header::{DataUnit, KeySlot, RekeyState, METADATA_REGION_BYTES};
 use super::kmip_provider::KmipKeyProvider;
 use super::local::{CreateMode, LocalKeyProvider, DEFAULT_KEK_ID};
 use super::provider::{KekId, KeyProvider, ProviderError, ProviderKind};
-use super::store::{self, HeaderIo, StoreError, Stored};
+use super::store::{
+    self, FormatBlankError, HeaderIo, NotBlank, StoreError, Stored, FORMAT_DATA_PROBE_BYTES,
+};
 use super::wrap::{unwrap_dek, wrap_dek, Kek, KeyError};
 use super::{
     format_encrypted, open_encrypted, FormatError, FormatParams, OpenError, Opened, RevokeOld,
 };
-use crate::bdev::slice::SliceBdev;
+use crate::bdev::slice::{BdevHeaderIo, SliceBdev};
 use crate::bdev::Bdev;
 use crate::crypto::bdev::{CryptoBdev, DataKey};
 use crate::crypto::key::XtsKey;
 use crate::crypto::xts::Tier;
 use crate::kms::{KmsCluster, KmsClusterConfig, ServerStatus};
+use crate::types::CoreId;
 
 /// Name of the local key provider in [`NamespaceKeyConfig::provider`].
 pub const LOCAL_PROVIDER: &str = "local";
@@ -81,6 +84,10 @@ pub struct KeysConfig {
     /// Append one JSON line per crypto operation to this file.
     #[serde(default)]
     pub audit_log: Option<PathBuf>,
+    /// Run even if key memory cannot be locked in RAM (`mlock` fails, usually for lack of
+    /// `RLIMIT_MEMLOCK`): keys may then be swapped out to disk. Default false: start-up fails.
+    #[serde(default)]
+    pub allow_unlocked_memory: bool,
 }
 
 /// The local key file.
@@ -436,6 +443,9 @@ pub enum ManagerError {
     /// The local key file.
     #[error("local key provider: {0}")]
     Local(#[source] ProviderError),
+    /// Key memory cannot be locked and unlocked memory is not allowed.
+    #[error("keys: {0}")]
+    Memory(#[source] crate::sys::mlock::LockError),
     /// The audit log.
     #[error("audit log {path}: {source}")]
     Audit {
@@ -478,6 +488,39 @@ pub enum AddError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What [`KeyManager::format_device`] did. Holds no secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FormatReport {
+    /// The namespace (encrypted bdev) name.
+    pub ns_id: String,
+    /// The new namespace UUID.
+    pub namespace_uuid: String,
+    /// Provider of the KEK the new DEK is wrapped under.
+    pub kek_provider: String,
+    /// That KEK.
+    pub kek_id: KekId,
+    /// Data unit (logical block) size.
+    pub data_unit_bytes: u32,
+    /// Size of the data area in data units.
+    pub data_blocks: u64,
+    /// Whether `force` was given.
+    pub forced: bool,
+}
+
+/// Why [`KeyManager::format_device`] did not format.
+#[derive(Debug, Error)]
+pub enum FormatDeviceError {
+    /// Refused: the device is not blank, or the request is invalid. Nothing was written.
+    #[error("format refused: {0}")]
+    Refused(String),
+    /// Reading or writing the device failed, or the KMS was unreachable.
+    #[error("format failed: {0}")]
+    Io(String),
+    /// Formatting failed for good (KEK unusable, device too small, ...).
+    #[error("format failed: {0}")]
+    Failed(String),
 }
 
 /// Errors that stop a shallow rekey before any namespace is touched.
@@ -603,6 +646,17 @@ impl KeyManager {
     /// no KMS) and the audit sink.
     pub fn new(config: &KeysConfig, options: ManagerOptions) -> Result<Self, ManagerError> {
         config.unlock_retry.validate()?;
+        // Keys are unwrapped long after start-up, on the unlock threads: find out now whether
+        // they can be locked in RAM, and refuse to start if not (unless allowed).
+        crate::sys::mlock::set_allow_unlocked(config.allow_unlocked_memory);
+        if let Err(e) = crate::sys::mlock::probe() {
+            if !config.allow_unlocked_memory {
+                return Err(ManagerError::Memory(e));
+            }
+            tracing::warn!(error = %e,
+                "key memory cannot be locked in RAM; keys may be swapped out to disk \
+                 (allowed by keys.allow_unlocked_memory)");
+        }
         let mut providers = BTreeMap::new();
         if let Some(local) = &config.local {
             let mode = if local.create {
@@ -777,6 +831,97 @@ impl KeyManager {
         }
     }
 
+    /// Formats one device now, on the calling thread: the offline `nvseal format` tool. The
+    /// header copies must be blank: a valid header (its DEK would be destroyed) or a damaged one
+    /// (whose wrapped DEK might still be recovered by hand) is refused, `force` or not. The rest
+    /// of the metadata region and the first [`FORMAT_DATA_PROBE_BYTES`] of the data area must be
+    /// blank as well unless `force` is set; with `force`, the metadata region is zeroed first
+    /// (the deep-rekey journal area must read as zeros on a fresh namespace) and the data area is
+    /// left as it is, to be overwritten by the namespace's users. Audited as op `format`. The
+    /// namespace is not registered: a later `add_encrypted` opens it.
+    pub fn format_device(
+        &self,
+        who: &str,
+        ns_id: &str,
+        backing: &Arc<dyn Bdev>,
+        io: &mut dyn HeaderIo,
+        key: &NamespaceKeyConfig,
+        force: bool,
+    ) -> Result<FormatReport, FormatDeviceError> {
+        let refused = |reason: String| {
+            self.inner
+                .audit(who, "format", ns_id, &format!("refused: {reason}"));
+            FormatDeviceError::Refused(reason)
+        };
+        if !self.inner.providers.contains_key(&key.provider) {
+            return Err(refused(format!(
+                "no key provider named {:?} is configured",
+                key.provider
+            )));
+        }
+        match store::read_header(io) {
+            Ok(stored) => {
+                return Err(refused(format!(
+                    "the device holds an nvseal header (namespace {}, generation {}); formatting \
+                     would destroy its DEK and with it every byte of the namespace, so it is \
+                     refused even with --force",
+                    stored.header.namespace_uuid, stored.header.generation
+                )))
+            }
+            Err(StoreError::NotFormatted) => {}
+            Err(e @ StoreError::Io { .. }) => return Err(FormatDeviceError::Io(e.to_string())),
+            Err(e) => {
+                return Err(refused(format!(
+                    "the header copies are not blank ({e}); a damaged header may still hold a \
+                     recoverable wrapped DEK, so it is refused even with --force (if the device \
+                     is expendable, zero its first 128 KiB by hand first)"
+                )))
+            }
+        }
+        match check_blank(io, backing) {
+            Ok(()) => {}
+            Err(FormatBlankError::Io(e)) => return Err(FormatDeviceError::Io(e.to_string())),
+            Err(FormatBlankError::NotBlank(found)) if !force => {
+                return Err(refused(format!(
+                    "the header copies are blank but {found}; this may be the namespace's \
+                     ciphertext under a wiped header. Pass --force only if that data is \
+                     expendable"
+                )))
+            }
+            Err(FormatBlankError::NotBlank(found)) => {
+                tracing::warn!(namespace = %ns_id, %found,
+                    "formatting over a device that is not blank, as forced");
+                self.inner
+                    .audit(who, "format", ns_id, &format!("forced over: {found}"));
+                zero_metadata_region(io).map_err(|e| FormatDeviceError::Io(e.to_string()))?;
+            }
+        }
+        let opened = self
+            .inner
+            .format(
+                io,
+                ns_id,
+                who,
+                backing,
+                &key.provider,
+                key.kek_name.as_deref(),
+            )
+            .map_err(|f| match f {
+                Fail::Transient(r) => FormatDeviceError::Io(r),
+                Fail::Permanent(r) => FormatDeviceError::Failed(r),
+            })?;
+        let header = &opened.stored.header;
+        Ok(FormatReport {
+            ns_id: ns_id.to_owned(),
+            namespace_uuid: header.namespace_uuid.to_string(),
+            kek_provider: key.provider.clone(),
+            kek_id: header.active.kek_id.clone(),
+            data_unit_bytes: header.data_unit.bytes(),
+            data_blocks: header.data_blocks,
+            forced: force,
+        })
+    }
+
     /// Forgets an encrypted namespace whose export was deleted: stops its unlock thread (a
     /// key that arrives afterwards is dropped, never brought online) and drops the manager's
     /// reference to its crypto bdev, so its DEK is wiped from memory once the target's channels
@@ -904,6 +1049,59 @@ fn status_of(ns_id: &str, e: &NsEntry) -> NamespaceStatus {
                 .unwrap_or(u64::MAX)
         }),
     }
+}
+
+/// The blank check of a device about to be formatted: the whole metadata region through the
+/// header I/O, then the first [`FORMAT_DATA_PROBE_BYTES`] of the data area (as much as the
+/// device has) through the backing bdev, on a private channel driven on this control thread.
+/// Reads only.
+fn check_blank(io: &mut dyn HeaderIo, backing: &Arc<dyn Bdev>) -> Result<(), FormatBlankError> {
+    store::check_metadata_blank(io)?;
+    let bs = u64::from(backing.block_size()).max(1);
+    let device_bytes = backing.num_blocks().saturating_mul(bs);
+    let end = device_bytes.min(METADATA_REGION_BYTES + FORMAT_DATA_PROBE_BYTES) / bs * bs;
+    if end <= METADATA_REGION_BYTES {
+        // No data area: the format itself refuses the device as too small.
+        return Ok(());
+    }
+    let io_failed = |source: std::io::Error| {
+        FormatBlankError::Io(StoreError::Io {
+            op: "blank check: read data area",
+            source,
+        })
+    };
+    let mut reader = BdevHeaderIo::new(backing.clone(), CoreId(0), end).map_err(io_failed)?;
+    match store::first_nonzero(
+        |off, buf| reader.read_at(off, buf),
+        METADATA_REGION_BYTES,
+        end - METADATA_REGION_BYTES,
+    ) {
+        Ok(None) => Ok(()),
+        Ok(Some(offset)) => Err(FormatBlankError::NotBlank(NotBlank::Data { offset })),
+        Err(e) => Err(io_failed(e)),
+    }
+}
+
+/// Zeroes the whole metadata region and flushes (a forced format only).
+fn zero_metadata_region(io: &mut dyn HeaderIo) -> std::io::Result<()> {
+    let zero = vec![0u8; 128 * 1024];
+    let mut off = 0u64;
+    while off < METADATA_REGION_BYTES {
+        io.write_at(off, &zero)?;
+        off += zero.len() as u64;
+    }
+    io.flush()
+}
+
+/// The error of a namespace whose header copies are blank over a device that is not.
+fn not_blank_reason(ns_id: &str, found: &NotBlank) -> String {
+    format!(
+        "the header copies are blank but {found}: refusing to format, since this is most \
+         likely the namespace's ciphertext under a wiped header and a new DEK would make it \
+         unreadable for good. If the header was wiped by accident, restore the first 1 MiB of \
+         the device from a backup. If the data is expendable, stop nvseal and run \
+         `nvseal format --force -c <config> --bdev {ns_id}`"
+    )
 }
 
 /// How a failed open is classified.
@@ -1087,6 +1285,7 @@ impl Inner {
                 self.open_stored(&mut **io, &stored)?
             }
             Err(StoreError::NotFormatted) if create => {
+                self.refuse_unless_blank(&mut **io, ns_id, &who, &backing)?;
                 let opened = self.format(
                     &mut **io,
                     ns_id,
@@ -1157,6 +1356,29 @@ impl Inner {
             }
         }
         Err(Fail::Permanent(reason))
+    }
+
+    /// The blank check before `create` formats a device whose header copies are blank: the
+    /// rest of the metadata region and the first [`FORMAT_DATA_PROBE_BYTES`] of the data area
+    /// must read as zeros too. Otherwise the header was most likely wiped over live ciphertext,
+    /// and a fresh DEK would make it unreadable for good: a permanent error that says what to do
+    /// (nothing is written). A read failure is transient.
+    fn refuse_unless_blank(
+        &self,
+        io: &mut dyn HeaderIo,
+        ns_id: &str,
+        who: &str,
+        backing: &Arc<dyn Bdev>,
+    ) -> Result<(), Fail> {
+        match check_blank(io, backing) {
+            Ok(()) => Ok(()),
+            Err(FormatBlankError::Io(e)) => Err(Fail::Transient(format!("blank check: {e}"))),
+            Err(FormatBlankError::NotBlank(found)) => {
+                let reason = not_blank_reason(ns_id, &found);
+                self.audit(who, "format", ns_id, &format!("refused: {found}"));
+                Err(Fail::Permanent(reason))
+            }
+        }
     }
 
     /// Formats a blank header: chooses the KEK, draws a DEK, writes both copies.
@@ -1602,7 +1824,7 @@ mod tests {
     use super::*;
     use crate::bdev::malloc::{self, MallocConfig};
     use crate::bdev::slice::BdevHeaderIo;
-    use crate::keys::header::METADATA_REGION_BYTES;
+    use crate::keys::header::{METADATA_REGION_BYTES, REKEY_AREA_OFFSET_BYTES};
     use crate::types::CoreId;
     use std::path::Path;
 
@@ -1698,6 +1920,167 @@ mod tests {
             hugepages: false,
         })
         .expect("malloc")
+    }
+
+    /// A RAM disk with a data area of 2 MiB (twice the blank-check probe).
+    fn malloc_dev_2m(name: &str) -> Arc<dyn Bdev> {
+        malloc::open(&MallocConfig {
+            name: name.into(),
+            num_blocks: None,
+            size_bytes: Some(METADATA_REGION_BYTES + 2 * FORMAT_DATA_PROBE_BYTES),
+            block_size: 4096,
+            hugepages: false,
+        })
+        .expect("malloc")
+    }
+
+    /// Raw access to the whole device (tests only; the manager's header I/O stops at 1 MiB).
+    fn whole_dev(d: &Arc<dyn Bdev>) -> BdevHeaderIo {
+        let bytes = d.num_blocks() * u64::from(d.block_size());
+        BdevHeaderIo::new(d.clone(), CoreId(0), bytes).expect("whole-device io")
+    }
+
+    fn image(d: &Arc<dyn Bdev>) -> Vec<u8> {
+        let mut v = vec![0u8; (d.num_blocks() * u64::from(d.block_size())) as usize];
+        whole_dev(d).read_at(0, &mut v).expect("read image");
+        v
+    }
+
+    /// Issue 11 item 3: `create` formats only a device whose whole start is blank. A blank
+    /// header over data in the data area's first MiB, the journal area or the gaps beside the
+    /// copies (a wiped header, most likely) sends the namespace to `error` with a message that
+    /// names `nvseal format --force`, and not one byte of the device changes. A blank device, or
+    /// one with data only past the probed MiB, formats. `format_device` refuses the same device
+    /// without `force`, formats it with `force` (data area untouched, metadata region zeroed),
+    /// and refuses a device that holds a header even with `force`.
+    #[test]
+    fn blank_header_over_data_is_refused_until_forced() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m =
+            KeyManager::new(&local_keys(dir.path()), ManagerOptions::default()).expect("manager");
+        let key = NamespaceKeyConfig {
+            provider: LOCAL_PROVIDER.into(),
+            kek_name: None,
+        };
+        let hio = |d: &Arc<dyn Bdev>| -> Box<dyn HeaderIo + Send> {
+            Box::new(BdevHeaderIo::new(d.clone(), CoreId(0), METADATA_REGION_BYTES).expect("hio"))
+        };
+        let data_off = METADATA_REGION_BYTES + 3 * 4096 + 17;
+        let cases = [
+            ("data", data_off, "the data area holds data"),
+            (
+                "data-end",
+                METADATA_REGION_BYTES + FORMAT_DATA_PROBE_BYTES - 1,
+                "the data area holds data",
+            ),
+            (
+                "journal",
+                0x20000 + 5,
+                "the deep-rekey journal area holds data",
+            ),
+            ("gap", 0x1000 + 1, "beside the header copies"),
+        ];
+        let mut devs = BTreeMap::new();
+        for (ns, off, what) in cases {
+            let d = malloc_dev_2m(ns);
+            whole_dev(&d).write_at(off, &[0xA5]).expect("plant");
+            let before = image(&d);
+            m.add_encrypted("test", ns, d.clone(), hio(&d), &key, true)
+                .expect("add");
+            let st = m
+                .wait_for(ns, Duration::from_secs(30), |s| {
+                    matches!(
+                        s,
+                        NamespaceKeyState::Error { .. } | NamespaceKeyState::Online
+                    )
+                })
+                .expect("status");
+            let NamespaceKeyState::Error { reason } = &st.state else {
+                panic!("{ns}: formatted over data: {st:?}");
+            };
+            assert!(reason.contains(what), "{ns}: {reason}");
+            assert!(
+                reason.contains(&format!("device offset {off}")),
+                "{ns}: {reason}"
+            );
+            assert!(
+                reason.contains(&format!("nvseal format --force -c <config> --bdev {ns}")),
+                "{ns}: {reason}"
+            );
+            assert!(image(&d) == before, "{ns}: the device was written");
+            devs.insert(ns, d);
+        }
+        // Data only past the probed MiB, and a blank device: both format.
+        let past = malloc_dev_2m("past");
+        whole_dev(&past)
+            .write_at(METADATA_REGION_BYTES + FORMAT_DATA_PROBE_BYTES, &[0xA5])
+            .expect("plant");
+        let blank = malloc_dev_2m("blank");
+        for (ns, d) in [("past", &past), ("blank", &blank)] {
+            m.add_encrypted("test", ns, d.clone(), hio(d), &key, true)
+                .expect("add");
+            let st = m
+                .wait_for(ns, Duration::from_secs(30), |s| {
+                    *s == NamespaceKeyState::Online
+                })
+                .expect("status");
+            assert_eq!(st.state, NamespaceKeyState::Online, "{ns}: {st:?}");
+        }
+        // The offline tool: refused without force (nothing written), formats with it.
+        for (ns, off, _) in cases {
+            let d = &devs[ns];
+            assert!(m.remove("test", ns));
+            let before = image(d);
+            let mut io =
+                BdevHeaderIo::new(d.clone(), CoreId(0), METADATA_REGION_BYTES).expect("hio");
+            match m.format_device("test", ns, d, &mut io, &key, false) {
+                Err(FormatDeviceError::Refused(r)) => assert!(r.contains("--force"), "{r}"),
+                other => panic!("{ns}: {other:?}"),
+            }
+            assert!(image(d) == before, "{ns}: refused format wrote");
+            let report = m
+                .format_device("test", ns, d, &mut io, &key, true)
+                .expect("forced format");
+            assert!(report.forced);
+            assert_eq!(report.data_blocks, 2 * FORMAT_DATA_PROBE_BYTES / 4096);
+            let after = image(d);
+            let meta = METADATA_REGION_BYTES as usize;
+            assert_eq!(
+                after[meta..],
+                before[meta..],
+                "{ns}: the data area was written"
+            );
+            assert!(
+                after[REKEY_AREA_OFFSET_BYTES as usize..meta]
+                    .iter()
+                    .all(|&b| b == 0),
+                "{ns}: the journal area was not zeroed"
+            );
+            if off >= METADATA_REGION_BYTES {
+                assert_eq!(after[off as usize], 0xA5);
+            }
+            // It opens, as the namespace's old data would not have.
+            m.add_encrypted("test", ns, d.clone(), hio(d), &key, false)
+                .expect("add");
+            let st = m
+                .wait_for(ns, Duration::from_secs(30), |s| {
+                    *s == NamespaceKeyState::Online
+                })
+                .expect("status");
+            assert_eq!(
+                st.namespace_uuid.as_deref(),
+                Some(report.namespace_uuid.as_str())
+            );
+            // A header, valid now, is never formatted over, force or not.
+            let before = image(d);
+            match m.format_device("test", ns, d, &mut io, &key, true) {
+                Err(FormatDeviceError::Refused(r)) => {
+                    assert!(r.contains("holds an nvseal header"), "{r}")
+                }
+                other => panic!("{ns}: {other:?}"),
+            }
+            assert!(image(d) == before, "{ns}: formatted over a header");
+        }
     }
 
     /// Removing a namespace: the manager lets go of its crypto bdev (so of its DEK), forgets

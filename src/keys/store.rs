@@ -23,6 +23,7 @@ use thiserror::Error;
 
 use super::header::{
     decode, CopyId, Header, HeaderError, HEADER_COPY_BYTES, METADATA_REGION_BYTES,
+    REKEY_AREA_OFFSET_BYTES,
 };
 
 /// Blocking positioned I/O on the backing device for header reads and writes.
@@ -340,6 +341,104 @@ pub fn update<I: HeaderIo + ?Sized>(
             generation: current.header.generation,
         },
     })
+}
+
+/// How much of the data area must read as zeros, besides the whole metadata region, before a
+/// namespace is formatted without `force`. 1 MiB: a wiped header (`wipefs`, a stray partition
+/// table, an accidental `dd` over the first 128 KiB) leaves the namespace's ciphertext right
+/// after the metadata region, and any file system or volume written through the namespace puts
+/// its own metadata in its first MiB, so ciphertext there is all but certain on a used device
+/// (one MiB of random bytes reads as zeros with probability 2^-8388608).
+pub const FORMAT_DATA_PROBE_BYTES: u64 = 1 << 20;
+
+/// Bytes read per call by [`first_nonzero`].
+const BLANK_CHECK_CHUNK_BYTES: usize = 128 * 1024;
+
+/// Where the blank check before a format found data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotBlank {
+    /// Non-zero bytes in the metadata region outside the two header copies (the gaps after them
+    /// or the deep-rekey journal area), at this device byte offset.
+    Metadata {
+        /// Device byte offset of the first non-zero byte.
+        offset: u64,
+    },
+    /// Non-zero bytes in the first [`FORMAT_DATA_PROBE_BYTES`] of the data area.
+    Data {
+        /// Device byte offset of the first non-zero byte.
+        offset: u64,
+    },
+}
+
+impl std::fmt::Display for NotBlank {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            NotBlank::Metadata { offset } if *offset >= REKEY_AREA_OFFSET_BYTES => write!(
+                f,
+                "the deep-rekey journal area holds data (first non-zero byte at device offset \
+                 {offset})"
+            ),
+            NotBlank::Metadata { offset } => write!(
+                f,
+                "the metadata region holds data beside the header copies (first non-zero byte at \
+                 device offset {offset})"
+            ),
+            NotBlank::Data { offset } => write!(
+                f,
+                "the data area holds data (first non-zero byte at device offset {offset})"
+            ),
+        }
+    }
+}
+
+/// The device offset of the first non-zero byte in `[start, start + len)`, read with `read` in
+/// chunks of [`BLANK_CHECK_CHUNK_BYTES`]. Reads only.
+pub fn first_nonzero(
+    mut read: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
+    start: u64,
+    len: u64,
+) -> io::Result<Option<u64>> {
+    let mut buf = vec![0u8; BLANK_CHECK_CHUNK_BYTES];
+    let mut off = start;
+    let end = start.saturating_add(len);
+    while off < end {
+        let n = usize::try_from(end - off)
+            .unwrap_or(usize::MAX)
+            .min(BLANK_CHECK_CHUNK_BYTES);
+        let chunk = &mut buf[..n];
+        read(off, chunk)?;
+        if let Some(i) = chunk.iter().position(|&b| b != 0) {
+            return Ok(Some(off + i as u64));
+        }
+        off += n as u64;
+    }
+    Ok(None)
+}
+
+/// Checks that the whole metadata region reads as zeros through `io` (the header copies, the
+/// gaps after them and the deep-rekey journal area). Part of the blank check before a format;
+/// the caller checks the first [`FORMAT_DATA_PROBE_BYTES`] of the data area through the base
+/// device. Reads only.
+pub fn check_metadata_blank<I: HeaderIo + ?Sized>(io: &mut I) -> Result<(), FormatBlankError> {
+    match first_nonzero(|off, buf| io.read_at(off, buf), 0, METADATA_REGION_BYTES) {
+        Ok(None) => Ok(()),
+        Ok(Some(offset)) => Err(FormatBlankError::NotBlank(NotBlank::Metadata { offset })),
+        Err(source) => Err(FormatBlankError::Io(StoreError::Io {
+            op: "blank check: read metadata region",
+            source,
+        })),
+    }
+}
+
+/// Why the blank check before a format did not pass.
+#[derive(Debug, Error)]
+pub enum FormatBlankError {
+    /// Data was found; formatting would draw a new DEK over it.
+    #[error("{0}")]
+    NotBlank(NotBlank),
+    /// Reading failed (retrying may work).
+    #[error(transparent)]
+    Io(StoreError),
 }
 
 /// Checks that a device of `bytes` can hold the metadata region.

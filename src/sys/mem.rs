@@ -11,11 +11,22 @@
 //! hosts choose. The region therefore never hands out `&[u8]`/`&mut [u8]` over its memory: every
 //! access is a raw-pointer copy (`ptr::copy_nonoverlapping` / `ptr::write_bytes`) of exactly the
 //! requested byte range, after a bounds check. No Rust reference to the shared bytes ever exists,
-//! so the aliasing rules are never broken. Like a real disk, two I/Os that overlap and run at the
-//! same time leave unspecified bytes in the overlap (any mix of the two); callers that need
-//! ordering (the NVMe host) must not issue overlapping I/O concurrently, exactly as with a drive.
-//! The memory is only plain bytes (any bit pattern is a valid `u8`), so torn contents are never
-//! invalid values.
+//! so the aliasing rules are never broken.
+//!
+//! What this does **not** make sound: two copies that overlap in the region and run at the same
+//! time on different threads, at least one of them a write, are a data race, and in Rust's
+//! memory model (C++'s, which LLVM implements) a data race on non-atomic accesses is undefined
+//! behaviour, whatever the bytes. Nothing here prevents it: a remote host may issue overlapping
+//! I/Os on two queue pairs at once, which land on two reactors. We accept that knowingly, for
+//! speed: the copies are opaque `memcpy`/`memset` calls into memory that only raw pointers
+//! reach, which the compiler can neither see the other thread's access to nor cache across
+//! calls, so what a race does in practice is what it does on a disk: unspecified bytes (any mix
+//! of the two I/Os) in the overlap. The memory holds only plain bytes (any bit pattern is a
+//! valid `u8`), and no control decision is ever read back from it. The sound alternative would
+//! be relaxed atomic word copies (`AtomicU64` loads and stores), which cannot use vector
+//! `memcpy` and cost several times the copy bandwidth of a RAM disk; volatile copies would not
+//! help, since a race between volatile accesses is still a data race. Hosts that need ordering
+//! (any sane NVMe initiator) must not issue overlapping I/O concurrently, as with a drive.
 
 use std::ptr::NonNull;
 
@@ -71,9 +82,12 @@ pub struct Region {
 // of bounds-checked ranges (no references into the mapping), so sending it to another thread
 // cannot create aliasing references.
 unsafe impl Send for Region {}
-// SAFETY: shared access only performs raw-pointer byte copies into/out of plain `u8` memory; no
-// `&`/`&mut` to the mapped bytes is ever created (module docs: concurrent overlapping access gives
-// unspecified bytes, like a disk, but never an invalid value or a dangling access).
+// SAFETY: shared access only performs bounds-checked raw-pointer byte copies into/out of plain
+// `u8` memory that lives as long as the Region; no `&`/`&mut` to the mapped bytes is ever
+// created, so no access dangles and no reference aliasing rule is broken. Concurrent copies
+// that overlap (one of them a write) are NOT made sound by this: they are a data race, undefined
+// behaviour in Rust's memory model, accepted knowingly for the RAM disks' copy speed (module
+// docs, "Concurrent access rule": in practice unspecified bytes in the overlap, as on a disk).
 unsafe impl Sync for Region {}
 
 /// `MADV_POPULATE_WRITE` (Linux 5.14+; not in every libc crate version).
@@ -186,8 +200,9 @@ impl Region {
         self.check(offset, dst.len())?;
         // SAFETY: offset..offset+dst.len() is inside the mapping (checked above) and the mapping
         // lives as long as `self`; `dst` is a distinct allocation (it cannot point into the
-        // region, which never hands out references), so the ranges do not overlap. Concurrent
-        // writers to the same range only make the copied bytes unspecified (module docs).
+        // region, which never hands out references), so the ranges do not overlap. A concurrent
+        // write to the same range would be a data race (undefined behaviour in Rust's model);
+        // that is the accepted risk the module docs describe, not something ruled out here.
         unsafe {
             std::ptr::copy_nonoverlapping(
                 self.ptr.as_ptr().add(offset),
@@ -202,7 +217,8 @@ impl Region {
     pub fn write_at(&self, offset: usize, src: &[u8]) -> Result<(), MemError> {
         self.check(offset, src.len())?;
         // SAFETY: as in `read_at`: in-bounds destination inside our live mapping, a source that is
-        // not part of the region, raw copy without creating references to the shared bytes.
+        // not part of the region, raw copy without creating references to the shared bytes. A
+        // concurrent overlapping access is a data race (see the module docs).
         unsafe {
             std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.as_ptr().add(offset), src.len())
         };

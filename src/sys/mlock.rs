@@ -10,10 +10,20 @@
 //! keys per process) and makes lock/unlock exact.
 //!
 //! Created and dropped on control threads (key setup); reactors only read through `&T`.
-//! A failed `mlock` (usually `RLIMIT_MEMLOCK`) is not fatal: it is logged once per process with
-//! `tracing::warn!` and the value stays usable (and is still wiped on drop).
+//!
+//! A failed `mlock` (usually `RLIMIT_MEMLOCK` without `CAP_IPC_LOCK`) is governed by one
+//! process-wide policy, [`set_allow_unlocked`]: by default it is refused — [`LockedBox::try_new`]
+//! returns [`LockError::NotLocked`], and the key manager checks with [`probe`] at start-up so
+//! that a serve that cannot lock its keys fails to start instead of running with keys that may
+//! be swapped out. When unlocked memory is explicitly allowed (`keys.allow_unlocked_memory`),
+//! a failure is logged (once per process) and the value stays usable (still wiped on drop).
+//! [`LockedBox::new`] is the best-effort form for short-lived secrets (a KEK during one unwrap).
+//!
+//! [`scrub_stack`] overwrites the stack below the caller, for the temporaries of a key expansion
+//! that the compiler may have left there.
 
 use std::alloc::{self, Layout};
+use std::mem::MaybeUninit;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -21,6 +31,79 @@ use zeroize::Zeroize;
 
 /// Set after the first failed `mlock` was logged, so the warning is printed once per process.
 static MLOCK_WARNED: AtomicBool = AtomicBool::new(false);
+
+/// Whether [`LockedBox::try_new`] accepts memory that could not be locked (default: no).
+static ALLOW_UNLOCKED: AtomicBool = AtomicBool::new(false);
+
+/// Sets the process-wide policy for a failed `mlock`: `true` logs it and goes on, `false` (the
+/// default) makes [`LockedBox::try_new`] fail. Set once at start-up from the configuration.
+pub fn set_allow_unlocked(allow: bool) {
+    ALLOW_UNLOCKED.store(allow, Ordering::Relaxed);
+}
+
+/// The current policy (see [`set_allow_unlocked`]).
+pub fn unlocked_allowed() -> bool {
+    ALLOW_UNLOCKED.load(Ordering::Relaxed)
+}
+
+/// Why a [`LockedBox::try_new`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    /// The allocator failed (or the type needs more than page alignment).
+    #[error("out of memory for key material")]
+    OutOfMemory,
+    /// `mlock` failed and unlocked key memory is not allowed.
+    #[error(
+        "cannot lock key memory in RAM (mlock: {0}); raise RLIMIT_MEMLOCK (`ulimit -l`, \
+         systemd LimitMEMLOCK=) or grant CAP_IPC_LOCK, or allow keys that may be swapped out \
+         with keys.allow_unlocked_memory: true"
+    )]
+    NotLocked(std::io::Error),
+}
+
+/// Checks that this process can lock memory now: locks and unlocks one page. Start-up calls it
+/// so that a missing `RLIMIT_MEMLOCK` shows up before any key exists.
+pub fn probe() -> Result<(), LockError> {
+    let page = page_size();
+    let layout = Layout::from_size_align(page, page).map_err(|_| LockError::OutOfMemory)?;
+    // SAFETY: the layout has a non-zero size.
+    let raw = unsafe { alloc::alloc_zeroed(layout) };
+    if raw.is_null() {
+        return Err(LockError::OutOfMemory);
+    }
+    // SAFETY: [raw, raw + page) is our own live allocation; mlock only changes residency.
+    let result = if unsafe { libc::mlock(raw.cast(), page) } == 0 {
+        // SAFETY: the range locked just above.
+        let _ = unsafe { libc::munlock(raw.cast(), page) };
+        Ok(())
+    } else {
+        Err(LockError::NotLocked(std::io::Error::last_os_error()))
+    };
+    // SAFETY: allocated above with exactly this layout and not freed before.
+    unsafe { alloc::dealloc(raw, layout) };
+    result
+}
+
+/// Bytes [`scrub_stack`] overwrites: more than the deepest key expansion uses (the `aes` crate's
+/// bit-sliced schedule and the AES-NI expansion take well under 8 KiB of stack).
+pub const SCRUB_STACK_BYTES: usize = 16 * 1024;
+
+/// Overwrites [`SCRUB_STACK_BYTES`] of stack below the caller's frame with zeros, with volatile
+/// writes the compiler cannot drop. The frames of functions the caller called before (a key
+/// expansion) lay in that range, so whatever temporaries they left there are gone. Control
+/// threads only (costs a few microseconds); never on the data path.
+#[inline(never)]
+pub fn scrub_stack() {
+    let mut area = std::mem::MaybeUninit::<[u8; SCRUB_STACK_BYTES]>::uninit();
+    let p = area.as_mut_ptr().cast::<u8>();
+    for i in 0..SCRUB_STACK_BYTES {
+        // SAFETY: `p + i` lies inside the local `area` (i < its size); writing a u8 into
+        // uninitialised memory is allowed.
+        unsafe { p.add(i).write_volatile(0) };
+    }
+    std::sync::atomic::compiler_fence(Ordering::SeqCst);
+    std::hint::black_box(&area);
+}
 
 /// The system page size (falls back to 4 KiB if `sysconf` fails, which it does not on Linux).
 pub fn page_size() -> usize {
@@ -45,10 +128,74 @@ unsafe impl<T: Send> Send for LockedBox<T> {}
 unsafe impl<T: Sync> Sync for LockedBox<T> {}
 
 impl<T> LockedBox<T> {
-    /// Moves `value` into a fresh locked allocation. Returns `None` only if the allocator fails
-    /// (or `T` needs more than page alignment). To keep the secret from lingering in a moved-from
-    /// stack slot, pass a zeroed value and fill it in place through [`DerefMut`](std::ops::DerefMut).
+    /// Moves `value` into a fresh locked allocation, best effort: a failed `mlock` is logged
+    /// (once per process) and the value is kept in unlocked memory. Returns `None` only if the
+    /// allocator fails (or `T` needs more than page alignment). For long-lived keys use
+    /// [`LockedBox::try_new`], which follows the process policy. To keep the secret from
+    /// lingering in a moved-from stack slot, pass a zeroed value and fill it in place through
+    /// [`DerefMut`](std::ops::DerefMut).
     pub fn new(value: T) -> Option<Self> {
+        let (b, err) = Self::alloc(value)?;
+        if let Some(err) = err {
+            warn_unlocked(&err);
+        }
+        Some(b)
+    }
+
+    /// Moves `value` into a fresh locked allocation. If `mlock` fails, this is an error
+    /// ([`LockError::NotLocked`]; the value is wiped and freed) unless unlocked memory is allowed
+    /// ([`set_allow_unlocked`]), in which case the failure is logged (once per process).
+    pub fn try_new(value: T) -> Result<Self, LockError> {
+        let (b, err) = Self::alloc(value).ok_or(LockError::OutOfMemory)?;
+        match err {
+            None => Ok(b),
+            Some(err) if unlocked_allowed() => {
+                warn_unlocked(&err);
+                Ok(b)
+            }
+            Some(err) => Err(LockError::NotLocked(err)),
+        }
+    }
+
+    /// Builds the value inside a fresh locked allocation instead of moving it in: `init` gets
+    /// the (zeroed) slot and must return the reference [`MaybeUninit::write`] gave back. The
+    /// value is thus written straight into the locked page (where the compiler builds it in
+    /// place, which it does for a `write` of a call's result it can see through; callers that
+    /// expand keys also call [`scrub_stack`]). `mlock` policy as for [`LockedBox::try_new`].
+    ///
+    /// If `init` returns a reference to anything but the slot, the slot may be uninitialised:
+    /// the process aborts rather than use it.
+    pub fn try_new_with(
+        init: impl for<'a> FnOnce(&'a mut MaybeUninit<T>) -> &'a mut T,
+    ) -> Result<Self, LockError> {
+        let (mut slot, err) = LockedBox::<MaybeUninit<T>>::alloc(MaybeUninit::uninit())
+            .ok_or(LockError::OutOfMemory)?;
+        let slot_ptr: *mut MaybeUninit<T> = &mut *slot;
+        let written: *mut T = init(&mut slot);
+        if !std::ptr::eq(written, slot_ptr.cast::<T>()) {
+            std::process::abort();
+        }
+        let (ptr, layout, locked) = (slot.ptr.cast::<T>(), slot.layout, slot.locked);
+        // The T is initialised now; the MaybeUninit box must not free it (its drop would wipe
+        // and free the allocation that the new box takes over).
+        std::mem::forget(slot);
+        let b = LockedBox {
+            ptr,
+            layout,
+            locked,
+        };
+        match err {
+            None => Ok(b),
+            Some(err) if unlocked_allowed() => {
+                warn_unlocked(&err);
+                Ok(b)
+            }
+            Some(err) => Err(LockError::NotLocked(err)),
+        }
+    }
+
+    /// The allocation, and the error of `mlock` if it failed.
+    fn alloc(value: T) -> Option<(Self, Option<std::io::Error>)> {
         let page = page_size();
         if std::mem::align_of::<T>() > page {
             return None;
@@ -65,28 +212,32 @@ impl<T> LockedBox<T> {
         unsafe { ptr.as_ptr().write(value) };
         // SAFETY: [raw, raw + size) is our own live allocation; mlock only changes residency.
         let locked = unsafe { libc::mlock(raw.cast(), size) } == 0;
-        if !locked {
-            let err = std::io::Error::last_os_error();
-            if !MLOCK_WARNED.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    error = %err,
-                    "mlock of key memory failed (raise RLIMIT_MEMLOCK / ulimit -l); keys may be swapped out"
-                );
-            }
-        }
+        let err = (!locked).then(std::io::Error::last_os_error);
         // SAFETY: as above; MADV_DONTDUMP only excludes the range from core dumps. Its failure
         // (old kernels) is harmless and ignored.
         let _ = unsafe { libc::madvise(raw.cast(), size, libc::MADV_DONTDUMP) };
-        Some(LockedBox {
-            ptr,
-            layout,
-            locked,
-        })
+        Some((
+            LockedBox {
+                ptr,
+                layout,
+                locked,
+            },
+            err,
+        ))
     }
 
     /// Whether the pages are actually locked (mlock succeeded).
     pub fn is_locked(&self) -> bool {
         self.locked
+    }
+}
+
+fn warn_unlocked(err: &std::io::Error) {
+    if !MLOCK_WARNED.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            error = %err,
+            "mlock of key memory failed (raise RLIMIT_MEMLOCK / ulimit -l); keys may be swapped out"
+        );
     }
 }
 

@@ -281,10 +281,12 @@ impl Xts {
             Tier::Soft => Keys::Soft(soft::SoftKeys::new(key)?),
             #[cfg(target_arch = "x86_64")]
             Tier::AesNi | Tier::Vaes256 | Tier::Vaes512 => {
-                let mut rk = LockedBox::new(RoundKeys::zeroed()).ok_or(CryptoError::OutOfMemory)?;
+                let mut rk = LockedBox::try_new(RoundKeys::zeroed())?;
                 // SAFETY: every hardware tier requires AES-NI, and `tier.is_available()` checked
                 // it above, so the `aes` target feature of the key schedule is present.
                 unsafe { aesni::expand_keys(key.key1(), key.key2(), &mut rk) };
+                // The expansion works in registers, but whatever it spilled is wiped here.
+                crate::sys::mlock::scrub_stack();
                 Keys::Hw(rk)
             }
             #[cfg(not(target_arch = "x86_64"))]

@@ -14,7 +14,7 @@ use zeroize::Zeroize;
 
 use super::{mul_alpha, BLOCK_LEN};
 use crate::crypto::key::{CryptoError, XtsKey};
-use crate::sys::mlock::LockedBox;
+use crate::sys::mlock::{scrub_stack, LockedBox};
 
 /// Blocks (and unit tweaks) handed to the `aes` crate per call: its VAES-512 backend only runs
 /// on full batches of 64 blocks (1 KiB of tweaks on the stack).
@@ -27,13 +27,17 @@ pub(super) struct SoftKeys {
 }
 
 impl SoftKeys {
-    /// Expands both halves of `key` into a locked page.
+    /// Expands both halves of `key` straight into a locked page (never into a stack value that
+    /// is then moved), then scrubs the stack the expansion ran on.
     pub(super) fn new(key: &XtsKey) -> Result<LockedBox<SoftKeys>, CryptoError> {
-        let keys = SoftKeys {
-            data: Aes256::new(key.key1().into()),
-            tweak: Aes256Enc::new(key.key2().into()),
-        };
-        LockedBox::new(keys).ok_or(CryptoError::OutOfMemory)
+        let keys = LockedBox::try_new_with(|slot| {
+            slot.write(SoftKeys {
+                data: Aes256::new(key.key1().into()),
+                tweak: Aes256Enc::new(key.key2().into()),
+            })
+        });
+        scrub_stack();
+        Ok(keys?)
     }
 
     /// Encrypts (`DEC == false`) or decrypts in place the units of `data`; unit `i` has the

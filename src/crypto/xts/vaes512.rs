@@ -36,17 +36,35 @@ const TWEAK_BATCH: usize = 16;
 /// A data unit and, out of place, its source.
 type Unit<'a> = (&'a mut [u8], Option<&'a [u8]>);
 
-/// Loads the 15 round keys (each already repeated in four lanes).
+/// One of the three schedules of a [`RoundKeys`], seen in place as 15 zmm values (each round
+/// key already repeated in four lanes).
+///
+/// Key hygiene: the kernels index this view, so every round key is loaded from the key's
+/// locked, wiped-on-drop page right where it is used. No array of round keys is ever built on
+/// the reactor's stack (the former `load_keys` copied all 15 into a local array, which the
+/// compiler placed on the stack and nothing wiped). `tests::no_round_key_left_on_the_stack`
+/// checks the stack after a call.
 #[inline]
-#[target_feature(enable = "avx512f")]
-fn load_keys(keys: &[WideKey; ROUND_KEYS]) -> [__m512i; ROUND_KEYS] {
-    let mut out = [_mm512_setzero_si512(); ROUND_KEYS];
-    for (o, k) in out.iter_mut().zip(keys.iter()) {
-        // SAFETY: `k` is a 64-byte array; loadu has no alignment requirement.
-        *o = unsafe { _mm512_loadu_si512(k.as_ptr().cast()) };
-    }
-    out
+fn schedule(keys: &[WideKey; ROUND_KEYS]) -> &[__m512i; ROUND_KEYS] {
+    debug_assert_eq!(keys.as_ptr() as usize % core::mem::align_of::<__m512i>(), 0);
+    // SAFETY: `[WideKey; ROUND_KEYS]` and `[__m512i; ROUND_KEYS]` have the same size (64 bytes
+    // per element); every schedule lives in a `RoundKeys` (the only caller passes one of its
+    // fields), which is `repr(C, align(64))` with its schedules at offsets that are multiples
+    // of 64 (asserted below), so the reference is aligned for `__m512i`; any bit pattern is a
+    // valid `__m512i`; the lifetime is the input's and the view is read-only.
+    unsafe { &*keys.as_ptr().cast::<[__m512i; ROUND_KEYS]>() }
 }
+
+const _: () = {
+    assert!(
+        core::mem::size_of::<[WideKey; ROUND_KEYS]>()
+            == core::mem::size_of::<[__m512i; ROUND_KEYS]>()
+    );
+    assert!(core::mem::align_of::<RoundKeys>() >= core::mem::align_of::<__m512i>());
+    assert!(core::mem::offset_of!(RoundKeys, enc) % 64 == 0);
+    assert!(core::mem::offset_of!(RoundKeys, dec) % 64 == 0);
+    assert!(core::mem::offset_of!(RoundKeys, tweak) % 64 == 0);
+};
 
 /// Lane `i` of the result is lane `i` of `t` times α^(`first` + i), for `first + 3 <= 56`:
 /// shift each lane left by its own count and reduce the bits that fall off the top with one
@@ -83,7 +101,7 @@ fn encrypt_counters<const N: usize>(
     seqs: &[u128; TWEAK_BATCH],
     out: &mut [[u8; BLOCK_LEN]; TWEAK_BATCH],
 ) {
-    let k2 = load_keys(k2);
+    let k2 = schedule(k2);
     let mut b = [_mm512_setzero_si512(); N];
     for (x, l) in b.iter_mut().zip(seqs.as_chunks::<LANES>().0) {
         let v = _mm512_set_epi64(
@@ -96,15 +114,32 @@ fn encrypt_counters<const N: usize>(
             (l[0] >> 64) as i64,
             l[0] as i64,
         );
-        *x = _mm512_xor_si512(v, k2[0]);
+        // The rounds are asm with the round key as a register operand loaded from the locked
+        // page: an intrinsic the compiler does not inline (debug builds) would receive the
+        // round key through a copy on the stack, which nothing wipes.
+        // SAFETY: register-only XOR (no memory, no stack, flags untouched); avx512f is enabled.
+        unsafe {
+            asm!("vpxorq {x}, {v}, {k}", x = lateout(zmm_reg) *x, v = in(zmm_reg) v,
+                k = in(zmm_reg) k2[0], options(pure, nomem, nostack, preserves_flags))
+        };
     }
     for k in &k2[1..ROUND_KEYS - 1] {
         for x in b.iter_mut() {
-            *x = _mm512_aesenc_epi128(*x, *k);
+            // SAFETY: register-only AES round (no memory, no stack, flags untouched); avx512f
+            // and vaes are enabled, which EVEX `vaesenc` on zmm needs.
+            unsafe {
+                asm!("vaesenc {x}, {x}, {k}", x = inout(zmm_reg) *x, k = in(zmm_reg) *k,
+                    options(pure, nomem, nostack, preserves_flags))
+            };
         }
     }
     for (x, o) in b.iter().zip(out.as_chunks_mut::<LANES>().0.iter_mut()) {
-        let v = _mm512_aesenclast_epi128(*x, k2[ROUND_KEYS - 1]);
+        let v: __m512i;
+        // SAFETY: as above, the last AES round.
+        unsafe {
+            asm!("vaesenclast {v}, {x}, {k}", v = lateout(zmm_reg) v, x = in(zmm_reg) *x,
+                k = in(zmm_reg) k2[ROUND_KEYS - 1], options(pure, nomem, nostack, preserves_flags))
+        };
         // SAFETY: `o` is 4 x 16 = 64 bytes; storeu has no alignment requirement.
         unsafe { _mm512_storeu_si512(o.as_mut_ptr().cast(), v) };
     }
@@ -162,7 +197,7 @@ fn crypt_stream<'a, const DEC: bool, I: Iterator<Item = (&'a mut [u8], Option<&'
     rk: &RoundKeys,
     mut units: I,
 ) {
-    let k = load_keys(if DEC { &rk.dec } else { &rk.enc });
+    let k = schedule(if DEC { &rk.dec } else { &rk.enc });
     let mut t0 = [[0u8; BLOCK_LEN]; TWEAK_BATCH];
     loop {
         let mut group: [Option<Unit<'_>>; TWEAK_BATCH] = Default::default();
@@ -182,7 +217,7 @@ fn crypt_stream<'a, const DEC: bool, I: Iterator<Item = (&'a mut [u8], Option<&'
         }
         for (unit, t) in group.iter_mut().zip(t0.iter()) {
             if let Some((unit, src)) = unit {
-                crypt_unit::<DEC>(&k, unit, *src, t);
+                crypt_unit::<DEC>(k, unit, *src, t);
             }
         }
         if n < TWEAK_BATCH {
@@ -403,6 +438,111 @@ mod tests {
             }
             assert_eq!(*g, want);
         }
+    }
+
+    /// Bytes of dead stack below the caller that [`dead_stack`] copies out.
+    const SCAN_BYTES: usize = 16 * 1024;
+
+    /// Copies the [`SCAN_BYTES`] below this function's stack pointer (the frames of whatever
+    /// the caller called last, now dead) into `out`. Pure asm, so this function leaves no frame
+    /// of its own over that memory.
+    #[inline(never)]
+    fn dead_stack(out: &mut [u8; SCAN_BYTES]) {
+        // SAFETY: reads SCAN_BYTES of this thread's stack mapping just below rsp (the mapping
+        // reaches far lower: a test thread has a 2 MiB stack, and nothing here runs deep) and
+        // writes them to `out`, a distinct buffer of that size. rep movsb uses rsi/rdi/rcx,
+        // declared clobbered; the direction flag is clear per the ABI.
+        unsafe {
+            asm!(
+                "mov rsi, rsp",
+                "sub rsi, {n}",
+                "rep movsb",
+                n = const SCAN_BYTES,
+                inout("rdi") out.as_mut_ptr() => _,
+                inout("rcx") SCAN_BYTES => _,
+                out("rsi") _,
+                options(nostack, preserves_flags),
+            )
+        };
+    }
+
+    /// Whether any 16-byte round key of `rk` (any schedule) occurs in `hay`.
+    fn holds_a_round_key(rk: &RoundKeys, hay: &[u8]) -> Option<(usize, usize)> {
+        for (s, sched) in [&rk.enc, &rk.dec, &rk.tweak].into_iter().enumerate() {
+            for (i, wide) in sched.iter().enumerate() {
+                let k = &wide[..16];
+                if hay.windows(16).any(|w| w == k) {
+                    return Some((s, i));
+                }
+            }
+        }
+        None
+    }
+
+    /// Builds a key schedule (then scrubs the stack the expansion used), on its own frame.
+    #[inline(never)]
+    fn schedule_in_locked_page() -> crate::sys::mlock::LockedBox<RoundKeys> {
+        let mut key = [0u8; 64];
+        for (i, b) in key.iter_mut().enumerate() {
+            *b = (i as u8).wrapping_mul(151).wrapping_add(7);
+        }
+        let mut rk = crate::sys::mlock::LockedBox::new(RoundKeys {
+            enc: [[0; 64]; ROUND_KEYS],
+            dec: [[0; 64]; ROUND_KEYS],
+            tweak: [[0; 64]; ROUND_KEYS],
+        })
+        .expect("locked box");
+        let (k1, k2) = key.split_at(32);
+        // SAFETY: only called after the Vaes512 tier (which includes AES-NI) was detected.
+        unsafe {
+            super::super::aesni::expand_keys(
+                k1.try_into().expect("32"),
+                k2.try_into().expect("32"),
+                &mut rk,
+            )
+        };
+        zeroize::Zeroize::zeroize(&mut key);
+        rk
+    }
+
+    /// Encrypts and decrypts a 4 KiB unit and a 512-byte one through the kernel, on its own
+    /// frame.
+    #[inline(never)]
+    fn run_kernel(rk: &RoundKeys, data: &mut [u8]) {
+        // SAFETY: only called after the Vaes512 tier was detected.
+        unsafe {
+            crypt_units::<false>(rk, data, 4096, 9);
+            crypt_units::<true>(rk, data, 4096, 9);
+            crypt_units::<false>(rk, &mut data[..512], 512, 3);
+            crypt_units::<true>(rk, &mut data[..512], 512, 3);
+        }
+    }
+
+    /// Key hygiene (issue 11 item 9): after a kernel call returns, no round key is left in the
+    /// dead stack frames it used. The former code copied all 15 round keys into a local array.
+    #[test]
+    fn no_round_key_left_on_the_stack() {
+        if !super::super::Tier::Vaes512.is_available() {
+            eprintln!("skipped: no VAES-512 on this CPU");
+            return;
+        }
+        let rk = schedule_in_locked_page();
+        crate::sys::mlock::scrub_stack();
+        let mut dump = Box::new([0u8; SCAN_BYTES]);
+        dead_stack(&mut dump);
+        assert_eq!(
+            holds_a_round_key(&rk, &dump[..]),
+            None,
+            "the key expansion left a round key on the stack: the test cannot see the kernel's"
+        );
+        let mut data = vec![0x3Cu8; 8192];
+        let plain = data.clone();
+        run_kernel(&rk, &mut data);
+        dead_stack(&mut dump);
+        if let Some((sched, i)) = holds_a_round_key(&rk, &dump[..]) {
+            panic!("round key {i} of schedule {sched} (0 enc, 1 dec, 2 tweak) left on the stack");
+        }
+        assert_eq!(data, plain, "the kernel ran (and round-tripped)");
     }
 
     #[test]
