@@ -142,12 +142,14 @@ fn start(allowed: Vec<String>) -> Harness {
             ns(3, "flip", false),
         ],
         allowed_hosts: allowed,
+        allow_any_host: false,
         listen: vec![ListenAddr {
             addr: "127.0.0.1".into(),
             port: 4420,
         }],
     };
     let target = Target::new(&[cfg], Limits::default(), &bdevs).unwrap();
+    let port = target.port_for("127.0.0.1:4420".parse().unwrap()).unwrap();
     let mut listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -157,7 +159,7 @@ fn start(allowed: Vec<String>) -> Harness {
         while !s2.load(Ordering::Acquire) {
             let mut work = 0;
             if let Some(s) = listener.poll_accept() {
-                if let Ok(c) = Connection::new(s, Arc::clone(&t2), CoreId(0)) {
+                if let Ok(c) = Connection::new(s, Arc::clone(&t2), CoreId(0), port) {
                     conns.push(c);
                 }
                 work += 1;

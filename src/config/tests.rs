@@ -91,3 +91,32 @@ fn encrypted_bdevs_need_a_known_provider_and_namespaces_known_bdevs() {
     let e = err("subsystems:\n  - nqn: nqn.2026-01.io.x:a\n    serial: S1\n    namespaces: []\n    listen:\n      - addr: localhost\n");
     assert_eq!(e.path, "subsystems[0].listen[0].addr", "{e}");
 }
+
+#[test]
+fn subsystem_access_is_checked_with_position() {
+    let sub = "subsystems:\n  - nqn: nqn.2026-01.io.x:a\n    serial: S1\n    namespaces: []\n";
+    // Deny by default: no allowed_hosts and no allow_any_host parses, and admits nobody.
+    let c = Config::from_yaml(sub, "t").unwrap();
+    assert!(c.subsystems[0].allowed_hosts.is_empty() && !c.subsystems[0].allow_any_host);
+    let c = Config::from_yaml(&format!("{sub}    allow_any_host: true\n"), "t").unwrap();
+    assert!(c.subsystems[0].allow_any_host);
+    // Both at once is ambiguous: refused, pointing at allow_any_host.
+    let e = err(&format!(
+        "{sub}    allowed_hosts:\n      - nqn.2014-08.org.nvmexpress:uuid:1\n    allow_any_host: true\n"
+    ));
+    assert_eq!(
+        (e.path.as_str(), e.line, e.column),
+        ("subsystems[0].allow_any_host", Some(7), Some(21)),
+        "{e}"
+    );
+    assert!(e.message.contains("contradict"), "{e}");
+    // A host entry that is not an NQN (an empty one would match an empty HOSTNQN).
+    let e = err(&format!(
+        "{sub}    allowed_hosts:\n      - nqn.2014-08.org.nvmexpress:uuid:1\n      - \"\"\n"
+    ));
+    assert_eq!(
+        (e.path.as_str(), e.line),
+        ("subsystems[0].allowed_hosts[1]", Some(7)),
+        "{e}"
+    );
+}
