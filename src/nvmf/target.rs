@@ -207,9 +207,7 @@ impl Subsystem {
         serial: String,
         model: String,
         slots: usize,
-        access: (Vec<String>, bool),
-        listen: Vec<ListenAddr>,
-        ports: Vec<PortId>,
+        access: Access,
     ) -> Subsystem {
         Subsystem {
             nqn,
@@ -219,15 +217,23 @@ impl Subsystem {
             slots: (0..slots).map(|_| ArcSwapOption::empty()).collect(),
             ns_gen: AtomicU64::new(1),
             ns_change: Mutex::new(()),
-            allowed_hosts: access.0,
-            allow_any_host: access.1,
-            listen,
-            ports,
+            allowed_hosts: access.allowed_hosts,
+            allow_any_host: access.allow_any_host,
+            listen: access.listen,
+            ports: access.ports,
         }
     }
     fn bump_generation(&self) {
         self.ns_gen.fetch_add(1, Ordering::AcqRel);
     }
+}
+
+/// Who may reach a subsystem and where (the arguments of `Subsystem::new`).
+struct Access {
+    allowed_hosts: Vec<String>,
+    allow_any_host: bool,
+    listen: Vec<ListenAddr>,
+    ports: Vec<PortId>,
 }
 
 /// Per-queue I/O counters: written only by the reactor that owns the queue (plain load + store,
@@ -508,9 +514,12 @@ impl Target {
             "discovery".into(),
             "nvseal discovery".into(),
             0,
-            (Vec::new(), true),
-            Vec::new(),
-            Vec::new(),
+            Access {
+                allowed_hosts: Vec::new(),
+                allow_any_host: true,
+                listen: Vec::new(),
+                ports: Vec::new(),
+            },
         )));
         let mut ports: Vec<Port> = Vec::new();
         for c in configs {
@@ -572,9 +581,12 @@ impl Target {
                 c.serial.clone(),
                 c.model.clone(),
                 limits.max_namespaces.max(highest) as usize,
-                (c.allowed_hosts.clone(), c.allow_any_host),
-                c.listen.clone(),
-                linked,
+                Access {
+                    allowed_hosts: c.allowed_hosts.clone(),
+                    allow_any_host: c.allow_any_host,
+                    listen: c.listen.clone(),
+                    ports: linked,
+                },
             );
             for n in &c.namespaces {
                 if n.nsid == 0 {
