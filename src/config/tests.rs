@@ -14,10 +14,22 @@ fn builtin_default_and_examples_parse() {
     assert!(matches!(c.bdev("vol1"), Some(BdevConfig::Encrypted(_))));
     assert_eq!(c.subsystems.len(), 1);
     assert!(c.keys.as_ref().is_some_and(|k| k.local.is_some()));
+    // The built-in default is for local development: 127.0.0.1 only, any local host.
+    assert!(c.subsystems[0].allow_any_host);
+    assert!(c.subsystems[0].listen.iter().all(|l| l.addr == "127.0.0.1"));
     for f in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/configs")).unwrap() {
         let p = f.unwrap().path();
         if p.extension().is_some_and(|e| e == "yaml") {
-            Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+            let c = Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+            // Deny by default: every shipped subsystem says who may connect.
+            for s in &c.subsystems {
+                assert!(
+                    s.allow_any_host || !s.allowed_hosts.is_empty(),
+                    "{}: {} admits no host",
+                    p.display(),
+                    s.nqn
+                );
+            }
         }
     }
 }

@@ -38,10 +38,12 @@ pub struct SubsystemConfig {
 /// Longest NQN the spec allows, in bytes (the Connect data fields are 256 bytes, NUL-padded).
 pub const NQN_MAX_LEN: usize = 223;
 
-/// Whether `s` is a well-formed NQN as nvseal accepts it: `nqn.` prefix, at most 223 bytes,
-/// printable ASCII (no spaces or control characters that would garble logs).
+/// Whether `s` is a well-formed NQN as nvseal accepts it: `nqn.` prefix, at most 223 bytes of
+/// UTF-8 (as the spec allows) without whitespace or control characters.
 pub fn is_valid_nqn(s: &str) -> bool {
-    s.starts_with("nqn.") && s.len() <= NQN_MAX_LEN && s.bytes().all(|b| b.is_ascii_graphic())
+    s.starts_with("nqn.")
+        && s.len() <= NQN_MAX_LEN
+        && s.chars().all(|c| !c.is_whitespace() && !c.is_control())
 }
 
 /// Which field of a subsystem's access settings is wrong, and why (see
@@ -94,7 +96,7 @@ impl SubsystemConfig {
                 return Err(AccessError::BadHost {
                     index,
                     why: format!(
-                        "not a host NQN: {h:?} (\"nqn.\" prefix, at most {NQN_MAX_LEN} printable ASCII bytes)"
+                        "not a host NQN: {h:?} (\"nqn.\" prefix, at most {NQN_MAX_LEN} bytes, no spaces or control characters)"
                     ),
                 });
             }
@@ -298,6 +300,8 @@ mod tests {
         let long = format!("nqn.{}", "x".repeat(NQN_MAX_LEN));
         assert!(!is_valid_nqn(&long));
         assert!(is_valid_nqn(&long[..NQN_MAX_LEN]));
+        assert!(is_valid_nqn("nqn.2026-01.example:vol-ü"), "NQNs are UTF-8");
+        assert!(!is_valid_nqn("nqn.x:a\nforged log line"));
         let e = c("listen: [{addr: 127.0.0.1}, {addr: localhost}]\n")
             .check_access()
             .unwrap_err();
