@@ -20,7 +20,7 @@ use crate::config::{BdevConfig, Config, EncryptedBdevConfig};
 use crate::keys::header::METADATA_REGION_BYTES;
 use crate::keys::manager::{KeyManager, ManagerOptions, NamespaceKeyConfig, RekeyScope};
 use crate::nvmf::conn::Connection;
-use crate::nvmf::target::{Listener, Target};
+use crate::nvmf::target::{Listener, PortId, Target};
 use crate::reactor::{busy_pct, Mailboxes, Poller, ReactorSet};
 use crate::rpc::audit::{AuditSink, JsonlAuditSink};
 use crate::rpc::{parse_params, Role, RpcError, RpcHandle, RpcServer};
@@ -56,9 +56,10 @@ pub enum ServerError {
     Rpc(String),
 }
 
-/// Accepts NVMe/TCP connections on reactor 0 and places them on reactors round robin.
+/// Accepts NVMe/TCP connections on reactor 0 and places them on reactors round robin; each
+/// connection carries the target port of the listener that accepted it.
 struct AcceptPoller {
-    listeners: Vec<Listener>,
+    listeners: Vec<(Listener, PortId)>,
     target: Arc<Target>,
     mailboxes: Mailboxes,
     next: usize,
@@ -70,7 +71,8 @@ impl Poller for AcceptPoller {
     }
     fn poll(&mut self) -> usize {
         let mut n = 0;
-        for l in self.listeners.iter_mut() {
+        for (l, port) in self.listeners.iter_mut() {
+            let port = *port;
             while let Some(stream) = l.poll_accept() {
                 n += 1;
                 let idx = self.next % self.mailboxes.len();
@@ -78,13 +80,15 @@ impl Poller for AcceptPoller {
                 let target = self.target.clone();
                 let peer = stream.peer_addr().ok();
                 let msg: crate::reactor::Msg =
-                    Box::new(move |r| match Connection::new(stream, target, r.core()) {
-                        Ok(c) => {
-                            tracing::debug!(?peer, reactor = r.index(), "connection placed");
-                            r.add_poller(Box::new(ConnPoller(c)));
-                        }
-                        Err(e) => tracing::warn!(?peer, "connection refused: {e}"),
-                    });
+                    Box::new(
+                        move |r| match Connection::new(stream, target, r.core(), port) {
+                            Ok(c) => {
+                                tracing::debug!(?peer, reactor = r.index(), "connection placed");
+                                r.add_poller(Box::new(ConnPoller(c)));
+                            }
+                            Err(e) => tracing::warn!(?peer, "connection refused: {e}"),
+                        },
+                    );
                 if let Err(e) = self.mailboxes.send(idx, msg) {
                     tracing::warn!(?peer, "cannot place connection on reactor {idx}: {e}");
                 }
@@ -109,6 +113,29 @@ impl Poller for ConnPoller {
     }
     fn is_done(&self) -> bool {
         self.0.is_closed()
+    }
+}
+
+/// Logs a warning for every encrypted namespace of a subsystem that admits any host: any
+/// initiator that reaches one of its listeners reads the plaintext, which defeats most of the
+/// point of encrypting it. A namespace counts as encrypted if it says so or its bdev is a crypto
+/// or encrypted bdev.
+fn warn_open_encrypted(cfg: &Config) {
+    for s in cfg.subsystems.iter().filter(|s| s.allow_any_host) {
+        for n in &s.namespaces {
+            let crypto = matches!(
+                cfg.bdev(&n.bdev),
+                Some(BdevConfig::Crypto(_) | BdevConfig::Encrypted(_))
+            );
+            if n.encrypted || crypto {
+                tracing::warn!(
+                    nqn = %s.nqn,
+                    nsid = n.nsid,
+                    bdev = %n.bdev,
+                    "encrypted namespace exported to any host (allow_any_host: true): every initiator that reaches a listener of the subsystem reads its plaintext; list the hosts in allowed_hosts instead"
+                );
+            }
+        }
     }
 }
 
@@ -210,29 +237,24 @@ impl Server {
         }
         let set = ReactorSet::start(&cores, &cfg.reactor.options())?;
 
-        // Listeners (each distinct address once) on reactor 0.
-        let mut addrs: Vec<SocketAddr> = Vec::new();
-        for s in &cfg.subsystems {
-            for l in &s.listen {
-                let ip = l
-                    .addr
-                    .parse()
-                    .map_err(|_| ServerError::Target(format!("bad listen address {}", l.addr)))?;
-                let a = SocketAddr::new(ip, l.port);
-                if !addrs.contains(&a) {
-                    addrs.push(a);
-                }
-            }
-        }
-        let mut listeners = Vec::with_capacity(addrs.len());
-        let mut listen_addrs = Vec::with_capacity(addrs.len());
-        for a in &addrs {
-            let l =
-                Listener::bind(*a).map_err(|source| ServerError::Listen { addr: *a, source })?;
-            listen_addrs.push(l.local_addr().unwrap_or(*a));
-            target.set_bound_port(*a, listen_addrs.last().map_or(a.port(), |b| b.port()));
-            tracing::info!(addr = %listen_addrs.last().map(|a| a.to_string()).unwrap_or_default(), "NVMe/TCP listening");
-            listeners.push(l);
+        warn_open_encrypted(cfg);
+
+        // One listener per target port (each distinct listen address once) on reactor 0.
+        let mut listeners = Vec::new();
+        let mut listen_addrs = Vec::new();
+        for (port, a) in target.ports() {
+            let l = Listener::bind(a).map_err(|source| ServerError::Listen { addr: a, source })?;
+            let bound = l.local_addr().unwrap_or(a);
+            listen_addrs.push(bound);
+            target.set_bound_port(a, bound.port());
+            let serves: Vec<&str> = target
+                .subsystems()
+                .iter()
+                .filter(|s| s.ports().contains(&port))
+                .map(|s| s.nqn.as_str())
+                .collect();
+            tracing::info!(addr = %bound, %port, subsystems = ?serves, "NVMe/TCP listening");
+            listeners.push((l, port));
         }
         if !listeners.is_empty() {
             let t = target.clone();
@@ -860,7 +882,13 @@ fn subsystems_json(t: &Target, keys: Option<&KeyManager>) -> Value {
                     })
                 })
                 .collect();
-            json!({ "nqn": s.nqn, "serial": s.serial, "model": s.model, "allowed_hosts": s.allowed_hosts, "namespaces": ns })
+            let listen: Vec<String> = s
+                .ports()
+                .iter()
+                .filter_map(|&p| t.port_addr(p))
+                .map(|a| a.to_string())
+                .collect();
+            json!({ "nqn": s.nqn, "serial": s.serial, "model": s.model, "allowed_hosts": s.allowed_hosts, "allow_any_host": s.allow_any_host, "listen": listen, "namespaces": ns })
         })
         .collect();
     json!({ "subsystems": subs })

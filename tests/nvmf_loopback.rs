@@ -134,7 +134,10 @@ const BS: u32 = 512;
 const BLOCKS: u64 = 4096; // 2 MiB
 
 struct Harness {
+    /// The listener of the first target port.
     addr: SocketAddr,
+    /// Every listener, by target port (port id order).
+    addrs: Vec<SocketAddr>,
     target: Arc<Target>,
     stop: Arc<AtomicBool>,
     live: Arc<AtomicUsize>,
@@ -150,6 +153,8 @@ impl Drop for Harness {
     }
 }
 
+/// The test subsystem (`NQN`, nsid 1 on `ram0`, nsid 2 on `ram1`) admitting `allowed`, on
+/// 127.0.0.1:4420 as configured (the harness listens on a free port for it).
 fn start(limits: Limits, allowed: Vec<String>, busy_every: usize) -> Harness {
     start_listen(limits, allowed, busy_every, 4420)
 }
@@ -162,22 +167,14 @@ fn start_listen(
     busy_every: usize,
     listen_port: u16,
 ) -> Harness {
-    let mut bdevs: HashMap<String, Arc<dyn Bdev>> = HashMap::new();
-    for (name, bs) in [("ram0", BS), ("ram1", 4096)] {
-        let size = BLOCKS as usize * BS as usize;
-        bdevs.insert(
-            name.into(),
-            Arc::new(RamBdev {
-                name: name.into(),
-                block_size: bs,
-                data: Arc::new(Mutex::new(vec![0; size])),
-                busy_every,
-                hold: Arc::new(AtomicBool::new(false)),
-            }),
-        );
-    }
-    let cfg = SubsystemConfig {
-        nqn: NQN.into(),
+    let cfg = test_subsystem(NQN, allowed, false, &[listen_port]);
+    start_with(vec![cfg], limits, busy_every)
+}
+
+/// A subsystem config like the test one, on 127.0.0.1 at each of `ports` (as configured).
+fn test_subsystem(nqn: &str, allowed: Vec<String>, any: bool, ports: &[u16]) -> SubsystemConfig {
+    SubsystemConfig {
+        nqn: nqn.into(),
         serial: "NVSEAL0001".into(),
         model: "nvseal test".into(),
         namespaces: vec![
@@ -193,16 +190,45 @@ fn start_listen(
             },
         ],
         allowed_hosts: allowed,
-        listen: vec![ListenAddr {
-            addr: "127.0.0.1".into(),
-            port: listen_port,
-        }],
-    };
-    let target = Target::new(&[cfg], limits, &bdevs).unwrap();
-    let configured: SocketAddr = format!("127.0.0.1:{listen_port}").parse().unwrap();
-    let mut listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let addr = listener.local_addr().unwrap();
-    target.set_bound_port(configured, addr.port());
+        allow_any_host: any,
+        listen: ports
+            .iter()
+            .map(|&port| ListenAddr {
+                addr: "127.0.0.1".into(),
+                port,
+            })
+            .collect(),
+    }
+}
+
+/// A target with `subsystems` (namespaces on the shared RAM bdevs `ram0` and `ram1`) and one
+/// listener per target port, on a free port each, polled by a thread like a reactor. Each
+/// accepted connection carries its listener's port, as `nvseal serve` does.
+fn start_with(subsystems: Vec<SubsystemConfig>, limits: Limits, busy_every: usize) -> Harness {
+    let mut bdevs: HashMap<String, Arc<dyn Bdev>> = HashMap::new();
+    for (name, bs) in [("ram0", BS), ("ram1", 4096)] {
+        let size = BLOCKS as usize * BS as usize;
+        bdevs.insert(
+            name.into(),
+            Arc::new(RamBdev {
+                name: name.into(),
+                block_size: bs,
+                data: Arc::new(Mutex::new(vec![0; size])),
+                busy_every,
+                hold: Arc::new(AtomicBool::new(false)),
+            }),
+        );
+    }
+    let target = Target::new(&subsystems, limits, &bdevs).unwrap();
+    let mut listeners = Vec::new();
+    let mut addrs = Vec::new();
+    for (port, configured) in target.ports() {
+        let listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        target.set_bound_port(configured, addr.port());
+        addrs.push(addr);
+        listeners.push((listener, port));
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let live = Arc::new(AtomicUsize::new(0));
     let (t2, s2, l2) = (Arc::clone(&target), Arc::clone(&stop), Arc::clone(&live));
@@ -210,11 +236,13 @@ fn start_listen(
         let mut conns: Vec<Connection> = Vec::new();
         while !s2.load(Ordering::Acquire) {
             let mut work = 0;
-            if let Some(s) = listener.poll_accept() {
-                if let Ok(c) = Connection::new(s, Arc::clone(&t2), CoreId(0)) {
-                    conns.push(c);
+            for (listener, port) in listeners.iter_mut() {
+                if let Some(s) = listener.poll_accept() {
+                    if let Ok(c) = Connection::new(s, Arc::clone(&t2), CoreId(0), *port) {
+                        conns.push(c);
+                    }
+                    work += 1;
                 }
-                work += 1;
             }
             for c in conns.iter_mut() {
                 work += c.poll();
@@ -227,7 +255,8 @@ fn start_listen(
         }
     });
     Harness {
-        addr,
+        addr: addrs[0],
+        addrs,
         target,
         stop,
         live,
@@ -392,6 +421,62 @@ fn raw_io_queue(addr: SocketAddr, cntlid: u16, qid: u16) -> TcpStream {
     s
 }
 
+/// Sends a raw admin-queue Fabrics Connect (`subnqn`, `hostnqn` as given, even empty) through
+/// the listener at `addr` and returns its completion.
+fn raw_admin_connect(addr: SocketAddr, subnqn: &str, hostnqn: &str) -> nvme::Cqe {
+    let mut s = raw_connect(addr, Digests::default());
+    let mut sqe = connect::ConnectCmd {
+        recfmt: 0,
+        qid: 0,
+        sqsize: 15,
+        cattr: 0,
+        kato_ms: 0,
+    }
+    .to_sqe(1);
+    sqe.sgl = nvme::SglDesc::in_capsule(0, 1024);
+    raw_capsule(
+        &mut s,
+        &sqe,
+        &connect_data(subnqn, hostnqn, connect::CNTLID_DYNAMIC),
+        Digests::default(),
+    );
+    match raw_read_pdu(&mut s, Digests::default()) {
+        Some((PduHeader::CapsuleResp(c), _)) => c,
+        other => panic!("expected a CapsuleResp to Connect, got {other:?}"),
+    }
+}
+
+/// The subsystem NQNs a discovery controller reached through `addr` lists to `hostnqn`, with
+/// each entry's TRSVCID and PORTID.
+fn discovered(addr: SocketAddr, hostnqn: &str) -> Vec<(String, String, u16)> {
+    let cfg = HostConfig {
+        hostnqn: hostnqn.into(),
+        ..host_cfg(Digests::default())
+    };
+    let mut d = HostQpair::connect(addr, DISCOVERY_NQN, 0, connect::CNTLID_DYNAMIC, cfg).unwrap();
+    d.enable().unwrap();
+    let hdr = d.get_log_page(log_id::DISCOVERY, 0, 1024, 0).unwrap();
+    let numrec = u64::from_le_bytes(hdr[8..16].try_into().unwrap()) as usize;
+    let full = d
+        .get_log_page(log_id::DISCOVERY, 0, (1024 * (numrec + 1)) as u32, 0)
+        .unwrap();
+    full[1024..]
+        .chunks_exact(1024)
+        .map(|e| {
+            let text = |b: &[u8]| {
+                String::from_utf8_lossy(b)
+                    .trim_end_matches(['\0', ' '])
+                    .to_string()
+            };
+            (
+                text(&e[256..512]),
+                text(&e[32..64]),
+                u16::from_le_bytes([e[4], e[5]]),
+            )
+        })
+        .collect()
+}
+
 fn expect_term(s: &mut TcpStream, fes: Fes) -> u32 {
     match raw_read_pdu(s, Digests::default()) {
         Some((PduHeader::C2HTermReq(t), _)) => {
@@ -417,7 +502,7 @@ fn identify_and_data_paths_all_digest_combinations() {
             max_h2c_data_size: 8192,
             ..Default::default()
         },
-        vec![],
+        vec![HOST.into()],
         0,
     );
     for (hd, dd) in [(false, false), (true, false), (false, true), (true, true)] {
@@ -506,7 +591,7 @@ fn queue_depth_concurrency_with_busy_bdev() {
 
 fn busy_bdev_round(data_digest: bool) {
     // The RAM bdev answers Busy on every 3rd submit: the target must park and resubmit.
-    let h = start(Limits::default(), vec![], 3);
+    let h = start(Limits::default(), vec![HOST.into()], 3);
     let cfg = host_cfg(Digests {
         header: true,
         data: data_digest,
@@ -655,7 +740,7 @@ fn reads_and_writes_with_undefined_sgl_types_are_refused() {
 /// arrive in separate sends, and a burst across both namespaces. Everything is read back.
 #[test]
 fn in_capsule_write_bursts_and_split_capsules() {
-    let h = start(Limits::default(), vec![], 0);
+    let h = start(Limits::default(), vec![HOST.into()], 0);
     let cfg = host_cfg(Digests::default());
     let a = admin(&h, cfg.clone());
     let mut s = raw_io_queue(h.addr, a.cntlid(), 1);
@@ -745,7 +830,7 @@ fn in_capsule_write_bursts_and_split_capsules() {
 
 #[test]
 fn flush_write_zeroes_deallocate_and_statuses() {
-    let h = start(Limits::default(), vec![], 0);
+    let h = start(Limits::default(), vec![HOST.into()], 0);
     let cfg = host_cfg(Digests::default());
     let mut a = admin(&h, cfg.clone());
     let mut q = io_queue(&h, &a, 1, cfg);
@@ -1014,7 +1099,7 @@ fn connect_rules_and_command_before_connect() {
 
 #[test]
 fn malformed_pdus_get_term_req_and_healthy_queue_survives() {
-    let h = start(Limits::default(), vec![], 0);
+    let h = start(Limits::default(), vec![HOST.into()], 0);
     let cfg = host_cfg(Digests::default());
     let a = admin(&h, cfg.clone());
     let mut healthy = io_queue(&h, &a, 1, cfg.clone());
@@ -1181,7 +1266,7 @@ fn malformed_pdus_get_term_req_and_healthy_queue_survives() {
 
 #[test]
 fn namespace_offline_async_event_and_abort() {
-    let h = start(Limits::default(), vec![], 0);
+    let h = start(Limits::default(), vec![HOST.into()], 0);
     let cfg = host_cfg(Digests::default());
     let mut a = admin(&h, cfg.clone());
     let mut q = io_queue(&h, &a, 1, cfg);
@@ -1321,7 +1406,7 @@ fn namespace_offline_async_event_and_abort() {
 
 #[test]
 fn keep_alive_expiry_tears_controller_down() {
-    let h = start(Limits::default(), vec![], 0);
+    let h = start(Limits::default(), vec![HOST.into()], 0);
     let cfg = HostConfig {
         kato_ms: 300,
         ..host_cfg(Digests::default())
@@ -1348,7 +1433,7 @@ fn keep_alive_expiry_tears_controller_down() {
 
 #[test]
 fn discovery_log_page() {
-    let h = start(Limits::default(), vec![], 0);
+    let h = start(Limits::default(), vec![HOST.into()], 0);
     let mut d = HostQpair::connect(
         h.addr,
         DISCOVERY_NQN,
@@ -1386,7 +1471,7 @@ fn discovery_log_page() {
 /// `nvme connect-all` could not reach it.
 #[test]
 fn discovery_log_advertises_the_bound_port_of_a_port_zero_listener() {
-    let h = start_listen(Limits::default(), vec![], 0, 0);
+    let h = start_listen(Limits::default(), vec![HOST.into()], 0, 0);
     let mut d = HostQpair::connect(
         h.addr,
         DISCOVERY_NQN,
@@ -1420,7 +1505,7 @@ fn connection_limit() {
             max_connections: 2,
             ..Default::default()
         },
-        vec![],
+        vec![HOST.into()],
         0,
     );
     let cfg = host_cfg(Digests::default());
@@ -1438,7 +1523,7 @@ fn idle_connection_without_connect_is_closed() {
             connect_timeout_ms: 200,
             ..Default::default()
         },
-        vec![],
+        vec![HOST.into()],
         0,
     );
     // TCP only, then ICReq only: both are closed once the connect timeout passes.
@@ -1474,7 +1559,7 @@ fn mutated_and_random_streams_never_break_the_target() {
     // The target's streaming receiver sees random bytes and single-byte mutations of a valid
     // session (ICReq, Connect, Identify). Each stream must end in a TermReq or a close, the target
     // thread must not panic (debug build: overflow checks on), and a healthy queue keeps working.
-    let h = start(Limits::default(), vec![], 0);
+    let h = start(Limits::default(), vec![HOST.into()], 0);
     let cfg = host_cfg(Digests::default());
     let a = admin(&h, cfg.clone());
     let mut healthy = io_queue(&h, &a, 1, cfg);
@@ -1577,7 +1662,7 @@ fn wait_tag(q: &mut HostQpair, tag: u64) -> Status {
 
 #[test]
 fn namespaces_added_and_removed_at_run_time_on_a_live_connection() {
-    let h = start(Limits::default(), vec![], 0);
+    let h = start(Limits::default(), vec![HOST.into()], 0);
     let cfg = host_cfg(Digests::default());
     let mut a = admin(&h, cfg.clone());
     let mut q = io_queue(&h, &a, 1, cfg);
@@ -1712,4 +1797,283 @@ fn namespaces_added_and_removed_at_run_time_on_a_live_connection() {
     let mut q2 = io_queue(&h, &a, 2, host_cfg(Digests::default()));
     write_read_verify(&mut q2, 3, 4096, 0, 4096, 7);
     write_read_verify(&mut q2, 1, BS, 0, 4096, 8);
+}
+
+/// Regression (issue 11 item 4): an empty `allowed_hosts` admitted every host. Now it admits
+/// none unless `allow_any_host` says so, and discovery does not show the subsystem to hosts it
+/// refuses. Also issue 13 item 11: an empty HOSTNQN (what SPDK's tools send unless told one)
+/// was refused with Connect Invalid Parameters even where any host was meant to be allowed; it
+/// is now a host like any other, admitted only where any host is.
+#[test]
+fn deny_by_default_and_allow_any_host() {
+    const OPEN: &str = "nqn.2026-01.io.nvseal:open";
+    let h = start_with(
+        vec![
+            test_subsystem(NQN, vec![], false, &[4420]),
+            test_subsystem(OPEN, vec![], true, &[4420]),
+        ],
+        Limits::default(),
+        0,
+    );
+    // Neither a list nor allow_any_host: no host at all, an empty HOSTNQN included.
+    for hostnqn in [HOST, ""] {
+        let c = raw_admin_connect(h.addr, NQN, hostnqn);
+        assert_eq!(c.status(), Status::CONNECT_INVALID_HOST, "{hostnqn:?}");
+    }
+    assert!(h.target.controllers_of(NQN).is_empty());
+    // allow_any_host: any NQN, and the empty one like any other.
+    for hostnqn in [HOST, "nqn.2014-08.org.nvmexpress:uuid:someone-else", ""] {
+        let c = raw_admin_connect(h.addr, OPEN, hostnqn);
+        assert_eq!(c.status(), Status::SUCCESS, "{hostnqn:?}");
+    }
+    // A HOSTNQN that is not an NQN at all is still a bad parameter (IPO = 512, in the data).
+    let c = raw_admin_connect(h.addr, OPEN, "host 1");
+    assert_eq!(c.status(), Status::CONNECT_INVALID_PARAMETERS);
+    assert_eq!(c.dw0, connect::invalid_param_dw0(true, 512));
+    // Discovery admits any host and lists only what that host may connect to.
+    for hostnqn in [HOST, ""] {
+        let names: Vec<String> = discovered(h.addr, hostnqn)
+            .into_iter()
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(names, [OPEN], "{hostnqn:?}");
+    }
+    // A whole session with an empty HOSTNQN on the open subsystem: admin and I/O queue.
+    let cfg = HostConfig {
+        hostnqn: String::new(),
+        ..host_cfg(Digests::default())
+    };
+    let mut a = HostQpair::connect(h.addr, OPEN, 0, connect::CNTLID_DYNAMIC, cfg.clone()).unwrap();
+    a.enable().unwrap();
+    let mut q = HostQpair::connect(h.addr, OPEN, 1, a.cntlid(), cfg).unwrap();
+    write_read_verify(&mut q, 1, BS, 0, 4096, 7);
+}
+
+/// Regression (issue 11 item 5): a subsystem configured on one address accepted Connects
+/// through every listener of the target, and discovery through any listener listed every
+/// subsystem. Now a subsystem is reachable only through the listeners of its own addresses;
+/// through any other it looks exactly like an unknown NQN (Connect Invalid Parameters at
+/// SUBNQN), and discovery lists only what the listener serves, with that listener's port.
+#[test]
+fn subsystems_are_bound_to_their_listeners() {
+    const OTHER: &str = "nqn.2026-01.io.nvseal:other";
+    const BOTH: &str = "nqn.2026-01.io.nvseal:both";
+    let h = start_with(
+        vec![
+            test_subsystem(NQN, vec![HOST.into()], false, &[4420]),
+            test_subsystem(OTHER, vec![HOST.into()], false, &[4421]),
+            test_subsystem(BOTH, vec![HOST.into()], false, &[4421, 4420]),
+        ],
+        Limits::default(),
+        0,
+    );
+    assert_eq!(h.addrs.len(), 2, "one listener per distinct address");
+    let (a, b) = (h.addrs[0], h.addrs[1]);
+    for (addr, nqn) in [(a, NQN), (b, OTHER), (a, BOTH), (b, BOTH)] {
+        let c = raw_admin_connect(addr, nqn, HOST);
+        assert_eq!(c.status(), Status::SUCCESS, "{nqn} through {addr}");
+    }
+    let unknown = raw_admin_connect(a, "nqn.2026-01.io.nvseal:nope", HOST);
+    assert_eq!(unknown.status(), Status::CONNECT_INVALID_PARAMETERS);
+    assert_eq!(unknown.dw0, connect::invalid_param_dw0(true, 256));
+    for (addr, nqn) in [(a, OTHER), (b, NQN)] {
+        let c = raw_admin_connect(addr, nqn, HOST);
+        assert_eq!(
+            (c.status(), c.dw0),
+            (unknown.status(), unknown.dw0),
+            "{nqn} through {addr} must look like an unknown NQN"
+        );
+    }
+    // An I/O queue of a controller made through its own listener cannot come in elsewhere.
+    let cfg = host_cfg(Digests::default());
+    let mut adm = HostQpair::connect(a, NQN, 0, connect::CNTLID_DYNAMIC, cfg.clone()).unwrap();
+    adm.enable().unwrap();
+    match HostQpair::connect(b, NQN, 1, adm.cntlid(), cfg.clone()) {
+        Err(HostError::Status { status, dw0 }) => {
+            assert_eq!(status, Status::CONNECT_INVALID_PARAMETERS);
+            assert_eq!(dw0, connect::invalid_param_dw0(true, 256));
+        }
+        r => panic!("I/O queue through the other listener: {:?}", r.err()),
+    }
+    let mut q = HostQpair::connect(a, NQN, 1, adm.cntlid(), cfg).unwrap();
+    write_read_verify(&mut q, 1, BS, 8, 4096, 3);
+    // Discovery through each listener: its own subsystems only, with its port and PORTID.
+    let entry = |nqn: &str, port: &str, portid: u16| (nqn.to_string(), port.to_string(), portid);
+    assert_eq!(
+        discovered(a, HOST),
+        [entry(NQN, "4420", 0), entry(BOTH, "4420", 0)]
+    );
+    assert_eq!(
+        discovered(b, HOST),
+        [entry(OTHER, "4421", 1), entry(BOTH, "4421", 1)]
+    );
+}
+
+/// Issue 13 item 11: what `spdk_nvme_identify` asks of an NVM controller and nvseal refused —
+/// Get Features Arbitration (01h), Power Management (02h), Temperature Threshold (04h) and
+/// Error Recovery (05h), Get Log Page Firmware Slot Information (03h) — and CTRATT bit 0
+/// (128-bit host identifier), which fabrics controllers must set; with it, Get Features Host
+/// Identifier (81h) returns the HOSTID of Connect.
+#[test]
+fn identify_tool_features_log_pages_and_ctratt() {
+    let h = start(Limits::default(), vec![HOST.into()], 0);
+    let cfg = HostConfig {
+        hostid: *b"nvseal-hostid-01",
+        ..host_cfg(Digests::default())
+    };
+    let mut a = admin(&h, cfg);
+    let id = a.identify_controller().unwrap();
+    assert_eq!(
+        u32::from_le_bytes(id[96..100].try_into().unwrap()) & 1,
+        1,
+        "CTRATT.HIDS"
+    );
+    assert_eq!(id[260] & 1, 1, "FRMW: slot 1 read-only");
+    assert_eq!((id[260] >> 1) & 0b111, 1, "FRMW: one firmware slot");
+    assert_eq!(id[263], 0, "NPSS: one power state");
+
+    let feat = |a: &mut HostQpair, set: bool, fid: u8, sel: u32, dw11: u32| {
+        let (s, dw0, _) = run(
+            a,
+            Sqe {
+                opcode: if set {
+                    admin_op::SET_FEATURES
+                } else {
+                    admin_op::GET_FEATURES
+                },
+                cdw10: u32::from(fid) | (sel << 8),
+                cdw11: dw11,
+                ..Default::default()
+            },
+            Dir::None,
+            &[],
+            0,
+        );
+        (s, dw0)
+    };
+    use nvme::feature::*;
+    // What spdk_nvme_identify reads (01h, 02h, 04h, 05h, 07h), all current values.
+    assert_eq!(
+        feat(&mut a, false, ARBITRATION, 0, 0),
+        (Status::SUCCESS, 0b111)
+    );
+    assert_eq!(
+        feat(&mut a, false, POWER_MANAGEMENT, 0, 0),
+        (Status::SUCCESS, 0)
+    );
+    assert_eq!(
+        feat(&mut a, false, TEMPERATURE_THRESHOLD, 0, 0),
+        (Status::SUCCESS, 343),
+        "over threshold of the composite sensor"
+    );
+    assert_eq!(
+        feat(&mut a, false, TEMPERATURE_THRESHOLD, 0, 1 << 20),
+        (Status::SUCCESS, 0),
+        "under threshold"
+    );
+    assert_eq!(
+        feat(&mut a, false, ERROR_RECOVERY, 0, 0),
+        (Status::SUCCESS, 0)
+    );
+    assert_eq!(
+        feat(&mut a, false, NUMBER_OF_QUEUES, 0, 0).0,
+        Status::SUCCESS
+    );
+    // Set, then current vs default (SEL = 1).
+    assert_eq!(
+        feat(&mut a, true, TEMPERATURE_THRESHOLD, 0, 350).0,
+        Status::SUCCESS
+    );
+    assert_eq!(
+        feat(&mut a, false, TEMPERATURE_THRESHOLD, 0, 0),
+        (Status::SUCCESS, 350)
+    );
+    assert_eq!(
+        feat(&mut a, false, TEMPERATURE_THRESHOLD, 1, 0),
+        (Status::SUCCESS, 343)
+    );
+    assert_eq!(feat(&mut a, true, ERROR_RECOVERY, 0, 30).0, Status::SUCCESS);
+    assert_eq!(
+        feat(&mut a, false, ERROR_RECOVERY, 0, 0),
+        (Status::SUCCESS, 30)
+    );
+    assert_eq!(
+        feat(&mut a, true, ARBITRATION, 0, 0x0102_0303).0,
+        Status::SUCCESS
+    );
+    assert_eq!(
+        feat(&mut a, false, ARBITRATION, 0, 0),
+        (Status::SUCCESS, 0x0102_0303)
+    );
+    assert_eq!(
+        feat(&mut a, true, POWER_MANAGEMENT, 0, 0).0,
+        Status::SUCCESS
+    );
+    // What nvseal cannot honour is refused: a power state that does not exist, a sensor that
+    // does not exist, DULBE.
+    assert_eq!(
+        feat(&mut a, true, POWER_MANAGEMENT, 0, 1).0,
+        Status::INVALID_FIELD
+    );
+    assert_eq!(
+        feat(&mut a, false, TEMPERATURE_THRESHOLD, 0, 1 << 16).0,
+        Status::INVALID_FIELD
+    );
+    assert_eq!(
+        feat(&mut a, true, ERROR_RECOVERY, 0, 1 << 16).0,
+        Status::INVALID_FIELD
+    );
+    // Host Identifier: the 128-bit HOSTID of Connect (EXHID = 1); never settable over fabrics.
+    let (s, _, hostid) = run(
+        &mut a,
+        Sqe {
+            opcode: admin_op::GET_FEATURES,
+            cdw10: u32::from(HOST_IDENTIFIER),
+            cdw11: 1,
+            ..Default::default()
+        },
+        Dir::FromCtrl,
+        &[],
+        16,
+    );
+    assert_eq!(s, Status::SUCCESS);
+    assert_eq!(&hostid, b"nvseal-hostid-01");
+    assert_eq!(
+        feat(&mut a, false, HOST_IDENTIFIER, 0, 0).0,
+        Status::INVALID_FIELD,
+        "EXHID = 0 asks for a 64-bit identifier"
+    );
+    assert_eq!(
+        feat(&mut a, true, HOST_IDENTIFIER, 0, 1).0,
+        Status::COMMAND_SEQUENCE_ERROR
+    );
+
+    // Log pages as spdk_nvme_identify asks them (NSID FFFFFFFFh): error information for
+    // ELPE + 1 entries, SMART / health, firmware slot information.
+    let elpe = u32::from(id[262]) + 1;
+    a.get_log_page(log_id::ERROR_INFO, u32::MAX, 64 * elpe, 0)
+        .unwrap();
+    a.get_log_page(log_id::SMART_HEALTH, u32::MAX, 512, 0)
+        .unwrap();
+    let fw = a
+        .get_log_page(log_id::FIRMWARE_SLOT, u32::MAX, 512, 0)
+        .unwrap();
+    assert_eq!(fw[0] & 0b111, 1, "AFI: slot 1 active");
+    assert_eq!(&fw[8..16], &id[64..72], "FRS1 = Identify FR");
+
+    // A discovery controller has none of these.
+    let mut d = HostQpair::connect(
+        h.addr,
+        DISCOVERY_NQN,
+        0,
+        connect::CNTLID_DYNAMIC,
+        host_cfg(Digests::default()),
+    )
+    .unwrap();
+    d.enable().unwrap();
+    assert_eq!(
+        feat(&mut d, false, ARBITRATION, 0, 0).0,
+        Status::INVALID_FIELD
+    );
+    assert!(d.get_log_page(log_id::FIRMWARE_SLOT, 0, 512, 0).is_err());
 }

@@ -28,6 +28,7 @@ use nvseal::tools::nvmeperf::{self, PerfConfig, TargetSpec};
 use nvseal::types::CoreId;
 
 const NQN: &str = "nqn.2026-01.io.nvseal:bench";
+const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000000be";
 
 fn env_or(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -84,13 +85,15 @@ fn loopback_ab_plain_vs_encrypted() {
             ns(3, "n0", false),
             ns(4, "n1c", true),
         ],
-        allowed_hosts: Vec::new(),
+        allowed_hosts: vec![HOST.into()],
+        allow_any_host: false,
         listen: vec![ListenAddr {
             addr: "127.0.0.1".into(),
             port: 4420,
         }],
     };
     let target = Target::new(&[cfg], Limits::default(), &bdevs).unwrap();
+    let port = target.port_for("127.0.0.1:4420".parse().unwrap()).unwrap();
     let mut listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -104,7 +107,7 @@ fn loopback_ab_plain_vs_encrypted() {
             let t0 = clock::ticks();
             let mut work = 0;
             if let Some(s) = listener.poll_accept() {
-                if let Ok(c) = Connection::new(s, t2.clone(), target_core) {
+                if let Ok(c) = Connection::new(s, t2.clone(), target_core, port) {
                     conns.push(c);
                 }
                 work += 1;
@@ -140,8 +143,7 @@ fn loopback_ab_plain_vs_encrypted() {
                 target: TargetSpec {
                     addr,
                     subnqn: NQN.into(),
-                    hostnqn: "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-0000000000be"
-                        .into(),
+                    hostnqn: HOST.into(),
                     hostid: [0xbe; 16],
                     digests: Digests::default(),
                     kato_ms: 10_000,

@@ -142,12 +142,14 @@ fn start(allowed: Vec<String>) -> Harness {
             ns(3, "flip", false),
         ],
         allowed_hosts: allowed,
+        allow_any_host: false,
         listen: vec![ListenAddr {
             addr: "127.0.0.1".into(),
             port: 4420,
         }],
     };
     let target = Target::new(&[cfg], Limits::default(), &bdevs).unwrap();
+    let port = target.port_for("127.0.0.1:4420".parse().unwrap()).unwrap();
     let mut listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -157,7 +159,7 @@ fn start(allowed: Vec<String>) -> Harness {
         while !s2.load(Ordering::Acquire) {
             let mut work = 0;
             if let Some(s) = listener.poll_accept() {
-                if let Ok(c) = Connection::new(s, Arc::clone(&t2), CoreId(0)) {
+                if let Ok(c) = Connection::new(s, Arc::clone(&t2), CoreId(0), port) {
                     conns.push(c);
                 }
                 work += 1;
@@ -388,7 +390,7 @@ fn split_sizes() {
 
 #[test]
 fn library_randrw_with_digests_over_two_reactors() {
-    let h = start(Vec::new());
+    let h = start(vec![HOST.into()]);
     let mut cfg = lib_config(&h, vec![2], spec(Workload::Randrw, 16384, 16, false));
     cfg.cores = vec![CoreId(0), CoreId(1)];
     cfg.queues_per_core = 2;
@@ -410,7 +412,7 @@ fn library_randrw_with_digests_over_two_reactors() {
 
 #[test]
 fn library_verify_reports_corrupted_reads() {
-    let h = start(Vec::new());
+    let h = start(vec![HOST.into()]);
     let mut cfg = lib_config(&h, vec![3], spec(Workload::Write, 4096, 4, true));
     cfg.io_count = Some(50);
     let out = nvmeperf::run(&cfg, &mut |_| {}).unwrap();
@@ -448,7 +450,7 @@ fn library_refusals_are_connect_errors() {
 
 #[test]
 fn library_target_going_away_fails_the_run() {
-    let h = start(Vec::new());
+    let h = start(vec![HOST.into()]);
     let mut cfg = lib_config(&h, vec![1], spec(Workload::Randread, 4096, 8, false));
     cfg.time = Duration::from_secs(20);
     let stop = h.stop.clone();
@@ -523,7 +525,7 @@ fn binary_ab_verify_json_has_both_sides_and_ratios() {
 
 #[test]
 fn binary_table_shows_both_sides() {
-    let h = start(Vec::new());
+    let h = start(vec![HOST.into()]);
     let o = perf_bin(
         &h,
         &[
@@ -588,7 +590,7 @@ fn binary_wrong_subnqn_and_host_not_allowed_exit_3() {
 
 #[test]
 fn binary_usage_errors_exit_2() {
-    let h = start(Vec::new());
+    let h = start(vec![HOST.into()]);
     // Over MDTS (128 KiB on this target) the I/O is split: 1 MiB = 8 commands, and QD 32 x 8
     // is over the 128 queue entries this target allows.
     let o = perf_bin(&h, &["--subnqn", NQN, "-o", "1m", "-q", "32", "-n", "10"]);
@@ -607,7 +609,7 @@ fn binary_usage_errors_exit_2() {
 
 #[test]
 fn binary_verify_mismatch_exits_1() {
-    let h = start(Vec::new());
+    let h = start(vec![HOST.into()]);
     let o = perf_bin(
         &h,
         &[
@@ -621,7 +623,7 @@ fn binary_verify_mismatch_exits_1() {
 
 #[test]
 fn binary_time_limited_run_stops_on_time_with_keep_alive() {
-    let h = start(Vec::new());
+    let h = start(vec![HOST.into()]);
     // KATO 800 ms over a 2 s run: without Keep Alive the target would drop the controller.
     let t0 = Instant::now();
     let o = perf_bin(

@@ -16,7 +16,9 @@ use nvseal::bdev::Bdev;
 use nvseal::crypto::bdev::{CryptoBdev, DataKey};
 use nvseal::crypto::key::XtsKey;
 use nvseal::nvmf::pdu::Digests;
-use nvseal::nvmf::{Connection, Limits, Listener, NamespaceConfig, SubsystemConfig, Target};
+use nvseal::nvmf::{
+    Connection, Limits, ListenAddr, Listener, NamespaceConfig, SubsystemConfig, Target,
+};
 use nvseal::reactor::ReactorOptions;
 use nvseal::stats::OpClass;
 use nvseal::tools::bdevperf::{JobSpec, Workload};
@@ -55,6 +57,7 @@ unsafe impl GlobalAlloc for Counting {
 static GLOBAL: Counting = Counting;
 
 const NQN: &str = "nqn.2026-01.io.nvseal:noalloc";
+const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000a110";
 
 fn malloc_bdev(name: &str) -> Arc<dyn Bdev> {
     let cfg: MallocConfig = serde_yaml_ng::from_str(&format!(
@@ -90,10 +93,15 @@ fn steady_state_allocates_nothing() {
         serial: "NOALLOC".into(),
         model: "nvseal".into(),
         namespaces: vec![ns(1, "p"), ns(2, "e")],
-        allowed_hosts: Vec::new(),
-        listen: Vec::new(),
+        allowed_hosts: vec![HOST.into()],
+        allow_any_host: false,
+        listen: vec![ListenAddr {
+            addr: "127.0.0.1".into(),
+            port: 4420,
+        }],
     };
     let target = Target::new(&[cfg], Limits::default(), &bdevs).unwrap();
+    let port = target.port_for("127.0.0.1:4420".parse().unwrap()).unwrap();
     let mut listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -102,7 +110,7 @@ fn steady_state_allocates_nothing() {
         let mut conns: Vec<Connection> = Vec::with_capacity(16);
         while !s2.load(Ordering::Acquire) {
             if let Some(s) = listener.poll_accept() {
-                if let Ok(c) = Connection::new(s, target.clone(), CoreId(0)) {
+                if let Ok(c) = Connection::new(s, target.clone(), CoreId(0), port) {
                     conns.push(c);
                 }
             }
@@ -146,8 +154,7 @@ fn steady_state_allocates_nothing() {
             target: TargetSpec {
                 addr,
                 subnqn: NQN.into(),
-                hostnqn: "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-00000000a110"
-                    .into(),
+                hostnqn: HOST.into(),
                 hostid: [1; 16],
                 digests: Digests {
                     header: digests,

@@ -13,10 +13,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 const NQN: &str = "nqn.2026-11.io.nvseal:e2e";
+const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:e2e-test-host";
 
 fn host_cfg() -> HostConfig {
     HostConfig {
-        hostnqn: "nqn.2014-08.org.nvmexpress:uuid:e2e-test-host".into(),
+        hostnqn: HOST.into(),
         queue_depth: 16,
         ..Default::default()
     }
@@ -74,7 +75,7 @@ fn serve_exports_plain_and_encrypted_namespaces_over_nvme_tcp() {
              bdevs:\n  - name: mem0\n    type: malloc\n    size_bytes: 16777216\n\
              \x20 - name: disk1\n    type: uring\n    path: {img}\n    size_bytes: 17825792\n\
              \x20 - name: vol1\n    type: encrypted\n    base: disk1\n    provider: local\n    create: true\n\
-             subsystems:\n  - nqn: {NQN}\n    serial: E2E1\n    namespaces:\n      - nsid: 1\n        bdev: mem0\n      - nsid: 2\n        bdev: vol1\n        encrypted: true\n    listen:\n      - addr: 127.0.0.1\n        port: 0\n",
+             subsystems:\n  - nqn: {NQN}\n    serial: E2E1\n    allowed_hosts: [\"{HOST}\"]\n    namespaces:\n      - nsid: 1\n        bdev: mem0\n      - nsid: 2\n        bdev: vol1\n        encrypted: true\n    listen:\n      - addr: 127.0.0.1\n        port: 0\n",
             keys = d.join("keys").display(),
             audit = d.join("audit.jsonl").display(),
             sock = sock.display(),
@@ -207,5 +208,95 @@ fn serve_exports_plain_and_encrypted_namespaces_over_nvme_tcp() {
     );
     drop(q);
     drop(admin);
+    s.stop();
+}
+
+/// Access control on the real binary (issue 11 items 4 and 5, issue 13 item 11): an encrypted
+/// namespace exported to any host is warned about at start-up; refused Connects are logged
+/// with their reason (a host not on the list, an NQN not served on that listener); a subsystem
+/// with `allow_any_host` admits an empty HOSTNQN; `subsystems.list` shows who may connect.
+#[test]
+fn access_warnings_and_refused_connects_are_logged() {
+    const OPEN: &str = "nqn.2026-11.io.nvseal:open";
+    const CLOSED: &str = "nqn.2026-11.io.nvseal:closed";
+    const ELSEWHERE: &str = "nqn.2026-11.io.nvseal:elsewhere";
+    const STRANGER: &str = "nqn.2014-08.org.nvmexpress:uuid:stranger";
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let d = dir.path();
+    let cfg = d.join("access.yaml");
+    let sock = d.join("rpc.sock");
+    // A port nothing listens on yet, for the subsystem that must stay unreachable here.
+    let elsewhere_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        &cfg,
+        format!(
+            "reactor:\n  cores: 1\n  pin: false\n  idle_backoff_us: 20\n\
+             rpc:\n  socket_path: {sock}\n\
+             bdevs:\n  - {{ name: n0, type: null, size_bytes: 16777216 }}\n\
+             \x20 - {{ name: n0c, type: crypto, base: n0, key: ephemeral }}\n\
+             \x20 - {{ name: n1, type: null, size_bytes: 16777216 }}\n\
+             \x20 - {{ name: n2, type: null, size_bytes: 16777216 }}\n\
+             subsystems:\n\
+             \x20 - nqn: {OPEN}\n    serial: OPEN1\n    allow_any_host: true\n    namespaces: [{{ nsid: 1, bdev: n0c }}]\n    listen: [{{ addr: 127.0.0.1, port: 0 }}]\n\
+             \x20 - nqn: {CLOSED}\n    serial: CLOSED1\n    allowed_hosts: [\"{HOST}\"]\n    namespaces: [{{ nsid: 1, bdev: n1 }}]\n    listen: [{{ addr: 127.0.0.1, port: 0 }}]\n\
+             \x20 - nqn: {ELSEWHERE}\n    serial: ELSE1\n    allowed_hosts: [\"{HOST}\"]\n    namespaces: [{{ nsid: 1, bdev: n2 }}]\n    listen: [{{ addr: 127.0.0.2, port: {elsewhere_port} }}]\n",
+            sock = sock.display(),
+        ),
+    )
+    .unwrap();
+    let mut s = Serve::start(&cfg);
+    let warn = s.wait_for("encrypted namespace exported to any host");
+    assert!(warn.contains(OPEN) && warn.contains("n0c"), "{warn}");
+    let listening: Vec<String> = {
+        s.wait_for("control socket listening");
+        s.log
+            .iter()
+            .filter(|l| l.contains("NVMe/TCP listening"))
+            .cloned()
+            .collect()
+    };
+    assert_eq!(listening.len(), 2, "one listener per distinct address");
+    let addr = addr_of(
+        listening
+            .iter()
+            .find(|l| l.contains("addr=127.0.0.1:"))
+            .unwrap(),
+    );
+
+    let connect = |nqn: &str, hostnqn: &str| {
+        let cfg = HostConfig {
+            hostnqn: hostnqn.into(),
+            ..host_cfg()
+        };
+        HostQpair::connect(addr, nqn, 0, connect::CNTLID_DYNAMIC, cfg)
+    };
+    // An empty HOSTNQN where any host is allowed; the listed host where only it is.
+    connect(OPEN, "").unwrap();
+    connect(CLOSED, HOST).unwrap();
+    // Refusals: the host sees a status, the log says why.
+    assert!(connect(CLOSED, STRANGER).is_err());
+    let l = s.wait_for("host not in allowed_hosts");
+    assert!(l.contains("Connect refused") && l.contains(STRANGER), "{l}");
+    assert!(connect(CLOSED, "").is_err());
+    s.wait_for("empty HOSTNQN and the subsystem does not allow any host");
+    assert!(connect(ELSEWHERE, HOST).is_err());
+    let l = s.wait_for("subsystem is not served on this listener");
+    assert!(l.contains(ELSEWHERE), "{l}");
+
+    let v = rpc(&sock, "subsystems.list", serde_json::json!({}));
+    let subs = v["subsystems"].as_array().unwrap();
+    let sub = |nqn: &str| subs.iter().find(|x| x["nqn"] == nqn).unwrap().clone();
+    assert_eq!(sub(OPEN)["allow_any_host"], true, "{v}");
+    assert_eq!(sub(CLOSED)["allow_any_host"], false, "{v}");
+    assert_eq!(sub(CLOSED)["allowed_hosts"][0], HOST, "{v}");
+    assert_eq!(
+        sub(ELSEWHERE)["listen"][0],
+        format!("127.0.0.2:{elsewhere_port}"),
+        "{v}"
+    );
     s.stop();
 }

@@ -177,7 +177,7 @@ fn config(d: &Path, rpc_extra: &str) -> std::path::PathBuf {
              keys:\n  local:\n    path: {keys}\n    create: true\n  audit_log: {audit}\n\
              rpc:\n  socket_path: {sock}\n{rpc_extra}\
              bdevs:\n  - name: mem0\n    type: malloc\n    size_bytes: 8388608\n\
-             subsystems:\n  - nqn: {NQN}\n    serial: NSRPC1\n    namespaces:\n      - nsid: 1\n        bdev: mem0\n    listen:\n      - addr: 127.0.0.1\n        port: 0\n",
+             subsystems:\n  - nqn: {NQN}\n    serial: NSRPC1\n    allowed_hosts: [\"nqn.2014-08.org.nvmexpress:uuid:nsrpc-test-host\"]\n    namespaces:\n      - nsid: 1\n        bdev: mem0\n    listen:\n      - addr: 127.0.0.1\n        port: 0\n",
             keys = d.join("keys").display(),
             audit = d.join("audit.jsonl").display(),
             sock = d.join("rpc.sock").display(),

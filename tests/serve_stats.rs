@@ -106,7 +106,7 @@ fn serve_reports_per_namespace_stats_over_the_control_socket() {
              rpc:\n  socket_path: {sock}\n  audit_log: {audit}\n\
              bdevs:\n  - name: mem0\n    type: malloc\n    size_bytes: 4194304\n\
              \x20 - name: mem1\n    type: malloc\n    size_bytes: 4194304\n\
-             subsystems:\n  - nqn: {NQN}\n    serial: STATS1\n    namespaces:\n      - nsid: 1\n        bdev: mem0\n      - nsid: 2\n        bdev: mem1\n    listen:\n      - addr: 127.0.0.1\n        port: 0\n",
+             subsystems:\n  - nqn: {NQN}\n    serial: STATS1\n    allowed_hosts: [\"nqn.2014-08.org.nvmexpress:uuid:stats-test-host\"]\n    namespaces:\n      - nsid: 1\n        bdev: mem0\n      - nsid: 2\n        bdev: mem1\n    listen:\n      - addr: 127.0.0.1\n        port: 0\n",
             sock = sock.display(),
             audit = d.join("audit.jsonl").display(),
         ),
@@ -203,7 +203,7 @@ fn perf_reports_the_target_reactors_busy_time_per_side() {
              bdevs:\n  - {{ name: n0, type: null, size_bytes: 1073741824 }}\n\
              \x20 - {{ name: n1, type: null, size_bytes: 1073741824 }}\n\
              \x20 - {{ name: n1c, type: crypto, base: n1, key: ephemeral }}\n\
-             subsystems:\n  - nqn: {NQN}\n    serial: BUSY1\n    namespaces:\n      - {{ nsid: 1, bdev: n0 }}\n      - {{ nsid: 2, bdev: n1c, encrypted: true }}\n    listen:\n      - addr: 127.0.0.1\n        port: 0\n",
+             subsystems:\n  - nqn: {NQN}\n    serial: BUSY1\n    allowed_hosts: [\"nqn.2014-08.org.nvmexpress:uuid:stats-test-host\"]\n    namespaces:\n      - {{ nsid: 1, bdev: n0 }}\n      - {{ nsid: 2, bdev: n1c, encrypted: true }}\n    listen:\n      - addr: 127.0.0.1\n        port: 0\n",
             sock = sock.display(),
         ),
     )
@@ -225,6 +225,8 @@ fn perf_reports_the_target_reactors_busy_time_per_side() {
                 &addr.to_string(),
                 "--subnqn",
                 NQN,
+                "--hostnqn",
+                "nqn.2014-08.org.nvmexpress:uuid:stats-test-host",
                 "--ab",
             ])
             .args([

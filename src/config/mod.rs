@@ -386,13 +386,8 @@ impl Config {
                     ));
                 }
             }
-            for (j, l) in sub.listen.iter().enumerate() {
-                if l.addr.parse::<std::net::IpAddr>().is_err() {
-                    return Err(err(
-                        format!("subsystems[{i}].listen[{j}].addr"),
-                        format!("not an IP address: {:?}", l.addr),
-                    ));
-                }
+            if let Err(e) = sub.check_access() {
+                return Err(err(format!("subsystems[{i}].{}", e.field()), e.to_string()));
             }
         }
         if let Err(e) = self.nvmf.validate() {

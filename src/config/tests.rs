@@ -14,10 +14,22 @@ fn builtin_default_and_examples_parse() {
     assert!(matches!(c.bdev("vol1"), Some(BdevConfig::Encrypted(_))));
     assert_eq!(c.subsystems.len(), 1);
     assert!(c.keys.as_ref().is_some_and(|k| k.local.is_some()));
+    // The built-in default is for local development: 127.0.0.1 only, any local host.
+    assert!(c.subsystems[0].allow_any_host);
+    assert!(c.subsystems[0].listen.iter().all(|l| l.addr == "127.0.0.1"));
     for f in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/configs")).unwrap() {
         let p = f.unwrap().path();
         if p.extension().is_some_and(|e| e == "yaml") {
-            Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+            let c = Config::load(&p).unwrap_or_else(|e| panic!("{e}"));
+            // Deny by default: every shipped subsystem says who may connect.
+            for s in &c.subsystems {
+                assert!(
+                    s.allow_any_host || !s.allowed_hosts.is_empty(),
+                    "{}: {} admits no host",
+                    p.display(),
+                    s.nqn
+                );
+            }
         }
     }
 }
@@ -90,4 +102,33 @@ fn encrypted_bdevs_need_a_known_provider_and_namespaces_known_bdevs() {
     );
     let e = err("subsystems:\n  - nqn: nqn.2026-01.io.x:a\n    serial: S1\n    namespaces: []\n    listen:\n      - addr: localhost\n");
     assert_eq!(e.path, "subsystems[0].listen[0].addr", "{e}");
+}
+
+#[test]
+fn subsystem_access_is_checked_with_position() {
+    let sub = "subsystems:\n  - nqn: nqn.2026-01.io.x:a\n    serial: S1\n    namespaces: []\n";
+    // Deny by default: no allowed_hosts and no allow_any_host parses, and admits nobody.
+    let c = Config::from_yaml(sub, "t").unwrap();
+    assert!(c.subsystems[0].allowed_hosts.is_empty() && !c.subsystems[0].allow_any_host);
+    let c = Config::from_yaml(&format!("{sub}    allow_any_host: true\n"), "t").unwrap();
+    assert!(c.subsystems[0].allow_any_host);
+    // Both at once is ambiguous: refused, pointing at allow_any_host.
+    let e = err(&format!(
+        "{sub}    allowed_hosts:\n      - nqn.2014-08.org.nvmexpress:uuid:1\n    allow_any_host: true\n"
+    ));
+    assert_eq!(
+        (e.path.as_str(), e.line, e.column),
+        ("subsystems[0].allow_any_host", Some(7), Some(21)),
+        "{e}"
+    );
+    assert!(e.message.contains("contradict"), "{e}");
+    // A host entry that is not an NQN (an empty one would match an empty HOSTNQN).
+    let e = err(&format!(
+        "{sub}    allowed_hosts:\n      - nqn.2014-08.org.nvmexpress:uuid:1\n      - \"\"\n"
+    ));
+    assert_eq!(
+        (e.path.as_str(), e.line),
+        ("subsystems[0].allowed_hosts[1]", Some(7)),
+        "{e}"
+    );
 }

@@ -43,6 +43,8 @@ pub struct IdentifyController<'a> {
     pub vwc: bool,
     /// Optional asynchronous events supported (OAES).
     pub oaes: u32,
+    /// Controller attributes (CTRATT); fabrics controllers set [`CTRATT_HOST_ID_128`].
+    pub ctratt: u32,
     pub subnqn: &'a str,
     /// I/O queue command capsule size in bytes (SQE + in-capsule data).
     pub ioccsz_bytes: u32,
@@ -57,6 +59,12 @@ pub const ONCS_WRITE_ZEROES: u16 = 1 << 3;
 pub const OAES_NS_ATTR: u32 = 1 << 8;
 /// LPA bit 2: extended data for Get Log Page (offset and 32-bit NUMD).
 pub const LPA_EXTENDED: u8 = 1 << 2;
+/// CTRATT bit 0 (HIDS): 128-bit host identifier, which NVMe over Fabrics controllers must set
+/// (the Connect data carries a 128-bit HOSTID).
+pub const CTRATT_HOST_ID_128: u32 = 1 << 0;
+/// FRMW: firmware slot 1 read-only (bit 0), one slot (NOFS, bits 3:1). A software target has no
+/// firmware to download; the Firmware Slot Information log reports the version in slot 1.
+pub const FRMW_ONE_READ_ONLY_SLOT: u8 = 1 | (1 << 1);
 
 /// Byte offsets of Identify Controller fields (tests check them against the spec).
 pub mod ctrl_off {
@@ -67,9 +75,11 @@ pub mod ctrl_off {
     pub const CNTLID: usize = 78;
     pub const VER: usize = 80;
     pub const OAES: usize = 92;
+    pub const CTRATT: usize = 96;
     pub const CNTRLTYPE: usize = 111;
     pub const ACL: usize = 258;
     pub const AERL: usize = 259;
+    pub const FRMW: usize = 260;
     pub const LPA: usize = 261;
     pub const ELPE: usize = 262;
     pub const KAS: usize = 320;
@@ -98,9 +108,11 @@ impl IdentifyController<'_> {
         out[CNTLID..CNTLID + 2].copy_from_slice(&self.cntlid.to_le_bytes());
         out[VER..VER + 4].copy_from_slice(&self.ver.to_le_bytes());
         out[OAES..OAES + 4].copy_from_slice(&self.oaes.to_le_bytes());
+        out[CTRATT..CTRATT + 4].copy_from_slice(&self.ctratt.to_le_bytes());
         out[CNTRLTYPE] = self.ctrl_type as u8;
         out[ACL] = self.acl;
         out[AERL] = self.aerl;
+        out[FRMW] = FRMW_ONE_READ_ONLY_SLOT;
         out[LPA] = LPA_EXTENDED;
         out[ELPE] = self.elpe;
         out[KAS..KAS + 2].copy_from_slice(&self.kas.to_le_bytes());
@@ -194,6 +206,7 @@ mod tests {
             oncs: ONCS_DSM | ONCS_WRITE_ZEROES,
             vwc: true,
             oaes: OAES_NS_ATTR,
+            ctratt: CTRATT_HOST_ID_128,
             subnqn: "nqn.2026-01.io.nvseal:a",
             ioccsz_bytes: 64 + 8192,
             iorcsz_bytes: 16,
@@ -206,6 +219,8 @@ mod tests {
         assert_eq!(b[77], 5);
         assert_eq!(&b[78..80], &[2, 1]);
         assert_eq!(b[111], 1);
+        assert_eq!(&b[96..100], &[1, 0, 0, 0], "CTRATT.HIDS");
+        assert_eq!(b[260], 0b11, "FRMW: one read-only slot");
         assert_eq!(b[512], 0x66);
         assert_eq!(b[513], 0x44);
         assert_eq!(&b[516..520], &4u32.to_le_bytes());

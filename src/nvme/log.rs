@@ -70,6 +70,16 @@ impl Smart {
     }
 }
 
+/// Size of the Firmware Slot Information log page.
+pub const FIRMWARE_SLOT_SIZE: usize = 512;
+
+/// Firmware Slot Information: one slot (1), active, holding `revision` (FRS1, 8 ASCII bytes).
+pub fn build_firmware_slot(out: &mut [u8; FIRMWARE_SLOT_SIZE], revision: &str) {
+    out.fill(0);
+    out[0] = 1; // AFI: active slot 1 (bits 2:0), no slot pending activation (bits 6:4)
+    put_str(&mut out[8..16], revision, b' ');
+}
+
 /// Changed Namespace List: up to 1024 NSIDs; more than that is reported as 0xffffffff.
 pub fn build_changed_ns(out: &mut [u8; CHANGED_NS_SIZE], nsids: &[u32]) {
     out.fill(0);

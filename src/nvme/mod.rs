@@ -70,16 +70,22 @@ pub mod cns {
 
 /// Feature identifiers used by Set/Get Features.
 pub mod feature {
+    pub const ARBITRATION: u8 = 0x01;
+    pub const POWER_MANAGEMENT: u8 = 0x02;
+    pub const TEMPERATURE_THRESHOLD: u8 = 0x04;
+    pub const ERROR_RECOVERY: u8 = 0x05;
     pub const VOLATILE_WRITE_CACHE: u8 = 0x06;
     pub const NUMBER_OF_QUEUES: u8 = 0x07;
     pub const ASYNC_EVENT_CONFIG: u8 = 0x0b;
     pub const KEEP_ALIVE_TIMER: u8 = 0x0f;
+    pub const HOST_IDENTIFIER: u8 = 0x81;
 }
 
 /// Log page identifiers.
 pub mod log_id {
     pub const ERROR_INFO: u8 = 0x01;
     pub const SMART_HEALTH: u8 = 0x02;
+    pub const FIRMWARE_SLOT: u8 = 0x03;
     pub const CHANGED_NS_LIST: u8 = 0x04;
     pub const DISCOVERY: u8 = 0x70;
 }

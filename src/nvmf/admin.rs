@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 use crate::nvme::identify::{self, ControllerType, IdentifyController, IDENTIFY_SIZE};
 use crate::nvme::log::{self as nlog, DiscoveryEntry};
 use crate::nvme::{admin_op, cns, connect, fctype, feature, log_id, prop, sgl, Status};
-use crate::nvmf::config::DISCOVERY_NQN;
+use crate::nvmf::config::{is_valid_nqn, DISCOVERY_NQN};
 use crate::nvmf::conn::{Action, Connection, ReqState};
-use crate::nvmf::target::{SubsystemKind, ERROR_LOG_ENTRIES, MAX_AERS};
+use crate::nvmf::target::{FeatureValues, SubsystemKind, ERROR_LOG_ENTRIES, MAX_AERS};
 
 /// Firmware revision reported in Identify Controller.
 const FIRMWARE: &str = env!("CARGO_PKG_VERSION");
@@ -60,52 +60,104 @@ impl Connection {
         Action::Complete(r.err().unwrap_or(Status::SUCCESS))
     }
 
+    /// Fabrics Connect. Every refusal is logged with its reason (rate-limited target-wide, so
+    /// a flood of bad Connects costs a few log lines a second); what the host sees is only the
+    /// status and, for Connect Invalid Parameters, the field it points at.
     fn connect(&mut self, idx: usize) -> Result<(), Status> {
+        let mut who = ConnectWho::default();
+        let Err(r) = self.try_connect(idx, &mut who) else {
+            return Ok(());
+        };
+        if let Some((in_data, off)) = r.param {
+            self.reqs[idx].cqe.dw0 = connect::invalid_param_dw0(in_data, off);
+        }
+        if let Some(suppressed) = self.target.refusal_log().admit() {
+            let listener = self.target.port_addr(self.port);
+            tracing::warn!(
+                peer = ?self.peer,
+                ?listener,
+                port = %self.port,
+                qid = who.qid,
+                subnqn = ?who.subnqn,
+                hostnqn = ?who.hostnqn,
+                status = ?r.status,
+                reason = r.reason,
+                suppressed_before = suppressed,
+                "Connect refused"
+            );
+        }
+        Err(r.status)
+    }
+
+    fn try_connect(&mut self, idx: usize, who: &mut ConnectWho) -> Result<(), Refusal> {
         if self.ctrl.is_some() {
-            return Err(Status::COMMAND_SEQUENCE_ERROR);
+            return Err(Refusal::status(
+                Status::COMMAND_SEQUENCE_ERROR,
+                "the queue is already connected",
+            ));
         }
         let sqe = self.reqs[idx].sqe;
         let cmd = connect::ConnectCmd::from_sqe(&sqe);
+        who.qid = cmd.qid;
         let mut data = [0u8; connect::DATA_SIZE];
         match self.reqs[idx].buf.as_ref() {
             Some(b) if b.len() == connect::DATA_SIZE => data.copy_from_slice(b.as_slice()),
-            _ => return Err(Status::DATA_SGL_LENGTH_INVALID),
+            _ => {
+                return Err(Refusal::status(
+                    Status::DATA_SGL_LENGTH_INVALID,
+                    "Connect data is not 1024 bytes",
+                ))
+            }
         }
-        let invalid = |r: &mut crate::nvmf::conn::Request, in_data: bool, off: u16| {
-            r.cqe.dw0 = connect::invalid_param_dw0(in_data, off);
-            Status::CONNECT_INVALID_PARAMETERS
-        };
         if cmd.recfmt != 0 {
-            return Err(Status::CONNECT_INCOMPATIBLE_FORMAT);
+            return Err(Refusal::status(
+                Status::CONNECT_INCOMPATIBLE_FORMAT,
+                "RECFMT is not 0",
+            ));
         }
         let field = |off: usize| &data[off..off + connect::NQN_FIELD_LEN];
-        let subnqn = connect::nqn_from_field(field(connect::SUBNQN_OFF))
-            .unwrap_or("")
-            .to_string();
-        let hostnqn = connect::nqn_from_field(field(connect::HOSTNQN_OFF))
-            .unwrap_or("")
-            .to_string();
+        let subnqn = parse_nqn_field(field(connect::SUBNQN_OFF))
+            .map_err(|why| Refusal::param(true, connect::SUBNQN_OFF, why))?;
+        who.subnqn = subnqn.to_string();
+        let hostnqn = parse_nqn_field(field(connect::HOSTNQN_OFF))
+            .map_err(|why| Refusal::param(true, connect::HOSTNQN_OFF, why))?;
+        who.hostnqn = hostnqn.to_string();
+        // An empty HOSTNQN (SPDK's tools send one unless told otherwise) is a host like any
+        // other: admitted only where any host is. Anything else must be an NQN.
+        if !hostnqn.is_empty() && !is_valid_nqn(hostnqn) {
+            return Err(Refusal::param(
+                true,
+                connect::HOSTNQN_OFF,
+                "HOSTNQN is not an NQN",
+            ));
+        }
         let cntlid = u16::from_le_bytes([data[connect::CNTLID_OFF], data[connect::CNTLID_OFF + 1]]);
         let mut hostid = [0u8; 16];
         hostid.copy_from_slice(&data[connect::HOSTID_OFF..connect::HOSTID_OFF + 16]);
-        let Some(subsys) = self.target.subsystem(&subnqn).cloned() else {
-            tracing::info!(%subnqn, "connect to unknown subsystem");
-            return Err(invalid(
-                &mut self.reqs[idx],
+        let Some(subsys) = self.target.subsystem(subnqn).cloned() else {
+            return Err(Refusal::param(
                 true,
-                connect::SUBNQN_OFF as u16,
+                connect::SUBNQN_OFF,
+                "no such subsystem",
             ));
         };
-        if hostnqn.is_empty() || !hostnqn.starts_with("nqn.") {
-            return Err(invalid(
-                &mut self.reqs[idx],
+        // Not linked to this listener: to the host exactly like an unknown NQN.
+        if !subsys.serves(self.port) {
+            return Err(Refusal::param(
                 true,
-                connect::HOSTNQN_OFF as u16,
+                connect::SUBNQN_OFF,
+                "subsystem is not served on this listener",
             ));
         }
-        if !subsys.host_allowed(&hostnqn) {
-            tracing::info!(%subnqn, %hostnqn, "host not allowed");
-            return Err(Status::CONNECT_INVALID_HOST);
+        if !subsys.host_allowed(hostnqn) {
+            return Err(Refusal::status(
+                Status::CONNECT_INVALID_HOST,
+                if hostnqn.is_empty() {
+                    "empty HOSTNQN and the subsystem does not allow any host"
+                } else {
+                    "host not in allowed_hosts"
+                },
+            ));
         }
         let l = self.target.limits;
         let max_depth = if cmd.qid == 0 {
@@ -114,24 +166,31 @@ impl Connection {
             l.max_queue_depth
         };
         if cmd.sqsize == 0 || u32::from(cmd.sqsize) + 1 > u32::from(max_depth) {
-            return Err(invalid(&mut self.reqs[idx], false, connect::SQE_SQSIZE_OFF));
+            return Err(Refusal::param(
+                false,
+                usize::from(connect::SQE_SQSIZE_OFF),
+                "SQSIZE is 0 or deeper than the queue limit",
+            ));
         }
         let depth = usize::from(cmd.sqsize) + 1;
         if cmd.qid == 0 {
             if cntlid != connect::CNTLID_DYNAMIC {
-                return Err(invalid(
-                    &mut self.reqs[idx],
+                return Err(Refusal::param(
                     true,
-                    connect::CNTLID_OFF as u16,
+                    connect::CNTLID_OFF,
+                    "admin queue CNTLID is not FFFFh (dynamic controller model)",
                 ));
             }
             // A discovery controller without keep alive would live forever if the host vanished;
             // the spec lets KATO be 0 there, so accept it like Linux does.
             let Some(ctrl) =
                 self.target
-                    .create_controller(Arc::clone(&subsys), &hostnqn, hostid, cmd.kato_ms)
+                    .create_controller(Arc::clone(&subsys), hostnqn, hostid, cmd.kato_ms)
             else {
-                return Err(Status::CONNECT_CONTROLLER_BUSY);
+                return Err(Refusal::status(
+                    Status::CONNECT_CONTROLLER_BUSY,
+                    "every controller id is in use",
+                ));
             };
             self.subsys = Some(subsys);
             self.qid = 0;
@@ -139,33 +198,40 @@ impl Connection {
             if let Err(s) = self.setup_queue(depth, false) {
                 ctrl.kill();
                 self.target.remove_controller(ctrl.cntlid);
-                return Err(s);
+                return Err(Refusal::status(s, "could not set the queue up"));
             }
             self.ka_deadline = kato_deadline(cmd.kato_ms);
             self.reqs[idx].cqe.dw0 = u32::from(ctrl.cntlid);
-            tracing::info!(cntlid = ctrl.cntlid, %subnqn, %hostnqn, kato_ms = cmd.kato_ms, "admin queue connected");
+            tracing::info!(cntlid = ctrl.cntlid, %subnqn, %hostnqn, port = %self.port, kato_ms = cmd.kato_ms, "admin queue connected");
             self.connect_deadline = None;
             self.ctrl = Some(ctrl);
         } else {
             if subsys.kind == SubsystemKind::Discovery {
-                return Err(invalid(&mut self.reqs[idx], false, connect::SQE_QID_OFF));
+                return Err(Refusal::param(
+                    false,
+                    usize::from(connect::SQE_QID_OFF),
+                    "I/O queue to the discovery subsystem",
+                ));
             }
             let Some(ctrl) = self.target.find_controller(cntlid) else {
-                return Err(invalid(
-                    &mut self.reqs[idx],
+                return Err(Refusal::param(
                     true,
-                    connect::CNTLID_OFF as u16,
+                    connect::CNTLID_OFF,
+                    "no live controller with this CNTLID",
                 ));
             };
             if !Arc::ptr_eq(&ctrl.subsys, &subsys) || ctrl.hostnqn != hostnqn {
-                return Err(invalid(
-                    &mut self.reqs[idx],
+                return Err(Refusal::param(
                     true,
-                    connect::CNTLID_OFF as u16,
+                    connect::CNTLID_OFF,
+                    "the controller belongs to another subsystem or host",
                 ));
             }
             if ctrl.csts.load(Ordering::Acquire) & prop::CSTS_RDY == 0 {
-                return Err(Status::COMMAND_SEQUENCE_ERROR);
+                return Err(Refusal::status(
+                    Status::COMMAND_SEQUENCE_ERROR,
+                    "the controller is not enabled (CSTS.RDY = 0)",
+                ));
             }
             {
                 let mut a = ctrl.admin();
@@ -173,7 +239,11 @@ impl Connection {
                 let taken = a.io_qids.get(usize::from(cmd.qid)).copied().unwrap_or(true);
                 if cmd.qid > granted || taken {
                     drop(a);
-                    return Err(invalid(&mut self.reqs[idx], false, connect::SQE_QID_OFF));
+                    return Err(Refusal::param(
+                        false,
+                        usize::from(connect::SQE_QID_OFF),
+                        "QID above the granted queues or already connected",
+                    ));
                 }
                 if let Some(q) = a.io_qids.get_mut(usize::from(cmd.qid)) {
                     *q = true;
@@ -191,7 +261,7 @@ impl Connection {
                 if let Some(q) = a.io_qids.get_mut(usize::from(cmd.qid)) {
                     *q = false;
                 }
-                return Err(s);
+                return Err(Refusal::status(s, "could not set the queue up"));
             }
             self.reqs[idx].cqe.dw0 = u32::from(ctrl.cntlid);
             tracing::debug!(
@@ -331,6 +401,7 @@ impl Connection {
                     } else {
                         identify::OAES_NS_ATTR
                     },
+                    ctratt: identify::CTRATT_HOST_ID_128,
                     subnqn: &s.nqn,
                     ioccsz_bytes: 64 + l.in_capsule_data_size,
                     iorcsz_bytes: 16,
@@ -403,6 +474,11 @@ impl Connection {
                 c.smart().encode(&mut b);
                 b.to_vec()
             }
+            (log_id::FIRMWARE_SLOT, false) => {
+                let mut b = [0u8; nlog::FIRMWARE_SLOT_SIZE];
+                nlog::build_firmware_slot(&mut b, FIRMWARE);
+                b.to_vec()
+            }
             (log_id::CHANGED_NS_LIST, false) => {
                 let mut a = c.admin();
                 let mut b = [0u8; nlog::CHANGED_NS_SIZE];
@@ -427,28 +503,32 @@ impl Connection {
         self.reply_data(idx, &out)
     }
 
-    /// The discovery log page: one entry per (subsystem the host may use, listen address).
+    /// The discovery log page: one entry per NVM subsystem that the port this connection came
+    /// through serves and that admits the host, with that port's address (as nvmet lists the
+    /// subsystems linked to the port). Subsystems reachable only elsewhere are not shown.
     fn discovery_log(&self, hostnqn: &str) -> Vec<u8> {
         let mut entries: Vec<[u8; nlog::DISCOVERY_ENTRY_SIZE]> = Vec::new();
-        for s in self.target.subsystems() {
-            if s.kind != SubsystemKind::Nvm || !s.host_allowed(hostnqn) {
-                continue;
-            }
-            for (portid, a) in s.listen.iter().enumerate() {
-                let adrfam = if a.addr.contains(':') {
-                    nlog::ADRFAM_IPV6
-                } else {
-                    nlog::ADRFAM_IPV4
-                };
-                let port = self.target.advertised_port(a).to_string();
+        if let Some(addr) = self.target.port_addr(self.port) {
+            let adrfam = if addr.is_ipv6() {
+                nlog::ADRFAM_IPV6
+            } else {
+                nlog::ADRFAM_IPV4
+            };
+            let traddr = addr.ip().to_string();
+            let trsvcid = self.target.advertised_port(self.port).to_string();
+            for s in self.target.subsystems() {
+                if s.kind != SubsystemKind::Nvm || !s.serves(self.port) || !s.host_allowed(hostnqn)
+                {
+                    continue;
+                }
                 let mut e = [0u8; nlog::DISCOVERY_ENTRY_SIZE];
                 DiscoveryEntry {
                     adrfam,
                     subtype: nlog::SUBTYPE_NVME,
-                    portid: portid as u16,
+                    portid: self.port.0,
                     asqsz: self.target.limits.max_admin_queue_depth,
-                    trsvcid: &port,
-                    traddr: &a.addr,
+                    trsvcid: &trsvcid,
+                    traddr: &traddr,
                     subnqn: &s.nqn,
                 }
                 .encode(&mut e);
@@ -481,12 +561,41 @@ impl Connection {
         if set && sqe.cdw10 & (1 << 31) != 0 {
             return Err(Status::FEATURE_NOT_SAVEABLE);
         }
-        if !set && (sqe.cdw10 >> 8) & 0b111 > 1 {
+        let sel = (sqe.cdw10 >> 8) & 0b111;
+        if !set && sel > 1 {
             // SEL: only current (0) and default (1) values are reported.
             return Err(Status::INVALID_FIELD);
         }
+        let nvm = c.subsys.kind == SubsystemKind::Nvm;
         let dw0 = match fid {
-            feature::NUMBER_OF_QUEUES if c.subsys.kind == SubsystemKind::Nvm => {
+            // The mandatory features nvseal records but that change nothing in how it works
+            // (docs/nvmf.md, "Features"). Get with SEL = 1 reports the defaults.
+            feature::ARBITRATION
+            | feature::POWER_MANAGEMENT
+            | feature::TEMPERATURE_THRESHOLD
+            | feature::ERROR_RECOVERY
+                if nvm =>
+            {
+                if !set && sel == 1 {
+                    recorded_feature(fid, false, sqe.cdw11, &mut FeatureValues::default())?
+                } else {
+                    recorded_feature(fid, set, sqe.cdw11, &mut c.admin().features)?
+                }
+            }
+            feature::HOST_IDENTIFIER if nvm => {
+                // The host identifier comes with Connect (128 bits, CTRATT.HIDS); fabrics does
+                // not let a host change it afterwards.
+                if set {
+                    return Err(Status::COMMAND_SEQUENCE_ERROR);
+                }
+                // EXHID (dword 11 bit 0) must ask for the 128-bit form, the only one there is.
+                if sqe.cdw11 & 1 == 0 {
+                    return Err(Status::INVALID_FIELD);
+                }
+                let hostid = c.hostid;
+                return self.reply_data(idx, &hostid);
+            }
+            feature::NUMBER_OF_QUEUES if nvm => {
                 let mut a = c.admin();
                 if set {
                     let nsqr = sqe.cdw11 & 0xffff;
@@ -515,7 +624,7 @@ impl Connection {
                 }
                 a.aen_config
             }
-            feature::VOLATILE_WRITE_CACHE if c.subsys.kind == SubsystemKind::Nvm => {
+            feature::VOLATILE_WRITE_CACHE if nvm => {
                 // The cache is the backends'; it cannot be switched off from here.
                 if set && sqe.cdw11 & 1 == 0 {
                     return Err(Status::INVALID_FIELD);
@@ -571,6 +680,102 @@ impl Connection {
         }
         Ok(())
     }
+}
+
+/// Get (`set` false) or Set one of the recorded features `fid` in `f`; the completion dword 0.
+/// Set refuses what nvseal cannot honour: a power state other than 0 (NPSS = 0), a temperature
+/// sensor other than the composite one, DULBE (no deallocated-block errors).
+fn recorded_feature(fid: u8, set: bool, dw11: u32, f: &mut FeatureValues) -> Result<u32, Status> {
+    match fid {
+        feature::ARBITRATION => {
+            if set {
+                f.arbitration = dw11;
+            }
+            Ok(f.arbitration)
+        }
+        feature::POWER_MANAGEMENT => {
+            if set {
+                if dw11 & 0x1f != 0 {
+                    return Err(Status::INVALID_FIELD);
+                }
+                f.power_mgmt = dw11 & 0xff;
+            }
+            Ok(f.power_mgmt)
+        }
+        feature::TEMPERATURE_THRESHOLD => {
+            let tmpth = (dw11 & 0xffff) as u16;
+            let tmpsel = (dw11 >> 16) & 0xf;
+            let thsel = (dw11 >> 20) & 0b11;
+            // TMPSEL 0 = composite; 0xF = every sensor (Set only), which is the composite one.
+            let composite = tmpsel == 0 || (set && tmpsel == 0xf);
+            if !composite || thsel > 1 {
+                return Err(Status::INVALID_FIELD);
+            }
+            let t = if thsel == 0 {
+                &mut f.temp_over_k
+            } else {
+                &mut f.temp_under_k
+            };
+            if set {
+                *t = tmpth;
+            }
+            Ok(u32::from(*t))
+        }
+        feature::ERROR_RECOVERY => {
+            if set {
+                if dw11 & (1 << 16) != 0 {
+                    return Err(Status::INVALID_FIELD);
+                }
+                f.tler_100ms = (dw11 & 0xffff) as u16;
+            }
+            Ok(u32::from(f.tler_100ms))
+        }
+        _ => Err(Status::INVALID_FIELD),
+    }
+}
+
+/// What a Connect named, as far as it was parsed, for the refusal log line.
+#[derive(Default)]
+struct ConnectWho {
+    qid: u16,
+    subnqn: String,
+    hostnqn: String,
+}
+
+/// A refused Connect: the status the host gets, the field it points at (IATTR: in the data,
+/// IPO) for Connect Invalid Parameters, and the reason the log gets.
+struct Refusal {
+    status: Status,
+    param: Option<(bool, u16)>,
+    reason: &'static str,
+}
+
+impl Refusal {
+    fn status(status: Status, reason: &'static str) -> Refusal {
+        Refusal {
+            status,
+            param: None,
+            reason,
+        }
+    }
+    /// Connect Invalid Parameters pointing at byte `off` of the data (`in_data`) or the SQE.
+    fn param(in_data: bool, off: usize, reason: &'static str) -> Refusal {
+        Refusal {
+            status: Status::CONNECT_INVALID_PARAMETERS,
+            param: Some((in_data, off as u16)),
+            reason,
+        }
+    }
+}
+
+/// Reads an NQN field of the Connect data (256 bytes, NUL-terminated); the reason if it is
+/// not one. Whether the name is well-formed is the caller's business.
+fn parse_nqn_field(field: &[u8]) -> Result<&str, &'static str> {
+    let end = field
+        .iter()
+        .position(|&b| b == 0)
+        .ok_or("NQN field is not NUL-terminated")?;
+    std::str::from_utf8(&field[..end]).map_err(|_| "NQN is not UTF-8")
 }
 
 fn kato_deadline(kato_ms: u32) -> Option<Instant> {

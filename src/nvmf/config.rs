@@ -20,12 +20,97 @@ pub struct SubsystemConfig {
     #[serde(default = "default_model")]
     pub model: String,
     pub namespaces: Vec<NamespaceConfig>,
-    /// Host NQNs allowed to connect; empty = any host.
+    /// Host NQNs allowed to connect. Deny by default: with this list empty and
+    /// `allow_any_host` false, no host can connect.
     #[serde(default)]
     pub allowed_hosts: Vec<String>,
-    /// Addresses where this subsystem is reachable; listed in the discovery log page.
+    /// Admit every host, whatever its NQN (an empty HOSTNQN included). Only for trusted
+    /// networks: nvseal warns at start-up for each encrypted namespace exported this way. Setting
+    /// it together with a non-empty `allowed_hosts` is refused as ambiguous.
+    #[serde(default)]
+    pub allow_any_host: bool,
+    /// Addresses where this subsystem is reachable. It accepts Connects only through the
+    /// listeners of these addresses, and discovery lists it only there.
     #[serde(default)]
     pub listen: Vec<ListenAddr>,
+}
+
+/// Longest NQN the spec allows, in bytes (the Connect data fields are 256 bytes, NUL-padded).
+pub const NQN_MAX_LEN: usize = 223;
+
+/// Whether `s` is a well-formed NQN as nvseal accepts it: `nqn.` prefix, at most 223 bytes of
+/// UTF-8 (as the spec allows) without whitespace or control characters.
+pub fn is_valid_nqn(s: &str) -> bool {
+    s.starts_with("nqn.")
+        && s.len() <= NQN_MAX_LEN
+        && s.chars().all(|c| !c.is_whitespace() && !c.is_control())
+}
+
+/// Which field of a subsystem's access settings is wrong, and why (see
+/// [`SubsystemConfig::check_access`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccessError {
+    /// `allow_any_host: true` with a non-empty `allowed_hosts`.
+    AnyHostAndList,
+    /// `allowed_hosts[index]` is not a valid host NQN.
+    BadHost { index: usize, why: String },
+    /// `listen[index].addr` is not an IP address.
+    BadListen { index: usize, why: String },
+}
+
+impl AccessError {
+    /// The key path of the bad field inside the subsystem (`allow_any_host`, `listen[0].addr`).
+    pub fn field(&self) -> String {
+        match self {
+            AccessError::AnyHostAndList => "allow_any_host".into(),
+            AccessError::BadHost { index, .. } => format!("allowed_hosts[{index}]"),
+            AccessError::BadListen { index, .. } => format!("listen[{index}].addr"),
+        }
+    }
+}
+
+impl std::fmt::Display for AccessError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AccessError::AnyHostAndList => write!(
+                f,
+                "allow_any_host: true and a non-empty allowed_hosts contradict each other; keep one"
+            ),
+            AccessError::BadHost { why, .. } | AccessError::BadListen { why, .. } => {
+                f.write_str(why)
+            }
+        }
+    }
+}
+
+impl SubsystemConfig {
+    /// Checks who may connect and where: the host list, `allow_any_host`, and the listen
+    /// addresses. Used by config validation (with line and column) and by
+    /// [`crate::nvmf::Target::new`].
+    pub fn check_access(&self) -> Result<(), AccessError> {
+        if self.allow_any_host && !self.allowed_hosts.is_empty() {
+            return Err(AccessError::AnyHostAndList);
+        }
+        for (index, h) in self.allowed_hosts.iter().enumerate() {
+            if !is_valid_nqn(h) {
+                return Err(AccessError::BadHost {
+                    index,
+                    why: format!(
+                        "not a host NQN: {h:?} (\"nqn.\" prefix, at most {NQN_MAX_LEN} bytes, no spaces or control characters)"
+                    ),
+                });
+            }
+        }
+        for (index, l) in self.listen.iter().enumerate() {
+            if l.addr.parse::<std::net::IpAddr>().is_err() {
+                return Err(AccessError::BadListen {
+                    index,
+                    why: format!("not an IP address: {:?}", l.addr),
+                });
+            }
+        }
+        Ok(())
+    }
 }
 
 fn default_model() -> String {
@@ -173,6 +258,8 @@ mod tests {
         assert!(c.namespaces[0].encrypted);
         assert_eq!(c.listen[0].port, 4420);
         assert!(c.allowed_hosts.is_empty());
+        assert!(!c.allow_any_host, "deny by default");
+        assert_eq!(c.check_access(), Ok(()));
         assert_eq!(c.model, "nvseal");
         let bad = format!("{y}bogus: 1\n");
         assert!(serde_yaml_ng::from_str::<SubsystemConfig>(&bad).is_err());
@@ -187,5 +274,37 @@ mod tests {
         }
         .validate()
         .is_err());
+    }
+
+    #[test]
+    fn access_settings_are_checked() {
+        let base = "nqn: nqn.2026-01.io.nvseal:a\nserial: S1\nnamespaces: []\n";
+        let c = |extra: &str| -> SubsystemConfig {
+            serde_yaml_ng::from_str(&format!("{base}{extra}")).unwrap()
+        };
+        assert_eq!(c("allow_any_host: true\n").check_access(), Ok(()));
+        assert_eq!(
+            c("allowed_hosts: [nqn.2014-08.org.nvmexpress:uuid:1]\n").check_access(),
+            Ok(())
+        );
+        assert_eq!(
+            c("allow_any_host: true\nallowed_hosts: [nqn.2014-08.x:h]\n").check_access(),
+            Err(AccessError::AnyHostAndList)
+        );
+        for bad in ["\"\"", "host1", "\"nqn.a b\""] {
+            let e = c(&format!("allowed_hosts: [nqn.x:ok, {bad}]\n"))
+                .check_access()
+                .unwrap_err();
+            assert_eq!(e.field(), "allowed_hosts[1]", "{bad}");
+        }
+        let long = format!("nqn.{}", "x".repeat(NQN_MAX_LEN));
+        assert!(!is_valid_nqn(&long));
+        assert!(is_valid_nqn(&long[..NQN_MAX_LEN]));
+        assert!(is_valid_nqn("nqn.2026-01.example:vol-ü"), "NQNs are UTF-8");
+        assert!(!is_valid_nqn("nqn.x:a\nforged log line"));
+        let e = c("listen: [{addr: 127.0.0.1}, {addr: localhost}]\n")
+            .check_access()
+            .unwrap_err();
+        assert_eq!(e.field(), "listen[1].addr");
     }
 }

@@ -25,7 +25,7 @@ use crate::nvmf::pdu::{
     self, flags, CommonHeader, DataHdr, Digests, Fes, Layout, PduError, PduHeader, R2t, TermReq,
     CH_LEN, DIGEST_LEN, MAX_HEADER_REGION,
 };
-use crate::nvmf::target::{Controller, Namespace, QueueStats, Subsystem, Target};
+use crate::nvmf::target::{Controller, Namespace, PortId, QueueStats, Subsystem, Target};
 use crate::stats::reactor::{self as stats_reactor, ConnStats};
 use crate::stats::OpClass;
 use crate::sys::clock;
@@ -326,15 +326,22 @@ pub struct Connection {
     pub(super) stats: Arc<QueueStats>,
     /// This connection's handles into its reactor's per-namespace latency stats.
     io_stats: ConnStats,
+    /// The target port (listener) it was accepted on: Connect and discovery are scoped to it.
+    pub(super) port: PortId,
+    /// The host's address, for the log.
+    pub(super) peer: Option<std::net::SocketAddr>,
 }
 
 impl Connection {
-    /// Wraps an accepted stream. Fails if the target's connection limit is reached. Request
-    /// slots for the deepest queue allowed are allocated here; data buffers at Connect.
+    /// Wraps a stream accepted on target port `port` (see [`Target::port_for`]): only the
+    /// subsystems linked to that port can be connected to through it. Fails if the target's
+    /// connection limit is reached. Request slots for the deepest queue allowed are allocated
+    /// here; data buffers at Connect.
     pub fn new(
         stream: TcpStream,
         target: Arc<Target>,
         core: CoreId,
+        port: PortId,
     ) -> Result<Connection, ConnError> {
         if !target.claim_connection() {
             return Err(ConnError::TooManyConnections(target.limits.max_connections));
@@ -362,6 +369,7 @@ impl Connection {
         clock::ticks_per_ns();
         let mut reqs = Vec::with_capacity(slots);
         reqs.resize_with(slots, Request::new);
+        let peer = stream.peer_addr().ok();
         Ok(Connection {
             stream,
             target,
@@ -409,6 +417,8 @@ impl Connection {
             ),
             stats: Arc::new(QueueStats::default()),
             io_stats: ConnStats::default(),
+            port,
+            peer,
         })
     }
 

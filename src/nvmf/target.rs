@@ -6,6 +6,15 @@
 //! namespace online flags, a controller's dead flag); the `Mutex`es here are taken only on the
 //! Connect/admin path and by control-thread calls such as [`Target::set_namespace_online`].
 //!
+//! Access control (deny by default): a subsystem admits the hosts it lists in `allowed_hosts`
+//! (or any host with `allow_any_host`), and only through the listeners of its own `listen`
+//! addresses. The target numbers every distinct configured listen address as a [`PortId`] (the
+//! PORTID of discovery log entries); each [`Connection`](crate::nvmf::Connection) carries the
+//! port it was accepted on, Connect refuses a subsystem not linked to that port exactly as an
+//! unknown NQN, and the discovery log lists only what that port serves. The discovery subsystem
+//! is reachable through every port and admits any host (as Linux nvmet does); what it lists is
+//! filtered by port and by the subsystems' host lists.
+//!
 //! Namespaces are dynamic: each subsystem has a fixed table of `Limits::max_namespaces` slots
 //! (slot `i` holds nsid `i + 1`) whose entries are published with `arc-swap` (a lock-free load)
 //! and a per-subsystem generation counter. [`Target::add_namespace`] and
@@ -18,7 +27,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -145,13 +154,30 @@ pub struct Subsystem {
     ns_gen: AtomicU64,
     /// Serializes namespace create/delete (control thread only, never the I/O path).
     ns_change: Mutex<()>,
+    /// Host NQNs admitted (exact match); ignored when `allow_any_host` is set.
     pub allowed_hosts: Vec<String>,
+    /// Admit every host, an empty HOSTNQN included (the discovery subsystem always does).
+    pub allow_any_host: bool,
     pub listen: Vec<ListenAddr>,
+    /// The target ports (listen addresses) this subsystem is linked to.
+    ports: Vec<PortId>,
 }
 
 impl Subsystem {
+    /// Whether a host with this NQN may connect (deny by default: an empty list admits no one).
+    /// An empty HOSTNQN is treated like any other name: admitted only where any host is.
     pub fn host_allowed(&self, hostnqn: &str) -> bool {
-        self.allowed_hosts.is_empty() || self.allowed_hosts.iter().any(|h| h == hostnqn)
+        self.allow_any_host || self.allowed_hosts.iter().any(|h| h == hostnqn)
+    }
+    /// Whether this subsystem is reachable through target port `port`: the discovery
+    /// subsystem through every port, an NVM subsystem through the ports of its `listen`.
+    pub fn serves(&self, port: PortId) -> bool {
+        self.kind == SubsystemKind::Discovery || self.ports.contains(&port)
+    }
+    /// The target ports this subsystem is linked to (none for the discovery subsystem, which
+    /// every port serves).
+    pub fn ports(&self) -> &[PortId] {
+        &self.ports
     }
     /// The namespace with this id, if it exists (online or not).
     pub fn namespace(&self, nsid: u32) -> Option<Arc<Namespace>> {
@@ -181,8 +207,7 @@ impl Subsystem {
         serial: String,
         model: String,
         slots: usize,
-        allowed_hosts: Vec<String>,
-        listen: Vec<ListenAddr>,
+        access: Access,
     ) -> Subsystem {
         Subsystem {
             nqn,
@@ -192,13 +217,23 @@ impl Subsystem {
             slots: (0..slots).map(|_| ArcSwapOption::empty()).collect(),
             ns_gen: AtomicU64::new(1),
             ns_change: Mutex::new(()),
-            allowed_hosts,
-            listen,
+            allowed_hosts: access.allowed_hosts,
+            allow_any_host: access.allow_any_host,
+            listen: access.listen,
+            ports: access.ports,
         }
     }
     fn bump_generation(&self) {
         self.ns_gen.fetch_add(1, Ordering::AcqRel);
     }
+}
+
+/// Who may reach a subsystem and where (the arguments of `Subsystem::new`).
+struct Access {
+    allowed_hosts: Vec<String>,
+    allow_any_host: bool,
+    listen: Vec<ListenAddr>,
+    ports: Vec<PortId>,
 }
 
 /// Per-queue I/O counters: written only by the reactor that owns the queue (plain load + store,
@@ -255,6 +290,40 @@ pub struct AdminState {
     pub queue_stats: Vec<Arc<QueueStats>>,
     /// Counters of I/O queues that are gone, so SMART totals survive reconnects.
     pub retired: log::Smart,
+    /// Mandatory features a host may read and set; they change nothing in how nvseal works
+    /// (see docs/nvmf.md) but hosts and tools (spdk_nvme_identify, nvme-cli) expect them.
+    pub features: FeatureValues,
+}
+
+/// Current values of the mandatory NVM features nvseal only records (Get/Set Features).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FeatureValues {
+    /// Arbitration (01h), dword 11 as set: AB in bits 2:0, the weights above.
+    pub arbitration: u32,
+    /// Power Management (02h): PS in bits 4:0 (only power state 0 exists), WH in bits 7:5.
+    pub power_mgmt: u32,
+    /// Temperature Threshold (04h) of the composite sensor (the only one): over, under (K).
+    pub temp_over_k: u16,
+    pub temp_under_k: u16,
+    /// Error Recovery (05h): TLER in 100 ms units (0 = no limit); DULBE is not supported.
+    pub tler_100ms: u16,
+}
+
+/// Default over-temperature threshold (343 K = 70 °C), the value QEMU's emulated NVMe and
+/// many drives ship with. nvseal has no sensor (SMART reports 0 K), so it never trips.
+pub const DEFAULT_OVER_TEMP_K: u16 = 343;
+
+impl Default for FeatureValues {
+    fn default() -> Self {
+        FeatureValues {
+            // AB = 111b: no arbitration burst limit; weights 0 (CAP.AMS: round robin only).
+            arbitration: 0b111,
+            power_mgmt: 0,
+            temp_over_k: DEFAULT_OVER_TEMP_K,
+            temp_under_k: 0,
+            tler_100ms: 0,
+        }
+    }
 }
 
 /// A controller (dynamic model): created by an admin-queue Connect, joined by I/O queue
@@ -328,6 +397,91 @@ fn check_block_size(bdev: &dyn Bdev) -> Result<(), String> {
 /// Highest cntlid the dynamic model hands out (0xfff0..0xffff are reserved).
 const MAX_CNTLID: u16 = 0xffef;
 
+/// A target port: one distinct listen address of the configuration. Subsystems are linked to
+/// ports, connections carry the port they came through, and discovery entries report it as
+/// PORTID. Numbered from 0 in the order the addresses first appear in the subsystem list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortId(pub u16);
+
+impl std::fmt::Display for PortId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// One target port.
+struct Port {
+    /// The address as configured (port 0 = any free port).
+    addr: SocketAddr,
+    /// For port 0: the port its listener was bound to (0 until known). Discovery advertises
+    /// this, since TRSVCID "0" would be useless to a host.
+    bound_port: AtomicU16,
+}
+
+/// A token bucket for log lines that peers can trigger at will (refused Connects): reactors
+/// must not flood the log, yet the first refusals of a burst, and the count of those dropped,
+/// must reach it. Taken only on the Connect path.
+pub struct LogLimiter {
+    burst: u32,
+    per_sec: u32,
+    state: Mutex<LimiterState>,
+}
+
+struct LimiterState {
+    /// Tokens in thousandths, so a fractional refill is not lost.
+    tokens_milli: u64,
+    last: Option<Instant>,
+    /// Lines dropped since the last one logged.
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    /// At most `burst` lines at once, then `per_sec` a second.
+    pub fn new(burst: u32, per_sec: u32) -> LogLimiter {
+        LogLimiter {
+            burst,
+            per_sec,
+            state: Mutex::new(LimiterState {
+                tokens_milli: u64::from(burst) * 1000,
+                last: None,
+                suppressed: 0,
+            }),
+        }
+    }
+    /// Whether a line may be logged at `now`: `Some(n)` with the number of lines dropped since
+    /// the previous one that was (log it with the line), or `None` to drop this one.
+    pub fn admit_at(&self, now: Instant) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(last) = s.last {
+            let ms = now.saturating_duration_since(last).as_millis();
+            let refill = u64::try_from(ms)
+                .unwrap_or(u64::MAX)
+                .saturating_mul(u64::from(self.per_sec));
+            s.tokens_milli = s
+                .tokens_milli
+                .saturating_add(refill)
+                .min(u64::from(self.burst) * 1000);
+        }
+        s.last = Some(now);
+        if s.tokens_milli < 1000 {
+            s.suppressed += 1;
+            return None;
+        }
+        s.tokens_milli -= 1000;
+        Some(std::mem::take(&mut s.suppressed))
+    }
+    pub fn admit(&self) -> Option<u64> {
+        self.admit_at(Instant::now())
+    }
+}
+
+/// Refused Connects logged at once before the limiter holds back: enough to see the pattern
+/// of a misconfigured host (it retries every few seconds) or the start of a scan.
+const REFUSAL_LOG_BURST: u32 = 20;
+/// Refused Connects logged per second after a burst: a flood costs a few lines a second, and
+/// each line that gets through says how many were dropped before it.
+const REFUSAL_LOG_PER_SEC: u32 = 2;
+
 /// The NVMe/TCP target: subsystems, limits, controllers.
 pub struct Target {
     pub limits: Limits,
@@ -336,9 +490,10 @@ pub struct Target {
     connections: AtomicUsize,
     /// Discovery log generation counter: bumped whenever what discovery reports changes.
     genctr: AtomicU64,
-    /// Listen addresses configured with port 0 (any free port) and the port each was bound to,
-    /// so discovery advertises a port a host can connect to. Admin path only.
-    bound_ports: Mutex<Vec<(SocketAddr, u16)>>,
+    /// Every distinct listen address of the subsystems; index = [`PortId`].
+    ports: Vec<Port>,
+    /// Rate limit of the "Connect refused" log lines (any reactor may refuse one).
+    refusal_log: LogLimiter,
 }
 
 impl Target {
@@ -351,15 +506,22 @@ impl Target {
     ) -> Result<Arc<Target>, TargetError> {
         limits.validate().map_err(TargetError::Limits)?;
         let mut subsystems = Vec::with_capacity(configs.len() + 1);
+        // Discovery admits any host (it is how hosts find what they may use; nvmet does the
+        // same) and is reachable through every port.
         subsystems.push(Arc::new(Subsystem::new(
             DISCOVERY_NQN.to_string(),
             SubsystemKind::Discovery,
             "discovery".into(),
             "nvseal discovery".into(),
             0,
-            Vec::new(),
-            Vec::new(),
+            Access {
+                allowed_hosts: Vec::new(),
+                allow_any_host: true,
+                listen: Vec::new(),
+                ports: Vec::new(),
+            },
         )));
+        let mut ports: Vec<Port> = Vec::new();
         for c in configs {
             let err = |what: String| TargetError::Subsystem {
                 nqn: c.nqn.clone(),
@@ -370,6 +532,33 @@ impl Target {
             }
             if subsystems.iter().any(|s: &Arc<Subsystem>| s.nqn == c.nqn) {
                 return Err(err("duplicate NQN".into()));
+            }
+            c.check_access()
+                .map_err(|e| err(format!("{}: {e}", e.field())))?;
+            let mut linked = Vec::with_capacity(c.listen.len());
+            for l in &c.listen {
+                // check_access proved every address parses.
+                let ip: IpAddr = l
+                    .addr
+                    .parse()
+                    .map_err(|_| err(format!("bad listen address {:?}", l.addr)))?;
+                let addr = SocketAddr::new(ip, l.port);
+                let i = match ports.iter().position(|p| p.addr == addr) {
+                    Some(i) => i,
+                    None => {
+                        ports.push(Port {
+                            addr,
+                            bound_port: AtomicU16::new(0),
+                        });
+                        ports.len() - 1
+                    }
+                };
+                let id = PortId(
+                    u16::try_from(i).map_err(|_| err("more than 65536 listen addresses".into()))?,
+                );
+                if !linked.contains(&id) {
+                    linked.push(id);
+                }
             }
             if !c.serial.is_ascii()
                 || c.serial.len() > 20
@@ -392,8 +581,12 @@ impl Target {
                 c.serial.clone(),
                 c.model.clone(),
                 limits.max_namespaces.max(highest) as usize,
-                c.allowed_hosts.clone(),
-                c.listen.clone(),
+                Access {
+                    allowed_hosts: c.allowed_hosts.clone(),
+                    allow_any_host: c.allow_any_host,
+                    listen: c.listen.clone(),
+                    ports: linked,
+                },
             );
             for n in &c.namespaces {
                 if n.nsid == 0 {
@@ -415,6 +608,12 @@ impl Target {
                     true,
                 ))));
             }
+            if s.ports.is_empty() {
+                tracing::warn!(nqn = %c.nqn, "subsystem has no listen address: no host can reach it");
+            }
+            if !c.allow_any_host && c.allowed_hosts.is_empty() {
+                tracing::warn!(nqn = %c.nqn, "subsystem admits no host: list host NQNs under allowed_hosts (or set allow_any_host: true)");
+            }
             subsystems.push(Arc::new(s));
         }
         Ok(Arc::new(Target {
@@ -426,7 +625,8 @@ impl Target {
             }),
             connections: AtomicUsize::new(0),
             genctr: AtomicU64::new(1),
-            bound_ports: Mutex::new(Vec::new()),
+            ports,
+            refusal_log: LogLimiter::new(REFUSAL_LOG_BURST, REFUSAL_LOG_PER_SEC),
         }))
     }
 
@@ -436,6 +636,33 @@ impl Target {
 
     pub fn subsystems(&self) -> &[Arc<Subsystem>] {
         &self.subsystems
+    }
+
+    /// The target ports and their addresses as configured (port 0 = any free port): what the
+    /// server binds a listener for, each once.
+    pub fn ports(&self) -> impl Iterator<Item = (PortId, SocketAddr)> + '_ {
+        self.ports
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (PortId(i as u16), p.addr))
+    }
+
+    /// The port of a configured listen address (as written in the config, port 0 included).
+    pub fn port_for(&self, configured: SocketAddr) -> Option<PortId> {
+        self.ports
+            .iter()
+            .position(|p| p.addr == configured)
+            .map(|i| PortId(i as u16))
+    }
+
+    /// The configured address of a port.
+    pub fn port_addr(&self, port: PortId) -> Option<SocketAddr> {
+        self.ports.get(usize::from(port.0)).map(|p| p.addr)
+    }
+
+    /// The rate limit for "Connect refused" log lines.
+    pub fn refusal_log(&self) -> &LogLimiter {
+        &self.refusal_log
     }
 
     /// Marks a namespace online or offline (locked). Offline: it leaves the active namespace list,
@@ -517,6 +744,13 @@ impl Target {
             subnqn, nsid, bdev, encrypted, online,
         ))));
         s.bump_generation();
+        if encrypted && s.allow_any_host {
+            tracing::warn!(
+                subnqn,
+                nsid,
+                "encrypted namespace exported to any host (allow_any_host: true): every initiator that reaches a listener of the subsystem reads its plaintext"
+            );
+        }
         tracing::info!(subnqn, nsid, online, "namespace added");
         self.notify_ns_changed(subnqn, nsid);
         Ok(nsid)
@@ -608,25 +842,20 @@ impl Target {
         if configured.port() != 0 {
             return;
         }
-        let mut b = self.bound_ports.lock().unwrap_or_else(|e| e.into_inner());
-        b.retain(|(a, _)| *a != configured);
-        b.push((configured, bound_port));
-        self.genctr.fetch_add(1, Ordering::Relaxed);
+        if let Some(p) = self.ports.iter().find(|p| p.addr == configured) {
+            p.bound_port.store(bound_port, Ordering::Relaxed);
+            self.genctr.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
-    /// The TCP port discovery advertises for a listen address: the configured port, or for
-    /// port 0 the one its listener was bound to (0 while unknown).
-    pub fn advertised_port(&self, l: &ListenAddr) -> u16 {
-        if l.port != 0 {
-            return l.port;
+    /// The TCP port discovery advertises for a target port: the configured port, or for port
+    /// 0 the one its listener was bound to (0 while unknown).
+    pub fn advertised_port(&self, port: PortId) -> u16 {
+        match self.ports.get(usize::from(port.0)) {
+            Some(p) if p.addr.port() != 0 => p.addr.port(),
+            Some(p) => p.bound_port.load(Ordering::Relaxed),
+            None => 0,
         }
-        let Ok(ip) = l.addr.parse::<IpAddr>() else {
-            return 0;
-        };
-        let b = self.bound_ports.lock().unwrap_or_else(|e| e.into_inner());
-        b.iter()
-            .find(|(a, _)| a.ip() == ip)
-            .map_or(0, |&(_, port)| port)
     }
 
     /// Discovery log generation counter.
@@ -677,6 +906,7 @@ impl Target {
                 error_count: 0,
                 queue_stats: Vec::new(),
                 retired: log::Smart::default(),
+                features: FeatureValues::default(),
             }),
         });
         r.ctrls.insert(id, Arc::downgrade(&c));
@@ -789,6 +1019,101 @@ mod tests {
         assert_ne!(&u[..], &a[..]);
     }
 
+    #[test]
+    fn refusal_log_limiter_bursts_then_trickles_and_counts_what_it_dropped() {
+        let l = LogLimiter::new(3, 2);
+        let t0 = Instant::now();
+        // A burst of 3 gets through, then everything in the same instant is dropped.
+        for _ in 0..3 {
+            assert_eq!(l.admit_at(t0), Some(0));
+        }
+        for _ in 0..100 {
+            assert_eq!(l.admit_at(t0), None);
+        }
+        // 2 a second: after 500 ms one line, reporting the 100 dropped; then none again.
+        let t1 = t0 + Duration::from_millis(500);
+        assert_eq!(l.admit_at(t1), Some(100));
+        assert_eq!(l.admit_at(t1), None);
+        // A long quiet spell refills the burst, never more than it.
+        let t2 = t1 + Duration::from_secs(3600);
+        assert_eq!(l.admit_at(t2), Some(1));
+        assert_eq!(l.admit_at(t2), Some(0));
+        assert_eq!(l.admit_at(t2), Some(0));
+        assert_eq!(l.admit_at(t2), None);
+        // Time going backwards (another thread's older Instant) refills nothing.
+        assert_eq!(l.admit_at(t1), None);
+    }
+
+    #[test]
+    fn subsystems_are_linked_to_ports_and_deny_by_default() {
+        let sub =
+            |nqn: &str, hosts: Vec<String>, any: bool, listen: &[(&str, u16)]| SubsystemConfig {
+                nqn: nqn.into(),
+                serial: "S".into(),
+                model: "M".into(),
+                namespaces: vec![],
+                allowed_hosts: hosts,
+                allow_any_host: any,
+                listen: listen
+                    .iter()
+                    .map(|&(addr, port)| ListenAddr {
+                        addr: addr.into(),
+                        port,
+                    })
+                    .collect(),
+            };
+        let h = "nqn.2014-08.org.nvmexpress:uuid:h".to_string();
+        let cfgs = [
+            sub("nqn.x:a", vec![], false, &[("127.0.0.1", 4420)]),
+            sub(
+                "nqn.x:b",
+                vec![h.clone()],
+                false,
+                &[("::1", 4420), ("127.0.0.1", 4420)],
+            ),
+            sub("nqn.x:c", vec![], true, &[]),
+        ];
+        let t = Target::new(&cfgs, Limits::default(), &HashMap::new()).unwrap();
+        let ports: Vec<(PortId, SocketAddr)> = t.ports().collect();
+        assert_eq!(
+            ports,
+            [
+                (PortId(0), "127.0.0.1:4420".parse().unwrap()),
+                (PortId(1), "[::1]:4420".parse().unwrap())
+            ],
+            "one port per distinct address, in order of first appearance"
+        );
+        let (a, b, c) = (
+            t.subsystem("nqn.x:a").unwrap(),
+            t.subsystem("nqn.x:b").unwrap(),
+            t.subsystem("nqn.x:c").unwrap(),
+        );
+        let d = t.subsystem(DISCOVERY_NQN).unwrap();
+        assert!(a.serves(PortId(0)) && !a.serves(PortId(1)));
+        assert!(b.serves(PortId(0)) && b.serves(PortId(1)));
+        assert!(
+            !c.serves(PortId(0)) && !c.serves(PortId(1)),
+            "no listen: nowhere"
+        );
+        assert!(
+            d.serves(PortId(0)) && d.serves(PortId(1)),
+            "discovery: everywhere"
+        );
+        assert!(
+            !a.host_allowed(&h) && !a.host_allowed(""),
+            "empty list admits no one"
+        );
+        assert!(b.host_allowed(&h) && !b.host_allowed("nqn.x:other") && !b.host_allowed(""));
+        assert!(c.host_allowed(&h) && c.host_allowed(""), "allow_any_host");
+        assert!(d.host_allowed(""), "discovery admits any host");
+        // allow_any_host with a list is ambiguous: refused, not guessed.
+        let bad = sub("nqn.x:d", vec![h], true, &[]);
+        assert!(matches!(
+            Target::new(&[bad], Limits::default(), &HashMap::new()),
+            Err(TargetError::Subsystem { what, .. }) if what.contains("allow_any_host")
+        ));
+    }
+
     fn null(name: &str, block_size: u32) -> Arc<dyn Bdev> {
         crate::bdev::null::open(&crate::bdev::null::NullConfig {
             name: name.into(),
@@ -812,6 +1137,7 @@ mod tests {
                 encrypted: false,
             }],
             allowed_hosts: vec![],
+            allow_any_host: false,
             listen: vec![],
         };
         let bdevs: HashMap<String, Arc<dyn Bdev>> = [("n0".to_string(), null("n0", 512))].into();

@@ -201,6 +201,13 @@ expect "^mn +: $MODEL *\$" "id-ctrl model"
 expect "^subnqn +: $SUBNQN *\$" "id-ctrl subnqn"
 expect "^cntrltype +: 1" "id-ctrl controller type (I/O controller)"
 expect "^nn +: $NN\$" "id-ctrl number of namespaces (nvmf.max_namespaces)"
+expect "^ctratt +: (0x)?0*1\$" "id-ctrl CTRATT = 128-bit host identifier (fabrics)"
+
+step "mandatory log page and features (what spdk_nvme_identify asks too)"
+run nvme fw-log "/dev/$CTRL"
+for f in 1 2 4 5 7; do
+    run nvme get-feature "/dev/$CTRL" -f "$f"
+done
 
 for nb in $NS_BLOCKS; do
     n="${nb%%:*}"
