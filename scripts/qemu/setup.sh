@@ -90,14 +90,15 @@ deb_file() {
     apt-get download --print-uris "$1" 2>/dev/null | awk 'NR==1 {print $2}'
 }
 # fetch PKG [root]: download (once) and extract into $PKGS/PKG/. Returns 1 for a name that
-# has no downloadable candidate; for a root package (second argument) that first refreshes
-# the package lists.
+# has no downloadable candidate even after the package lists were refreshed.
 fetch() {
     local pkg="$1" file
     [ -n "${FETCHED[$pkg]:-}" ] && return 0
     file="$(deb_file "$pkg")"
     if [ -z "$file" ]; then
-        [ -n "${2:-}" ] || return 1
+        # A stale package list can name a version the mirror dropped (a security update of a
+        # library replaced it): refresh the lists once (apt_update runs at most once) for any
+        # package, dependency or root, before deciding it has no candidate.
         apt_update "no candidate for $pkg"
         file="$(deb_file "$pkg")"
         [ -n "$file" ] || return 1
