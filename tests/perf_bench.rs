@@ -165,6 +165,7 @@ fn loopback_ab_plain_vs_encrypted() {
                 slice: Duration::from_secs(1),
                 reactor: ReactorOptions::default(),
                 target_rpc: None,
+                fua: false,
             };
             let (b0, t0) = (busy.load(Ordering::Relaxed), total.load(Ordering::Relaxed));
             let out = nvmeperf::run(&cfg, &mut |_| {}).unwrap();

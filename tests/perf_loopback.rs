@@ -204,6 +204,7 @@ fn lib_config(h: &Harness, nsids: Vec<u32>, spec: JobSpec) -> PerfConfig {
             ..ReactorOptions::default()
         },
         target_rpc: None,
+        fua: false,
     }
 }
 

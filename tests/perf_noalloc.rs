@@ -182,6 +182,7 @@ fn steady_state_allocates_nothing() {
                 ..ReactorOptions::default()
             },
             target_rpc: None,
+            fua: false,
         };
         // Progress comes every ~500 ms: compare the counter at the 2nd and the 5th report.
         let mut calls = 0;

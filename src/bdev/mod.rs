@@ -17,6 +17,18 @@
 //! Backends: [`malloc`] (RAM, optionally hugepages), [`null`] (no data), [`uring`] (file or block
 //! device, O_DIRECT, io_uring polled by the reactor). The crypto bdev lives in
 //! [`crate::crypto::bdev`] and wraps any of them.
+//!
+//! Durability (NVMe's volatile write cache model, which every bdev follows):
+//! * A completed Write may still sit in a volatile cache (the drive's, the page cache, `sim`'s
+//!   simulated one) and be lost on power failure.
+//! * A Write with [`BdevIo::fua`] set completes only once its data is on stable storage.
+//! * A Flush completes only once every write that completed before the Flush was submitted is
+//!   on stable storage.
+//!
+//! A backend with nothing volatile (`malloc`, `null`: RAM dies with the process anyway) treats
+//! both as no-ops and still answers Flush with success. Layers that pass an I/O down (`slice`,
+//! `late`, the crypto bdev) hand the same [`BdevIo`] to their base, so `fua` travels with it
+//! unchanged to the backend that must honour it.
 
 use crate::sys::buf::AlignedBuf;
 use crate::types::CoreId;
@@ -167,6 +179,11 @@ pub struct BdevIo {
     pub buf: Option<IoBuf>,
     /// Opaque caller cookie (e.g. the index of the request slot it belongs to).
     pub ctx: u64,
+    /// Force Unit Access, meaningful for [`IoType::Write`]: complete only once the data is on
+    /// stable storage (see the module docs). Ignored for the other types (a Read is always
+    /// served from what the backend holds; none of our backends keep a read cache that could
+    /// disagree with the media).
+    pub fua: bool,
     /// Set by the channel when the I/O completes.
     pub status: IoStatus,
 }
@@ -185,8 +202,18 @@ impl BdevIo {
             num_blocks,
             buf,
             ctx,
+            fua: false,
             status: IoStatus::Pending,
         }
+    }
+    /// The same I/O with Force Unit Access set or cleared.
+    pub fn with_fua(mut self, fua: bool) -> Self {
+        self.fua = fua;
+        self
+    }
+    /// Whether this I/O is a write that must reach stable storage before it completes.
+    pub fn is_fua_write(&self) -> bool {
+        self.fua && self.io_type == IoType::Write
     }
 }
 
@@ -315,6 +342,71 @@ pub fn validate(io: &BdevIo, block_size: u32, num_blocks: u64) -> Result<(), IoS
     Ok(())
 }
 
+/// Runs one I/O to completion on a private channel opened for `core`, polling on the calling
+/// thread. For control threads only (shutdown flushes, tools): it spins with `yield_now` and
+/// would stall a reactor. Gives up after `timeout` (a stuck backend must not hang shutdown);
+/// the channel, and with it any I/O still in flight, is dropped then (the uring channel waits
+/// for or leaks its buffers safely, see [`crate::sys::uring`]).
+pub fn run_blocking(
+    bdev: &dyn Bdev,
+    core: CoreId,
+    io: BdevIo,
+    timeout: std::time::Duration,
+) -> Result<BdevIo, BdevError> {
+    let mut ch = bdev.open_channel(core, 1)?;
+    let started = std::time::Instant::now();
+    let mut pending = Some(io);
+    let mut finished = None;
+    while finished.is_none() {
+        if let Some(io) = pending.take() {
+            if let Submit::Busy(io) = ch.submit(io) {
+                pending = Some(io);
+            }
+        }
+        ch.poll(&mut |io| finished = Some(io));
+        if finished.is_none() {
+            if started.elapsed() > timeout {
+                return Err(BdevError::TimedOut {
+                    name: bdev.name().to_string(),
+                    what: "I/O did not complete",
+                    after: timeout,
+                });
+            }
+            std::thread::yield_now();
+        }
+    }
+    finished.ok_or_else(|| BdevError::Invalid {
+        name: bdev.name().to_string(),
+        what: "no completion".into(),
+    })
+}
+
+/// Flushes `bdev` from a control thread (see [`run_blocking`]): `Ok` once everything written
+/// before the call is on stable storage. A bdev without Flush has nothing to flush.
+pub fn flush_blocking(
+    bdev: &dyn Bdev,
+    core: CoreId,
+    timeout: std::time::Duration,
+) -> Result<(), BdevError> {
+    if !bdev.io_type_supported(IoType::Flush) {
+        return Ok(());
+    }
+    let io = run_blocking(
+        bdev,
+        core,
+        BdevIo::new(IoType::Flush, 0, 0, None, 0),
+        timeout,
+    )?;
+    match io.status {
+        IoStatus::Success => Ok(()),
+        other => Err(BdevError::Failed {
+            name: bdev.name().to_string(),
+            what: "flush",
+            status: other,
+        }),
+    }
+}
+
 /// Errors opening or configuring a bdev (not I/O errors: those are [`IoStatus`]).
 #[derive(Debug, thiserror::Error)]
 pub enum BdevError {
@@ -330,4 +422,18 @@ pub enum BdevError {
     },
     #[error("hugepages: {0}")]
     Hugepages(String),
+    /// A blocking I/O from a control thread ([`run_blocking`]) did not finish in time.
+    #[error("bdev {name}: {what} within {after:?}")]
+    TimedOut {
+        name: String,
+        what: &'static str,
+        after: std::time::Duration,
+    },
+    /// A blocking I/O from a control thread completed with an error status.
+    #[error("bdev {name}: {what} failed: {status:?}")]
+    Failed {
+        name: String,
+        what: &'static str,
+        status: IoStatus,
+    },
 }

@@ -4,10 +4,15 @@
 //! It behaves like a RAM disk with a volatile write cache:
 //! * Every write, write-zeroes and unmap changes what reads see at once, and is also recorded in a
 //!   **write log** of everything not yet flushed. A Flush makes the log durable and empties it.
+//! * A write with Force Unit Access ([`BdevIo::fua`]) is durable when it completes: it reaches
+//!   the media at once (the earlier unflushed writes stay volatile), and it stays in the log as
+//!   a *forced* entry so that a crash replaying older unflushed writes of the same blocks lands it
+//!   again on top of them, in order — the media ends up as a real drive's would.
 //! * [`SimBdev::crash`] simulates power loss: [`CrashMode::LoseUnflushed`] drops every unflushed
 //!   write; [`CrashMode::Torn`] lets each *block* of each unflushed write land or not (a seeded
 //!   coin per block, applied in submission order), so a multi-block write can be torn. After a
-//!   crash, reads return exactly the durable image.
+//!   crash, reads return exactly the durable image. [`SimBdev::power_cut`] is the plain power
+//!   cut (`LoseUnflushed`): the volatile cache is dropped.
 //! * Faults: the Nth I/O (counted from 1 over the bdev's life, valid I/Os only) and/or a seeded
 //!   fraction of I/Os complete with `IoError(EIO)` and have no effect.
 //! * The cache is bounded (`cache_blocks`): when a write does not fit, the drive destages the
@@ -95,6 +100,10 @@ pub struct SimStats {
     pub unflushed_writes: usize,
     /// Times the log was destaged because the cache was full.
     pub destages: u64,
+    /// Flush I/Os executed successfully.
+    pub flushes: u64,
+    /// Writes with Force Unit Access executed successfully.
+    pub fua_writes: u64,
 }
 
 /// SplitMix64: tiny, fast, and good enough to pick faults; repeatable from a seed.
@@ -121,6 +130,8 @@ struct LogEntry {
     lba: u64,
     num_blocks: u64,
     data_off: Option<usize>,
+    /// A FUA write: already on the media, and landed again whenever the log is replayed.
+    forced: bool,
 }
 
 struct SimState {
@@ -169,8 +180,9 @@ impl SimState {
         self.arena.clear();
     }
 
-    /// Records a change of `n` blocks at `lba` (data from `data`, or zeroes) in the log.
-    fn log_write(&mut self, lba: u64, n: u64, data: Option<&[u8]>, bs: usize) {
+    /// Records a change of `n` blocks at `lba` (data from `data`, or zeroes) in the log; a
+    /// `forced` (FUA) change also reaches the media now.
+    fn log_write(&mut self, lba: u64, n: u64, data: Option<&[u8]>, forced: bool, bs: usize) {
         let bytes = data.map_or(0, <[u8]>::len);
         if self.log.len() == self.log.capacity() || self.arena.len() + bytes > self.arena.capacity()
         {
@@ -190,11 +202,18 @@ impl SimState {
             self.arena.extend_from_slice(d);
             off
         });
-        self.log.push(LogEntry {
+        let e = LogEntry {
             lba,
             num_blocks: n,
             data_off,
-        });
+            forced,
+        };
+        self.log.push(e);
+        if forced {
+            for i in 0..n {
+                self.land_block(e, i, bs);
+            }
+        }
     }
 
     fn inject_fault(&mut self) -> bool {
@@ -217,14 +236,20 @@ impl SimState {
             (IoType::Read, Some(buf)) => buf.as_mut_slice().copy_from_slice(&self.current[r]),
             (IoType::Write, Some(buf)) => {
                 self.current[r].copy_from_slice(buf.as_slice());
-                self.log_write(io.offset_blocks, n, Some(buf.as_slice()), bs);
+                self.log_write(io.offset_blocks, n, Some(buf.as_slice()), io.fua, bs);
+                if io.fua {
+                    self.stats.fua_writes += 1;
+                }
             }
             (IoType::Read | IoType::Write, None) => return IoStatus::InvalidRange,
             (IoType::WriteZeroes | IoType::Unmap, _) => {
                 self.current[r].fill(0);
-                self.log_write(io.offset_blocks, n, None, bs);
+                self.log_write(io.offset_blocks, n, None, false, bs);
             }
-            (IoType::Flush, _) => self.destage(bs),
+            (IoType::Flush, _) => {
+                self.destage(bs);
+                self.stats.flushes += 1;
+            }
         }
         IoStatus::Success
     }
@@ -295,10 +320,18 @@ impl SimBdev {
         let mut s = lock(&self.state);
         let log = std::mem::take(&mut s.log);
         let mut rep = CrashReport {
-            unflushed_writes: log.len(),
+            unflushed_writes: log.iter().filter(|e| !e.forced).count(),
             ..CrashReport::default()
         };
         for &e in &log {
+            if e.forced {
+                // A FUA write is on the media already. Landing it again, in log order, keeps it
+                // on top of older unflushed writes of the same blocks that landed before it.
+                for i in 0..e.num_blocks {
+                    s.land_block(e, i, bs);
+                }
+                continue;
+            }
             let mut landed = 0;
             for i in 0..e.num_blocks {
                 let lands = match mode {
@@ -330,6 +363,12 @@ impl SimBdev {
         rep
     }
 
+    /// A power cut: every write not yet flushed (and not written with FUA) is lost; see
+    /// [`SimBdev::crash`].
+    pub fn power_cut(&self) -> CrashReport {
+        self.crash(CrashMode::LoseUnflushed)
+    }
+
     /// Fails the `n`th I/O from now (1 = the next one) with EIO.
     pub fn fail_in(&self, n: u64) {
         let mut s = lock(&self.state);
@@ -348,7 +387,7 @@ impl SimBdev {
     pub fn stats(&self) -> SimStats {
         let s = lock(&self.state);
         SimStats {
-            unflushed_writes: s.log.len(),
+            unflushed_writes: s.log.iter().filter(|e| !e.forced).count(),
             ..s.stats
         }
     }
@@ -465,6 +504,18 @@ mod tests {
             }
             (io.status, data)
         }
+        /// A write with Force Unit Access.
+        fn fua_write(&mut self, lba: u64, n: u32, fill: u8) -> IoStatus {
+            let mut b = self.pool.get(n as usize * 512).unwrap();
+            b.as_mut_slice().fill(fill);
+            let io = BdevIo::new(IoType::Write, lba, n, Some(b), 0).with_fua(true);
+            assert!(matches!(self.ch.submit(io), Submit::Queued));
+            let mut out = None;
+            assert_eq!(self.ch.poll(&mut |io| out = Some(io)), 1);
+            let mut io = out.unwrap();
+            self.pool.put(io.buf.take().unwrap());
+            io.status
+        }
         fn read(&mut self, lba: u64, n: u32) -> Vec<u8> {
             let (s, d) = self.io(IoType::Read, lba, n, 0xff);
             assert_eq!(s, IoStatus::Success);
@@ -498,6 +549,53 @@ mod tests {
             d[1024..].iter().all(|&x| x == 0),
             "unflushed block must be lost"
         );
+        assert_eq!(b.stats().unflushed_writes, 0);
+    }
+
+    #[test]
+    fn fua_write_survives_a_power_cut_and_earlier_unflushed_writes_do_not() {
+        let b = SimBdev::open(&cfg(1)).unwrap();
+        let mut t = T::new(&b);
+        assert_eq!(t.io(IoType::Write, 0, 1, 0x11).0, IoStatus::Success);
+        assert_eq!(t.io(IoType::Write, 4, 2, 0x22).0, IoStatus::Success);
+        assert_eq!(t.fua_write(4, 1, 0x33), IoStatus::Success);
+        assert_eq!(t.io(IoType::Write, 4, 1, 0x44).0, IoStatus::Success);
+        let st = b.stats();
+        assert_eq!((st.fua_writes, st.flushes, st.unflushed_writes), (1, 0, 3));
+        let rep = b.power_cut();
+        assert_eq!(rep.unflushed_writes, 3);
+        assert_eq!(t.read(0, 1), vec![0; 512], "plain unflushed write is lost");
+        assert_eq!(
+            t.read(4, 1),
+            vec![0x33; 512],
+            "the FUA write survives, the later one not"
+        );
+        assert_eq!(
+            t.read(5, 1),
+            vec![0; 512],
+            "FUA does not flush other writes"
+        );
+    }
+
+    #[test]
+    fn fua_write_stays_on_top_of_older_unflushed_writes_in_a_torn_crash() {
+        for seed in 0..16 {
+            let b = SimBdev::open(&cfg(seed)).unwrap();
+            let mut t = T::new(&b);
+            t.io(IoType::Write, 8, 8, 0x55);
+            assert_eq!(t.fua_write(8, 8, 0x66), IoStatus::Success);
+            b.crash(CrashMode::Torn);
+            assert_eq!(t.read(8, 8), vec![0x66; 8 * 512], "seed {seed}");
+        }
+    }
+
+    #[test]
+    fn flush_is_counted() {
+        let b = SimBdev::open(&cfg(2)).unwrap();
+        let mut t = T::new(&b);
+        t.io(IoType::Write, 0, 1, 1);
+        t.io(IoType::Flush, 0, 0, 0);
+        assert_eq!(b.stats().flushes, 1);
         assert_eq!(b.stats().unflushed_writes, 0);
     }
 

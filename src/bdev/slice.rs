@@ -548,4 +548,51 @@ mod tests {
             vec![0u8; 4096][..]
         );
     }
+
+    /// FUA travels through the window to the base with the LBA shifted, and comes back up.
+    #[test]
+    fn fua_passes_through_to_the_base() {
+        let dev = SimBdev::open(&SimConfig {
+            name: "s".into(),
+            num_blocks: Some(64),
+            size_bytes: None,
+            block_size: 512,
+            seed: 3,
+            fail_nth: None,
+            fail_ratio: 0.0,
+            cache_blocks: 32,
+        })
+        .expect("sim");
+        let base: Arc<dyn Bdev> = dev.clone();
+        let slice: Arc<dyn Bdev> = Arc::new(SliceBdev::new("w", base, 16, 32).expect("slice"));
+        let late = crate::bdev::late::LateBdev::new("l", 512, 32, 64);
+        late.bind(slice).expect("bind");
+        let mut ch = late.open_channel(CoreId(0), 4).expect("channel");
+        let mut pool = BufPool::new(2, 512, 64).expect("pool");
+        for (lba, fill, fua) in [(0u64, 0xa1u8, true), (1, 0xb2, false)] {
+            let mut b = pool.get(512).expect("buffer");
+            b.as_mut_slice().fill(fill);
+            let io = run(
+                ch.as_mut(),
+                BdevIo::new(IoType::Write, lba, 1, Some(b), 0).with_fua(fua),
+            );
+            assert_eq!(
+                (io.status, io.offset_blocks, io.fua),
+                (IoStatus::Success, lba, fua)
+            );
+            pool.put(io.buf.expect("buffer"));
+        }
+        assert_eq!(dev.stats().fua_writes, 1);
+        dev.crash(CrashMode::LoseUnflushed);
+        let r = run(
+            ch.as_mut(),
+            BdevIo::new(IoType::Read, 0, 1, pool.get(512), 0),
+        );
+        assert_eq!(r.buf.as_ref().expect("buffer").as_slice(), &[0xa1; 512][..]);
+        let r2 = run(
+            ch.as_mut(),
+            BdevIo::new(IoType::Read, 1, 1, pool.get(512), 0),
+        );
+        assert_eq!(r2.buf.as_ref().expect("buffer").as_slice(), &[0; 512][..]);
+    }
 }

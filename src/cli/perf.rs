@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
     nvseal perf --traddr 127.0.0.1:4420 --subnqn nqn.2026-01.io.nvseal:disk0 -w randread -o 4k -q 32 -t 10\n  \
     nvseal perf --traddr 10.0.0.5 --subnqn NQN --ab --nsid-a 1 --nsid-b 2 -w randwrite -q 32 --json out.json\n  \
     nvseal perf --traddr 127.0.0.1:4420 --subnqn NQN --cores 2-3 --queues-per-core 2 -w read -o 128k -q 8\n  \
-    nvseal perf --traddr 127.0.0.1:4420 --subnqn NQN -w randrw -M 70 --verify -n 10000 --hdgst --ddgst")]
+    nvseal perf --traddr 127.0.0.1:4420 --subnqn NQN -w randrw -M 70 --verify -n 10000 --hdgst --ddgst\n  \
+    nvseal perf --traddr 127.0.0.1:4420 --subnqn NQN -w randwrite -o 4k -q 32 -t 10 --fua")]
 pub struct PerfArgs {
     /// Target address: IP or host name, with an optional `:port` (default port: --trsvcid).
     #[arg(long)]
@@ -98,6 +99,10 @@ pub struct PerfArgs {
     /// Write a pattern, read it back and compare, for every I/O.
     #[arg(long)]
     pub verify: bool,
+    /// Set Force Unit Access (CDW12 bit 30) on every Write: the target acknowledges each only
+    /// once it is on stable storage (uring backend: RWF_DSYNC). Shows what durable writes cost.
+    #[arg(long)]
+    pub fua: bool,
     /// Seed for offsets and verify patterns.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -206,6 +211,7 @@ fn config(a: &PerfArgs) -> Result<PerfConfig, String> {
             ..ReactorOptions::default()
         },
         target_rpc: a.target_rpc.clone(),
+        fua: a.fua,
     })
 }
 

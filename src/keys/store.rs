@@ -157,6 +157,16 @@ pub enum StoreError {
     /// The header to write is invalid.
     #[error("refusing to write an invalid header: {0}")]
     Invalid(#[from] HeaderError),
+    /// The new copy of an update was written but flushing it failed. [`update`] read both
+    /// copies back to learn what the device holds; `state` says what it found.
+    #[error("header update: flush failed: {source}; re-read: {state}")]
+    UpdateFlushFailed {
+        /// The flush error.
+        #[source]
+        source: io::Error,
+        /// What the re-read found.
+        state: UpdateState,
+    },
     /// The device is smaller than the metadata region.
     #[error(
         "device of {bytes} bytes is smaller than the {METADATA_REGION_BYTES}-byte metadata region"
@@ -165,8 +175,10 @@ pub enum StoreError {
         /// Its size.
         bytes: u64,
     },
-    /// An I/O error during format or update. The update did not count: the previous header is
-    /// still current (and stays valid on the device).
+    /// An I/O error during format, or while reading or writing during an update. An update
+    /// that fails here did not count: the previous header is still current (the write goes to
+    /// the other copy, so a failed or partial write leaves the current one untouched). A failed
+    /// *flush* of an update is [`StoreError::UpdateFlushFailed`] instead.
     #[error("header I/O failed during {op}: {source}")]
     Io {
         /// What was being done.
@@ -175,6 +187,37 @@ pub enum StoreError {
         #[source]
         source: io::Error,
     },
+}
+
+/// What the device held when [`update`] read both copies back after its flush failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpdateState {
+    /// Reads return the new header as current, but it is **not known to be durable**: a failed
+    /// `fdatasync` may have dropped it from a volatile cache (Linux marks such pages clean), so
+    /// a power loss can still bring the old header back. Treat the update as not done: do not
+    /// act on it (never revoke the old KEK), and base a retry on this header — it is what the
+    /// device returns now.
+    NewNotDurable(Box<Stored>),
+    /// Reads return the old header as current: the write did not reach the device; the update
+    /// did not happen and retrying with the same `current` is safe.
+    OldCurrent,
+    /// The re-read failed, or found a header that is neither: the state is unknown until the
+    /// device is read successfully again (reopen it before touching the header).
+    Unknown(String),
+}
+
+impl std::fmt::Display for UpdateState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpdateState::NewNotDurable(s) => write!(
+                f,
+                "the new header (generation {}) reads back as current but is not known to be durable",
+                s.header.generation
+            ),
+            UpdateState::OldCurrent => f.write_str("the old header is still current"),
+            UpdateState::Unknown(why) => write!(f, "the header state is unknown ({why})"),
+        }
+    }
 }
 
 fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> StoreError {
@@ -303,7 +346,10 @@ fn changed_identity(old: &Header, new: &Header) -> Option<&'static str> {
 ///
 /// First re-reads the device and checks it still holds `current` (refusing with
 /// [`StoreError::Stale`] otherwise), then writes the other copy and flushes. On `Ok` the new
-/// header is durable and current. On `Err` the old header is still current; retrying with the same
+/// header is durable and current. On [`StoreError::UpdateFlushFailed`] the write was issued but
+/// is not known to be durable; `update` has read both copies back and the error's
+/// [`UpdateState`] says what the device returns now (the outcome is unknown until that
+/// re-read). On any other `Err` the old header is still current and retrying with the same
 /// `current` is safe.
 pub fn update<I: HeaderIo + ?Sized>(
     io: &mut I,
@@ -333,7 +379,25 @@ pub fn update<I: HeaderIo + ?Sized>(
     let bytes = header.encode(target)?;
     io.write_at(target.offset_bytes(), &bytes[..])
         .map_err(io_err("update: write"))?;
-    io.flush().map_err(io_err("update: flush"))?;
+    if let Err(source) = io.flush() {
+        // The write may or may not have reached the device: ask it. A flush is not retried —
+        // after a failed fdatasync Linux may report the next one clean with the data lost.
+        let state = match read_header(io) {
+            Ok(found) if found.header == header => UpdateState::NewNotDurable(Box::new(found)),
+            Ok(found) if found.header == current.header => UpdateState::OldCurrent,
+            Ok(found) => UpdateState::Unknown(format!(
+                "found generation {} that is neither the old {} nor the new {}",
+                found.header.generation, current.header.generation, header.generation
+            )),
+            Err(e) => UpdateState::Unknown(format!("re-read failed: {e}")),
+        };
+        tracing::error!(
+            generation = header.generation,
+            error = %source,
+            "header update flush failed; re-read: {state}"
+        );
+        return Err(StoreError::UpdateFlushFailed { source, state });
+    }
     Ok(Stored {
         header,
         copy: target,
@@ -838,6 +902,90 @@ mod tests {
                     Err(e) => panic!("ops {ops}: {e}"),
                 }
             }
+        }
+    }
+
+    /// A device whose flush fails (EIO) without making anything durable; optionally its writes
+    /// never land, or its reads fail after the failed flush.
+    struct FlushFails {
+        dev: MemIo,
+        drop_writes: bool,
+        reads_fail_after_flush: bool,
+        flushed: bool,
+    }
+
+    impl HeaderIo for FlushFails {
+        fn read_at(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+            if self.flushed && self.reads_fail_after_flush {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
+            self.dev.read_at(off, buf)
+        }
+        fn write_at(&mut self, off: u64, buf: &[u8]) -> io::Result<()> {
+            if self.drop_writes {
+                return Ok(());
+            }
+            self.dev.write_at(off, buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.flushed = true;
+            Err(io::Error::from_raw_os_error(libc::EIO))
+        }
+    }
+
+    fn flush_fails(drop_writes: bool, reads_fail_after_flush: bool) -> (FlushFails, Stored) {
+        let (dev, s1) = formatted();
+        let io = FlushFails {
+            dev,
+            drop_writes,
+            reads_fail_after_flush,
+            flushed: false,
+        };
+        (io, s1)
+    }
+
+    #[test]
+    fn failed_flush_after_the_write_landed_reports_new_but_not_durable() {
+        let (mut io, s1) = flush_fails(false, false);
+        let err = update(&mut io, &s1, &bumped(&s1.header)).expect_err("flush fails");
+        let StoreError::UpdateFlushFailed { state, source } = &err else {
+            panic!("expected UpdateFlushFailed, got {err:?}");
+        };
+        assert_eq!(source.raw_os_error(), Some(libc::EIO));
+        let UpdateState::NewNotDurable(found) = state else {
+            panic!("expected NewNotDurable, got {state:?}");
+        };
+        assert_eq!((found.header.generation, found.copy), (2, CopyId::B));
+        assert!(err.to_string().contains("not known to be durable"), "{err}");
+        // And indeed it was not durable: a power loss brings generation 1 back.
+        io.dev.crash(CrashMode::DropUnflushed);
+        assert_eq!(read_header(&mut io.dev).expect("read").header, s1.header);
+    }
+
+    #[test]
+    fn failed_flush_with_the_write_lost_reports_old_current() {
+        let (mut io, s1) = flush_fails(true, false);
+        match update(&mut io, &s1, &bumped(&s1.header)) {
+            Err(StoreError::UpdateFlushFailed {
+                state: UpdateState::OldCurrent,
+                ..
+            }) => {}
+            other => panic!("expected OldCurrent, got {other:?}"),
+        }
+        // Retrying with the same `current` is then safe (here on a healthy device).
+        let s2 = update(&mut io.dev, &s1, &bumped(&s1.header)).expect("retry");
+        assert_eq!(s2.header.generation, 2);
+    }
+
+    #[test]
+    fn failed_flush_and_failed_re_read_report_unknown() {
+        let (mut io, s1) = flush_fails(false, true);
+        match update(&mut io, &s1, &bumped(&s1.header)) {
+            Err(StoreError::UpdateFlushFailed {
+                state: UpdateState::Unknown(why),
+                ..
+            }) => assert!(why.contains("re-read failed"), "{why}"),
+            other => panic!("expected Unknown, got {other:?}"),
         }
     }
 

@@ -113,6 +113,8 @@ pub mod prop {
     pub const CSTS_RDY: u32 = 1 << 0;
     pub const CSTS_CFS: u32 = 1 << 1;
     pub const CSTS_SHST_SHIFT: u32 = 2;
+    /// CSTS.SHST = 01b: shutdown processing occurring (backends being flushed).
+    pub const CSTS_SHST_OCCURRING: u32 = 0b01 << CSTS_SHST_SHIFT;
     /// CSTS.SHST = 10b: shutdown processing complete.
     pub const CSTS_SHST_COMPLETE: u32 = 0b10 << CSTS_SHST_SHIFT;
     pub const CSTS_SHST_MASK: u32 = 0b11 << CSTS_SHST_SHIFT;
@@ -336,7 +338,14 @@ impl Sqe {
     pub fn nlb(&self) -> u32 {
         (self.cdw12 & 0xffff) + 1
     }
+    /// Force Unit Access of a Read/Write (CDW12 bit 30).
+    pub fn fua(&self) -> bool {
+        self.cdw12 & CDW12_FUA != 0
+    }
 }
+
+/// Force Unit Access: CDW12 bit 30 of a Read or Write.
+pub const CDW12_FUA: u32 = 1 << 30;
 
 /// A completion queue entry.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

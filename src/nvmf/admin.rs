@@ -320,11 +320,16 @@ impl Connection {
             // Controller reset: not ready, shutdown status cleared.
             csts &= !(prop::CSTS_RDY | prop::CSTS_SHST_MASK | prop::CSTS_CFS);
         }
-        if new & prop::CC_SHN_MASK != 0 {
-            // Nothing is cached in the target; shutdown completes at once.
-            csts = (csts & !prop::CSTS_SHST_MASK) | prop::CSTS_SHST_COMPLETE;
+        let shutdown = new & prop::CC_SHN_MASK != 0 && old & prop::CC_SHN_MASK == 0;
+        if shutdown {
+            // The backends may hold acknowledged writes in volatile caches: SHST says
+            // "occurring" until every namespace is flushed (`Connection::poll_shutdown`).
+            csts = (csts & !prop::CSTS_SHST_MASK) | prop::CSTS_SHST_OCCURRING;
         }
         c.csts.store(csts, Ordering::Release);
+        if shutdown {
+            self.start_shutdown_flush();
+        }
         Ok(())
     }
 
@@ -393,9 +398,10 @@ impl Connection {
                     } else {
                         oncs
                     },
-                    vwc: namespaces
-                        .iter()
-                        .any(|n| n.supports(crate::bdev::IoType::Flush)),
+                    // Always: a namespace added later (namespace.create) may sit on a backend
+                    // with a volatile cache, and a host decides at Identify whether to send
+                    // Flush and FUA at all. Flush is a no-op success where nothing is cached.
+                    vwc: kind != SubsystemKind::Discovery,
                     oaes: if kind == SubsystemKind::Discovery {
                         0
                     } else {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::bdev::{BdevChannel, BdevIo, BufPool, IoBuf, IoStatus, IoType, Submit, WriteFrom};
-use crate::nvme::{io_op, sgl, Cqe, Sqe, Status, FABRICS_OPCODE};
+use crate::nvme::{io_op, prop, sgl, Cqe, Sqe, Status, FABRICS_OPCODE};
 use crate::nvmf::pdu::{
     self, flags, CommonHeader, DataHdr, Digests, Fes, Layout, PduError, PduHeader, R2t, TermReq,
     CH_LEN, DIGEST_LEN, MAX_HEADER_REGION,
@@ -141,6 +141,8 @@ pub(super) struct Request {
     io_type: IoType,
     io_lba: u64,
     io_nlb: u32,
+    /// A Write with Force Unit Access (CDW12 bit 30): the bdev completes it only once durable.
+    io_fua: bool,
     /// Dataset Management: next range to submit, number of ranges, I/Os outstanding.
     sub_next: u16,
     sub_total: u16,
@@ -178,6 +180,7 @@ impl Request {
             io_type: IoType::Flush,
             io_lba: 0,
             io_nlb: 0,
+            io_fua: false,
             sub_next: 0,
             sub_total: 0,
             sub_pending: 0,
@@ -262,6 +265,15 @@ pub(super) enum Action {
     Pending,
 }
 
+/// One namespace's flush during a controller shutdown (CC.SHN): a private channel opened on the
+/// admin queue's reactor, and the Flush not yet taken by it (`None` once submitted).
+struct ShutdownFlush {
+    ns: Arc<Namespace>,
+    ch: Box<dyn BdevChannel>,
+    io: Option<BdevIo>,
+    done: bool,
+}
+
 /// Data pool buffer alignment at least: a page, enough for O_DIRECT backends.
 const POOL_ALIGN: usize = 4096;
 
@@ -330,6 +342,10 @@ pub struct Connection {
     pub(super) port: PortId,
     /// The host's address, for the log.
     pub(super) peer: Option<std::net::SocketAddr>,
+    /// Flushes of a controller shutdown in progress (admin queue only; empty otherwise).
+    shutdown: Vec<ShutdownFlush>,
+    /// A shutdown flush failed: CSTS.SHST never reports complete for it.
+    shutdown_failed: bool,
 }
 
 impl Connection {
@@ -419,6 +435,8 @@ impl Connection {
             io_stats: ConnStats::default(),
             port,
             peer,
+            shutdown: Vec::new(),
+            shutdown_failed: false,
         })
     }
 
@@ -458,6 +476,7 @@ impl Connection {
                 .iter()
                 .map(|(_, c)| c.in_flight())
                 .sum::<usize>()
+            + self.shutdown.iter().filter(|f| !f.done).count()
     }
 
     /// One poll step: namespace changes, bdev completions, parked submissions, input,
@@ -473,6 +492,10 @@ impl Connection {
             }
         }
         work += self.poll_bdevs();
+        if !self.shutdown.is_empty() {
+            // Also after the host hung up: the flush it asked for still runs to the end.
+            work += self.poll_shutdown();
+        }
         if self.phase == Phase::Closed {
             return work;
         }
@@ -942,7 +965,8 @@ impl Connection {
                         continue;
                     }
                     let (at, len) = (at as usize, len as usize);
-                    let io = BdevIo::new(r.io_type, r.io_lba, r.io_nlb, r.buf.take(), idx as u64);
+                    let io = BdevIo::new(r.io_type, r.io_lba, r.io_nlb, r.buf.take(), idx as u64)
+                        .with_fua(r.io_fua);
                     match WriteFrom::new(io, &rx_buf[at..at + len]) {
                         Ok(w) => {
                             r.icd_at = None;
@@ -1349,6 +1373,10 @@ impl Connection {
                     r.icd_at = Some((at, bytes));
                 }
                 self.set_io(idx, ns_idx, IoType::Write, lba, nlb);
+                // FUA: acknowledged only from stable storage (the bdev stack carries the flag
+                // to the backend). FUA on a Read needs nothing: no layer keeps a read cache
+                // that could differ from the media.
+                self.reqs[idx].io_fua = sqe.fua();
             }
             io_op::WRITE_ZEROES => {
                 let (ns_idx, ns) = self.io_namespace(sqe.nsid)?;
@@ -1431,6 +1459,7 @@ impl Connection {
         r.io_type = t;
         r.io_lba = lba;
         r.io_nlb = nlb;
+        r.io_fua = false;
         r.sub_pending = 0;
     }
 
@@ -1447,7 +1476,7 @@ impl Connection {
         } else {
             None
         };
-        let io = BdevIo::new(r.io_type, r.io_lba, r.io_nlb, buf, idx as u64);
+        let io = BdevIo::new(r.io_type, r.io_lba, r.io_nlb, buf, idx as u64).with_fua(r.io_fua);
         let Some(ch) = self.channels.get_mut(r.ns_idx).and_then(|c| c.as_mut()) else {
             r.buf = io.buf;
             return self.complete(idx, Status::NAMESPACE_NOT_READY);
@@ -1585,6 +1614,120 @@ impl Connection {
             }
         }
         self.complete(idx, status);
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Controller shutdown (CC.SHN).
+
+    /// Starts flushing every namespace of the controller's subsystem, each through a private
+    /// channel on this reactor (admin path: allocating here is fine). CSTS.SHST was set to
+    /// "occurring" by the caller; [`Connection::poll_shutdown`] sets "complete" once every
+    /// flush succeeded. A Flush covers every write completed before it was submitted, on any
+    /// queue: the backends flush the device, not a channel.
+    pub(super) fn start_shutdown_flush(&mut self) {
+        let Some(c) = self.ctrl.clone() else {
+            return;
+        };
+        // A previous shutdown's flushes (SHN cleared and set again) are superseded.
+        self.shutdown.retain(|f| !f.done);
+        self.shutdown_failed = false;
+        for ns in c.subsys.namespaces() {
+            if !ns.supports(IoType::Flush) {
+                continue;
+            }
+            match ns.bdev.open_channel(self.core, 1) {
+                Ok(ch) => self.shutdown.push(ShutdownFlush {
+                    ns: ns.clone(),
+                    ch,
+                    io: Some(BdevIo::new(IoType::Flush, 0, 0, None, u64::from(ns.nsid))),
+                    done: false,
+                }),
+                Err(e) => {
+                    tracing::error!(
+                        subnqn = %c.subsys.nqn,
+                        nsid = ns.nsid,
+                        bdev = ns.bdev.name(),
+                        "shutdown: cannot open a channel to flush the namespace: {e}; \
+                         shutdown will not report complete"
+                    );
+                    self.shutdown_failed = true;
+                }
+            }
+        }
+        tracing::info!(
+            subnqn = %c.subsys.nqn,
+            cntlid = c.cntlid,
+            namespaces = self.shutdown.len(),
+            "controller shutdown: flushing namespaces"
+        );
+        self.poll_shutdown();
+    }
+
+    /// Drives the shutdown flushes; when the last one is done, reports CSTS.SHST complete (or,
+    /// if one failed, leaves SHST at "occurring" and sets CSTS.CFS: the host must not believe
+    /// its acknowledged writes are safe).
+    fn poll_shutdown(&mut self) -> usize {
+        let mut work = 0;
+        let mut failed = false;
+        for f in self.shutdown.iter_mut().filter(|f| !f.done) {
+            if let Some(io) = f.io.take() {
+                if let Submit::Busy(io) = f.ch.submit(io) {
+                    f.io = Some(io);
+                    continue;
+                }
+                work += 1;
+            }
+            let mut status = None;
+            work += f.ch.poll(&mut |io| status = Some(io.status));
+            let Some(status) = status else { continue };
+            f.done = true;
+            match status {
+                IoStatus::Success => {
+                    tracing::debug!(
+                        nsid = f.ns.nsid,
+                        bdev = f.ns.bdev.name(),
+                        "shutdown flush done"
+                    )
+                }
+                // A locked namespace (its key never arrived) was never written through.
+                IoStatus::IoError(libc::EAGAIN) if !f.ns.is_online() => tracing::debug!(
+                    nsid = f.ns.nsid,
+                    bdev = f.ns.bdev.name(),
+                    "shutdown flush: namespace offline, nothing to flush"
+                ),
+                other => {
+                    tracing::error!(
+                        nsid = f.ns.nsid,
+                        bdev = f.ns.bdev.name(),
+                        status = ?other,
+                        "shutdown flush failed; shutdown will not report complete"
+                    );
+                    failed = true;
+                }
+            }
+        }
+        self.shutdown_failed |= failed;
+        if self.shutdown.iter().all(|f| f.done) {
+            self.shutdown.clear();
+            if let Some(c) = &self.ctrl {
+                let cc = c.cc.load(Ordering::Acquire);
+                let mut csts = c.csts.load(Ordering::Acquire);
+                // Only if the host still asks for shutdown (a reset meanwhile cleared SHST).
+                if cc & prop::CC_SHN_MASK != 0
+                    && csts & prop::CSTS_SHST_MASK == prop::CSTS_SHST_OCCURRING
+                {
+                    if self.shutdown_failed {
+                        csts |= prop::CSTS_CFS;
+                    } else {
+                        csts = (csts & !prop::CSTS_SHST_MASK) | prop::CSTS_SHST_COMPLETE;
+                        tracing::info!(cntlid = c.cntlid, "controller shutdown complete");
+                    }
+                    c.csts.store(csts, Ordering::Release);
+                }
+            }
+            work += 1;
+        }
+        work
     }
 
     // ----------------------------------------------------------------------------------------

@@ -538,10 +538,12 @@ struct PhaseCtx {
     cmd_blocks: u32,
     /// Commands per I/O (1 unless the I/O size is over MDTS).
     split: u32,
+    /// Every Write carries Force Unit Access (CDW12 bit 30).
+    fua: bool,
 }
 
 impl PhaseCtx {
-    fn new(spec: &JobSpec, ns: &NsInfo, cmd_bytes: u32) -> PhaseCtx {
+    fn new(spec: &JobSpec, ns: &NsInfo, cmd_bytes: u32, fua: bool) -> PhaseCtx {
         let bs = u64::from(ns.block_size.max(1));
         let io_blocks = (spec.io_size as u64 / bs) as u32;
         let cmd_blocks = ((u64::from(cmd_bytes) / bs) as u32).clamp(1, io_blocks.max(1));
@@ -551,6 +553,7 @@ impl PhaseCtx {
             io_blocks,
             cmd_blocks,
             split: io_blocks.div_ceil(cmd_blocks).max(1),
+            fua,
         }
     }
 
@@ -708,6 +711,13 @@ fn submit_slot(
 ) -> Result<u32, HostError> {
     let ns = &ctx.ns;
     let (bs, seed) = (ns.block_size as usize, ctx.spec.seed);
+    let write_sqe = |lba, nlb| {
+        let mut sqe = rw_sqe(io_op::WRITE, ns.nsid, lba, nlb);
+        if ctx.fua {
+            sqe.cdw12 |= crate::nvme::CDW12_FUA;
+        }
+        sqe
+    };
     for child in 0..ctx.split {
         let (lba, nlb) = ctx.piece(slot.lba, child);
         let ctag = u64::from(tag) * u64::from(ctx.split) + u64::from(child);
@@ -715,15 +725,9 @@ fn submit_slot(
         let r = match slot.stage {
             Stage::Read | Stage::VerifyRead => qp.read(ns.nsid, lba, nlb, ns.block_size, ctag),
             // Plain writes send whatever the slot buffer holds: content does not matter.
-            Stage::Write => qp.submit(
-                rw_sqe(io_op::WRITE, ns.nsid, lba, nlb),
-                Dir::ToCtrl,
-                len,
-                |_| {},
-                ctag,
-            ),
+            Stage::Write => qp.submit(write_sqe(lba, nlb), Dir::ToCtrl, len, |_| {}, ctag),
             Stage::VerifyWrite => qp.submit(
-                rw_sqe(io_op::WRITE, ns.nsid, lba, nlb),
+                write_sqe(lba, nlb),
                 Dir::ToCtrl,
                 len,
                 |b| fill_pattern(b, lba, bs, seed),
@@ -934,6 +938,8 @@ pub struct PerfConfig {
     /// The target's nvseal control socket, when it is an nvseal on this machine: its reactors'
     /// busy time is read (`stats.reactors`) at the start and end of every phase.
     pub target_rpc: Option<std::path::PathBuf>,
+    /// Set Force Unit Access on every Write: each is acknowledged only from stable storage.
+    pub fua: bool,
 }
 
 /// Reads the busy and total time of an nvseal target's reactors over its control socket.
@@ -1176,6 +1182,7 @@ fn run_connected(
                 &mut probe,
                 ns,
                 spec,
+                cfg.fua,
                 *until,
                 total_queues,
                 side,
@@ -1225,6 +1232,7 @@ fn run_phase(
     probe: &mut TargetProbe,
     ns: &NsInfo,
     spec: &JobSpec,
+    fua: bool,
     until: Until,
     total_queues: usize,
     into: &mut SideResult,
@@ -1233,7 +1241,7 @@ fn run_phase(
     for q in per_reactor.iter_mut().flatten() {
         q.reset(ns, spec, until, total_queues)?;
     }
-    let ctx = PhaseCtx::new(spec, ns, ctl.cmd_bytes);
+    let ctx = PhaseCtx::new(spec, ns, ctl.cmd_bytes, fua);
     let n = per_reactor.len();
     let (tx, rx): (Sender<PhaseOutput>, Receiver<PhaseOutput>) = bounded(n);
     let counters: Vec<Arc<AtomicU64>> = (0..n).map(|_| Arc::new(AtomicU64::new(0))).collect();
@@ -1462,6 +1470,8 @@ pub struct GlobalOptions {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub number_ios: Option<u64>,
     pub verify: bool,
+    /// Every Write carried Force Unit Access.
+    pub fua: bool,
     pub hdgst: bool,
     pub ddgst: bool,
     /// NVMe commands per I/O (I/Os over the controller's MDTS are split; latency and IOPS count
@@ -1576,6 +1586,7 @@ pub fn report(cfg: &PerfConfig, o: &PerfOutcome) -> PerfReport {
             },
             number_ios: cfg.io_count,
             verify: cfg.spec.verify,
+            fua: cfg.fua,
             hdgst: o.controller.header_digest,
             ddgst: o.controller.data_digest,
             commands_per_io: o.commands_per_io,
