@@ -91,3 +91,21 @@ fn encrypted_bdevs_need_a_known_provider_and_namespaces_known_bdevs() {
     let e = err("subsystems:\n  - nqn: nqn.2026-01.io.x:a\n    serial: S1\n    namespaces: []\n    listen:\n      - addr: localhost\n");
     assert_eq!(e.path, "subsystems[0].listen[0].addr", "{e}");
 }
+
+#[test]
+fn rpc_namespace_policy_errors_are_located() {
+    let e = err("rpc:\n  socket_path: /tmp/s.sock\n  audit_log: /tmp/a.jsonl\n  namespaces:\n    paths:\n      - dir: /srv/vols\n      - dir: /srv/new\n        create: true\n");
+    assert_eq!(e.path, "rpc.namespaces.paths[1].create");
+    assert_eq!((e.line, e.column), (Some(8), Some(17)), "{e}");
+    assert!(e.message.contains("max_size_bytes"), "{e}");
+    // Granting anything needs an audit trail.
+    let e = err("rpc:\n  socket_path: /tmp/s.sock\n  namespaces:\n    malloc_bytes_max: 4096\n");
+    assert_eq!(e.path, "rpc.namespaces");
+    assert_eq!(e.line, Some(3), "{e}");
+    assert!(e.message.contains("audit"), "{e}");
+    Config::from_yaml(
+        "rpc:\n  socket_path: /tmp/s.sock\n  audit_log: /tmp/a.jsonl\n  namespaces:\n    paths:\n      - { device: /dev/nvme9n1 }\n",
+        "t.yaml",
+    )
+    .unwrap();
+}
