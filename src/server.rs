@@ -17,6 +17,7 @@
 //! refused, is in the audit trail.
 
 use crate::bdev::late::LateBdev;
+use crate::bdev::uring::BackingId;
 use crate::bdev::Bdev;
 use crate::config::{BdevConfig, Config, EncryptedBdevConfig};
 use crate::keys::header::METADATA_REGION_BYTES;
@@ -25,10 +26,9 @@ use crate::nvmf::conn::Connection;
 use crate::nvmf::target::{Listener, Target};
 use crate::reactor::{busy_pct, Mailboxes, Poller, ReactorSet};
 use crate::rpc::audit::{AuditSink, JsonlAuditSink};
+use crate::rpc::config::NamespacePolicy;
 use crate::rpc::{parse_params, Role, RpcError, RpcHandle, RpcServer};
 use crate::stats::reactor as ns_stats;
-use crate::bdev::uring::BackingId;
-use crate::rpc::config::NamespacePolicy;
 use crate::tools::stack::{RpcLimits, Stacks};
 use crate::types::CoreId;
 use serde::Deserialize;
@@ -326,8 +326,7 @@ impl Server {
             )
             .map_err(|e| ServerError::Keys(e.to_string()))?;
             for (name, (_, ec)) in &stacks.encrypted {
-                register_encrypted(&km, "nvseal", &stacks, name, ec)
-                    .map_err(ServerError::Keys)?;
+                register_encrypted(&km, "nvseal", &stacks, name, ec).map_err(ServerError::Keys)?;
             }
             Some(Arc::new(km))
         };
@@ -601,8 +600,7 @@ impl Dynamic {
     fn ram_in_use(&self) -> (u64, u64) {
         let mut ram = lock(&self.ram);
         ram.retain(|(b, _, _)| b.strong_count() > 0);
-        ram.iter()
-            .fold((0, 0), |(a, h), (_, x, y)| (a + x, h + y))
+        ram.iter().fold((0, 0), |(a, h), (_, x, y)| (a + x, h + y))
     }
 
     /// Files and devices under an encrypted bdev: the config's and those of run-time stacks.
@@ -639,7 +637,11 @@ impl Dynamic {
             p.nsid
                 .map_or_else(|| "(first free)".to_string(), |n| n.to_string()),
             p.bdevs.last().map_or("", |b| b.name()),
-            p.bdevs.iter().map(bdev_summary).collect::<Vec<_>>().join(" ")
+            p.bdevs
+                .iter()
+                .map(bdev_summary)
+                .collect::<Vec<_>>()
+                .join(" ")
         ));
         if keyed && !ctx.roles.contains(Role::Crypto) {
             return Err(RpcError::permission_denied(
@@ -720,12 +722,14 @@ impl Dynamic {
         let stacks = Stacks::open_rpc(&cfg, &limits).map_err(|e| {
             use crate::tools::stack::StackError;
             match e {
-                StackError::Denied { field, what } => {
-                    RpcError::new(crate::rpc::error::PERMISSION_DENIED, format!("{field}: {what}"))
-                        .with_data(json!({ "method": ctx.method, "field": field }))
+                StackError::Denied { field, what } => RpcError::new(
+                    crate::rpc::error::PERMISSION_DENIED,
+                    format!("{field}: {what}"),
+                )
+                .with_data(json!({ "method": ctx.method, "field": field })),
+                StackError::InUse { field, what } => {
+                    RpcError::busy(format!("{field}: {what}")).with_data(json!({ "field": field }))
                 }
-                StackError::InUse { field, what } => RpcError::busy(format!("{field}: {what}"))
-                    .with_data(json!({ "field": field })),
                 e => RpcError::invalid_params(format!("bdevs: {e}")),
             }
         })?;

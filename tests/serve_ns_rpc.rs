@@ -337,9 +337,9 @@ fn namespaces_created_and_deleted_over_the_control_socket() {
         );
     }
     assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("namespace.create") && l.contains("mem1=malloc(4194304)") && l.contains("\"ok\"")),
+        lines.iter().any(|l| l.contains("namespace.create")
+            && l.contains("mem1=malloc(4194304)")
+            && l.contains("\"ok\"")),
         "plaintext namespace changes are audited too: {audit}"
     );
 }
@@ -496,13 +496,20 @@ fn assert_every_call_audited(audit: &Path, peer: &Peer) {
         .filter(|r| r["op"].as_str().unwrap().starts_with("namespace."))
         .filter(|r| {
             let who = r["who"].as_str().unwrap();
-            who.starts_with(&format!("uid={NOBODY} ")) || who.starts_with(&format!("uid={VIEWER_UID} "))
+            who.starts_with(&format!("uid={NOBODY} "))
+                || who.starts_with(&format!("uid={VIEWER_UID} "))
         })
         .collect();
     assert_eq!(records.len(), peer.calls.len(), "{text}");
     for (r, (method, uid, outcome)) in records.iter().zip(&peer.calls) {
         assert_eq!(r["op"], method.as_str(), "{r}");
-        assert!(r["who"].as_str().unwrap().starts_with(&format!("uid={uid} ")), "{r}");
+        assert!(
+            r["who"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("uid={uid} ")),
+            "{r}"
+        );
         let result = r["result"].as_str().unwrap();
         match outcome {
             Ok(()) => assert_eq!(result, "ok", "{r}"),
@@ -534,14 +541,20 @@ fn unprivileged_admin_is_held_to_the_allow_list_and_budgets() {
     std::fs::create_dir(&fixed).unwrap();
     // A root-only file outside the allowed directories.
     let secret = d.join("secret.img");
-    let secret_bytes: Vec<u8> = b"TOPSECRET-".iter().copied().cycle().take(MIB as usize).collect();
+    let secret_bytes: Vec<u8> = b"TOPSECRET-"
+        .iter()
+        .copied()
+        .cycle()
+        .take(MIB as usize)
+        .collect();
     std::fs::write(&secret, &secret_bytes).unwrap();
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
     std::os::unix::fs::symlink(&secret, vols.join("escape.img")).unwrap();
     std::os::unix::fs::symlink("enc.img", vols.join("enclink.img")).unwrap();
     let small = fixed.join("small.img");
     std::fs::write(&small, vec![0u8; MIB as usize]).unwrap();
-    std::fs::hard_link(&small, vols.join("hard.img")).unwrap();
+    // A hard link into an allowed directory of the root-only file.
+    std::fs::hard_link(&secret, vols.join("hard.img")).unwrap();
     // A file that holds an nvseal key header (an encrypted namespace's base, not open now).
     let mut hdr = vec![0u8; 2 * MIB as usize];
     hdr[..8].copy_from_slice(&nvseal::keys::header::MAGIC);
@@ -587,7 +600,11 @@ fn unprivileged_admin_is_held_to_the_allow_list_and_budgets() {
 
     // Not in the allow-list: the root-only file, directly, through `..`, through a symlink
     // inside an allowed directory, or through a hard link into one.
-    p.refused(ns(vec![uring("s", &secret, None)]), -32001, "is not allowed");
+    p.refused(
+        ns(vec![uring("s", &secret, None)]),
+        -32001,
+        "is not allowed",
+    );
     let msg = p.refused(
         ns(vec![uring("s", &vols.join("../secret.img"), None)]),
         -32001,
@@ -615,7 +632,10 @@ fn unprivileged_admin_is_held_to_the_allow_list_and_budgets() {
     let r = p.ok(ns(vec![uring("n1", &vols.join("new.img"), Some(4 * MIB))]));
     let n1 = r["nsid"].as_u64().unwrap();
     let meta = std::fs::metadata(vols.join("new.img")).unwrap();
-    assert_eq!((meta.len(), meta.permissions().mode() & 0o777), (4 * MIB, 0o600));
+    assert_eq!(
+        (meta.len(), meta.permissions().mode() & 0o777),
+        (4 * MIB, 0o600)
+    );
     p.refused(
         ns(vec![uring("n2", &vols.join("new.img"), None)]),
         -32003,
@@ -673,34 +693,58 @@ fn unprivileged_admin_is_held_to_the_allow_list_and_budgets() {
 
     // RAM budgets: 6 MiB of pages, 2 MiB of hugepages, for all run-time namespaces together.
     let ram = |name: &str, bytes: u64| {
-        ns(vec![json!({ "name": name, "type": "malloc", "size_bytes": bytes })])
+        ns(vec![
+            json!({ "name": name, "type": "malloc", "size_bytes": bytes }),
+        ])
     };
     p.refused(ram("r0", 8 * MIB), -32003, "malloc_bytes_max");
     let r = p.ok(ram("r1", 4 * MIB));
     let r1 = r["nsid"].as_u64().unwrap();
     p.refused(ram("r2", 4 * MIB), -32003, "malloc_bytes_max");
     p.refused(
-        ns(vec![json!({ "name": "hp", "type": "malloc", "size_bytes": 4 * MIB, "hugepages": true })]),
+        ns(vec![
+            json!({ "name": "hp", "type": "malloc", "size_bytes": 4 * MIB, "hugepages": true }),
+        ]),
         -32003,
         "hugepage_bytes_max",
     );
-    let v = p.call(NOBODY, "namespace.delete", json!({ "nqn": NQN, "nsid": r1 }));
+    let v = p.call(
+        NOBODY,
+        "namespace.delete",
+        json!({ "nqn": NQN, "nsid": r1 }),
+    );
     assert_eq!(v["result"]["freed"], true, "{v}");
     p.ok(ram("r2", 4 * MIB));
 
     // A deleted namespace's file is free again.
-    let v = p.call(NOBODY, "namespace.delete", json!({ "nqn": NQN, "nsid": n1 }));
+    let v = p.call(
+        NOBODY,
+        "namespace.delete",
+        json!({ "nqn": NQN, "nsid": n1 }),
+    );
     assert_eq!(v["result"]["freed"], true, "{v}");
     p.ok(ns(vec![uring("n3", &vols.join("new.img"), None)]));
 
     // Failed calls of every kind are audited too: bad params, unknown namespace, no role.
-    let v = p.call(NOBODY, "namespace.create", json!({ "nqn": NQN, "bdevz": [] }));
+    let v = p.call(
+        NOBODY,
+        "namespace.create",
+        json!({ "nqn": NQN, "bdevz": [] }),
+    );
     assert_eq!(v["error"]["code"], -32602, "{v}");
-    let v = p.call(NOBODY, "namespace.delete", json!({ "nqn": NQN, "nsid": 77 }));
+    let v = p.call(
+        NOBODY,
+        "namespace.delete",
+        json!({ "nqn": NQN, "nsid": 77 }),
+    );
     assert_eq!(v["error"]["code"], -32002, "{v}");
     let v = p.call(VIEWER_UID, "namespace.create", ram("v", MIB));
     assert_eq!(v["error"]["code"], -32001, "{v}");
-    let v = p.call(VIEWER_UID, "namespace.delete", json!({ "nqn": NQN, "nsid": f1 }));
+    let v = p.call(
+        VIEWER_UID,
+        "namespace.delete",
+        json!({ "nqn": NQN, "nsid": f1 }),
+    );
     assert_eq!(v["error"]["code"], -32001, "{v}");
 
     let log = s.stop();
@@ -735,13 +779,20 @@ fn unprivileged_admin_gets_only_listed_block_devices_exclusively() {
     std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
     let attach = |name: &str| {
         let img = d.join(name);
-        std::fs::File::create(&img).unwrap().set_len(4 * MIB).unwrap();
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(4 * MIB)
+            .unwrap();
         let out = Command::new("losetup")
             .args(["--find", "--show"])
             .arg(&img)
             .output()
             .expect("losetup runs");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         LoopDev(std::path::PathBuf::from(
             String::from_utf8(out.stdout).unwrap().trim(),
         ))
@@ -778,7 +829,11 @@ fn unprivileged_admin_gets_only_listed_block_devices_exclusively() {
     // Held by the config bdev (O_EXCL): refused.
     p.refused(ns(vec![uring("x", &cfg_dev.0, None)]), -32003, "in use");
     // Not listed: refused, even though it is a block device.
-    p.refused(ns(vec![uring("x", &other.0, None)]), -32001, "is not allowed");
+    p.refused(
+        ns(vec![uring("x", &other.0, None)]),
+        -32001,
+        "is not allowed",
+    );
     // Listed and free: exported; a second bdev on it is refused.
     p.ok(ns(vec![uring("b1", &rpc_dev.0, None)]));
     p.refused(ns(vec![uring("b2", &rpc_dev.0, None)]), -32003, "in use");

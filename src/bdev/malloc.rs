@@ -45,7 +45,12 @@ impl MallocConfig {
     /// (rounded up to whole 2 MiB pages when on hugepages). Checked before any allocation, so
     /// a caller's request can be held against a budget without touching memory.
     pub fn memory_bytes(&self) -> Result<u64, BdevError> {
-        let num_blocks = geometry(&self.name, self.block_size, self.num_blocks, self.size_bytes)?;
+        let num_blocks = geometry(
+            &self.name,
+            self.block_size,
+            self.num_blocks,
+            self.size_bytes,
+        )?;
         let bytes = num_blocks
             .checked_mul(u64::from(self.block_size))
             .ok_or_else(|| BdevError::Invalid {

@@ -187,7 +187,9 @@ impl UringBdev {
             } else if e.raw_os_error() == Some(libc::EBUSY) {
                 BdevError::Invalid {
                     name: cfg.name.clone(),
-                    what: format!("{path_s} is in use (mounted, or claimed by another bdev or process)"),
+                    what: format!(
+                        "{path_s} is in use (mounted, or claimed by another bdev or process)"
+                    ),
                 }
             } else {
                 BdevError::Io {
@@ -257,7 +259,9 @@ impl UringBdev {
                         .components()
                         .any(|c| !matches!(c, std::path::Component::Normal(_)))
                 {
-                    return Err(denied("must name a file beneath the allowed directory, without . or ..".into()));
+                    return Err(denied(
+                        "must name a file beneath the allowed directory, without . or ..".into(),
+                    ));
                 }
                 let dirfd = nix::fcntl::open(
                     dir,
@@ -274,7 +278,8 @@ impl UringBdev {
                 let how = OpenHow::new()
                     .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
                     .resolve(resolve);
-                let escape = |e: nix::errno::Errno| match e {
+                let escape = |e: nix::errno::Errno| {
+                    match e {
                     nix::errno::Errno::EXDEV => denied(format!(
                         "leads out of the allowed directory {} (`..` or a symlink pointing outside)",
                         dir.display()
@@ -284,6 +289,7 @@ impl UringBdev {
                         "openat2 is not available (Linux 5.6 or later is needed to open caller paths safely)".into(),
                     ),
                     e => io_err(errno(e)),
+                }
                 };
                 match nix::fcntl::openat2(&dirfd, rel, how) {
                     Ok(fd) => {
@@ -310,7 +316,13 @@ impl UringBdev {
                             )));
                         }
                         let how = OpenHow::new()
-                            .flags(OFlag::O_RDWR | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_CLOEXEC | OFlag::O_NOCTTY)
+                            .flags(
+                                OFlag::O_RDWR
+                                    | OFlag::O_CREAT
+                                    | OFlag::O_EXCL
+                                    | OFlag::O_CLOEXEC
+                                    | OFlag::O_NOCTTY,
+                            )
                             .mode(Mode::from_bits_truncate(0o600))
                             .resolve(resolve);
                         let fd = nix::fcntl::openat2(&dirfd, rel, how).map_err(escape)?;
@@ -348,9 +360,14 @@ impl UringBdev {
             }
         }
         // Reopen the very inode just checked (not the path again) with the real flags.
-        let own = PathBuf::from(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&opath)));
+        let own = PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&opath)
+        ));
         let fd = nix::fcntl::open(&own, flags, Mode::empty()).map_err(|e| match e {
-            nix::errno::Errno::EINVAL if cfg.direct => OpenRefused::Bdev(Self::no_direct(&cfg.name, &path_s)),
+            nix::errno::Errno::EINVAL if cfg.direct => {
+                OpenRefused::Bdev(Self::no_direct(&cfg.name, &path_s))
+            }
             nix::errno::Errno::EBUSY => OpenRefused::InUse(format!(
                 "{path_s} is in use (mounted, or claimed by another bdev or process)"
             )),
@@ -449,9 +466,7 @@ impl UringBdev {
                         "{path_s} is in use (locked by another bdev or process)"
                     )))
                 }
-                Err(e) => {
-                    return Err(io_err(std::io::Error::from_raw_os_error(e as i32)).into())
-                }
+                Err(e) => return Err(io_err(std::io::Error::from_raw_os_error(e as i32)).into()),
             }
         }
         let (kind, size, lbs) = if ft.is_block_device() {
@@ -516,10 +531,9 @@ impl UringBdev {
         }
         let num_blocks = size / u64::from(cfg.block_size);
         if num_blocks == 0 {
-            return Err(invalid(format!(
-                "{path_s} holds less than one block ({size} bytes)"
-            ))
-            .into());
+            return Err(
+                invalid(format!("{path_s} holds less than one block ({size} bytes)")).into(),
+            );
         }
         if size % u64::from(cfg.block_size) != 0 {
             tracing::warn!(bdev = %name, size, "size is not a multiple of the block size; the tail is unused");
@@ -1273,16 +1287,14 @@ mod tests {
         std::os::unix::fs::symlink("inside.img", vols.join("alias.img")).unwrap();
         std::fs::hard_link(&secret, vols.join("hard.img")).unwrap();
         std::os::unix::net::UnixListener::bind(vols.join("sock")).unwrap();
-        let denied = |rel: &str| {
-            match UringBdev::open_allowed(
-                &at(&vols, rel, None),
-                beneath(&vols, Path::new(rel), true, true),
-                &no_check,
-            ) {
-                Err(OpenRefused::Denied(m)) => m,
-                Err(e) => panic!("{rel}: {e}"),
-                Ok(_) => panic!("{rel}: opened"),
-            }
+        let denied = |rel: &str| match UringBdev::open_allowed(
+            &at(&vols, rel, None),
+            beneath(&vols, Path::new(rel), true, true),
+            &no_check,
+        ) {
+            Err(OpenRefused::Denied(m)) => m,
+            Err(e) => panic!("{rel}: {e}"),
+            Ok(_) => panic!("{rel}: opened"),
         };
         for rel in ["abs.img", "rel.img", "sub/up/secret.img", "../secret.img"] {
             let m = denied(rel);
@@ -1360,7 +1372,10 @@ mod tests {
         }
         let cfg_again = UringBdev::new(&at(d, "new.img", None));
         assert!(
-            cfg_again.as_ref().err().is_some_and(|e| e.to_string().contains("in use")),
+            cfg_again
+                .as_ref()
+                .err()
+                .is_some_and(|e| e.to_string().contains("in use")),
             "{:?}",
             cfg_again.err()
         );

@@ -551,7 +551,10 @@ mod tests {
             bad("namespaces:\n  paths:\n    - { create: false }\n"),
             "namespaces.paths[0]"
         );
-        assert!(serde_yaml_ng::from_str::<RpcConfig>("namespaces:\n  paths:\n    - { dirr: /a }\n").is_err());
+        assert!(serde_yaml_ng::from_str::<RpcConfig>(
+            "namespaces:\n  paths:\n    - { dirr: /a }\n"
+        )
+        .is_err());
     }
 
     #[test]

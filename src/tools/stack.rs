@@ -6,9 +6,9 @@
 //! the memory budgets.
 
 use crate::bdev::late::LateBdev;
+use crate::bdev::uring::UringConfig;
 use crate::bdev::uring::{AllowedPath, BackingId, OpenRefused, UringBdev};
 use crate::bdev::{self, Bdev, BdevError};
-use crate::bdev::uring::UringConfig;
 use crate::config::{BdevConfig, Config, DevKeySource, EncryptedBdevConfig};
 use crate::crypto::bdev::{CryptoBdev, DataKey};
 use crate::crypto::key::XtsKey;
@@ -82,7 +82,12 @@ impl Stacks {
             let bytes = c.memory_bytes()?;
             let (used, max, what, field) = if c.hugepages {
                 huge = huge.saturating_add(bytes);
-                (huge, p.hugepage_bytes_max, "hugepage_bytes_max", "hugepages")
+                (
+                    huge,
+                    p.hugepage_bytes_max,
+                    "hugepage_bytes_max",
+                    "hugepages",
+                )
             } else {
                 pages = pages.saturating_add(bytes);
                 (pages, p.malloc_bytes_max, "malloc_bytes_max", "size_bytes")
@@ -114,11 +119,13 @@ impl Stacks {
             let Some(dev) = stacks.uring.get(&u.name) else {
                 continue;
             };
-            if holds_key_header(dev).map_err(|e| StackError::Bdev(BdevError::Io {
-                name: u.name.clone(),
-                path: u.path.display().to_string(),
-                source: e,
-            }))? {
+            if holds_key_header(dev).map_err(|e| {
+                StackError::Bdev(BdevError::Io {
+                    name: u.name.clone(),
+                    path: u.path.display().to_string(),
+                    source: e,
+                })
+            })? {
                 return Err(StackError::Denied {
                     field: format!("bdevs[{i}].path"),
                     what: format!(
@@ -227,11 +234,7 @@ impl Stacks {
         let managed = self.encrypted.iter().map(|(n, (_, c))| (n, &c.base));
         crypto
             .chain(managed)
-            .filter_map(|(name, base)| {
-                self.uring
-                    .get(base)
-                    .map(|u| (u.backing_id(), name.clone()))
-            })
+            .filter_map(|(name, base)| self.uring.get(base).map(|u| (u.backing_id(), name.clone())))
             .collect()
     }
 
