@@ -553,8 +553,12 @@ fn unprivileged_admin_is_held_to_the_allow_list_and_budgets() {
     std::os::unix::fs::symlink("enc.img", vols.join("enclink.img")).unwrap();
     let small = fixed.join("small.img");
     std::fs::write(&small, vec![0u8; MIB as usize]).unwrap();
-    // A hard link into an allowed directory of the root-only file.
-    std::fs::hard_link(&secret, vols.join("hard.img")).unwrap();
+    // A hard link into an allowed directory of another root-only file (the symlink above
+    // points at a file with one link, so only the beneath-resolution refuses it).
+    let secret2 = d.join("secret2.img");
+    std::fs::write(&secret2, &secret_bytes).unwrap();
+    std::fs::set_permissions(&secret2, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::hard_link(&secret2, vols.join("hard.img")).unwrap();
     // A file that holds an nvseal key header (an encrypted namespace's base, not open now).
     let mut hdr = vec![0u8; 2 * MIB as usize];
     hdr[..8].copy_from_slice(&nvseal::keys::header::MAGIC);
