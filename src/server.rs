@@ -164,8 +164,11 @@ struct Dynamic {
     config_encrypted_bases: Vec<(BackingId, String)>,
     /// RAM disks of run-time namespaces, alive until the last reference (a draining I/O queue
     /// may hold one after its namespace is deleted): (bdev, regular bytes, hugepage bytes).
-    ram: Mutex<Vec<(std::sync::Weak<dyn Bdev>, u64, u64)>>,
+    ram: Mutex<Vec<RamHold>>,
 }
+
+/// A run-time RAM disk and the (regular, hugepage) bytes it holds while it lives.
+type RamHold = (std::sync::Weak<dyn Bdev>, u64, u64);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())

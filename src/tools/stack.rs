@@ -230,7 +230,7 @@ impl Stacks {
     /// Files and devices under an encrypted bdev (`crypto` or `encrypted`) of these stacks,
     /// with the name of the encrypted bdev.
     pub fn encrypted_bases(&self) -> Vec<(BackingId, String)> {
-        let crypto = self.crypto_base.iter().map(|(n, b)| (n, b));
+        let crypto = self.crypto_base.iter();
         let managed = self.encrypted.iter().map(|(n, (_, c))| (n, &c.base));
         crypto
             .chain(managed)
