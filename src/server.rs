@@ -12,9 +12,12 @@
 //! (`namespace.create`, `namespace.delete`): the RPC client thread builds the bdev stack, adds
 //! it to the target (connections pick it up on their own reactors, see `nvmf::target`), and for
 //! a managed-key namespace registers it with the key manager, which brings it online when its
-//! key arrives.
+//! key arrives. What such a stack may use is bounded by `rpc.namespaces` (backing paths from an
+//! allow-list, RAM budgets; see `tools::stack::Stacks::open_rpc`), and every call, allowed or
+//! refused, is in the audit trail.
 
 use crate::bdev::late::LateBdev;
+use crate::bdev::uring::BackingId;
 use crate::bdev::Bdev;
 use crate::config::{BdevConfig, Config, EncryptedBdevConfig};
 use crate::keys::header::METADATA_REGION_BYTES;
@@ -23,9 +26,10 @@ use crate::nvmf::conn::Connection;
 use crate::nvmf::target::{Listener, PortId, Target};
 use crate::reactor::{busy_pct, Mailboxes, Poller, ReactorSet};
 use crate::rpc::audit::{AuditSink, JsonlAuditSink};
+use crate::rpc::config::NamespacePolicy;
 use crate::rpc::{parse_params, Role, RpcError, RpcHandle, RpcServer};
 use crate::stats::reactor as ns_stats;
-use crate::tools::stack::Stacks;
+use crate::tools::stack::{RpcLimits, Stacks};
 use crate::types::CoreId;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -159,7 +163,7 @@ type LateMap = BTreeMap<String, (Arc<LateBdev>, Vec<(String, u32)>)>;
 /// A namespace created over the control socket.
 struct DynNamespace {
     /// Its bdevs (kept open while it exists).
-    _stacks: Stacks,
+    stacks: Stacks,
     /// Names of its bdevs.
     names: Vec<String>,
     /// Whether a key is involved (crypto or managed-key encrypted).
@@ -178,18 +182,20 @@ struct Dynamic {
     late: Arc<Mutex<LateMap>>,
     /// Serializes namespace.create / namespace.delete.
     change: Mutex<()>,
-    /// Where keyed namespace changes are recorded (who, what, when, result).
+    /// Where namespace changes are recorded (the dispatcher writes one record per call); the
+    /// handlers refuse to change anything without one.
     audit: Option<Arc<dyn AuditSink>>,
+    /// `rpc.namespaces`: what a run-time stack may use.
+    policy: NamespacePolicy,
+    /// Files and devices under the config's encrypted bdevs.
+    config_encrypted_bases: Vec<(BackingId, String)>,
+    /// RAM disks of run-time namespaces, alive until the last reference (a draining I/O queue
+    /// may hold one after its namespace is deleted): (bdev, regular bytes, hugepage bytes).
+    ram: Mutex<Vec<RamHold>>,
 }
 
-/// What a `namespace.*` handler tells its wrapper for the audit trail.
-#[derive(Default)]
-struct AuditNote {
-    /// A key is involved: the call is recorded.
-    keyed: bool,
-    /// What it acted on (`nqn nsid N bdev B`).
-    target: String,
-}
+/// A run-time RAM disk and the (regular, hugepage) bytes it holds while it lives.
+type RamHold = (std::sync::Weak<dyn Bdev>, u64, u64);
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -345,8 +351,7 @@ impl Server {
             )
             .map_err(|e| ServerError::Keys(e.to_string()))?;
             for (name, (_, ec)) in &stacks.encrypted {
-                register_encrypted(&km, "nvseal", &stacks, cfg, name, ec)
-                    .map_err(ServerError::Keys)?;
+                register_encrypted(&km, "nvseal", &stacks, name, ec).map_err(ServerError::Keys)?;
             }
             Some(Arc::new(km))
         };
@@ -360,6 +365,13 @@ impl Server {
             late: late_map,
             change: Mutex::new(()),
             audit: audit.clone(),
+            policy: cfg
+                .rpc
+                .as_ref()
+                .map(|r| r.namespaces.clone())
+                .unwrap_or_default(),
+            config_encrypted_bases: stacks.encrypted_bases(),
+            ram: Mutex::new(Vec::new()),
         });
         let mut server = Server {
             reactors: Some(set),
@@ -598,19 +610,20 @@ fn register_encrypted(
     km: &KeyManager,
     who: &str,
     stacks: &Stacks,
-    cfg: &Config,
     name: &str,
     ec: &EncryptedBdevConfig,
 ) -> Result<(), String> {
     let base = stacks
         .get(&ec.base)
         .ok_or_else(|| format!("{name}: no base bdev"))?;
-    let header_io: Box<dyn crate::keys::store::HeaderIo + Send> = match cfg.bdev(&ec.base) {
-        Some(BdevConfig::Uring(u)) => Box::new(
-            crate::bdev::slice::FileHeaderIo::open(&u.path, METADATA_REGION_BYTES)
-                .map_err(|e| format!("{name}: header of {}: {e}", u.path.display()))?,
+    // A file base's header is read through the bdev's own descriptor, never by resolving its
+    // path again (a path from a caller could point elsewhere by now).
+    let header_io: Box<dyn crate::keys::store::HeaderIo + Send> = match stacks.uring.get(&ec.base) {
+        Some(u) => Box::new(
+            crate::bdev::slice::FileHeaderIo::open(&u.own_fd_path(), METADATA_REGION_BYTES)
+                .map_err(|e| format!("{name}: header of {}: {e}", u.path().display()))?,
         ),
-        _ => Box::new(
+        None => Box::new(
             crate::bdev::slice::BdevHeaderIo::new(base.clone(), CoreId(0), METADATA_REGION_BYTES)
                 .map_err(|e| format!("{name}: header: {e}"))?,
         ),
@@ -624,33 +637,50 @@ fn register_encrypted(
 }
 
 impl Dynamic {
-    /// Records a keyed namespace change (and refusals of one) in the audit trail.
-    fn audited(
+    /// Wraps a `namespace.*` handler: logs a refusal with its reason, and refuses everything
+    /// when no audit trail exists (the dispatcher records each call in it).
+    fn run(
         &self,
         ctx: &crate::rpc::CallContext,
-        note: &AuditNote,
-        r: Result<Value, RpcError>,
+        p: &Value,
+        f: impl FnOnce(&crate::rpc::CallContext, &Value) -> Result<Value, RpcError>,
     ) -> Result<Value, RpcError> {
-        if let (true, Some(a)) = (note.keyed, &self.audit) {
-            let result = match &r {
-                Ok(_) => "ok".to_string(),
-                Err(e) => format!("error: {e}"),
-            };
-            a.record(&ctx.caller.to_string(), &ctx.method, &note.target, &result);
+        let r = if self.audit.is_none() {
+            Err(RpcError::unavailable(format!(
+                "{} is audited and no audit log is configured: set rpc.audit_log (or keys.audit_log)",
+                ctx.method
+            )))
+        } else {
+            f(ctx, p)
+        };
+        if let Err(e) = &r {
+            tracing::warn!(caller = %ctx.caller, method = %ctx.method, code = e.code, "refused: {}", e.message);
         }
         r
     }
 
     fn create(&self, ctx: &crate::rpc::CallContext, p: &Value) -> Result<Value, RpcError> {
-        let mut note = AuditNote::default();
-        let r = self.create_inner(ctx, p, &mut note);
-        self.audited(ctx, &note, r)
+        self.run(ctx, p, |ctx, p| self.create_inner(ctx, p))
     }
 
     fn delete(&self, ctx: &crate::rpc::CallContext, p: &Value) -> Result<Value, RpcError> {
-        let mut note = AuditNote::default();
-        let r = self.delete_inner(ctx, p, &mut note);
-        self.audited(ctx, &note, r)
+        self.run(ctx, p, |ctx, p| self.delete_inner(ctx, p))
+    }
+
+    /// RAM (regular, hugepage bytes) that run-time namespaces hold now; forgets freed ones.
+    fn ram_in_use(&self) -> (u64, u64) {
+        let mut ram = lock(&self.ram);
+        ram.retain(|(b, _, _)| b.strong_count() > 0);
+        ram.iter().fold((0, 0), |(a, h), (_, x, y)| (a + x, h + y))
+    }
+
+    /// Files and devices under an encrypted bdev: the config's and those of run-time stacks.
+    fn encrypted_bases(&self) -> Vec<(BackingId, String)> {
+        let mut v = self.config_encrypted_bases.clone();
+        for d in lock(&self.created).values() {
+            v.extend(d.stacks.encrypted_bases());
+        }
+        v
     }
 
     /// `namespace.create`: builds the bdev stack in `bdevs` (entries as in the config's
@@ -658,12 +688,7 @@ impl Dynamic {
     /// namespace `nsid` (default: the lowest free) of subsystem `nqn`. A stack with a `crypto`
     /// or `encrypted` entry needs the crypto role; an `encrypted` namespace starts locked and
     /// comes online when the key manager has its key.
-    fn create_inner(
-        &self,
-        ctx: &crate::rpc::CallContext,
-        p: &Value,
-        note: &mut AuditNote,
-    ) -> Result<Value, RpcError> {
+    fn create_inner(&self, ctx: &crate::rpc::CallContext, p: &Value) -> Result<Value, RpcError> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct P {
@@ -677,14 +702,18 @@ impl Dynamic {
             .bdevs
             .iter()
             .any(|b| matches!(b, BdevConfig::Crypto(_) | BdevConfig::Encrypted(_)));
-        note.keyed = keyed;
-        note.target = format!(
-            "{} nsid {} bdev {}",
+        ctx.audit.set(format!(
+            "{} nsid {} bdev {} bdevs {}",
             p.nqn,
             p.nsid
                 .map_or_else(|| "(first free)".to_string(), |n| n.to_string()),
-            p.bdevs.last().map_or("", |b| b.name())
-        );
+            p.bdevs.last().map_or("", |b| b.name()),
+            p.bdevs
+                .iter()
+                .map(bdev_summary)
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
         if keyed && !ctx.roles.contains(Role::Crypto) {
             return Err(RpcError::permission_denied(
                 &ctx.method,
@@ -753,8 +782,28 @@ impl Dynamic {
         };
         let mut cfg = self.template.clone();
         cfg.bdevs = p.bdevs;
-        let stacks =
-            Stacks::open(&cfg).map_err(|e| RpcError::invalid_params(format!("bdevs: {e}")))?;
+        let (malloc_bytes_used, hugepage_bytes_used) = self.ram_in_use();
+        let bases = self.encrypted_bases();
+        let limits = RpcLimits {
+            policy: &self.policy,
+            encrypted_bases: &bases,
+            malloc_bytes_used,
+            hugepage_bytes_used,
+        };
+        let stacks = Stacks::open_rpc(&cfg, &limits).map_err(|e| {
+            use crate::tools::stack::StackError;
+            match e {
+                StackError::Denied { field, what } => RpcError::new(
+                    crate::rpc::error::PERMISSION_DENIED,
+                    format!("{field}: {what}"),
+                )
+                .with_data(json!({ "method": ctx.method, "field": field })),
+                StackError::InUse { field, what } => {
+                    RpcError::busy(format!("{field}: {what}")).with_data(json!({ "field": field }))
+                }
+                e => RpcError::invalid_params(format!("bdevs: {e}")),
+            }
+        })?;
         let dev = stacks
             .get(&exported)
             .ok_or_else(|| RpcError::internal(format!("bdev {exported} was not built")))?;
@@ -780,7 +829,7 @@ impl Dynamic {
                 .ok_or_else(|| RpcError::internal(format!("bdev {exported} has no stand-in")))?;
             lock(&self.late).insert(exported.clone(), (late, vec![(p.nqn.clone(), nsid)]));
             let who = ctx.caller.to_string();
-            if let Err(e) = register_encrypted(km, &who, &stacks, &cfg, &exported, ec) {
+            if let Err(e) = register_encrypted(km, &who, &stacks, &exported, ec) {
                 lock(&self.late).remove(&exported);
                 if let Err(re) = self.target.remove_namespace(
                     &p.nqn,
@@ -793,12 +842,22 @@ impl Dynamic {
             }
         }
         lock(&self.names).extend(names.iter().cloned());
+        {
+            let mut ram = lock(&self.ram);
+            for b in &cfg.bdevs {
+                if let (BdevConfig::Malloc(m), Some(dev)) = (b, stacks.get(b.name())) {
+                    let bytes = m.memory_bytes().unwrap_or(0);
+                    let (x, y) = if m.hugepages { (0, bytes) } else { (bytes, 0) };
+                    ram.push((Arc::downgrade(&dev), x, y));
+                }
+            }
+        }
         tracing::info!(nqn = %p.nqn, nsid, bdev = %exported, caller = %ctx.caller, "namespace created");
         let online = sub.namespace(nsid).is_some_and(|n| n.is_online());
         lock(&self.created).insert(
             (p.nqn.clone(), nsid),
             DynNamespace {
-                _stacks: stacks,
+                stacks,
                 names,
                 encrypted: keyed,
             },
@@ -811,12 +870,7 @@ impl Dynamic {
     /// `namespace.delete`: takes namespace `nsid` of subsystem `nqn` away from hosts and waits
     /// (up to `drain_ms`, default 5 s) until no I/O queue holds it. A namespace with a key needs
     /// the crypto role.
-    fn delete_inner(
-        &self,
-        ctx: &crate::rpc::CallContext,
-        p: &Value,
-        note: &mut AuditNote,
-    ) -> Result<Value, RpcError> {
+    fn delete_inner(&self, ctx: &crate::rpc::CallContext, p: &Value) -> Result<Value, RpcError> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct P {
@@ -826,6 +880,7 @@ impl Dynamic {
             drain_ms: Option<u64>,
         }
         let p: P = parse_params(p)?;
+        ctx.audit.set(format!("{} nsid {}", p.nqn, p.nsid));
         let sub = self
             .target
             .subsystem(&p.nqn)
@@ -839,8 +894,8 @@ impl Dynamic {
         let keyed = ns.encrypted
             || lock(&self.late).contains_key(ns.bdev.name())
             || lock(&self.created).get(&key).is_some_and(|d| d.encrypted);
-        note.keyed = keyed;
-        note.target = format!("{} nsid {} bdev {}", p.nqn, p.nsid, ns.bdev.name());
+        ctx.audit
+            .set(format!("{} nsid {} bdev {}", p.nqn, p.nsid, ns.bdev.name()));
         let bdev_name = ns.bdev.name().to_string();
         drop(ns);
         if keyed && !ctx.roles.contains(Role::Crypto) {
@@ -891,6 +946,24 @@ impl Dynamic {
         }
         tracing::info!(nqn = %p.nqn, nsid = p.nsid, freed, key_released, caller = %ctx.caller, "namespace deleted");
         Ok(json!({ "nqn": p.nqn, "nsid": p.nsid, "freed": freed, "key_released": key_released }))
+    }
+}
+
+/// One bdev entry of a `namespace.create` call for its audit record: name, type and what it
+/// uses (size, path, base); never key material (a development key file shows as its type only).
+fn bdev_summary(b: &BdevConfig) -> String {
+    match b {
+        BdevConfig::Malloc(c) => format!(
+            "{}=malloc({}{})",
+            c.name,
+            c.memory_bytes()
+                .map_or_else(|_| "?".to_string(), |n| n.to_string()),
+            if c.hugepages { " hugepages" } else { "" }
+        ),
+        BdevConfig::Null(c) => format!("{}=null", c.name),
+        BdevConfig::Uring(c) => format!("{}=uring({})", c.name, c.path.display()),
+        BdevConfig::Crypto(c) => format!("{}=crypto({})", c.name, c.base),
+        BdevConfig::Encrypted(c) => format!("{}=encrypted({} {})", c.name, c.base, c.provider),
     }
 }
 

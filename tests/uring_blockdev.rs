@@ -81,11 +81,6 @@ fn uring_bdev_on_a_loop_device() {
         direct: true,
         size_bytes: None,
     };
-    let b = UringBdev::new(&cfg).unwrap();
-    assert!(b.is_block_device());
-    assert_eq!(b.num_blocks(), DISK / 4096, "size from BLKGETSIZE64");
-    assert!(b.io_type_supported(IoType::Unmap));
-    assert!(b.io_type_supported(IoType::WriteZeroes));
     // A size over the device's is refused; a smaller one limits the bdev.
     let err = UringBdev::new(&UringConfig {
         size_bytes: Some(DISK + 4096),
@@ -100,6 +95,15 @@ fn uring_bdev_on_a_loop_device() {
     })
     .unwrap();
     assert_eq!(small.num_blocks(), DISK / 2 / 4096);
+    // The device is opened O_EXCL: while one bdev holds it, no other can open it.
+    let busy = UringBdev::new(&cfg).err().expect("the device is claimed");
+    assert!(busy.to_string().contains("in use"), "{busy}");
+    drop(small);
+    let b = UringBdev::new(&cfg).unwrap();
+    assert!(b.is_block_device());
+    assert_eq!(b.num_blocks(), DISK / 4096, "size from BLKGETSIZE64");
+    assert!(b.io_type_supported(IoType::Unmap));
+    assert!(b.io_type_supported(IoType::WriteZeroes));
 
     let mut ch = b.open_channel(CoreId(0), 8).unwrap();
     let mut pool = BufPool::new(4, 4 * 4096, b.buf_align()).unwrap();
@@ -162,7 +166,6 @@ fn uring_bdev_on_a_loop_device() {
     assert_eq!(io.status, IoStatus::InvalidRange);
     drop(ch);
     drop(b);
-    drop(small);
 
     // A 4 KiB-sector device cannot take 512-byte blocks under O_DIRECT.
     drop(lo);

@@ -40,6 +40,32 @@ pub struct MallocConfig {
     pub hugepages: bool,
 }
 
+impl MallocConfig {
+    /// The memory this bdev will hold, in bytes, as [`MallocBdev::new`] would allocate it
+    /// (rounded up to whole 2 MiB pages when on hugepages). Checked before any allocation, so
+    /// a caller's request can be held against a budget without touching memory.
+    pub fn memory_bytes(&self) -> Result<u64, BdevError> {
+        let num_blocks = geometry(
+            &self.name,
+            self.block_size,
+            self.num_blocks,
+            self.size_bytes,
+        )?;
+        let bytes = num_blocks
+            .checked_mul(u64::from(self.block_size))
+            .ok_or_else(|| BdevError::Invalid {
+                name: self.name.clone(),
+                what: "size overflows memory".into(),
+            })?;
+        if self.hugepages {
+            let page = crate::sys::mem::HUGEPAGE_SIZE as u64;
+            Ok(bytes.div_ceil(page).saturating_mul(page))
+        } else {
+            Ok(bytes)
+        }
+    }
+}
+
 /// A RAM disk.
 pub struct MallocBdev {
     name: String,

@@ -33,8 +33,8 @@
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsFd;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-use std::path::PathBuf;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -116,8 +116,66 @@ pub struct UringBdev {
     direct: bool,
     /// The kernel supports `IORING_OP_FALLOCATE` (probed at open).
     fallocate: bool,
+    /// What the file is, for "is this already used" checks.
+    id: BackingId,
+    /// The open file description. It also carries the exclusive claim (`flock` on a regular
+    /// file, `O_EXCL` on a block device), which lasts until its last descriptor (the bdev's and
+    /// every channel's clone of this `Arc`) is closed.
     file: Arc<File>,
     counters: Arc<Counters>,
+}
+
+/// Which file a bdev uses: device and inode for a regular file, the device number for a block
+/// device (every node and link of one block device has the same `st_rdev`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackingId {
+    File { dev: u64, ino: u64 },
+    Block { rdev: u64 },
+}
+
+/// A path handed in at run time (`namespace.create`) that the allow-list admitted, and what
+/// the matching entry permits. See [`UringBdev::open_allowed`].
+#[derive(Clone, Copy, Debug)]
+pub enum AllowedPath<'a> {
+    /// A regular file beneath `dir`, at `rel` (relative, without `.`/`..`; checked again by
+    /// the kernel, which resolves it with `RESOLVE_BENEATH`).
+    Beneath {
+        dir: &'a Path,
+        rel: &'a Path,
+        /// A missing file may be created (mode 0600) at the requested `size_bytes`.
+        create: bool,
+        /// An existing file shorter than `size_bytes` may be extended.
+        grow: bool,
+        /// Largest size a file may be created with or grown to.
+        max_size_bytes: u64,
+    },
+    /// Exactly this block device (the operator's path, trusted as written).
+    Device { path: &'a Path },
+}
+
+/// Why a bdev could not be opened on a path handed in at run time.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenRefused {
+    /// The allow-list or a safety rule forbids it.
+    #[error("{0}")]
+    Denied(String),
+    /// Another bdev or process holds the file or device.
+    #[error("{0}")]
+    InUse(String),
+    /// Any other failure (I/O error, bad geometry).
+    #[error(transparent)]
+    Bdev(#[from] BdevError),
+}
+
+/// Whether opening may extend a regular file to `size_bytes`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Growth {
+    /// Config bdevs: the operator asked for this size.
+    Any,
+    /// Up to this many bytes (an allow-list entry that permits create or grow).
+    UpTo(u64),
+    /// Never (an allow-list entry without `grow`).
+    Never,
 }
 
 /// Opens a `uring` bdev.
@@ -126,7 +184,274 @@ pub fn open(cfg: &UringConfig) -> Result<Arc<dyn Bdev>, BdevError> {
 }
 
 impl UringBdev {
+    /// Opens the path of a config entry (trusted: written by the operator). A missing file is
+    /// created and a short one grown to `size_bytes`. The file is claimed exclusively for the
+    /// bdev's life (`flock` on a file, `O_EXCL` on a block device), so nothing else that
+    /// follows these rules (another bdev, another nvseal) can open it meanwhile.
     pub fn new(cfg: &UringConfig) -> Result<Self, BdevError> {
+        Self::check_cfg(cfg)?;
+        let path_s = cfg.path.display().to_string();
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true);
+        let existing = std::fs::metadata(&cfg.path).ok();
+        let is_blockdev = existing
+            .as_ref()
+            .is_some_and(|m| m.file_type().is_block_device());
+        let mut flags = if cfg.direct { libc::O_DIRECT } else { 0 };
+        if cfg.size_bytes.is_some() && !is_blockdev {
+            opts.create(true);
+        } else {
+            // Exclusive open of a block device (EBUSY when mounted or claimed); ignored by
+            // Linux for other files when O_CREAT is not given.
+            flags |= libc::O_EXCL;
+        }
+        opts.custom_flags(flags);
+        let file = opts.open(&cfg.path).map_err(|e| {
+            if cfg.direct && e.raw_os_error() == Some(libc::EINVAL) {
+                Self::no_direct(&cfg.name, &path_s)
+            } else if e.raw_os_error() == Some(libc::EBUSY) {
+                BdevError::Invalid {
+                    name: cfg.name.clone(),
+                    what: format!(
+                        "{path_s} is in use (mounted, or claimed by another bdev or process)"
+                    ),
+                }
+            } else {
+                BdevError::Io {
+                    name: cfg.name.clone(),
+                    path: path_s.clone(),
+                    source: e,
+                }
+            }
+        })?;
+        Self::from_file(cfg, file, Growth::Any, &|_| Ok(())).map_err(|e| match e {
+            OpenRefused::Bdev(b) => b,
+            OpenRefused::Denied(what) | OpenRefused::InUse(what) => BdevError::Invalid {
+                name: cfg.name.clone(),
+                what,
+            },
+        })
+    }
+
+    /// Opens a path handed in at run time, as `allowed` permits, never by following the
+    /// caller's text anywhere else:
+    ///
+    /// * beneath a directory: the path is resolved by `openat2(RESOLVE_BENEATH |
+    ///   RESOLVE_NO_MAGICLINKS)` from the directory, first as `O_PATH` (no side effects), so
+    ///   `..` and symlinks leading out are refused by the kernel; the result must be a regular
+    ///   file with one link (a hard link could bring in a file from elsewhere), and is then
+    ///   reopened through its own descriptor, so what is checked is what is used. A missing
+    ///   file is created only if `create` (`O_CREAT|O_EXCL`, mode 0600), a short one grown
+    ///   only if `grow`, both up to `max_size_bytes`;
+    /// * a device: the operator's path must be a block device; it is opened `O_EXCL`.
+    ///
+    /// `check` sees the file's identity before it is claimed, so a caller can refuse a file
+    /// that is, for example, the base of an encrypted bdev. The claim (`flock`/`O_EXCL`)
+    /// refuses a file another bdev or process already holds.
+    pub fn open_allowed(
+        cfg: &UringConfig,
+        allowed: AllowedPath<'_>,
+        check: &dyn Fn(BackingId) -> Result<(), String>,
+    ) -> Result<Self, OpenRefused> {
+        use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+        use nix::sys::stat::{Mode, SFlag};
+        Self::check_cfg(cfg)?;
+        let path_s = cfg.path.display().to_string();
+        let io_err = |source: std::io::Error| {
+            OpenRefused::Bdev(BdevError::Io {
+                name: cfg.name.clone(),
+                path: path_s.clone(),
+                source,
+            })
+        };
+        let errno = |e: nix::errno::Errno| std::io::Error::from_raw_os_error(e as i32);
+        let denied = |what: String| OpenRefused::Denied(format!("{path_s}: {what}"));
+        let mut flags = OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NOCTTY;
+        if cfg.direct {
+            flags |= OFlag::O_DIRECT;
+        }
+        let (opath, growth) = match allowed {
+            AllowedPath::Beneath {
+                dir,
+                rel,
+                create,
+                grow,
+                max_size_bytes,
+            } => {
+                if rel.is_absolute()
+                    || rel.as_os_str().is_empty()
+                    || rel
+                        .components()
+                        .any(|c| !matches!(c, std::path::Component::Normal(_)))
+                {
+                    return Err(denied(
+                        "must name a file beneath the allowed directory, without . or ..".into(),
+                    ));
+                }
+                let dirfd = nix::fcntl::open(
+                    dir,
+                    OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| {
+                    io_err(std::io::Error::new(
+                        errno(e).kind(),
+                        format!("allowed directory {}: {e}", dir.display()),
+                    ))
+                })?;
+                let resolve = ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS;
+                let how = OpenHow::new()
+                    .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+                    .resolve(resolve);
+                let escape = |e: nix::errno::Errno| {
+                    match e {
+                    nix::errno::Errno::EXDEV => denied(format!(
+                        "leads out of the allowed directory {} (`..` or a symlink pointing outside)",
+                        dir.display()
+                    )),
+                    nix::errno::Errno::ELOOP => denied("too many symlinks, or a /proc magic link".into()),
+                    nix::errno::Errno::ENOSYS => denied(
+                        "openat2 is not available (Linux 5.6 or later is needed to open caller paths safely)".into(),
+                    ),
+                    e => io_err(errno(e)),
+                }
+                };
+                match nix::fcntl::openat2(&dirfd, rel, how) {
+                    Ok(fd) => {
+                        let growth = if grow {
+                            Growth::UpTo(max_size_bytes)
+                        } else {
+                            Growth::Never
+                        };
+                        (fd, growth)
+                    }
+                    Err(nix::errno::Errno::ENOENT) => {
+                        let Some(size) = cfg.size_bytes else {
+                            return Err(denied("does not exist (give size_bytes to create it where the allow-list permits)".into()));
+                        };
+                        if !create {
+                            return Err(denied(format!(
+                                "does not exist, and the allow-list entry for {} does not permit create",
+                                dir.display()
+                            )));
+                        }
+                        if size > max_size_bytes {
+                            return Err(denied(format!(
+                                "size_bytes {size} is larger than the allow-list's max_size_bytes {max_size_bytes}"
+                            )));
+                        }
+                        let how = OpenHow::new()
+                            .flags(
+                                OFlag::O_RDWR
+                                    | OFlag::O_CREAT
+                                    | OFlag::O_EXCL
+                                    | OFlag::O_CLOEXEC
+                                    | OFlag::O_NOCTTY,
+                            )
+                            .mode(Mode::from_bits_truncate(0o600))
+                            .resolve(resolve);
+                        let fd = nix::fcntl::openat2(&dirfd, rel, how).map_err(escape)?;
+                        tracing::info!(bdev = %cfg.name, path = %path_s, size, "created a backing file");
+                        (fd, Growth::UpTo(max_size_bytes))
+                    }
+                    Err(e) => return Err(escape(e)),
+                }
+            }
+            AllowedPath::Device { path } => {
+                let fd = nix::fcntl::open(path, OFlag::O_PATH | OFlag::O_CLOEXEC, Mode::empty())
+                    .map_err(|e| io_err(errno(e)))?;
+                (fd, Growth::Never)
+            }
+        };
+        let st = nix::sys::stat::fstat(&opath).map_err(|e| io_err(errno(e)))?;
+        let fmt = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
+        match allowed {
+            AllowedPath::Beneath { .. } => {
+                if fmt != SFlag::S_IFREG {
+                    return Err(denied("is not a regular file".into()));
+                }
+                if st.st_nlink > 1 {
+                    return Err(denied(format!(
+                        "has {} hard links; one of them may lie outside the allowed directory",
+                        st.st_nlink
+                    )));
+                }
+            }
+            AllowedPath::Device { .. } => {
+                if fmt != SFlag::S_IFBLK {
+                    return Err(denied("is not a block device".into()));
+                }
+                flags |= OFlag::O_EXCL;
+            }
+        }
+        // Reopen the very inode just checked (not the path again) with the real flags.
+        let own = PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&opath)
+        ));
+        let fd = nix::fcntl::open(&own, flags, Mode::empty()).map_err(|e| match e {
+            nix::errno::Errno::EINVAL if cfg.direct => {
+                OpenRefused::Bdev(Self::no_direct(&cfg.name, &path_s))
+            }
+            nix::errno::Errno::EBUSY => OpenRefused::InUse(format!(
+                "{path_s} is in use (mounted, or claimed by another bdev or process)"
+            )),
+            e => io_err(errno(e)),
+        })?;
+        drop(opath);
+        let bdev = Self::from_file(cfg, File::from(fd), growth, check)?;
+        if bdev.id != Self::id_of(&st) {
+            return Err(denied("changed while it was opened".into()));
+        }
+        Ok(bdev)
+    }
+
+    fn check_cfg(cfg: &UringConfig) -> Result<(), BdevError> {
+        let invalid = |what: String| BdevError::Invalid {
+            name: cfg.name.clone(),
+            what,
+        };
+        if cfg.name.is_empty() {
+            return Err(invalid("name must not be empty".into()));
+        }
+        if cfg.block_size != 512 && cfg.block_size != 4096 {
+            return Err(invalid(format!(
+                "block_size {} must be 512 or 4096",
+                cfg.block_size
+            )));
+        }
+        Ok(())
+    }
+
+    fn no_direct(name: &str, path_s: &str) -> BdevError {
+        BdevError::Invalid {
+            name: name.to_string(),
+            what: format!(
+                "{path_s}: the filesystem does not support O_DIRECT (EINVAL); set `direct: false`"
+            ),
+        }
+    }
+
+    fn id_of(st: &libc::stat) -> BackingId {
+        if st.st_mode & libc::S_IFMT == libc::S_IFBLK {
+            BackingId::Block { rdev: st.st_rdev }
+        } else {
+            BackingId::File {
+                dev: st.st_dev,
+                ino: st.st_ino,
+            }
+        }
+    }
+
+    /// Finishes opening `file`: `check` on its identity, the exclusive claim of a regular file
+    /// (`flock`, non-blocking), the size (growing a regular file as `growth` permits), the
+    /// block size against the device, and the ring probe.
+    fn from_file(
+        cfg: &UringConfig,
+        file: File,
+        growth: Growth,
+        check: &dyn Fn(BackingId) -> Result<(), String>,
+    ) -> Result<Self, OpenRefused> {
         let name = cfg.name.clone();
         let path_s = cfg.path.display().to_string();
         let invalid = |what: String| BdevError::Invalid {
@@ -138,38 +463,37 @@ impl UringBdev {
             path: path_s.clone(),
             source,
         };
-        if name.is_empty() {
-            return Err(invalid("name must not be empty".into()));
-        }
-        if cfg.block_size != 512 && cfg.block_size != 4096 {
-            return Err(invalid(format!(
-                "block_size {} must be 512 or 4096",
-                cfg.block_size
-            )));
-        }
-        let mut opts = OpenOptions::new();
-        opts.read(true).write(true);
-        if cfg.direct {
-            opts.custom_flags(libc::O_DIRECT);
-        }
-        let existing = std::fs::metadata(&cfg.path).ok();
-        let is_blockdev = existing
-            .as_ref()
-            .is_some_and(|m| m.file_type().is_block_device());
-        if cfg.size_bytes.is_some() && !is_blockdev {
-            opts.create(true);
-        }
-        let file = opts.open(&cfg.path).map_err(|e| {
-            if cfg.direct && e.raw_os_error() == Some(libc::EINVAL) {
-                invalid(format!(
-                    "{path_s}: the filesystem does not support O_DIRECT (EINVAL); set `direct: false`"
-                ))
-            } else {
-                io_err(e)
-            }
-        })?;
         let meta = file.metadata().map_err(io_err)?;
         let ft = meta.file_type();
+        let id = if ft.is_block_device() {
+            BackingId::Block { rdev: meta.rdev() }
+        } else {
+            BackingId::File {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            }
+        };
+        check(id).map_err(|w| OpenRefused::Denied(format!("{path_s}: {w}")))?;
+        if ft.is_file() {
+            // The lock belongs to the open file description, so it lasts until the bdev and
+            // every channel have closed their descriptor: exactly the file's use. nix's `Flock`
+            // guard would unlock when the bdev drops while channels still write, which is why
+            // the plain call is used.
+            #[allow(deprecated)]
+            let locked = nix::fcntl::flock(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                nix::fcntl::FlockArg::LockExclusiveNonblock,
+            );
+            match locked {
+                Ok(()) => {}
+                Err(nix::errno::Errno::EWOULDBLOCK) => {
+                    return Err(OpenRefused::InUse(format!(
+                        "{path_s} is in use (locked by another bdev or process)"
+                    )))
+                }
+                Err(e) => return Err(io_err(std::io::Error::from_raw_os_error(e as i32)).into()),
+            }
+        }
         let (kind, size, lbs) = if ft.is_block_device() {
             let dev = sysuring::blockdev_size_bytes(file.as_fd()).map_err(io_err)?;
             let lbs = sysuring::blockdev_logical_block_size(file.as_fd()).map_err(io_err)?;
@@ -177,7 +501,8 @@ impl UringBdev {
                 Some(s) if s > dev => {
                     return Err(invalid(format!(
                         "size_bytes {s} is larger than the device ({dev} bytes)"
-                    )))
+                    ))
+                    .into())
                 }
                 Some(s) => s,
                 None => dev,
@@ -187,6 +512,21 @@ impl UringBdev {
             let size = match cfg.size_bytes {
                 Some(s) => {
                     if meta.len() < s {
+                        match growth {
+                            Growth::Any => {}
+                            Growth::UpTo(max) if s <= max => {}
+                            Growth::UpTo(max) => {
+                                return Err(OpenRefused::Denied(format!(
+                                    "{path_s}: size_bytes {s} is larger than the allow-list's max_size_bytes {max}"
+                                )))
+                            }
+                            Growth::Never => {
+                                return Err(OpenRefused::Denied(format!(
+                                    "{path_s}: size_bytes {s} is larger than the file ({} bytes), and the allow-list entry does not permit grow",
+                                    meta.len()
+                                )))
+                            }
+                        }
                         file.set_len(s).map_err(io_err)?;
                     }
                     s
@@ -202,21 +542,23 @@ impl UringBdev {
         } else {
             return Err(invalid(format!(
                 "{path_s} is neither a regular file nor a block device"
-            )));
+            ))
+            .into());
         };
         if let Some(lbs) = lbs {
             if cfg.direct && lbs > cfg.block_size {
                 return Err(invalid(format!(
                     "block_size {} is smaller than the device's logical block size {lbs}",
                     cfg.block_size
-                )));
+                ))
+                .into());
             }
         }
         let num_blocks = size / u64::from(cfg.block_size);
         if num_blocks == 0 {
-            return Err(invalid(format!(
-                "{path_s} holds less than one block ({size} bytes)"
-            )));
+            return Err(
+                invalid(format!("{path_s} holds less than one block ({size} bytes)")).into(),
+            );
         }
         if size % u64::from(cfg.block_size) != 0 {
             tracing::warn!(bdev = %name, size, "size is not a multiple of the block size; the tail is unused");
@@ -231,9 +573,30 @@ impl UringBdev {
             kind,
             direct: cfg.direct,
             fallocate,
+            id,
             file: Arc::new(file),
             counters: Arc::new(Counters::default()),
         })
+    }
+
+    /// What the file is (device+inode, or the block device number).
+    pub fn backing_id(&self) -> BackingId {
+        self.id
+    }
+
+    /// The path the bdev was opened by (as given; not re-resolved).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A path that reopens exactly this file (`/proc/self/fd/N` of the bdev's descriptor),
+    /// never the original path again, valid while the bdev lives. For buffered side access,
+    /// such as the key header of an encrypted bdev on this file.
+    pub fn own_fd_path(&self) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&*self.file)
+        ))
     }
 }
 
@@ -586,6 +949,17 @@ mod tests {
         }
     }
 
+    /// A second bdev on the same open file (the file is locked, so it cannot be opened again),
+    /// for tests that change one bdev's flags or descriptor.
+    fn twin(b: &UringBdev) -> UringBdev {
+        UringBdev {
+            name: b.name.clone(),
+            path: b.path.clone(),
+            file: b.file.clone(),
+            ..*b
+        }
+    }
+
     fn wait_all(ch: &mut dyn BdevChannel, n: usize) -> Vec<BdevIo> {
         let mut got = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -724,7 +1098,7 @@ mod tests {
     #[test]
     fn zero_write_path_for_large_ranges() {
         let dir = disk_dir();
-        let b = open(&cfg(&dir, 512, 2 << 20)).unwrap();
+        let b = UringBdev::new(&cfg(&dir, 512, 2 << 20)).unwrap();
         let mut ch = b.open_channel(CoreId(0), 4).unwrap();
         let mut pool = BufPool::new(1, 1 << 20, 4096).unwrap();
         let mut w = pool.get(1 << 20).unwrap();
@@ -737,7 +1111,7 @@ mod tests {
         pool.put(io.buf.unwrap());
         // Force the write path (as on a filesystem without ZERO_RANGE) across several zero-buffer
         // lengths: 1 MiB - 1 KiB starting 1 KiB into the written area.
-        let mut raw = UringBdev::new(&cfg(&dir, 512, 2 << 20)).unwrap();
+        let mut raw = twin(&b);
         raw.fallocate = false;
         let mut ch2 = raw.open_channel(CoreId(0), 4).unwrap();
         let io = run(
@@ -806,7 +1180,7 @@ mod tests {
     #[test]
     fn invalid_io_and_kernel_errors() {
         let dir = disk_dir();
-        let b = open(&cfg(&dir, 4096, 64 << 10)).unwrap();
+        let b = UringBdev::new(&cfg(&dir, 4096, 64 << 10)).unwrap();
         let mut ch = b.open_channel(CoreId(0), 4).unwrap();
         let mut pool = BufPool::new(2, 8192, 4096).unwrap();
         let r = pool.get(8192).unwrap();
@@ -814,7 +1188,7 @@ mod tests {
         assert_eq!(io.status, IoStatus::InvalidRange);
         pool.put(io.buf.unwrap());
         // A kernel error: the same file opened read-only, so a write gets EBADF from the ring.
-        let mut ro = UringBdev::new(&cfg(&dir, 4096, 64 << 10)).unwrap();
+        let mut ro = twin(&b);
         ro.file = Arc::new(File::open(dir.path().join("disk.img")).unwrap());
         let mut roch = ro.open_channel(CoreId(0), 4).unwrap();
         let w = pool.get(4096).unwrap();
@@ -971,5 +1345,163 @@ mod tests {
             &pattern(0, 8 * 512)[4 * 512..5 * 512 + 100],
             "the short part was read"
         );
+    }
+
+    fn beneath<'a>(dir: &'a Path, rel: &'a Path, create: bool, grow: bool) -> AllowedPath<'a> {
+        AllowedPath::Beneath {
+            dir,
+            rel,
+            create,
+            grow,
+            max_size_bytes: 4 << 20,
+        }
+    }
+
+    fn at(dir: &Path, rel: &str, size: Option<u64>) -> UringConfig {
+        UringConfig {
+            name: "r".into(),
+            path: dir.join(rel),
+            block_size: 4096,
+            direct: false,
+            size_bytes: size,
+        }
+    }
+
+    fn no_check(_: BackingId) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Caller paths are resolved beneath the allowed directory by the kernel: `..`, symlinks
+    /// leading out, and hard links are refused, whatever the text looked like.
+    #[test]
+    fn allowed_paths_stay_beneath_their_directory() {
+        let top = disk_dir();
+        let vols = top.path().join("vols");
+        std::fs::create_dir(&vols).unwrap();
+        let secret = top.path().join("secret.img");
+        std::fs::write(&secret, vec![7u8; 8192]).unwrap();
+        std::os::unix::fs::symlink(&secret, vols.join("abs.img")).unwrap();
+        std::os::unix::fs::symlink("../secret.img", vols.join("rel.img")).unwrap();
+        std::fs::create_dir(vols.join("sub")).unwrap();
+        std::os::unix::fs::symlink("../..", vols.join("sub/up")).unwrap();
+        std::fs::write(vols.join("inside.img"), vec![1u8; 8192]).unwrap();
+        std::os::unix::fs::symlink("inside.img", vols.join("alias.img")).unwrap();
+        std::fs::hard_link(&secret, vols.join("hard.img")).unwrap();
+        std::os::unix::net::UnixListener::bind(vols.join("sock")).unwrap();
+        let denied = |rel: &str| match UringBdev::open_allowed(
+            &at(&vols, rel, None),
+            beneath(&vols, Path::new(rel), true, true),
+            &no_check,
+        ) {
+            Err(OpenRefused::Denied(m)) => m,
+            Err(e) => panic!("{rel}: {e}"),
+            Ok(_) => panic!("{rel}: opened"),
+        };
+        for rel in ["abs.img", "rel.img", "sub/up/secret.img", "../secret.img"] {
+            let m = denied(rel);
+            assert!(
+                m.contains("leads out") || m.contains("without . or .."),
+                "{rel}: {m}"
+            );
+        }
+        assert!(denied("hard.img").contains("hard links"));
+        assert!(denied("sock").contains("not a regular file"));
+        assert!(denied("/etc/passwd").contains("beneath"));
+        // A symlink that stays inside is followed; the file is what gets opened.
+        let b = UringBdev::open_allowed(
+            &at(&vols, "alias.img", None),
+            beneath(&vols, Path::new("alias.img"), false, false),
+            &no_check,
+        )
+        .unwrap();
+        let m = std::fs::metadata(vols.join("inside.img")).unwrap();
+        assert_eq!(
+            b.backing_id(),
+            BackingId::File {
+                dev: m.dev(),
+                ino: m.ino()
+            }
+        );
+        // The identity check runs on the file reached, before it is claimed.
+        let check = |id: BackingId| {
+            if id == b.backing_id() {
+                Err("is the base of encrypted bdev x".to_string())
+            } else {
+                Ok(())
+            }
+        };
+        match UringBdev::open_allowed(
+            &at(&vols, "inside.img", None),
+            beneath(&vols, Path::new("inside.img"), false, false),
+            &check,
+        ) {
+            Err(OpenRefused::Denied(m)) => assert!(m.contains("base of encrypted"), "{m}"),
+            r => panic!("{:?}", r.err()),
+        }
+        assert_eq!(std::fs::read(&secret).unwrap(), vec![7u8; 8192]);
+    }
+
+    /// Create and grow happen only where allowed, up to the cap; a file in use is refused.
+    #[test]
+    fn allowed_paths_create_grow_and_lock() {
+        let top = disk_dir();
+        let d = top.path();
+        let open = |rel: &str, size: Option<u64>, create: bool, grow: bool| {
+            UringBdev::open_allowed(
+                &at(d, rel, size),
+                beneath(d, Path::new(rel), create, grow),
+                &no_check,
+            )
+        };
+        let denied = |r: Result<UringBdev, OpenRefused>| match r {
+            Err(OpenRefused::Denied(m)) => m,
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("opened"),
+        };
+        assert!(denied(open("new.img", Some(8192), false, true)).contains("does not permit create"));
+        assert!(denied(open("new.img", None, true, true)).contains("does not exist"));
+        assert!(denied(open("new.img", Some(8 << 20), true, true)).contains("max_size_bytes"));
+        assert!(!d.join("new.img").exists());
+        let b = open("new.img", Some(8192), true, false).unwrap();
+        assert_eq!(b.num_blocks(), 2);
+        let m = std::fs::metadata(d.join("new.img")).unwrap();
+        assert_eq!((m.len(), m.mode() & 0o777), (8192, 0o600));
+        // Locked while the bdev (or a channel) holds it: by path through the config, or again.
+        match open("new.img", None, false, false) {
+            Err(OpenRefused::InUse(m)) => assert!(m.contains("in use"), "{m}"),
+            r => panic!("{:?}", r.err()),
+        }
+        let cfg_again = UringBdev::new(&at(d, "new.img", None));
+        assert!(
+            cfg_again
+                .as_ref()
+                .err()
+                .is_some_and(|e| e.to_string().contains("in use")),
+            "{:?}",
+            cfg_again.err()
+        );
+        let ch = b.open_channel(CoreId(0), 2).unwrap();
+        drop(b);
+        assert!(matches!(
+            open("new.img", None, false, false),
+            Err(OpenRefused::InUse(_))
+        ));
+        drop(ch);
+        // Growth: refused without grow, or past the cap; allowed within it.
+        assert!(denied(open("new.img", Some(16384), false, false)).contains("does not permit grow"));
+        assert_eq!(std::fs::metadata(d.join("new.img")).unwrap().len(), 8192);
+        assert!(denied(open("new.img", Some(8 << 20), false, true)).contains("max_size_bytes"));
+        let b = open("new.img", Some(16384), false, true).unwrap();
+        assert_eq!(b.num_blocks(), 4);
+        drop(b);
+        // A device entry must be a block device.
+        let r = UringBdev::open_allowed(
+            &at(d, "new.img", None),
+            AllowedPath::Device {
+                path: &d.join("new.img"),
+            },
+            &no_check,
+        );
+        assert!(denied(r).contains("not a block device"));
     }
 }

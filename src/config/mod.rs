@@ -395,7 +395,7 @@ impl Config {
         }
         if let Some(r) = &self.rpc {
             if let Err(e) = r.validate() {
-                return Err(err("rpc".into(), e.to_string()));
+                return Err(err(format!("rpc.{}", e.field), e.message));
             }
             let encrypted = self
                 .bdevs
@@ -403,6 +403,16 @@ impl Config {
                 .any(|b| matches!(b, BdevConfig::Encrypted(_)));
             let audit =
                 self.keys.as_ref().is_some_and(|k| k.audit_log.is_some()) || r.audit_log.is_some();
+            let ns = &r.namespaces;
+            if (!ns.paths.is_empty() || ns.malloc_bytes_max > 0 || ns.hugepage_bytes_max > 0)
+                && !audit
+            {
+                return Err(err(
+                    "rpc.namespaces".into(),
+                    "every namespace.* call is audited: set rpc.audit_log (or keys.audit_log)"
+                        .into(),
+                ));
+            }
             if encrypted && !audit {
                 return Err(err(
                     "rpc".into(),

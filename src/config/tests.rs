@@ -132,3 +132,21 @@ fn subsystem_access_is_checked_with_position() {
         "{e}"
     );
 }
+
+#[test]
+fn rpc_namespace_policy_errors_are_located() {
+    let e = err("rpc:\n  socket_path: /tmp/s.sock\n  audit_log: /tmp/a.jsonl\n  namespaces:\n    paths:\n      - dir: /srv/vols\n      - dir: /srv/new\n        create: true\n");
+    assert_eq!(e.path, "rpc.namespaces.paths[1].create");
+    assert_eq!((e.line, e.column), (Some(8), Some(17)), "{e}");
+    assert!(e.message.contains("max_size_bytes"), "{e}");
+    // Granting anything needs an audit trail.
+    let e = err("rpc:\n  socket_path: /tmp/s.sock\n  namespaces:\n    malloc_bytes_max: 4096\n");
+    assert_eq!(e.path, "rpc.namespaces");
+    assert_eq!(e.line, Some(3), "{e}");
+    assert!(e.message.contains("audit"), "{e}");
+    Config::from_yaml(
+        "rpc:\n  socket_path: /tmp/s.sock\n  audit_log: /tmp/a.jsonl\n  namespaces:\n    paths:\n      - { device: /dev/nvme9n1 }\n",
+        "t.yaml",
+    )
+    .unwrap();
+}

@@ -1,6 +1,6 @@
-//! The audit trail of key operations: every call of a crypto-role method (allowed or refused)
-//! becomes one record saying who (uid/gid/pid), what (method and a redacted summary of its
-//! params), when, and the result.
+//! The audit trail of changes: every call of an admin- or crypto-role method (allowed or
+//! refused, whatever the reason) becomes one record saying who (uid/gid/pid), what (method and
+//! a redacted summary of its params, or the handler's own [`AuditNote`]), when, and the result.
 //!
 //! Records are written by the RPC connection thread that served the call, after the handler
 //! returns. [`JsonlAuditSink`] appends one JSON object per line to a file and syncs it, so a
@@ -16,6 +16,25 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use super::leak::{looks_like_secret_name, looks_like_secret_value};
+
+/// What a handler adds to the audit record of its own call: what it acted on, in its own
+/// words (`nqn.x nsid 3 bdevs ram1=malloc(...)`), when the redacted params summary would say
+/// too little (nested params show only as `<array:N>`). Never a secret. Shared by the clones
+/// of one [`crate::rpc::CallContext`]; the dispatcher reads it after the handler returns.
+#[derive(Debug, Clone, Default)]
+pub struct AuditNote(std::sync::Arc<Mutex<Option<String>>>);
+
+impl AuditNote {
+    /// Sets (replaces) the note.
+    pub fn set(&self, target: impl Into<String>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(target.into());
+    }
+
+    /// The note, if the handler set one.
+    pub fn get(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
 
 /// Where audit records go.
 pub trait AuditSink: Send + Sync {

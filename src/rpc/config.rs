@@ -5,7 +5,7 @@
 //! the control socket can be built and tested on its own; the main config embeds
 //! [`RpcConfig`] as a field.
 
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
@@ -73,6 +73,205 @@ pub struct RpcConfig {
     /// Role membership.
     #[serde(default)]
     pub roles: RoleMap,
+    /// What `namespace.create` may use: backing paths and memory budgets. Absent = no path
+    /// and no RAM (only `null` bdevs and stacks on them).
+    #[serde(default)]
+    pub namespaces: NamespacePolicy,
+}
+
+/// `rpc.namespaces`: the resources a `namespace.create` caller may make nvseal (running as
+/// root) use. Everything not granted here is refused; the defaults grant nothing, because the
+/// admin role is meant to manage namespaces, not to reach every file and all the memory the
+/// target's process can.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NamespacePolicy {
+    /// Files and block devices a `uring` bdev created over RPC may open. Config bdevs are not
+    /// limited by this list (the operator wrote them), but they are locked the same way, so an
+    /// RPC bdev can never open what a config bdev uses.
+    #[serde(default)]
+    pub paths: Vec<PathRule>,
+    /// Total bytes of `malloc` bdevs (regular pages) that RPC-created namespaces may hold at
+    /// once. Default 0: RAM disks are a benchmark tool, and a host can fill every byte of one,
+    /// so the operator decides how much memory callers may pin.
+    #[serde(default)]
+    pub malloc_bytes_max: u64,
+    /// Total bytes of hugepage-backed `malloc` bdevs RPC-created namespaces may hold at once.
+    /// Default 0: hugepages are a reserved, scarce pool shared with other processes.
+    #[serde(default)]
+    pub hugepage_bytes_max: u64,
+}
+
+/// One entry of `rpc.namespaces.paths`: a directory (regular files beneath it) or one block
+/// device.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathRule {
+    /// A directory: regular files anywhere beneath it may back a bdev. The path a caller gives
+    /// is resolved beneath this directory (no `..`, no symlink leading out of it).
+    #[serde(default)]
+    pub dir: Option<PathBuf>,
+    /// A block device, matched by the exact path written here (it may be a `/dev/disk/by-id`
+    /// link: the operator's path is trusted, the caller's must equal it).
+    #[serde(default)]
+    pub device: Option<PathBuf>,
+    /// `dir` only: a missing file may be created (mode 0600) when the caller gives
+    /// `size_bytes`. Needs `max_size_bytes`.
+    #[serde(default)]
+    pub create: bool,
+    /// `dir` only: an existing file shorter than the caller's `size_bytes` may be extended.
+    /// Needs `max_size_bytes`.
+    #[serde(default)]
+    pub grow: bool,
+    /// `dir` only: largest size a file may be created with or grown to.
+    #[serde(default)]
+    pub max_size_bytes: Option<u64>,
+}
+
+/// Where a caller's path points, once matched against [`NamespacePolicy::paths`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum PathGrant<'a> {
+    /// A file beneath `rule.dir`: `rel` is the path below it (no `.`/`..`, not empty).
+    Dir {
+        index: usize,
+        rule: &'a PathRule,
+        dir: &'a Path,
+        rel: PathBuf,
+    },
+    /// The block device of `rule.device`.
+    Device {
+        index: usize,
+        rule: &'a PathRule,
+        device: &'a Path,
+    },
+}
+
+impl NamespacePolicy {
+    /// Matches a caller's path against the allow-list. Only the text is looked at here (no
+    /// file-system access): the path must be absolute and free of `.`/`..`, and either equal a
+    /// `device` entry or lie beneath a `dir` entry (the deepest one wins). Opening it safely
+    /// (beneath the directory, locked) is the bdev layer's job.
+    pub fn grant(&self, path: &Path) -> Result<PathGrant<'_>, String> {
+        let text = path.as_os_str().as_encoded_bytes();
+        if !path.is_absolute() {
+            return Err(format!("{} is not an absolute path", path.display()));
+        }
+        if text.contains(&0) {
+            return Err("the path contains a NUL byte".into());
+        }
+        if path
+            .components()
+            .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+            || text.split(|b| *b == b'/').any(|c| c == b".")
+        {
+            return Err(format!(
+                "{} contains `.` or `..`: give the path as it lies beneath an allowed directory",
+                path.display()
+            ));
+        }
+        for (index, rule) in self.paths.iter().enumerate() {
+            if let Some(device) = rule.device.as_deref() {
+                if device == path {
+                    return Ok(PathGrant::Device {
+                        index,
+                        rule,
+                        device,
+                    });
+                }
+            }
+        }
+        let mut best: Option<PathGrant<'_>> = None;
+        for (index, rule) in self.paths.iter().enumerate() {
+            let Some(dir) = rule.dir.as_deref() else {
+                continue;
+            };
+            let Ok(rel) = path.strip_prefix(dir) else {
+                continue;
+            };
+            if rel.as_os_str().is_empty() {
+                continue;
+            }
+            let deeper = match &best {
+                Some(PathGrant::Dir { dir: d, .. }) => {
+                    dir.components().count() > d.components().count()
+                }
+                _ => true,
+            };
+            if deeper {
+                best = Some(PathGrant::Dir {
+                    index,
+                    rule,
+                    dir,
+                    rel: rel.to_path_buf(),
+                });
+            }
+        }
+        best.ok_or_else(|| {
+            format!(
+                "{} is not allowed: it is neither beneath an rpc.namespaces.paths dir nor one of its devices",
+                path.display()
+            )
+        })
+    }
+
+    /// Checks the entries; `field` in the error is relative to `rpc.`.
+    fn validate(&self) -> Result<(), RpcConfigError> {
+        let err = |field: String, message: String| Err(RpcConfigError { field, message });
+        for (i, r) in self.paths.iter().enumerate() {
+            let at = |f: &str| format!("namespaces.paths[{i}].{f}");
+            let (key, p) = match (&r.dir, &r.device) {
+                (Some(d), None) => ("dir", d),
+                (None, Some(d)) => ("device", d),
+                (Some(_), Some(_)) => {
+                    return err(
+                        at("device"),
+                        "give either dir or device in one entry, not both".into(),
+                    )
+                }
+                (None, None) => {
+                    return err(
+                        format!("namespaces.paths[{i}]"),
+                        "each entry needs dir (files beneath it) or device (one block device)"
+                            .into(),
+                    )
+                }
+            };
+            if !p.is_absolute()
+                || p.components()
+                    .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+            {
+                return err(
+                    at(key),
+                    format!("{} must be an absolute path without . or ..", p.display()),
+                );
+            }
+            if key == "dir" && p.parent().is_none() {
+                return err(
+                    at(key),
+                    "/ would allow every file on the machine; name a directory for volumes".into(),
+                );
+            }
+            if key == "device" && (r.create || r.grow || r.max_size_bytes.is_some()) {
+                return err(
+                    at(if r.create {
+                        "create"
+                    } else if r.grow {
+                        "grow"
+                    } else {
+                        "max_size_bytes"
+                    }),
+                    "only a dir entry can create or grow files".into(),
+                );
+            }
+            if (r.create || r.grow) && r.max_size_bytes.is_none_or(|m| m == 0) {
+                return err(
+                    at(if r.create { "create" } else { "grow" }),
+                    "creating or growing files needs max_size_bytes (> 0), so a caller cannot fill the file system".into(),
+                );
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Members of each role.
@@ -192,6 +391,7 @@ impl Default for RpcConfig {
             root_has_all_roles: true,
             audit_log: None,
             roles: RoleMap::default(),
+            namespaces: NamespacePolicy::default(),
         }
     }
 }
@@ -200,8 +400,8 @@ impl Default for RpcConfig {
 #[derive(Debug, Error, PartialEq)]
 #[error("rpc.{field}: {message}")]
 pub struct RpcConfigError {
-    /// The offending field.
-    pub field: &'static str,
+    /// The offending field, relative to `rpc.` (`max_connections`, `namespaces.paths[0].dir`).
+    pub field: String,
     /// What is wrong.
     pub message: String,
 }
@@ -209,7 +409,12 @@ pub struct RpcConfigError {
 impl RpcConfig {
     /// Checks every limit; the server refuses to start on an error.
     pub fn validate(&self) -> Result<(), RpcConfigError> {
-        let err = |field, message: String| Err(RpcConfigError { field, message });
+        let err = |field: &str, message: String| {
+            Err(RpcConfigError {
+                field: field.to_string(),
+                message,
+            })
+        };
         if self.socket_path.as_os_str().is_empty() {
             return err("socket_path", "must not be empty".into());
         }
@@ -234,7 +439,7 @@ impl RpcConfig {
         if !(1..=1024).contains(&self.max_batch_len) {
             return err("max_batch_len", "must be 1..=1024".into());
         }
-        Ok(())
+        self.namespaces.validate()
     }
 
     /// The roles a peer with this uid and primary gid holds. Holding admin or crypto implies
@@ -296,6 +501,112 @@ mod tests {
             ..RpcConfig::default()
         };
         assert_eq!(c.validate().unwrap_err().field, "max_request_bytes");
+    }
+
+    #[test]
+    fn namespace_policy_is_checked() {
+        let c: RpcConfig = serde_yaml_ng::from_str(
+            "namespaces:\n  paths:\n    - { dir: /srv/vols, create: true, max_size_bytes: 1048576 }\n    - { device: /dev/nvme1n1 }\n  malloc_bytes_max: 4096\n",
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.namespaces.hugepage_bytes_max, 0);
+        assert_eq!(RpcConfig::default().namespaces, NamespacePolicy::default());
+        let bad = |yaml: &str| {
+            serde_yaml_ng::from_str::<RpcConfig>(yaml)
+                .unwrap()
+                .validate()
+                .unwrap_err()
+                .field
+        };
+        assert_eq!(
+            bad("namespaces:\n  paths:\n    - { dir: /srv/v, create: true }\n"),
+            "namespaces.paths[0].create"
+        );
+        assert_eq!(
+            bad("namespaces:\n  paths:\n    - { dir: /srv, grow: true, max_size_bytes: 0 }\n"),
+            "namespaces.paths[0].grow"
+        );
+        assert_eq!(
+            bad("namespaces:\n  paths:\n    - { dir: /srv }\n    - { dir: /srv/../etc }\n"),
+            "namespaces.paths[1].dir"
+        );
+        assert_eq!(
+            bad("namespaces:\n  paths:\n    - { dir: srv }\n"),
+            "namespaces.paths[0].dir"
+        );
+        assert_eq!(
+            bad("namespaces:\n  paths:\n    - { dir: / }\n"),
+            "namespaces.paths[0].dir"
+        );
+        assert_eq!(
+            bad("namespaces:\n  paths:\n    - { device: /dev/sdb, create: true }\n"),
+            "namespaces.paths[0].create"
+        );
+        assert_eq!(
+            bad("namespaces:\n  paths:\n    - { dir: /a, device: /dev/sdb }\n"),
+            "namespaces.paths[0].device"
+        );
+        assert_eq!(
+            bad("namespaces:\n  paths:\n    - { create: false }\n"),
+            "namespaces.paths[0]"
+        );
+        assert!(serde_yaml_ng::from_str::<RpcConfig>(
+            "namespaces:\n  paths:\n    - { dirr: /a }\n"
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn paths_are_granted_by_text_only_when_beneath_or_equal() {
+        let p = NamespacePolicy {
+            paths: vec![
+                PathRule {
+                    dir: Some("/srv/vols".into()),
+                    ..PathRule::default()
+                },
+                PathRule {
+                    dir: Some("/srv/vols/big".into()),
+                    create: true,
+                    max_size_bytes: Some(1 << 30),
+                    ..PathRule::default()
+                },
+                PathRule {
+                    device: Some("/dev/nvme1n1".into()),
+                    ..PathRule::default()
+                },
+            ],
+            ..NamespacePolicy::default()
+        };
+        match p.grant(Path::new("/srv/vols/a.img")).unwrap() {
+            PathGrant::Dir { index, rel, .. } => {
+                assert_eq!((index, rel), (0, PathBuf::from("a.img")))
+            }
+            g => panic!("{g:?}"),
+        }
+        // The deepest directory decides.
+        match p.grant(Path::new("/srv/vols/big/x/b.img")).unwrap() {
+            PathGrant::Dir { index, rel, .. } => {
+                assert_eq!((index, rel), (1, PathBuf::from("x/b.img")))
+            }
+            g => panic!("{g:?}"),
+        }
+        assert!(matches!(
+            p.grant(Path::new("/dev/nvme1n1")),
+            Ok(PathGrant::Device { index: 2, .. })
+        ));
+        for bad in [
+            "/srv/vols/../../etc/shadow",
+            "/srv/vols/./a.img",
+            "/srv/vols",
+            "/srv/volsX/a.img",
+            "/etc/shadow",
+            "srv/vols/a.img",
+            "/dev/nvme1n1p1",
+            "/dev/nvme1",
+        ] {
+            assert!(p.grant(Path::new(bad)).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Runs on the RPC connection thread that read the line. Socket-free, so it is unit-tested
 //! and fuzzed directly. Owns the method registry, the role check, the built-in methods
-//! (`rpc.methods`, `health`, `version`) and the audit records of crypto-role calls.
+//! (`rpc.methods`, `health`, `version`) and the audit records of admin- and crypto-role calls
+//! (every call that may change something, whether it succeeds or is refused).
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -300,7 +301,10 @@ impl Dispatcher {
             tracing::debug!(%caller, method = %method.escape_debug(), "rpc: method not found");
             return Err(RpcError::method_not_found(method));
         };
-        let audited = entry.role == Role::Crypto;
+        // Everything that may change state is audited (DESIGN: "every mutating call is
+        // audited"), including refusals; read-only calls are not.
+        let audited = entry.role != Role::Viewer;
+        let note = super::audit::AuditNote::default();
         let result = if !roles.contains(entry.role) {
             Err(RpcError::permission_denied(
                 method, entry.role, caller.uid, caller.gid,
@@ -310,6 +314,7 @@ impl Dispatcher {
                 caller,
                 roles,
                 method: method.to_string(),
+                audit: note.clone(),
             };
             let handler = &entry.handler;
             match catch_unwind(AssertUnwindSafe(|| handler(&ctx, params))) {
@@ -330,24 +335,22 @@ impl Dispatcher {
             (Err(e), Role::Viewer) => {
                 tracing::debug!(%caller, method, code = e.code, "rpc call failed")
             }
-            (Err(e), _) => tracing::info!(%caller, method, code = e.code, "rpc call failed"),
+            (Err(e), _) => {
+                tracing::info!(%caller, method, code = e.code, error = %e.message, "rpc call failed")
+            }
         }
         if audited {
             let outcome = match &result {
                 Ok(_) => "ok".to_string(),
                 Err(e) => format!("error {}: {}", e.code, e.message),
             };
+            let target = note.get().unwrap_or_else(|| summarize_params(params));
             match &self.audit {
-                Some(sink) => sink.record(
-                    &caller.to_string(),
-                    method,
-                    &summarize_params(params),
-                    &outcome,
-                ),
-                // Dispatcher construction refuses crypto methods without a sink; keep the
-                // record somewhere even if that invariant is ever broken.
+                Some(sink) => sink.record(&caller.to_string(), method, &target, &outcome),
+                // Without a sink (no audit_log: crypto methods are then refused at build
+                // time), admin calls are still recorded, in the log.
                 None => tracing::warn!(target: "nvseal::audit", who = %caller, op = method,
-                    result = %outcome, "audit record (no audit sink configured)"),
+                    %target, result = %outcome, "audit record (no audit sink configured)"),
             }
         }
         result
@@ -546,7 +549,7 @@ mod tests {
         );
         assert_eq!(v["result"]["generation"], 2);
         let records = sink.0.lock().unwrap().clone();
-        assert_eq!(records.len(), 2, "{records:?}");
+        assert_eq!(records.len(), 3, "{records:?}");
         assert!(
             records[0]
                 .starts_with("uid=0 gid=0 pid=1|keys.rekey|kek=<redacted> nsid=1|error -32001"),
@@ -554,7 +557,61 @@ mod tests {
             records[0]
         );
         assert!(!records[0].contains("00112233445566778899aabbccddeeff"));
-        assert_eq!(records[1], "uid=0 gid=0 pid=1|keys.rekey|nsid=1|ok");
+        // Admin calls are changes too: the refusal is recorded; viewer calls are not.
+        assert!(
+            records[1].starts_with("uid=0 gid=0 pid=1|ns.delete||error -32001"),
+            "{}",
+            records[1]
+        );
+        assert_eq!(records[2], "uid=0 gid=0 pid=1|keys.rekey|nsid=1|ok");
+    }
+
+    #[test]
+    fn admin_calls_are_audited_with_the_handlers_note() {
+        let sink = Arc::new(VecSink(Default::default()));
+        let mut r = Registry::default();
+        r.insert(
+            "namespace.create",
+            Role::Admin,
+            Arc::new(|ctx: &CallContext, _: &Value| {
+                ctx.audit.set("nqn.x nsid 2 bdevs mem1=malloc(4096)");
+                Err(RpcError::invalid_params("bdevs[0].size_bytes: over budget"))
+            }),
+        )
+        .unwrap();
+        r.insert(
+            "namespace.delete",
+            Role::Admin,
+            Arc::new(|_: &CallContext, _: &Value| Ok(json!({"freed": true}))),
+        )
+        .unwrap();
+        let d = Dispatcher::new(r, None, Some(sink.clone()), 4, Arc::default()).unwrap();
+        let admin = RoleSet::EMPTY.with(Role::Admin).with(Role::Viewer);
+        call(
+            &d,
+            admin,
+            r#"{"jsonrpc":"2.0","method":"namespace.create","params":{"bdevs":[{"a":1}]},"id":1}"#,
+        );
+        call(
+            &d,
+            admin,
+            r#"{"jsonrpc":"2.0","method":"namespace.delete","params":{"nsid":2},"id":2}"#,
+        );
+        call(
+            &d,
+            RoleSet::EMPTY.with(Role::Viewer),
+            r#"{"jsonrpc":"2.0","method":"namespace.delete","params":{"nsid":3},"id":3}"#,
+        );
+        call(&d, admin, r#"{"jsonrpc":"2.0","method":"health","id":4}"#);
+        let records = sink.0.lock().unwrap().clone();
+        assert_eq!(
+            records,
+            [
+                "uid=0 gid=0 pid=1|namespace.create|nqn.x nsid 2 bdevs mem1=malloc(4096)|error -32602: invalid params: bdevs[0].size_bytes: over budget",
+                "uid=0 gid=0 pid=1|namespace.delete|nsid=2|ok",
+                "uid=0 gid=0 pid=1|namespace.delete|nsid=3|error -32001: permission denied: namespace.delete needs the admin role; uid 0 (gid 0) does not hold it",
+            ]
+        );
     }
 
     #[test]

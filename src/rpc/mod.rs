@@ -33,7 +33,7 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-pub use audit::{AuditSink, JsonlAuditSink};
+pub use audit::{AuditNote, AuditSink, JsonlAuditSink};
 pub use config::{RoleMap, RoleMembers, RpcConfig, RpcConfigError, SocketMode};
 pub use dispatch::{Handler, MethodInfo, Registry};
 pub use error::RpcError;
@@ -134,6 +134,8 @@ pub struct CallContext {
     pub roles: RoleSet,
     /// The method name as called.
     pub method: String,
+    /// What the handler wants its audit record to name (admin and crypto methods are audited).
+    pub audit: audit::AuditNote,
 }
 
 /// Decodes `params` into `T`, mapping failures to -32602 with the offending path in the
