@@ -526,7 +526,7 @@ impl Server {
         }
         let mut bdevs = flushable(&self._stacks);
         for d in lock(&self.dynamic.created).values() {
-            bdevs.extend(flushable(&d._stacks));
+            bdevs.extend(flushable(&d.stacks));
         }
         flush_all(&bdevs);
     }

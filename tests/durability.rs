@@ -113,6 +113,7 @@ fn start(bdevs: Vec<Arc<dyn Bdev>>) -> Harness {
         model: "nvseal durability test".into(),
         namespaces,
         allowed_hosts: vec![HOST.into()],
+        allow_any_host: false,
         listen: vec![ListenAddr {
             addr: "127.0.0.1".into(),
             port: 0,
@@ -122,6 +123,7 @@ fn start(bdevs: Vec<Arc<dyn Bdev>>) -> Harness {
     let mut listener = Listener::bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
     target.set_bound_port("127.0.0.1:0".parse().unwrap(), addr.port());
+    let port = target.port_for("127.0.0.1:0".parse().unwrap()).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let (t2, s2) = (target.clone(), stop.clone());
     let thread = std::thread::spawn(move || {
@@ -129,7 +131,7 @@ fn start(bdevs: Vec<Arc<dyn Bdev>>) -> Harness {
         while !s2.load(Ordering::Acquire) {
             let mut work = 0;
             if let Some(s) = listener.poll_accept() {
-                if let Ok(c) = Connection::new(s, t2.clone(), CoreId(0)) {
+                if let Ok(c) = Connection::new(s, t2.clone(), CoreId(0), port) {
                     conns.push(c);
                 }
                 work += 1;

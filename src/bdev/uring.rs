@@ -956,6 +956,7 @@ mod tests {
             name: b.name.clone(),
             path: b.path.clone(),
             file: b.file.clone(),
+            counters: b.counters.clone(),
             ..*b
         }
     }
