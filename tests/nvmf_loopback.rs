@@ -682,7 +682,7 @@ fn raw_write_capsule(cid: u16, nsid: u32, lba: u64, nlb: u32, data: &[u8]) -> Ve
 /// fails with SGL Descriptor Type Invalid and moves no data; the queue keeps working.
 #[test]
 fn reads_and_writes_with_undefined_sgl_types_are_refused() {
-    let h = start(Limits::default(), vec![], 0);
+    let h = start(Limits::default(), vec![HOST.into()], 0);
     let cfg = host_cfg(Digests::default());
     let a = admin(&h, cfg.clone());
     let mut s = raw_io_queue(h.addr, a.cntlid(), 1);
