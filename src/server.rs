@@ -516,8 +516,10 @@ impl Server {
 
     /// Stops the control socket, drains the reactors (in-flight I/O completes) and stops them,
     /// then flushes every backend so that every write acknowledged to a host is on stable
-    /// storage before the process exits (see [`flush_all`]).
-    pub fn shutdown(mut self) {
+    /// storage before the process exits (see [`flush_all`]). Returns how many backends failed
+    /// to flush (each is logged): non-zero means acknowledged writes may not be durable.
+    #[must_use = "a failed shutdown flush must reach the exit status"]
+    pub fn shutdown(mut self) -> usize {
         if let Some(r) = self.rpc.take() {
             r.shutdown();
         }
@@ -528,7 +530,7 @@ impl Server {
         for d in lock(&self.dynamic.created).values() {
             bdevs.extend(flushable(&d.stacks));
         }
-        flush_all(&bdevs);
+        flush_all(&bdevs)
     }
 }
 

@@ -51,7 +51,17 @@ pub fn run(args: ServeArgs) -> ExitCode {
         std::thread::sleep(Duration::from_millis(100));
     }
     tracing::info!("signal received: draining in-flight I/O and stopping");
-    server.shutdown();
+    let unflushed = server.shutdown();
+    if unflushed > 0 {
+        tracing::error!(
+            backends = unflushed,
+            "stopped, but backends failed to flush: acknowledged writes may not be durable"
+        );
+        return fail(
+            super::EXIT_FAILED,
+            format!("{unflushed} backend(s) failed to flush at shutdown (see the log)"),
+        );
+    }
     tracing::info!("stopped");
     ExitCode::SUCCESS
 }
