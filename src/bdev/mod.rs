@@ -115,6 +115,17 @@ impl IoBuf {
     }
 }
 
+/// An I/O parked in an io_uring slot: the ring may point into its data buffer (the bytes in
+/// use), whose heap allocation stays put while the `BdevIo` value moves.
+impl crate::sys::uring::RingRequest for BdevIo {
+    fn ring_buffer(&mut self) -> Option<(&mut AlignedBuf, usize)> {
+        self.buf.as_mut().map(|b| {
+            let len = b.len;
+            (&mut b.mem, len)
+        })
+    }
+}
+
 /// A fixed set of equally sized aligned buffers, owned by one reactor.
 ///
 /// All memory is allocated at construction; `get`/`put` move buffers in and out of a free list

@@ -563,7 +563,7 @@ impl UringBdev {
         if size % u64::from(cfg.block_size) != 0 {
             tracing::warn!(bdev = %name, size, "size is not a multiple of the block size; the tail is unused");
         }
-        let probe: UringQueue<()> = UringQueue::new(1, 1, 1).map_err(io_err)?;
+        let probe: UringQueue<BdevIo, ()> = UringQueue::new(1, 1, 1).map_err(io_err)?;
         let fallocate = probe.supports(io_uring::opcode::Fallocate::CODE);
         Ok(UringBdev {
             name,
@@ -704,7 +704,7 @@ struct OpState {
 /// A reactor's channel on a [`UringBdev`]: one io_uring and its slot table.
 pub struct UringChannel {
     // Field order matters: the queue (which waits for in-flight CQEs) drops before the file.
-    q: UringQueue<OpState>,
+    q: UringQueue<BdevIo, OpState>,
     /// I/Os finished without reaching the ring (invalid, unsupported), waiting for `poll`.
     ready: DoneRing,
     depth: usize,

@@ -6,10 +6,11 @@
 //! next to the rule that makes it sound:
 //!
 //! **Buffer lifetime rule.** An SQE may point into memory only while that memory cannot be freed
-//! or reused. The queue therefore keeps each request's [`BdevIo`] (which owns its [`IoBuf`](crate::bdev::IoBuf)) in
-//! a slot of a fixed table; the slot index is the SQE's `user_data`. From the moment an SQE for a
-//! slot is pushed until its CQE is reaped the slot is *kernel-owned*: the queue refuses to hand
-//! out or release the `BdevIo` ([`UringQueue::io_mut`], [`UringQueue::release`] return `None`),
+//! or reused. The queue therefore keeps each request (any [`RingRequest`]: the uring bdev parks
+//! its `BdevIo`, which owns its data buffer) in a slot of a fixed table; the slot index is the
+//! SQE's `user_data`. From the moment an SQE for a slot is pushed until its CQE is reaped the slot
+//! is *kernel-owned*: the queue refuses to hand out or release the request
+//! ([`UringQueue::io_mut`], [`UringQueue::release`] return `None`),
 //! and each slot has at most one SQE in flight. The zero-source buffer used by write-zeroes lives
 //! in the queue itself. When the queue is dropped with SQEs still in flight, `Drop` waits (bounded
 //! by [`DROP_WAIT`]) for their CQEs; if they do not arrive it *leaks* the slot table and the zero
@@ -18,6 +19,9 @@
 //! The file descriptors passed in are only numbers to the kernel; the kernel takes its own
 //! reference to the file when it issues the SQE, so they carry no lifetime obligation for memory
 //! safety (the bdev keeps its file open for the life of its channels anyway).
+//!
+//! This module is the floor of the layer order: it knows nothing of bdevs. What a request is
+//! stays with the caller (`bdev/uring.rs` implements [`RingRequest`] for its I/Os).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -25,8 +29,19 @@ use std::time::{Duration, Instant};
 
 use io_uring::{opcode, types, IoUring, Probe};
 
-use crate::bdev::BdevIo;
 use crate::sys::buf::AlignedBuf;
+
+/// A request a queue slot holds while the kernel may be working on it: whatever the caller
+/// tracks per I/O, owning the data buffer (if any) that read and write SQEs point into.
+///
+/// The buffer is an [`AlignedBuf`], whose bytes live in their own heap allocation: moving the
+/// request value (into and out of its slot) does not move them, which is what lets the kernel
+/// keep a pointer into them. The queue never touches the request while its slot is kernel-owned.
+pub trait RingRequest {
+    /// The data buffer and how many of its bytes are in use (reads and writes stay inside
+    /// them); `None` for requests without data (flush, fallocate, write-zeroes).
+    fn ring_buffer(&mut self) -> Option<(&mut AlignedBuf, usize)>;
+}
 
 /// How long dropping a queue waits for in-flight CQEs before leaking their buffers. Long enough
 /// for any sane device to finish a request, short enough not to hang shutdown forever.
@@ -51,17 +66,18 @@ pub struct Completion {
     pub res: i32,
 }
 
-struct Slot<S> {
-    io: Option<BdevIo>,
+struct Slot<T, S> {
+    io: Option<T>,
     in_kernel: bool,
     state: S,
 }
 
 /// An io_uring with a fixed table of request slots (see the module docs for the lifetime rule).
-/// `S` is the caller's per-slot bookkeeping, never seen by the kernel.
-pub struct UringQueue<S: Default> {
+/// `T` is the request a slot holds; `S` is the caller's per-slot bookkeeping, never seen by the
+/// kernel.
+pub struct UringQueue<T: RingRequest, S: Default> {
     ring: IoUring,
-    slots: Box<[Slot<S>]>,
+    slots: Box<[Slot<T, S>]>,
     /// Free slot indices; capacity reserved for all slots, so push/pop never allocate.
     free: Vec<u32>,
     /// SQEs pushed whose CQE has not been reaped.
@@ -73,7 +89,7 @@ pub struct UringQueue<S: Default> {
     zero: Option<AlignedBuf>,
 }
 
-impl<S: Default> UringQueue<S> {
+impl<T: RingRequest, S: Default> UringQueue<T, S> {
     /// A ring with at least `depth` SQ entries and `depth` slots, and a zero-source buffer of
     /// `zero_bytes` aligned to `align`.
     pub fn new(depth: u32, zero_bytes: usize, align: usize) -> io::Result<Self> {
@@ -97,7 +113,7 @@ impl<S: Default> UringQueue<S> {
         };
         let zero = AlignedBuf::zeroed(zero_bytes, align)
             .ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "zero buffer"))?;
-        let slots: Box<[Slot<S>]> = (0..depth)
+        let slots: Box<[Slot<T, S>]> = (0..depth)
             .map(|_| Slot {
                 io: None,
                 in_kernel: false,
@@ -137,7 +153,7 @@ impl<S: Default> UringQueue<S> {
     }
 
     /// Parks `io` in a free slot; hands it back if every slot is taken.
-    pub fn alloc(&mut self, io: BdevIo) -> Result<u32, BdevIo> {
+    pub fn alloc(&mut self, io: T) -> Result<u32, T> {
         match self.free.pop() {
             Some(id) => {
                 let slot = &mut self.slots[id as usize];
@@ -150,7 +166,7 @@ impl<S: Default> UringQueue<S> {
     }
 
     /// The request in slot `id`, unless the slot is free or kernel-owned.
-    pub fn io_mut(&mut self, id: u32) -> Option<&mut BdevIo> {
+    pub fn io_mut(&mut self, id: u32) -> Option<&mut T> {
         match self.slots.get_mut(id as usize) {
             Some(s) if !s.in_kernel => s.io.as_mut(),
             _ => None,
@@ -163,7 +179,7 @@ impl<S: Default> UringQueue<S> {
     }
 
     /// Frees slot `id` and returns its request, unless the slot is free or kernel-owned.
-    pub fn release(&mut self, id: u32) -> Option<BdevIo> {
+    pub fn release(&mut self, id: u32) -> Option<T> {
         let slot = self.slots.get_mut(id as usize)?;
         if slot.in_kernel {
             return None;
@@ -320,13 +336,13 @@ impl<S: Default> UringQueue<S> {
     /// Pointer to `buf_off..buf_off+len` of slot `id`'s buffer, after checking that range.
     fn buf_range(&mut self, id: u32, buf_off: usize, len: u32) -> Result<*mut u8, PushError> {
         self.check_slot(id)?;
-        let buf = self.slots[id as usize]
+        let (buf, in_use) = self.slots[id as usize]
             .io
             .as_mut()
-            .and_then(|io| io.buf.as_mut())
+            .and_then(RingRequest::ring_buffer)
             .ok_or(PushError::BadSlot)?;
         match buf_off.checked_add(len as usize) {
-            Some(end) if end <= buf.len() => {}
+            Some(end) if end <= in_use.min(buf.capacity()) => {}
             _ => return Err(PushError::BadSlot),
         }
         // In bounds (checked above): the offset pointer stays inside the buffer's allocation.
@@ -335,11 +351,12 @@ impl<S: Default> UringQueue<S> {
 
     fn push(&mut self, id: u32, sqe: io_uring::squeue::Entry) -> Result<(), PushError> {
         let sqe = sqe.user_data(u64::from(id));
-        // SAFETY: every pointer in `sqe` refers either to slot `id`'s IoBuf (range checked by
-        // `buf_range`) or to `self.zero`. We mark the slot kernel-owned right after a successful
-        // push; from then until `pop` reaps its CQE, `io_mut`/`release` refuse the slot, so its
-        // BdevIo — and the heap allocation of its IoBuf, which does not move when the BdevIo
-        // value moves — stays alive and untouched by us. `self.zero` is only freed when the queue
+        // SAFETY: every pointer in `sqe` refers either to slot `id`'s request buffer (range
+        // checked by `buf_range` against its capacity) or to `self.zero`. We mark the slot
+        // kernel-owned right after a successful push; from then until `pop` reaps its CQE,
+        // `io_mut`/`release` refuse the slot, so its request — and the heap allocation of its
+        // `AlignedBuf`, which does not move when the request value moves — stays alive and
+        // untouched by us. `self.zero` is only freed when the queue
         // drops, and `Drop` waits for (or leaks past) every in-flight CQE first.
         let pushed = unsafe { self.ring.submission().push(&sqe) };
         match pushed {
@@ -353,7 +370,7 @@ impl<S: Default> UringQueue<S> {
     }
 }
 
-impl<S: Default> Drop for UringQueue<S> {
+impl<T: RingRequest, S: Default> Drop for UringQueue<T, S> {
     fn drop(&mut self) {
         let deadline = Instant::now() + DROP_WAIT;
         // Pushed-but-unsubmitted SQEs are handed to the kernel too (an SQE cannot be taken back
@@ -453,11 +470,28 @@ pub fn dio_offset_align(fd: BorrowedFd<'_>) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bdev::{IoBuf, IoType};
     use std::io::Write as _;
     use std::os::fd::AsFd;
 
-    fn reap(q: &mut UringQueue<u8>, want: usize) -> Vec<Completion> {
+    /// A test request: an optional buffer with all its bytes in use (no bdev types here).
+    struct Req(Option<AlignedBuf>);
+
+    impl RingRequest for Req {
+        fn ring_buffer(&mut self) -> Option<(&mut AlignedBuf, usize)> {
+            self.0.as_mut().map(|b| {
+                let n = b.capacity();
+                (b, n)
+            })
+        }
+    }
+
+    fn data(len: usize, fill: u8) -> Req {
+        let mut b = AlignedBuf::zeroed(len, 64).unwrap();
+        b.as_mut_slice().fill(fill);
+        Req(Some(b))
+    }
+
+    fn reap(q: &mut UringQueue<Req, u8>, want: usize) -> Vec<Completion> {
         let mut got = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(10);
         while got.len() < want && Instant::now() < deadline {
@@ -473,12 +507,8 @@ mod tests {
     fn slot_is_locked_while_kernel_owned() {
         let mut f = tempfile::tempfile_in("/var/tmp").unwrap();
         f.write_all(&[7u8; 4096]).unwrap();
-        let mut q: UringQueue<u8> = UringQueue::new(4, 4096, 64).unwrap();
-        let buf = IoBuf::new(AlignedBuf::zeroed(4096, 64).unwrap(), 4096);
-        let id = q
-            .alloc(BdevIo::new(IoType::Read, 0, 1, Some(buf), 0))
-            .ok()
-            .unwrap();
+        let mut q: UringQueue<Req, u8> = UringQueue::new(4, 4096, 64).unwrap();
+        let id = q.alloc(data(4096, 0)).ok().unwrap();
         assert_eq!(
             q.push_read(f.as_fd(), id, 0, 1, 4096),
             Err(PushError::BadSlot),
@@ -503,7 +533,7 @@ mod tests {
             }]
         );
         let io = q.release(id).unwrap();
-        assert!(io.buf.unwrap().as_slice().iter().all(|&b| b == 7));
+        assert!(io.0.unwrap().as_slice().iter().all(|&b| b == 7));
         assert_eq!(q.used(), 0);
         assert!(q.release(id).is_none(), "double release");
     }
@@ -537,13 +567,8 @@ mod tests {
         let differ: Vec<usize> = (0..64).filter(|&i| p[i] != u[i]).collect();
         assert!(differ.iter().all(|i| (28..32).contains(i)), "{differ:?}");
         // And the kernel takes it: a DSYNC write through a ring completes in full.
-        let mut q: UringQueue<u8> = UringQueue::new(2, 4096, 64).unwrap();
-        let mut b = IoBuf::new(AlignedBuf::zeroed(4096, 64).unwrap(), 4096);
-        b.as_mut_slice().fill(0x5a);
-        let id = q
-            .alloc(BdevIo::new(IoType::Write, 0, 1, Some(b), 0))
-            .ok()
-            .unwrap();
+        let mut q: UringQueue<Req, u8> = UringQueue::new(2, 4096, 64).unwrap();
+        let id = q.alloc(data(4096, 0x5a)).ok().unwrap();
         q.push_write(f.as_fd(), id, 0, 0, 4096, true).unwrap();
         assert_eq!(
             reap(&mut q, 1),
@@ -559,22 +584,19 @@ mod tests {
 
     #[test]
     fn slots_run_out() {
-        let mut q: UringQueue<u8> = UringQueue::new(2, 4096, 64).unwrap();
-        assert!(q.alloc(BdevIo::new(IoType::Flush, 0, 0, None, 0)).is_ok());
-        assert!(q.alloc(BdevIo::new(IoType::Flush, 0, 0, None, 0)).is_ok());
-        assert!(q.alloc(BdevIo::new(IoType::Flush, 0, 0, None, 0)).is_err());
-        assert!(UringQueue::<u8>::new(0, 4096, 64).is_err());
+        let mut q: UringQueue<Req, u8> = UringQueue::new(2, 4096, 64).unwrap();
+        assert!(q.alloc(Req(None)).is_ok());
+        assert!(q.alloc(Req(None)).is_ok());
+        assert!(q.alloc(Req(None)).is_err());
+        assert!(UringQueue::<Req, u8>::new(0, 4096, 64).is_err());
     }
 
     #[test]
     fn drop_with_requests_in_flight_waits() {
         let f = tempfile::tempfile_in("/var/tmp").unwrap();
-        let mut q: UringQueue<u8> = UringQueue::new(8, 4096, 64).unwrap();
+        let mut q: UringQueue<Req, u8> = UringQueue::new(8, 4096, 64).unwrap();
         for i in 0..8u64 {
-            let id = q
-                .alloc(BdevIo::new(IoType::WriteZeroes, 0, 0, None, 0))
-                .ok()
-                .unwrap();
+            let id = q.alloc(Req(None)).ok().unwrap();
             q.push_write_zeroes(f.as_fd(), id, i * 4096, 4096).unwrap();
         }
         q.submit().unwrap();
