@@ -622,12 +622,16 @@ fn register_encrypted(
     // path again (a path from a caller could point elsewhere by now).
     let header_io: Box<dyn crate::keys::store::HeaderIo + Send> = match stacks.uring.get(&ec.base) {
         Some(u) => Box::new(
-            crate::bdev::slice::FileHeaderIo::open(&u.own_fd_path(), METADATA_REGION_BYTES)
+            crate::keys::header_io::FileHeaderIo::open(&u.own_fd_path(), METADATA_REGION_BYTES)
                 .map_err(|e| format!("{name}: header of {}: {e}", u.path().display()))?,
         ),
         None => Box::new(
-            crate::bdev::slice::BdevHeaderIo::new(base.clone(), CoreId(0), METADATA_REGION_BYTES)
-                .map_err(|e| format!("{name}: header: {e}"))?,
+            crate::keys::header_io::BdevHeaderIo::new(
+                base.clone(),
+                CoreId(0),
+                METADATA_REGION_BYTES,
+            )
+            .map_err(|e| format!("{name}: header: {e}"))?,
         ),
     };
     let nk = NamespaceKeyConfig {

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use common::kmip::{cluster, Certs, PyKmip};
 use common::{capture_logs, hex, kms_config, leaks, online, pattern, read_blocks, write_blocks};
 use nvseal::bdev::malloc::{self, MallocConfig};
-use nvseal::bdev::slice::BdevHeaderIo;
 use nvseal::bdev::Bdev;
 use nvseal::keys::header::METADATA_REGION_BYTES;
+use nvseal::keys::header_io::BdevHeaderIo;
 use nvseal::keys::manager::{
     KeyManager, KeysConfig, LocalKeysConfig, ManagerOptions, NamespaceKeyConfig,
     NamespaceRekeyResult, RekeyScope, RetryConfig, LOCAL_PROVIDER,

@@ -15,10 +15,10 @@ use common::{
     capture_logs, kms_config, online, pattern, read_blocks, read_on, settle, write_blocks, write_on,
 };
 use nvseal::bdev::malloc::{self, MallocConfig};
-use nvseal::bdev::slice::{BdevHeaderIo, FileHeaderIo};
 use nvseal::bdev::uring::{self, UringConfig};
 use nvseal::bdev::Bdev;
 use nvseal::keys::header::METADATA_REGION_BYTES;
+use nvseal::keys::header_io::{BdevHeaderIo, FileHeaderIo};
 use nvseal::keys::manager::{
     KeyManager, KeysConfig, ManagerOptions, NamespaceKeyConfig, NamespaceKeyState,
     NamespaceRekeyResult, OldKek, OldKekAction, RekeyScope, RetryConfig,

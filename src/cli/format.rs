@@ -118,15 +118,16 @@ pub fn run(args: FormatArgs) -> ExitCode {
         Ok(b) => b,
         Err(e) => return fail(EXIT_STARTUP, format!("{}: {e}", ec.base)),
     };
-    let mut io = match nvseal::bdev::slice::FileHeaderIo::open(&uring.path, METADATA_REGION_BYTES) {
-        Ok(io) => io,
-        Err(e) => {
-            return fail(
-                EXIT_STARTUP,
-                format!("header of {}: {e}", uring.path.display()),
-            )
-        }
-    };
+    let mut io =
+        match nvseal::keys::header_io::FileHeaderIo::open(&uring.path, METADATA_REGION_BYTES) {
+            Ok(io) => io,
+            Err(e) => {
+                return fail(
+                    EXIT_STARTUP,
+                    format!("header of {}: {e}", uring.path.display()),
+                )
+            }
+        };
     let who = format!("cli:uid:{}", nix::unistd::getuid());
     let key = NamespaceKeyConfig {
         provider: ec.provider.clone(),

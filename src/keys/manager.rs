@@ -53,11 +53,12 @@ use super::wrap::{unwrap_dek, wrap_dek, Kek, KeyError};
 use super::{
     format_encrypted, open_encrypted, FormatError, FormatParams, OpenError, Opened, RevokeOld,
 };
-use crate::bdev::slice::{BdevHeaderIo, SliceBdev};
+use crate::bdev::slice::SliceBdev;
 use crate::bdev::Bdev;
 use crate::crypto::bdev::{CryptoBdev, DataKey};
 use crate::crypto::key::XtsKey;
 use crate::crypto::xts::Tier;
+use crate::keys::header_io::BdevHeaderIo;
 use crate::kms::{KmsCluster, KmsClusterConfig, ServerStatus};
 use crate::types::CoreId;
 
@@ -1823,8 +1824,8 @@ fn rekey_across(
 mod tests {
     use super::*;
     use crate::bdev::malloc::{self, MallocConfig};
-    use crate::bdev::slice::BdevHeaderIo;
     use crate::keys::header::{METADATA_REGION_BYTES, REKEY_AREA_OFFSET_BYTES};
+    use crate::keys::header_io::BdevHeaderIo;
     use crate::types::CoreId;
     use std::path::Path;
 

@@ -15,6 +15,7 @@
 //! key) in a mailbox message.
 
 pub mod header;
+pub mod header_io;
 pub mod kmip_provider;
 pub mod local;
 pub mod manager;
