@@ -5,7 +5,8 @@
 //! * [`header`] — the on-disk header layout and its validating decoder.
 //! * [`store`] — the two copies, crash-safe update, the [`store::HeaderIo`] trait and the
 //!   fault-injecting [`store::MemIo`].
-//! * [`wrap`] — [`Kek`], [`Dek`], AES key wrap, KEK fingerprints.
+//! * [`wrap`] — [`Dek`], AES key wrap; re-exports [`Kek`] and [`KekFingerprint`] (defined once,
+//!   in `kms::key`, for both this layer and the KMIP client).
 //! * [`provider`] — the [`KeyProvider`] trait both providers implement.
 //! * [`local`] — the local key-file provider (not for production).
 //!
@@ -354,7 +355,7 @@ fn open_slot<P: KeyProvider + ?Sized>(provider: &mut P, slot: &KeySlot) -> Resul
         });
     }
     let kek = provider.get_kek(&slot.kek_id)?;
-    if kek.fingerprint() != slot.fingerprint {
+    if !kek.matches(&slot.fingerprint) {
         return Err(OpenError::FingerprintMismatch {
             kek_id: slot.kek_id.clone(),
         });
