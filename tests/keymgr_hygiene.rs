@@ -208,7 +208,7 @@ fn keys_never_appear_in_logs_states_reports_or_audit() {
         keys.push(
             kms.get_kek(&KeyId::new(id.as_str()))
                 .unwrap()
-                .as_bytes()
+                .expose()
                 .to_vec(),
         );
     }
@@ -218,7 +218,7 @@ fn keys_never_appear_in_logs_states_reports_or_audit() {
             ProviderKind::Kmip => kms
                 .get_kek(&KeyId::new(header.active.kek_id.as_str()))
                 .unwrap()
-                .as_bytes()
+                .expose()
                 .to_vec(),
             ProviderKind::Local => {
                 let line = file

@@ -226,3 +226,116 @@ fn volume_with_4096_byte_units_reads_with_standard_tools() {
 fn volume_with_512_byte_units_reads_with_standard_tools() {
     check_volume(DataUnit::Bytes512);
 }
+
+/// The documented check value of the KEK fingerprint (docs/on-disk-format.md §3): KEK = 32 bytes
+/// `0x01`.
+const FINGERPRINT_CHECK_VALUE: &str =
+    "fa25d833ed572c7b80436ac0e5b7cff9f69469e7219678b692074344990ba5f7";
+
+/// `printf 'nvseal kek fingerprint v1' | openssl dgst -sha256 -mac HMAC -macopt hexkey:<kek>`,
+/// the documented command line; returns the 64 hex digits it prints.
+fn openssl_fingerprint(kek_hex: &str) -> String {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha256", "-mac", "HMAC", "-macopt"])
+        .arg(format!("hexkey:{kek_hex}"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cannot run openssl (is it installed?)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"nvseal kek fingerprint v1")
+        .expect("write label");
+    let out = child.wait_with_output().expect("openssl dgst");
+    assert!(
+        out.status.success(),
+        "openssl dgst failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "HMAC-SHA2-256(stdin)= <hex>" (the algorithm name varies between OpenSSL versions).
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
+        .split_whitespace()
+        .last()
+        .expect("digest")
+        .to_owned()
+}
+
+/// One fingerprint, pinned three ways: the documented OpenSSL command line gives the documented
+/// check value; nvseal's `Kek::fingerprint` (the only definition, used by the KMS client and
+/// the header code alike) gives the same; and a header formatted by nvseal carries, at the
+/// documented offset, what the command computes from the key file's KEK, which the KMS client's
+/// fingerprint check accepts.
+#[test]
+fn kek_fingerprint_is_the_documented_openssl_value() {
+    let doc = fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/on-disk-format.md"
+    ))
+    .expect("docs/on-disk-format.md");
+    assert!(
+        doc.contains(FINGERPRINT_CHECK_VALUE),
+        "the document gives the check value"
+    );
+    assert!(
+        doc.contains(
+            "printf 'nvseal kek fingerprint v1' | openssl dgst -sha256 -mac HMAC -macopt hexkey:"
+        ),
+        "the document gives the command line"
+    );
+    assert_eq!(
+        openssl_fingerprint(&"01".repeat(32)),
+        FINGERPRINT_CHECK_VALUE
+    );
+    let kek = nvseal::kms::Kek::from_slice(&[0x01; 32]).expect("kek");
+    assert_eq!(
+        kek.fingerprint().to_string(),
+        format!("hmac-sha256:{FINGERPRINT_CHECK_VALUE}")
+    );
+
+    // A formatted header: the fingerprint field of the active slot in copy A.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_path = dir.path().join("keys");
+    let mut provider =
+        LocalKeyProvider::open(&key_path, CreateMode::CreateIfMissing).expect("provider");
+    let device_bytes = METADATA_REGION_BYTES + 8 * 4096;
+    let mut file = tempfile::tempfile().expect("volume");
+    file.set_len(device_bytes).expect("set_len");
+    let formatted = format_encrypted(
+        &mut file,
+        &mut provider,
+        &FormatParams::new(
+            uuid::Uuid::new_v4(),
+            DataUnit::Bytes4096,
+            device_bytes,
+            KekId::new(DEFAULT_KEK_ID).expect("id"),
+        ),
+    )
+    .expect("format");
+    let fp_off = CopyId::A.offset_bytes() + (layout::ACTIVE_SLOT + layout::SLOT_FINGERPRINT) as u64;
+    assert_eq!(fp_off, 0x208, "copy A + active slot 0x0C0 + field 0x148");
+    let mut on_disk = [0u8; 32];
+    file.read_exact_at(&mut on_disk, fp_off).expect("read");
+    let on_disk_hex: String = on_disk.iter().map(|b| format!("{b:02x}")).collect();
+    let kek_hex = kek_hex_from_key_file(&key_path, DEFAULT_KEK_ID);
+    assert_eq!(on_disk_hex, openssl_fingerprint(&kek_hex));
+    assert_eq!(&on_disk, formatted.header().active.fingerprint.as_bytes());
+
+    // The KMS client's check accepts the header's fingerprint for that KEK, and only for it.
+    let kek_bytes: Vec<u8> = (0..kek_hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&kek_hex[i..i + 2], 16).expect("hex"))
+        .collect();
+    let server: nvseal::kms::ServerAddr = "127.0.0.1:5696".parse().expect("addr");
+    let id = nvseal::kms::KeyId::new(DEFAULT_KEK_ID);
+    let stored = formatted.header().active.fingerprint;
+    let fetched = nvseal::kms::Kek::from_slice(&kek_bytes).expect("kek");
+    assert!(nvseal::kms::check_fingerprint(fetched, &id, &stored, &server).is_ok());
+    let other = nvseal::kms::Kek::from_slice(&[0x01; 32]).expect("kek");
+    assert!(nvseal::kms::check_fingerprint(other, &id, &stored, &server).is_err());
+}

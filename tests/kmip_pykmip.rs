@@ -28,15 +28,15 @@ fn create_activate_get_round_trip_is_stable_across_gets_and_reconnects() {
     let id = client.create_kek("nvseal-kek-roundtrip").unwrap();
     let first = client.get_key(&id).unwrap();
     let second = client.get_key(&id).unwrap();
-    assert_eq!(first.as_bytes(), second.as_bytes());
-    assert_ne!(first.as_bytes(), &[0u8; 32]);
+    assert_eq!(first.expose(), second.expose());
+    assert_ne!(first.expose(), &[0u8; 32]);
     drop(client);
 
     // Reconnect by host name: the certificate's DNS SAN is checked instead of its IP SAN.
     let by_name = ServerAddr::new("localhost", server.addr.port()).unwrap();
     let mut again = KmipClient::connect(&by_name, &tls, patient()).unwrap();
     let third = again.get_key(&id).unwrap();
-    assert_eq!(first.as_bytes(), third.as_bytes());
+    assert_eq!(first.expose(), third.expose());
     assert!(third.matches(&first.fingerprint()));
 
     // Query and Discover Versions on the same connection.
@@ -172,7 +172,7 @@ fn same_id_on_two_independent_servers_fails_the_fingerprint_check() {
     let key_hex: String = kms_b
         .get_kek(&kek_b.id)
         .unwrap()
-        .as_bytes()
+        .expose()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();

@@ -4,11 +4,12 @@
 //! followed by `key2` (bytes 32..64, encrypts the tweak) — the order OpenSSL, dm-crypt and the
 //! NIST CAVP files use. It lives in its own `mlock`ed page ([`LockedBox`]), is wiped on drop and
 //! cannot be printed, cloned or serialised. Keys are built on control threads (key unwrap, local
-//! key provider); reactors only ever see the expanded [`Xts`](super::xts::Xts) engine.
+//! key provider); reactors only ever see the expanded XTS engine built from it (`crypto::xts`,
+//! which imports this module; this module never imports it).
 
 use std::fmt;
 
-use crate::crypto::xts::Tier;
+use crate::crypto::tier::{Tier, UnknownTier};
 use crate::sys::mlock::{LockError, LockedBox};
 
 /// Length of an AES-256-XTS key: two AES-256 keys.
@@ -27,8 +28,8 @@ pub enum CryptoError {
     #[error("XTS tier {} is not available on this CPU", .0.name())]
     TierUnavailable(Tier),
     /// A tier name that is not one of soft, aesni, vaes256, vaes512.
-    #[error("unknown XTS tier {0:?} (expected soft, aesni, vaes256 or vaes512)")]
-    UnknownTier(String),
+    #[error(transparent)]
+    UnknownTier(#[from] UnknownTier),
     /// The buffer is not a whole number of data units, or the unit is not a non-zero multiple of
     /// the 16-byte AES block (ciphertext stealing is not implemented).
     #[error("bad XTS length: {data_len} bytes with data unit {unit_size} bytes")]

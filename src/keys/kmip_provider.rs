@@ -2,9 +2,9 @@
 //! failover).
 //!
 //! Owns the translation between the key-management layer and the KMS client: KEK ids
-//! ([`KekId`] ↔ KMIP Unique Identifier), key material (the KMS client's zeroizing key → the
-//! key layer's [`Kek`], copied only between zeroizing buffers), and errors ([`KmsError`] →
-//! [`ProviderError`], deciding what the boot path retries). Runs on control threads only: every
+//! ([`KekId`] ↔ KMIP Unique Identifier) and errors ([`KmsError`] → [`ProviderError`], deciding
+//! what the boot path retries). Key material needs no translation: the KMS client hands back
+//! the one [`Kek`] type of the crate (defined in `kms::key`), which is passed on as it is. Runs on control threads only: every
 //! call is one or more blocking TLS round trips, each bounded by the cluster's connect and
 //! response timeouts per server.
 //!
@@ -25,10 +25,8 @@
 
 use std::sync::Arc;
 
-use zeroize::Zeroizing;
-
 use super::provider::{KekId, KeyProvider, ProviderError, ProviderInfo, ProviderKind};
-use super::wrap::{Kek, KEK_BYTES};
+use super::wrap::Kek;
 use crate::kms::{self, KmsCluster, KmsError, Phase, ResultReason, RevocationReason};
 
 /// KEKs held by a KMIP cluster. Cheap to clone; clones share the cluster's connection.
@@ -68,13 +66,6 @@ impl KmipKeyProvider {
 
 fn kms_id(id: &KekId) -> kms::KeyId {
     kms::KeyId::new(id.as_str())
-}
-
-/// Copies the KMS client's key into the key layer's type, zeroizing buffers on both sides.
-fn convert(kek: kms::Kek) -> Kek {
-    let mut bytes = Zeroizing::new([0u8; KEK_BYTES]);
-    bytes.copy_from_slice(kek.as_bytes());
-    Kek::from_bytes(bytes)
 }
 
 /// True when a transport failure means "the TLS peer refused us" (configuration), not "the
@@ -145,9 +136,8 @@ impl KeyProvider for KmipKeyProvider {
                 Ok((id, key))
             })
             .map_err(map_error)?;
-        let (id, key) = served.value;
+        let (id, kek) = served.value;
         let id = KekId::new(id.as_str())?;
-        let kek = convert(key);
         tracing::info!(cluster = %self.cluster.alias(), server = %served.server, kek_id = %id,
             fingerprint = %kek.fingerprint(), name, "created and activated KEK");
         Ok((id, kek))
@@ -160,7 +150,7 @@ impl KeyProvider for KmipKeyProvider {
             .map_err(|e| map_error_for(id, e))?;
         tracing::debug!(cluster = %self.cluster.alias(), server = %served.server, kek_id = %id,
             "fetched KEK");
-        Ok(convert(served.value))
+        Ok(served.value)
     }
 
     fn revoke_kek(&mut self, id: &KekId) -> Result<(), ProviderError> {

@@ -45,7 +45,7 @@ use zeroize::Zeroizing;
 use super::provider::{
     check_kms_alias, KekId, KekState, KeyProvider, ProviderError, ProviderInfo, ProviderKind,
 };
-use super::wrap::{Kek, KEK_BYTES};
+use super::wrap::{Kek, KeyError, KEK_BYTES};
 
 /// The id given to the key of a single-key file and to the key created with a new file.
 pub const DEFAULT_KEK_ID: &str = "default";
@@ -567,7 +567,7 @@ impl LocalKeyProvider {
                 if source.kind() == io::ErrorKind::NotFound
                     && mode == CreateMode::CreateIfMissing =>
             {
-                let kek = Kek::generate()?;
+                let kek = Kek::generate().map_err(|e| KeyError::Rng(e.to_string()))?;
                 let entries = vec![default_entry(Zeroizing::new(*kek.expose()))];
                 let contents = render(&entries);
                 create_exclusively(&path, contents.as_bytes())?;
@@ -654,7 +654,7 @@ impl KeyProvider for LocalKeyProvider {
     fn create_kek(&mut self, name: &str) -> Result<(KekId, Kek), ProviderError> {
         check_name(name)?;
         let id = KekId::new(format!("local-{}", uuid::Uuid::new_v4()))?;
-        let kek = Kek::generate()?;
+        let kek = Kek::generate().map_err(|e| KeyError::Rng(e.to_string()))?;
         self.entries.push(Entry {
             id: id.clone(),
             state: KekState::Active,

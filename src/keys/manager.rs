@@ -49,9 +49,10 @@ use super::provider::{KekId, KeyProvider, ProviderError, ProviderKind};
 use super::store::{
     self, FormatBlankError, HeaderIo, NotBlank, StoreError, Stored, FORMAT_DATA_PROBE_BYTES,
 };
-use super::wrap::{unwrap_dek, wrap_dek, Kek, KeyError};
+use super::wrap::Kek;
 use super::{
-    format_encrypted, open_encrypted, FormatError, FormatParams, OpenError, Opened, RevokeOld,
+    format_encrypted, open_encrypted, rekey, FormatError, FormatParams, OpenError, Opened,
+    RekeyError, RevokeOld,
 };
 use crate::bdev::slice::SliceBdev;
 use crate::bdev::Bdev;
@@ -1762,11 +1763,12 @@ fn generated_kek_name() -> String {
     format!("nvseal-kek-{}-{}", unix_ms() / 1000, &id[..8])
 }
 
-/// Shallow rekey onto a KEK of another provider (change of KMS cluster). The same three durable
-/// steps as [`super::shallow_rekey`] — (1) new slot recorded as pending, (2) new slot active,
-/// (3) other copy rewritten — so a crash leaves a header that opens with the old or the new
-/// provider's KEK; the manager's open path tries the pending slot's provider when the active
-/// one fails. `keys::shallow_rekey` itself takes one provider for both KEKs, hence this variant.
+/// Shallow rekey onto a KEK of another provider (change of KMS cluster): opens with the old
+/// provider, builds the new slot with the new one, and writes it with the same three durable
+/// steps as [`super::shallow_rekey`] ([`rekey::apply_new_slot`]), so a crash leaves a header
+/// that opens with the old or the new provider's KEK; the manager's open path tries the pending
+/// slot's provider when the active one fails. `keys::shallow_rekey` itself takes one provider
+/// for both KEKs, hence this variant. Each provider's lock is held only for its own calls.
 fn rekey_across(
     io: &mut dyn HeaderIo,
     old: &ProviderSlot,
@@ -1778,46 +1780,17 @@ fn rekey_across(
         let mut p = lock(&old.inner);
         open_encrypted(io, p.as_dyn()).map_err(|e| format!("opening with the old KEK: {e}"))?
     };
-    let mut np = lock(&new.inner);
-    let provider = np.as_dyn();
-    let fetched = provider
-        .get_kek(new_id)
-        .map_err(|e| format!("fetching the new KEK: {e}"))?;
-    if fetched.fingerprint() != new_kek.fingerprint() {
-        return Err(format!(
-            "the new KEK does not match what {} returns for {new_id}",
-            new.name
-        ));
-    }
-    drop(fetched);
-    let new_slot = KeySlot {
-        provider: provider.kind(),
-        kms_alias: provider.cluster_alias().to_owned(),
-        kek_id: new_id.clone(),
-        fingerprint: new_kek.fingerprint(),
-        wrapped_dek: wrap_dek(new_kek, &opened.dek),
+    let new_slot = {
+        let mut np = lock(&new.inner);
+        rekey::new_slot(np.as_dyn(), new_id, new_kek, &opened.dek).map_err(|e| match e {
+            RekeyError::NewKekMismatch(id) => format!(
+                "the new KEK does not match what {} returns for {id}",
+                new.name
+            ),
+            e => e.to_string(),
+        })?
     };
-    drop(np);
-    // Invariant: the new slot unwraps to the same DEK before it is written anywhere.
-    match unwrap_dek(new_kek, &new_slot.wrapped_dek) {
-        Ok(check) if check.expose() == opened.dek.expose() => {}
-        _ => return Err(KeyError::UnwrapIntegrity.to_string()),
-    }
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    let mut step1 = opened.stored.header.clone();
-    step1.rekey = RekeyState::Shallow {
-        new: new_slot.clone(),
-    };
-    step1.updated_unix_s = now;
-    let s1 = store::update(io, &opened.stored, &step1).map_err(|e| e.to_string())?;
-    let mut step2 = s1.header.clone();
-    step2.active = new_slot;
-    step2.rekey = RekeyState::None;
-    let s2 = store::update(io, &s1, &step2).map_err(|e| e.to_string())?;
-    store::update(io, &s2, &s2.header).map_err(|e| e.to_string())
+    rekey::apply_new_slot(io, &opened, new_slot, new_kek).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -5,9 +5,11 @@
 //! * [`header`] — the on-disk header layout and its validating decoder.
 //! * [`store`] — the two copies, crash-safe update, the [`store::HeaderIo`] trait and the
 //!   fault-injecting [`store::MemIo`].
-//! * [`wrap`] — [`Kek`], [`Dek`], AES key wrap, KEK fingerprints.
+//! * [`wrap`] — [`Dek`], AES key wrap; re-exports [`Kek`] and [`KekFingerprint`] (defined once,
+//!   in `kms::key`, for both this layer and the KMIP client).
 //! * [`provider`] — the [`KeyProvider`] trait both providers implement.
 //! * [`local`] — the local key-file provider (not for production).
+//! * [`rekey`] — the header steps that replace a key slot, shared by every rekey.
 //!
 //! This module holds the namespace key lifecycle: [`format_encrypted`], [`open_encrypted`],
 //! [`shallow_rekey`]. All of it is blocking and runs on control threads (KMS round trips, header
@@ -20,6 +22,7 @@ pub mod kmip_provider;
 pub mod local;
 pub mod manager;
 pub mod provider;
+pub mod rekey;
 pub mod store;
 pub mod wrap;
 
@@ -254,6 +257,10 @@ pub enum RekeyError {
     /// Fetching the new KEK from the provider failed.
     #[error("fetching the new KEK: {0}")]
     Provider(#[from] ProviderError),
+    /// The new key slot failed a check before anything was written (see
+    /// [`rekey::apply_new_slot`]).
+    #[error("refusing to write the new key slot: {0}")]
+    NewSlotInvalid(&'static str),
     /// Writing the header failed (the old KEK still opens the namespace).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -264,21 +271,6 @@ fn now_unix_s() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-fn make_slot<P: KeyProvider + ?Sized>(
-    provider: &P,
-    kek_id: &KekId,
-    kek: &Kek,
-    dek: &Dek,
-) -> KeySlot {
-    KeySlot {
-        provider: provider.kind(),
-        kms_alias: provider.cluster_alias().to_owned(),
-        kek_id: kek_id.clone(),
-        fingerprint: kek.fingerprint(),
-        wrapped_dek: wrap_dek(kek, dek),
-    }
 }
 
 /// Formats an encrypted namespace: fetches the KEK, draws a fresh DEK, wraps it, writes both
@@ -326,7 +318,7 @@ where
         data_blocks,
         created_unix_s: now,
         updated_unix_s: now,
-        active: make_slot(provider, &params.kek_id, &kek, &dek),
+        active: rekey::slot_for(provider, &params.kek_id, &kek, &dek),
         rekey: RekeyState::None,
     };
     let stored = store::format(io, &header)?;
@@ -355,7 +347,7 @@ fn open_slot<P: KeyProvider + ?Sized>(provider: &mut P, slot: &KeySlot) -> Resul
         });
     }
     let kek = provider.get_kek(&slot.kek_id)?;
-    if kek.fingerprint() != slot.fingerprint {
+    if !kek.matches(&slot.fingerprint) {
         return Err(OpenError::FingerprintMismatch {
             kek_id: slot.kek_id.clone(),
         });
@@ -428,12 +420,11 @@ where
 
 /// Shallow rekey: re-wraps the namespace's DEK under `new_kek_id` (the data is untouched).
 ///
-/// Steps, each a durable header update: (1) record the new slot as a shallow rekey in progress
-/// (the old KEK stays active); (2) make the new slot active and clear the rekey state;
-/// (3) rewrite the other copy with the same header, so that no copy on the device still holds
-/// the DEK wrapped under the old KEK; then revoke the old KEK if asked. A crash anywhere leaves a
-/// namespace that opens with the old or the new KEK; running `shallow_rekey` again with the same
-/// new KEK finishes the job (including the scrub and the revocation).
+/// Opens the namespace, then writes the new slot with the three durable header steps of
+/// [`rekey::apply_new_slot`] (pending, active, other copy rewritten), then revokes the old KEK if
+/// asked. A crash anywhere leaves a namespace that opens with the old or the new KEK; running
+/// `shallow_rekey` again with the same new KEK finishes the job (including the scrub and the
+/// revocation).
 ///
 /// `new_kek` must be what the provider returns for `new_kek_id` (checked by fingerprint), so a
 /// DEK is never wrapped under a key the provider cannot hand back.
@@ -453,43 +444,11 @@ where
     if &current_id == new_kek_id {
         return resume_scrub(io, provider, &opened.stored, new_kek_id, revoke);
     }
-    let fetched = provider.get_kek(new_kek_id)?;
-    if fetched.fingerprint() != new_kek.fingerprint() {
-        return Err(RekeyError::NewKekMismatch(new_kek_id.clone()));
-    }
-    let new_slot = make_slot(provider, new_kek_id, new_kek, &opened.dek);
-    // Invariant: the new slot opens to the same DEK before it is written anywhere.
-    match unwrap_dek(new_kek, &new_slot.wrapped_dek) {
-        Ok(check) if check.expose() == opened.dek.expose() => {}
-        _ => {
-            return Err(RekeyError::Open(OpenError::Unwrap(
-                KeyError::UnwrapIntegrity,
-            )))
-        }
-    }
-
-    let mut step1 = opened.stored.header.clone();
-    step1.rekey = RekeyState::Shallow {
-        new: new_slot.clone(),
-    };
-    step1.updated_unix_s = now_unix_s();
-    let stored1 = store::update(io, &opened.stored, &step1)?;
-
-    let mut step2 = stored1.header.clone();
-    step2.active = new_slot;
-    step2.rekey = RekeyState::None;
-    let stored2 = store::update(io, &stored1, &step2)?;
-    let stored3 = store::update(io, &stored2, &stored2.header)?;
-    tracing::info!(
-        namespace = %stored3.header.namespace_uuid,
-        old_kek = %current_id,
-        new_kek = %new_kek_id,
-        generation = stored3.header.generation,
-        "shallow rekey complete"
-    );
+    let new_slot = rekey::new_slot(provider, new_kek_id, new_kek, &opened.dek)?;
+    let stored = rekey::apply_new_slot(io, &opened, new_slot, new_kek)?;
     Ok(ShallowRekeyOutcome {
         revoke: revoke_old(provider, Some(current_id), revoke),
-        stored: stored3,
+        stored,
     })
 }
 

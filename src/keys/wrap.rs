@@ -1,40 +1,31 @@
-//! Key material types and DEK wrapping: [`Kek`], [`Dek`], [`WrappedDek`], [`KekFingerprint`].
+//! DEK types and DEK wrapping: [`Dek`], [`WrappedDek`], [`wrap_dek`], [`unwrap_dek`]; re-exports
+//! the KEK types [`Kek`] and [`KekFingerprint`].
 //!
 //! Owns the only code that turns a plaintext DEK into the bytes stored on disk (AES Key Wrap,
 //! RFC 3394, with a 256-bit KEK) and back. Runs on control threads only (format, open, rekey);
-//! nothing here is on the data path. It exists so that the wrapping algorithm, the DEK rules
-//! (512-bit XTS key, halves must differ) and the KEK fingerprint are defined in one place.
+//! nothing here is on the data path. It exists so that the wrapping algorithm and the DEK rules
+//! (512-bit XTS key, halves must differ) are defined in one place.
+//!
+//! The KEK and its fingerprint are defined once, in [`crate::kms::key`] (the lowest layer that
+//! both the KMIP client and this layer use; see there for the fingerprint definition). They are
+//! re-exported here so that the key layer names them as `keys::Kek` and `keys::KekFingerprint`.
 //!
 //! Secrets (`Kek`, `Dek`) zeroize on drop, do not implement `Clone`, `Serialize` or `Display`,
 //! and their `Debug` prints `<redacted>`.
-//!
-//! KEK fingerprint: `HMAC-SHA256(key = KEK, message = "nvseal kek fingerprint v1")`, 32 bytes.
-//! It lets `open` tell "the KMS handed back a different key under this id" apart from "the
-//! wrapped DEK is corrupt" before unwrapping. A keyed MAC (not a plain hash of the KEK) is used so
-//! the value can only be computed by whoever holds the KEK: no table of hashes of candidate keys
-//! can be precomputed, and the value reveals nothing about the key without it.
 
 use std::fmt;
 
-use aes_kw::KwAes256;
-use hmac::{Hmac, KeyInit, Mac};
-use sha2::Sha256;
+use aes_kw::{KeyInit, KwAes256};
 use thiserror::Error;
 use zeroize::Zeroizing;
 
+pub use crate::kms::key::{Kek, KekFingerprint, FINGERPRINT_BYTES, FINGERPRINT_LABEL, KEK_BYTES};
 use crate::sys::mlock::{locked_copy, LockedBox};
 
-/// Size of a KEK: AES-256.
-pub const KEK_BYTES: usize = 32;
 /// Size of a DEK: AES-256-XTS uses two AES-256 keys (key1 = data, key2 = tweak).
 pub const DEK_BYTES: usize = 64;
 /// Size of a wrapped DEK: RFC 3394 adds one 64-bit integrity block.
 pub const WRAPPED_DEK_BYTES: usize = DEK_BYTES + 8;
-/// Size of a KEK fingerprint (HMAC-SHA256 output).
-pub const FINGERPRINT_BYTES: usize = 32;
-/// The fixed message of the KEK fingerprint MAC. Changing it changes every fingerprint: it is
-/// part of the on-disk format (see docs/on-disk-format.md).
-pub const FINGERPRINT_LABEL: &[u8] = b"nvseal kek fingerprint v1";
 
 /// How many times [`Dek::generate`] draws again when the two halves come out equal. Equal halves
 /// from a working CSPRNG have probability 2^-256; a second occurrence means the RNG is broken.
@@ -55,47 +46,6 @@ pub enum KeyError {
     /// The operating system CSPRNG failed.
     #[error("OS random number generator failed: {0}")]
     Rng(String),
-}
-
-/// A key-encryption key (AES-256). Zeroized on drop; never printed.
-pub struct Kek(LockedBox<[u8; KEK_BYTES]>);
-
-impl Kek {
-    /// Takes ownership of key bytes. The caller should pass a `Zeroizing` buffer so that no copy
-    /// of the key outlives this value.
-    pub fn from_bytes(bytes: Zeroizing<[u8; KEK_BYTES]>) -> Self {
-        Self(locked_copy(&bytes))
-    }
-
-    /// A fresh random KEK from the OS CSPRNG (used by the local provider).
-    pub fn generate() -> Result<Self, KeyError> {
-        let mut bytes = locked_copy(&[0u8; KEK_BYTES]);
-        getrandom::fill(bytes.as_mut()).map_err(|e| KeyError::Rng(e.to_string()))?;
-        Ok(Self(bytes))
-    }
-
-    /// The raw key, for wrapping and for providers that must store it.
-    pub fn expose(&self) -> &[u8; KEK_BYTES] {
-        &self.0
-    }
-
-    /// `HMAC-SHA256(KEK, FINGERPRINT_LABEL)`; see the module documentation.
-    pub fn fingerprint(&self) -> KekFingerprint {
-        // The `KeyInit` impl of `Hmac` accepts keys of any length; a 32-byte key cannot fail.
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(self.0.as_ref())
-            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of every length"));
-        mac.update(FINGERPRINT_LABEL);
-        let out = mac.finalize().into_bytes();
-        let mut fp = [0u8; FINGERPRINT_BYTES];
-        fp.copy_from_slice(&out);
-        KekFingerprint(fp)
-    }
-}
-
-impl fmt::Debug for Kek {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Kek(<redacted>)")
-    }
 }
 
 /// A data-encryption key: the 512-bit AES-256-XTS key of one namespace (bytes 0..32 = key1, the
@@ -157,22 +107,6 @@ impl WrappedDek {
 impl fmt::Debug for WrappedDek {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "WrappedDek({})", hex(&self.0))
-    }
-}
-
-/// The fingerprint of a KEK (see the module documentation). Not secret.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct KekFingerprint(pub [u8; FINGERPRINT_BYTES]);
-
-impl fmt::Debug for KekFingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "KekFingerprint({})", hex(&self.0))
-    }
-}
-
-impl fmt::Display for KekFingerprint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&hex(&self.0))
     }
 }
 
@@ -273,24 +207,6 @@ mod tests {
         assert_eq!(
             unwrap_dek(&kek, &WrappedDek(out)).err(),
             Some(KeyError::XtsHalvesEqual)
-        );
-    }
-
-    #[test]
-    fn fingerprint_is_keyed_and_stable() {
-        let a = kek_from([1u8; 32]);
-        let b = kek_from([2u8; 32]);
-        assert_eq!(a.fingerprint(), kek_from([1u8; 32]).fingerprint());
-        assert_ne!(a.fingerprint(), b.fingerprint());
-        // Not a plain hash of the key.
-        use sha2::Digest;
-        let plain = Sha256::digest([1u8; 32]);
-        assert_ne!(&a.fingerprint().0[..], &plain[..]);
-        // Known answer computed with the OpenSSL command line:
-        // printf 'nvseal kek fingerprint v1' | openssl dgst -sha256 -mac HMAC -macopt hexkey:0101..01
-        assert_eq!(
-            a.fingerprint().to_string(),
-            "fa25d833ed572c7b80436ac0e5b7cff9f69469e7219678b692074344990ba5f7"
         );
     }
 

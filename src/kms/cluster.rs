@@ -452,6 +452,33 @@ mod tests {
         assert!(bad_addr.is_err());
     }
 
+    /// Regression (issue 13 item 6): the KMS client once computed KEK fingerprints with another
+    /// label than the one headers are written with, so this check refused every header's
+    /// fingerprint. The stored value here is the documented check value of the KEK 32 × `0x01`
+    /// (docs/on-disk-format.md), i.e. what a header formatted under that KEK holds.
+    #[test]
+    fn header_fingerprints_pass_the_kms_check() {
+        let stored: KekFingerprint =
+            "hmac-sha256:fa25d833ed572c7b80436ac0e5b7cff9f69469e7219678b692074344990ba5f7"
+                .parse()
+                .unwrap();
+        let server: ServerAddr = "127.0.0.1:5696".parse().unwrap();
+        let id = KeyId::new("1");
+        let kek = Kek::from_slice(&[0x01; 32]).unwrap();
+        assert!(check_fingerprint(kek, &id, &stored, &server).is_ok());
+        let other = Kek::from_slice(&[0x02; 32]).unwrap();
+        match check_fingerprint(other, &id, &stored, &server) {
+            Err(KmsError::FingerprintMismatch {
+                expected, actual, ..
+            }) => {
+                assert_eq!(expected, stored);
+                assert_ne!(actual, stored);
+            }
+            Err(e) => panic!("expected a fingerprint mismatch, got {e}"),
+            Ok(_) => panic!("another key passed the fingerprint check"),
+        }
+    }
+
     #[test]
     fn config_validation_catches_what_serde_cannot() {
         let base = config(

@@ -1,26 +1,47 @@
-//! Key-encryption keys fetched from a KMS, their KMIP ids and their fingerprints.
+//! Key-encryption keys: the one in-memory [`Kek`] type, its [`KekFingerprint`], and KMIP
+//! [`KeyId`]s.
 //!
-//! Owns the in-memory KEK (zeroized on drop, never printable) and the fingerprint nvseal stores
-//! next to the KEK id. Used on control threads only. The fingerprint exists because KMIP ids
-//! are only unique per server: id "1" on two independent KMS servers names two different
-//! keys, so a KEK fetched by id must be checked against what was stored when the DEKs were
-//! wrapped, before it is used to unwrap anything.
+//! Owns the KEK as it exists in memory (zeroized on drop, page-locked, never printable) and the
+//! single definition of its fingerprint. Used on control threads only (KMS round trips, format,
+//! open, rekey); nothing here is on the data path.
 //!
-//! Fingerprint definition (version 1): `HMAC-SHA-256(key = KEK, message = FINGERPRINT_LABEL)`,
-//! written as `hmac-sha256:` followed by 64 lowercase hex digits. Keyed with the KEK, it
-//! commits to the key without revealing it (recovering the key from it is as hard as breaking
-//! HMAC-SHA-256), and the fixed label keeps it distinct from any other value derived from the
-//! KEK.
+//! Why it lives here: both the KMIP client (a KMIP Get yields a `Kek`, and
+//! [`super::check_fingerprint`] checks one) and the key-management layer (`keys`: the local key
+//! provider, DEK wrapping, the header's fingerprint field) need the same type and the same
+//! fingerprint. `keys` sits above `kms` and uses it, never the reverse, so this module is the
+//! lowest place both can import; `keys::wrap` re-exports [`Kek`] and [`KekFingerprint`]. There
+//! is exactly one fingerprint function, so a fingerprint computed by the KMS client always
+//! agrees with the one stored in an on-disk header.
+//!
+//! Fingerprint (version 1): `HMAC-SHA256(key = KEK, message = FINGERPRINT_LABEL)`, 32 bytes,
+//! with the label `"nvseal kek fingerprint v1"` (lowercase ASCII). Headers store the 32 raw
+//! bytes; logs, errors and serde use the text form `hmac-sha256:` followed by 64 lowercase hex
+//! digits. docs/on-disk-format.md §3 is the reference, with an OpenSSL check value. It lets
+//! `open` tell "the KMS handed back a different key under this id" (KMIP ids are unique only per
+//! server: id "1" on two independent servers names two keys) from "the wrapped DEK is corrupt"
+//! before anything is unwrapped. A keyed MAC rather than a plain hash of the KEK: only a holder of
+//! the KEK can compute it, so no table of fingerprints of candidate keys can be precomputed, and
+//! the value reveals nothing about the key.
 
 use std::fmt;
 use std::str::FromStr;
 
-/// KEK length in bytes: AES-256.
-pub const KEK_LEN: usize = 32;
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::Sha256;
+use zeroize::Zeroizing;
 
-/// Message authenticated with the KEK to form its fingerprint (version 1).
-pub const FINGERPRINT_LABEL: &[u8] = b"nvseal KEK fingerprint v1";
+use crate::sys::mlock::{locked_copy, LockedBox};
 
+/// Size of a KEK: AES-256.
+pub const KEK_BYTES: usize = 32;
+/// Size of a KEK fingerprint (HMAC-SHA256 output).
+pub const FINGERPRINT_BYTES: usize = 32;
+/// The fixed message of the KEK fingerprint MAC (version 1). Changing it changes every
+/// fingerprint: it is part of the on-disk format (docs/on-disk-format.md), and headers in the
+/// field carry values computed with exactly these bytes.
+pub const FINGERPRINT_LABEL: &[u8] = b"nvseal kek fingerprint v1";
+
+/// Prefix of the text form of a fingerprint.
 const FINGERPRINT_PREFIX: &str = "hmac-sha256:";
 
 /// A KMIP Unique Identifier: opaque text, unique only within one KMS (or replicated cluster).
@@ -44,53 +65,80 @@ impl fmt::Display for KeyId {
     }
 }
 
-/// A 256-bit AES key-encryption key. Zeroized on drop; deliberately has no `Debug`,
-/// `Display`, `Clone` or `Serialize`. Callers that wrap or unwrap DEKs read it through
-/// [`Kek::as_bytes`] and must not copy it into non-zeroizing memory.
-/// The bytes live in a locked page (`mlock`, excluded from core dumps) that is zeroed on drop.
-pub struct Kek(crate::sys::mlock::LockedBox<[u8; KEK_LEN]>);
+/// A 256-bit AES key-encryption key. The bytes live in a locked page (`mlock`, excluded from
+/// core dumps) that is zeroed on drop. Deliberately has no `Clone`, `Display` or `Serialize`;
+/// its `Debug` prints `Kek(<redacted>)`. Callers that wrap or unwrap DEKs, or a provider that
+/// must store the key, read it through [`Kek::expose`] and must not copy it into memory that is
+/// not zeroized.
+pub struct Kek(LockedBox<[u8; KEK_BYTES]>);
 
 impl Kek {
-    /// Takes `bytes` if it is exactly [`KEK_LEN`] long.
-    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
-        if bytes.len() != KEK_LEN {
-            return None;
-        }
-        let mut key = Kek(crate::sys::mlock::locked_copy(&[0; KEK_LEN]));
-        key.0.copy_from_slice(bytes);
-        Some(key)
+    /// Takes ownership of key bytes. The caller passes a `Zeroizing` buffer so that no copy of
+    /// the key outlives this value.
+    pub fn from_bytes(bytes: Zeroizing<[u8; KEK_BYTES]>) -> Self {
+        Self(locked_copy(&bytes))
     }
 
-    pub fn as_bytes(&self) -> &[u8; KEK_LEN] {
+    /// Copies `bytes` if it is exactly [`KEK_BYTES`] long (a key from a KMIP reply).
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        let bytes: &[u8; KEK_BYTES] = bytes.try_into().ok()?;
+        Some(Self(locked_copy(bytes)))
+    }
+
+    /// A fresh random KEK from the OS CSPRNG, written straight into locked memory (used by the
+    /// local key provider; KMIP servers make their own).
+    pub fn generate() -> Result<Self, getrandom::Error> {
+        let mut bytes = locked_copy(&[0u8; KEK_BYTES]);
+        getrandom::fill(bytes.as_mut())?;
+        Ok(Self(bytes))
+    }
+
+    /// The raw key, for wrapping and for providers that must store it.
+    pub fn expose(&self) -> &[u8; KEK_BYTES] {
         &self.0
     }
 
-    /// The fingerprint stored next to the KEK id (see the module docs).
-    pub fn fingerprint(&self) -> KekFingerprint {
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0[..]);
-        let tag = ring::hmac::sign(&key, FINGERPRINT_LABEL);
-        let mut out = [0u8; 32];
-        out.copy_from_slice(tag.as_ref());
-        KekFingerprint(out)
+    fn mac(&self) -> Hmac<Sha256> {
+        // HMAC accepts keys of every length; a 32-byte key cannot fail.
+        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0[..])
+            .unwrap_or_else(|_| unreachable!("HMAC accepts keys of every length"));
+        mac.update(FINGERPRINT_LABEL);
+        mac
     }
 
-    /// Checks this key against a stored fingerprint, in constant time.
+    /// `HMAC-SHA256(KEK, FINGERPRINT_LABEL)`; see the module documentation.
+    pub fn fingerprint(&self) -> KekFingerprint {
+        let mut fp = [0u8; FINGERPRINT_BYTES];
+        fp.copy_from_slice(&self.mac().finalize().into_bytes());
+        KekFingerprint(fp)
+    }
+
+    /// Whether this key has the fingerprint `expected` (compared in constant time).
     pub fn matches(&self, expected: &KekFingerprint) -> bool {
-        let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &self.0[..]);
-        ring::hmac::verify(&key, FINGERPRINT_LABEL, &expected.0).is_ok()
+        self.mac().verify_slice(&expected.0).is_ok()
     }
 }
 
-/// A KEK fingerprint; safe to store, log and show.
+impl fmt::Debug for Kek {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Kek(<redacted>)")
+    }
+}
+
+/// The fingerprint of a KEK (see the module documentation). Not secret: safe to store, log and
+/// show. Any 32 bytes are a value (a header field is decoded into one as it is); only
+/// [`Kek::fingerprint`] makes one that belongs to a key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct KekFingerprint([u8; 32]);
+pub struct KekFingerprint(pub [u8; FINGERPRINT_BYTES]);
 
 impl KekFingerprint {
-    pub fn as_bytes(&self) -> &[u8; 32] {
+    /// The 32 bytes stored in a header.
+    pub fn as_bytes(&self) -> &[u8; FINGERPRINT_BYTES] {
         &self.0
     }
 }
 
+/// The text form: `hmac-sha256:` and 64 lowercase hex digits.
 impl fmt::Display for KekFingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(FINGERPRINT_PREFIX)?;
@@ -100,7 +148,7 @@ impl fmt::Display for KekFingerprint {
 
 impl fmt::Debug for KekFingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Display::fmt(self, f)
+        write!(f, "KekFingerprint({self})")
     }
 }
 
@@ -109,6 +157,7 @@ impl fmt::Debug for KekFingerprint {
 #[error("KEK fingerprint must be \"{FINGERPRINT_PREFIX}\" followed by 64 hex digits")]
 pub struct FingerprintParseError;
 
+/// Parses the text form (lower- or uppercase hex digits).
 impl FromStr for KekFingerprint {
     type Err = FingerprintParseError;
 
@@ -116,10 +165,10 @@ impl FromStr for KekFingerprint {
         let hex = s
             .strip_prefix(FINGERPRINT_PREFIX)
             .ok_or(FingerprintParseError)?;
-        if hex.len() != 64 || !hex.is_ascii() {
+        if hex.len() != FINGERPRINT_BYTES * 2 || !hex.is_ascii() {
             return Err(FingerprintParseError);
         }
-        let mut out = [0u8; 32];
+        let mut out = [0u8; FINGERPRINT_BYTES];
         for (byte, pair) in out.iter_mut().zip(hex.as_bytes().chunks_exact(2)) {
             let pair = std::str::from_utf8(pair).map_err(|_| FingerprintParseError)?;
             *byte = u8::from_str_radix(pair, 16).map_err(|_| FingerprintParseError)?;
@@ -145,27 +194,52 @@ impl<'de> serde::Deserialize<'de> for KekFingerprint {
 mod tests {
     use super::*;
 
+    /// The check value docs/on-disk-format.md gives for a KEK of 32 bytes `0x01`, computed with
+    /// the OpenSSL command line printed there:
+    /// `printf 'nvseal kek fingerprint v1' | openssl dgst -sha256 -mac HMAC -macopt hexkey:0101..01`
+    /// (tests/keys_openssl.rs runs that command and compares it with this value and the doc).
+    const DOC_CHECK_VALUE: &str =
+        "fa25d833ed572c7b80436ac0e5b7cff9f69469e7219678b692074344990ba5f7";
+
     #[test]
-    fn fingerprint_is_hmac_of_label_and_round_trips() {
-        // Expected value computed independently with Python:
-        // hmac.new(b"\x0b" * 32, b"nvseal KEK fingerprint v1", hashlib.sha256).hexdigest()
+    fn fingerprint_is_the_documented_check_value() {
+        let kek = Kek::from_slice(&[0x01; 32]).unwrap();
+        assert_eq!(
+            kek.fingerprint().to_string(),
+            format!("hmac-sha256:{DOC_CHECK_VALUE}")
+        );
+        assert_eq!(FINGERPRINT_LABEL, b"nvseal kek fingerprint v1");
+    }
+
+    #[test]
+    fn fingerprint_is_keyed_round_trips_and_matches() {
         let kek = Kek::from_slice(&[0x0b; 32]).unwrap();
         let fp = kek.fingerprint();
-        let text = fp.to_string();
         assert_eq!(
-            text,
-            "hmac-sha256:e491ba6b6e390bdeaa78a0e108ce773e7b98c4f17c6ab05963f69c9868a79032"
+            fp,
+            Kek::from_bytes(Zeroizing::new([0x0b; 32])).fingerprint()
         );
+        let text = fp.to_string();
         assert_eq!(text.parse::<KekFingerprint>().unwrap(), fp);
+        assert_eq!(
+            text.to_uppercase()
+                .replacen("HMAC-SHA256", "hmac-sha256", 1)
+                .parse::<KekFingerprint>()
+                .unwrap(),
+            fp
+        );
         assert!(kek.matches(&fp));
         let other = Kek::from_slice(&[0x0c; 32]).unwrap();
         assert!(!other.matches(&fp));
         assert_ne!(other.fingerprint(), fp);
-        // The fingerprint is not the key and does not contain it.
-        assert_ne!(fp.as_bytes(), kek.as_bytes());
+        // Not the key, and not a plain hash of it.
+        assert_ne!(fp.as_bytes(), kek.expose());
+        use sha2::Digest;
+        assert_ne!(&fp.0[..], &Sha256::digest([0x0b; 32])[..]);
         let json = serde_json::to_string(&fp).unwrap();
         assert_eq!(json, format!("\"{text}\""));
         assert_eq!(serde_json::from_str::<KekFingerprint>(&json).unwrap(), fp);
+        assert_eq!(format!("{fp:?}"), format!("KekFingerprint({text})"));
     }
 
     #[test]
@@ -174,6 +248,10 @@ mod tests {
         assert!(good.parse::<KekFingerprint>().is_ok());
         assert!(good[1..].parse::<KekFingerprint>().is_err());
         assert!(good[..good.len() - 1].parse::<KekFingerprint>().is_err());
+        assert!(format!("{good}0").parse::<KekFingerprint>().is_err());
+        assert!(good["hmac-sha256:".len()..]
+            .parse::<KekFingerprint>()
+            .is_err());
         let mut non_hex = good.clone();
         non_hex.replace_range(20..21, "g");
         assert!(non_hex.parse::<KekFingerprint>().is_err());
@@ -183,9 +261,17 @@ mod tests {
     }
 
     #[test]
-    fn kek_requires_exactly_32_bytes() {
+    fn kek_requires_exactly_32_bytes_and_prints_redacted() {
         assert!(Kek::from_slice(&[0; 31]).is_none());
         assert!(Kek::from_slice(&[0; 33]).is_none());
-        assert_eq!(Kek::from_slice(&[5; 32]).unwrap().as_bytes(), &[5; 32]);
+        assert_eq!(Kek::from_slice(&[5; 32]).unwrap().expose(), &[5; 32]);
+        let kek = Kek::from_slice(&[9; 32]).unwrap();
+        assert_eq!(
+            format!("{kek:?} {kek:#?}"),
+            "Kek(<redacted>) Kek(<redacted>)"
+        );
+        let a = Kek::generate().expect("rng");
+        let b = Kek::generate().expect("rng");
+        assert_ne!(a.expose(), b.expose());
     }
 }

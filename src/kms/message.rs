@@ -17,7 +17,7 @@ use kmip_protocol::types::request::{
     TemplateAttribute,
 };
 
-use super::key::{Kek, KeyId, KEK_LEN};
+use super::key::{Kek, KeyId, KEK_BYTES};
 use super::ttlv::{self, Item, TtlvError};
 
 /// KMIP tags used when reading responses (KMIP 1.0 §9.1.3.1).
@@ -93,7 +93,7 @@ pub enum ProtocolError {
     KeyFormat(u32),
     #[error("Get returned algorithm {0:#x}, expected AES")]
     NotAes(u32),
-    #[error("Get returned {0} key bytes, expected {KEK_LEN}")]
+    #[error("Get returned {0} key bytes, expected {KEK_BYTES}")]
     KeyLength(usize),
     #[error("response length {length} exceeds the limit")]
     ResponseTooLarge { length: u32 },
@@ -666,7 +666,7 @@ mod tests {
             panic!("expected success");
         };
         let kek = symmetric_key(payload).unwrap();
-        assert_eq!(&kek.as_bytes()[..], &key[..]);
+        assert_eq!(&kek.expose()[..], &key[..]);
         // The same bytes are not an answer to another operation.
         assert!(matches!(
             parse_response(&bytes, Operation::Create),

@@ -13,7 +13,8 @@
 //! * [`tls`] — rustls client configuration from CA bundle, client certificate and key.
 //! * [`client`] — one connection to one server with connect/response timeouts.
 //! * [`cluster`] — ordered servers, failover, per-server status, configuration.
-//! * [`key`] — the zeroizing [`Kek`], [`KeyId`] and [`KekFingerprint`].
+//! * [`key`] — the zeroizing [`Kek`] and its [`KekFingerprint`] (the only definitions in the
+//!   crate; `keys` re-exports them), and [`KeyId`].
 //!
 //! See `docs/kms.md` for semantics and for running PyKMIP during development.
 
@@ -32,6 +33,6 @@ pub use cluster::{
     check_fingerprint, CreatedKek, KmsCluster, KmsClusterConfig, Served, ServerStatus,
 };
 pub use error::{KmsConfigError, KmsError, Phase};
-pub use key::{Kek, KekFingerprint, KeyId, KEK_LEN};
+pub use key::{Kek, KekFingerprint, KeyId, KEK_BYTES};
 pub use message::{ProtocolVersion, ResultReason, ResultStatus, RevocationReason, ServerInfo};
 pub use tls::TlsMaterial;
