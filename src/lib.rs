@@ -10,14 +10,18 @@
 //! * [`crypto`] — the AES-256-XTS engine (tiered `core::arch` kernels) and the crypto bdev.
 //! * [`stats`] — HDR latency histograms recorded per reactor, merged off the data path.
 //! * [`config`] — the YAML schema and its validation (errors carry key, line and column).
+//! * [`leak`] — secret detection (field names, values, encodings), to redact and to test.
+//! * [`audit`] — the audit trail of changes, a service below both [`rpc`] and [`keys`].
 //! * [`tools`] — `bdevperf` and other engine-level tools driven from the CLI.
 
+pub mod audit;
 pub mod bdev;
 pub mod bundle;
 pub mod config;
 pub mod crypto;
 pub mod keys;
 pub mod kms;
+pub mod leak;
 pub mod nvme;
 pub mod nvmf;
 pub mod reactor;

@@ -16,6 +16,7 @@
 //! allow-list, RAM budgets; see `tools::stack::Stacks::open_rpc`), and every call, allowed or
 //! refused, is in the audit trail.
 
+use crate::audit::{AuditSink, JsonlAuditSink};
 use crate::bdev::late::LateBdev;
 use crate::bdev::uring::BackingId;
 use crate::bdev::Bdev;
@@ -25,7 +26,6 @@ use crate::keys::manager::{KeyManager, ManagerOptions, NamespaceKeyConfig, Rekey
 use crate::nvmf::conn::Connection;
 use crate::nvmf::target::{Listener, PortId, Target};
 use crate::reactor::{busy_pct, Mailboxes, Poller, ReactorSet};
-use crate::rpc::audit::{AuditSink, JsonlAuditSink};
 use crate::rpc::config::NamespacePolicy;
 use crate::rpc::{parse_params, Role, RpcError, RpcHandle, RpcServer};
 use crate::stats::reactor as ns_stats;
