@@ -12,7 +12,9 @@
 //! * [`config`] — the YAML schema and its validation (errors carry key, line and column).
 //! * [`leak`] — secret detection (field names, values, encodings), to redact and to test.
 //! * [`audit`] — the audit trail of changes, a service below both [`rpc`] and [`keys`].
-//! * [`tools`] — `bdevperf` and other engine-level tools driven from the CLI.
+//! * [`stack`] — builds the bdev stacks a config (or a `namespace.create` call) describes.
+//! * [`server`] — `nvseal serve`: the target, the key manager and the control socket together.
+//! * [`tools`] — `bdevperf` and `perf`, engine-level tools driven from the CLI.
 
 pub mod audit;
 pub mod bdev;
@@ -27,6 +29,7 @@ pub mod nvmf;
 pub mod reactor;
 pub mod rpc;
 pub mod server;
+pub mod stack;
 pub mod stats;
 pub mod sys;
 pub mod tools;
