@@ -21,7 +21,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use thiserror::Error;
 
-use crate::rpc::leak::{looks_like_secret_name, secret_token_ranges};
+use crate::leak::{looks_like_secret_name, secret_token_ranges};
 
 /// Directory every entry of the archive lives under.
 pub const BUNDLE_ROOT: &str = "nvseal-bundle";

@@ -10,19 +10,26 @@
 //! * [`crypto`] — the AES-256-XTS engine (tiered `core::arch` kernels) and the crypto bdev.
 //! * [`stats`] — HDR latency histograms recorded per reactor, merged off the data path.
 //! * [`config`] — the YAML schema and its validation (errors carry key, line and column).
-//! * [`tools`] — `bdevperf` and other engine-level tools driven from the CLI.
+//! * [`leak`] — secret detection (field names, values, encodings), to redact and to test.
+//! * [`audit`] — the audit trail of changes, a service below both [`rpc`] and [`keys`].
+//! * [`stack`] — builds the bdev stacks a config (or a `namespace.create` call) describes.
+//! * [`server`] — `nvseal serve`: the target, the key manager and the control socket together.
+//! * [`tools`] — `bdevperf` and `perf`, engine-level tools driven from the CLI.
 
+pub mod audit;
 pub mod bdev;
 pub mod bundle;
 pub mod config;
 pub mod crypto;
 pub mod keys;
 pub mod kms;
+pub mod leak;
 pub mod nvme;
 pub mod nvmf;
 pub mod reactor;
 pub mod rpc;
 pub mod server;
+pub mod stack;
 pub mod stats;
 pub mod sys;
 pub mod tools;

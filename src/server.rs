@@ -13,9 +13,10 @@
 //! it to the target (connections pick it up on their own reactors, see `nvmf::target`), and for
 //! a managed-key namespace registers it with the key manager, which brings it online when its
 //! key arrives. What such a stack may use is bounded by `rpc.namespaces` (backing paths from an
-//! allow-list, RAM budgets; see `tools::stack::Stacks::open_rpc`), and every call, allowed or
+//! allow-list, RAM budgets; see `stack::Stacks::open_rpc`), and every call, allowed or
 //! refused, is in the audit trail.
 
+use crate::audit::{AuditSink, JsonlAuditSink};
 use crate::bdev::late::LateBdev;
 use crate::bdev::uring::BackingId;
 use crate::bdev::Bdev;
@@ -25,11 +26,10 @@ use crate::keys::manager::{KeyManager, ManagerOptions, NamespaceKeyConfig, Rekey
 use crate::nvmf::conn::Connection;
 use crate::nvmf::target::{Listener, PortId, Target};
 use crate::reactor::{busy_pct, Mailboxes, Poller, ReactorSet};
-use crate::rpc::audit::{AuditSink, JsonlAuditSink};
 use crate::rpc::config::NamespacePolicy;
 use crate::rpc::{parse_params, Role, RpcError, RpcHandle, RpcServer};
+use crate::stack::{RpcLimits, Stacks};
 use crate::stats::reactor as ns_stats;
-use crate::tools::stack::{RpcLimits, Stacks};
 use crate::types::CoreId;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -46,7 +46,7 @@ pub enum ServerError {
     #[error(transparent)]
     Reactor(#[from] crate::reactor::ReactorError),
     #[error(transparent)]
-    Stack(#[from] crate::tools::stack::StackError),
+    Stack(#[from] crate::stack::StackError),
     #[error("nvmf: {0}")]
     Target(String),
     #[error("listen on {addr}: {source}")]
@@ -797,7 +797,7 @@ impl Dynamic {
             hugepage_bytes_used,
         };
         let stacks = Stacks::open_rpc(&cfg, &limits).map_err(|e| {
-            use crate::tools::stack::StackError;
+            use crate::stack::StackError;
             match e {
                 StackError::Denied { field, what } => RpcError::new(
                     crate::rpc::error::PERMISSION_DENIED,

@@ -141,7 +141,7 @@ fn bundle_round_trip_with_the_age_crate() {
 
     // The password is nowhere in the file, in any encoding.
     let bytes = std::fs::read(&out).unwrap();
-    nvseal::rpc::leak::assert_no_secret(&bytes, PASSWORD.as_bytes(), "bundle file");
+    nvseal::leak::assert_no_secret(&bytes, PASSWORD.as_bytes(), "bundle file");
     // A wrong password is refused.
     let wrong = read_bundle(&out, &SecretString::from("tr0ub4dor&3-wrong-horse"));
     assert!(matches!(wrong, Err(BundleError::Age(_))), "{wrong:?}");

@@ -10,12 +10,12 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nvseal::leak::{assert_no_secret, find_secret};
 use nvseal::rpc::client::{self, ClientError, ClientOptions};
 use nvseal::rpc::error::{
     BUSY, INTERNAL_ERROR, INVALID_PARAMS, INVALID_REQUEST, METHOD_NOT_FOUND, PARSE_ERROR,
     PERMISSION_DENIED,
 };
-use nvseal::rpc::leak::{assert_no_secret, find_secret};
 use nvseal::rpc::Role;
 use nvseal::rpc::{
     parse_params, RoleMembers, RpcConfig, RpcError, RpcHandle, RpcServer, ServeError, SocketMode,

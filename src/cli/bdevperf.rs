@@ -1,15 +1,15 @@
 //! `nvseal bdevperf`: command-line driver of [`nvseal::tools::bdevperf`].
 
+use super::units::{parse_duration, parse_size};
 use super::{fail, load_config, EXIT_FAILED, EXIT_STARTUP, EXIT_USAGE};
 use clap::Args;
 use nvseal::config::{BdevConfig, Config, CryptoBdevConfig, DevKeySource};
 use nvseal::reactor::ReactorSet;
+use nvseal::stack::Stacks;
 use nvseal::tools::bdevperf::{
     print_table, run_phase, time_xts_kernel, JobSpec, KernelTime, Ratios, Side, SideReport,
     SideResult, Until, Workload,
 };
-use nvseal::tools::stack::Stacks;
-use nvseal::tools::units::{parse_duration, parse_size};
 use serde::Serialize;
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;

@@ -13,10 +13,10 @@
 
 use super::{fail, EXIT_FAILED, EXIT_STARTUP, EXIT_USAGE};
 use clap::Args;
+use nvseal::audit::{AuditSink, JsonlAuditSink};
 use nvseal::config::BdevConfig;
 use nvseal::keys::header::METADATA_REGION_BYTES;
 use nvseal::keys::manager::{FormatDeviceError, KeyManager, ManagerOptions, NamespaceKeyConfig};
-use nvseal::rpc::audit::{AuditSink, JsonlAuditSink};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -11,6 +11,7 @@ pub mod format;
 pub mod perf;
 pub mod rpc;
 pub mod serve;
+pub mod units;
 
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_USAGE: u8 = 2;

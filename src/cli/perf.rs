@@ -1,6 +1,7 @@
 //! `nvseal perf`: command-line driver of [`nvseal::tools::nvmeperf`], the NVMe/TCP load
 //! generator. Parses options, prints progress on stderr, and the table or JSON on stdout.
 
+use super::units::{parse_duration, parse_size};
 use super::{fail, EXIT_FAILED, EXIT_STARTUP, EXIT_USAGE};
 use clap::Args;
 use nvseal::nvmf::pdu::Digests;
@@ -8,7 +9,6 @@ use nvseal::reactor::placement::{parse_cpu_list, Placement};
 use nvseal::reactor::ReactorOptions;
 use nvseal::tools::bdevperf::{JobSpec, Workload};
 use nvseal::tools::nvmeperf::{self, PerfConfig, PerfError, TargetSpec};
-use nvseal::tools::units::{parse_duration, parse_size};
 use std::io::{IsTerminal, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;

@@ -183,7 +183,7 @@ pub struct NamespaceKeyConfig {
 /// uid/gid/pid; the boot path passes `"nvseal"`), `op` one of `format`, `unlock`, `kek-create`,
 /// `rekey`, `revoke`, `target` a namespace id or `provider/kek-id`, `result` `ok` or
 /// `error: <reason>`. Called on control threads; implementations must not panic.
-pub use crate::rpc::audit::AuditSink;
+pub use crate::audit::AuditSink;
 
 /// Appends one JSON object per line to a file, made durable with `fdatasync` per record:
 /// `{"time":"2026-11-28T01:02:03.456Z","unix_ms":…,"who":…,"op":…,"target":…,"result":…}`.

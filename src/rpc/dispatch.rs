@@ -13,9 +13,9 @@ use std::time::Instant;
 
 use serde_json::{json, Map, Value};
 
-use super::audit::{summarize_params, AuditSink};
 use super::error::RpcError;
 use super::{CallContext, Caller, Role, RoleSet};
+use crate::audit::{summarize_params, AuditSink};
 
 /// A method body: gets the call context and the params (`null` when absent), returns the
 /// result or an error. Runs on a connection thread and may block.
@@ -304,7 +304,7 @@ impl Dispatcher {
         // Everything that may change state is audited (DESIGN: "every mutating call is
         // audited"), including refusals; read-only calls are not.
         let audited = entry.role != Role::Viewer;
-        let note = super::audit::AuditNote::default();
+        let note = crate::audit::AuditNote::default();
         let result = if !roles.contains(entry.role) {
             Err(RpcError::permission_denied(
                 method, entry.role, caller.uid, caller.gid,

@@ -1,5 +1,6 @@
 //! The control socket: JSON-RPC 2.0 over a unix stream socket, with roles checked against the
-//! peer's credentials (SO_PEERCRED), an audit trail of key operations, and the client the CLI
+//! peer's credentials (SO_PEERCRED), an audit trail of key operations (written through
+//! [`crate::audit`], the layer below both this module and `keys`), and the client the CLI
 //! (`nvseal rpc`) uses.
 //!
 //! Threads: [`server`] runs one control thread that accepts connections and one short-lived
@@ -12,20 +13,16 @@
 //! * [`frame`] — newline-delimited framing with a size cap and a deadline.
 //! * [`dispatch`] — request validation, the method registry, role checks, auditing.
 //! * [`server`] — the socket, the accept loop, connection threads, shutdown.
-//! * [`audit`] — [`AuditSink`] and the JSON-lines file sink.
 //! * [`client`] — [`client::call`] and the CLI helper [`client::cli_main`].
-//! * [`leak`] — finds secret bytes (raw, hex, base64, byte arrays) in a response; for tests.
 //!
 //! Wire rules (docs/rpc.md): one JSON value per line; responses never contain key material;
 //! params of crypto-role methods are never logged, only a redacted summary.
 
-pub mod audit;
 pub mod client;
 pub mod config;
 pub mod dispatch;
 pub mod error;
 pub mod frame;
-pub mod leak;
 pub mod server;
 
 use std::fmt;
@@ -33,7 +30,6 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-pub use audit::{AuditNote, AuditSink, JsonlAuditSink};
 pub use config::{RoleMap, RoleMembers, RpcConfig, RpcConfigError, SocketMode};
 pub use dispatch::{Handler, MethodInfo, Registry};
 pub use error::RpcError;
@@ -135,7 +131,7 @@ pub struct CallContext {
     /// The method name as called.
     pub method: String,
     /// What the handler wants its audit record to name (admin and crypto methods are audited).
-    pub audit: audit::AuditNote,
+    pub audit: crate::audit::AuditNote,
 }
 
 /// Decodes `params` into `T`, mapping failures to -32602 with the offending path in the

@@ -23,12 +23,12 @@ use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use serde_json::Value;
 use thiserror::Error;
 
-use super::audit::{AuditSink, JsonlAuditSink};
 use super::config::{RpcConfig, RpcConfigError};
 use super::dispatch::{error_response, Dispatcher, Handler, Registry, ServerCounters};
 use super::error::RpcError;
 use super::frame::{FrameError, LineReader};
 use super::{CallContext, Caller, Role, RoleSet};
+use crate::audit::{AuditSink, JsonlAuditSink};
 
 /// How long the "busy" refusal may take to write to a connection over the limit.
 const BUSY_WRITE_TIMEOUT: Duration = Duration::from_millis(200);

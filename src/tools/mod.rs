@@ -1,7 +1,6 @@
 //! Engine-level tools driven from the CLI: [`bdevperf`] (SPDK's bdevperf for nvseal's bdev
-//! stacks) and the bdev stack builder they share with `serve`.
+//! stacks) and [`nvmeperf`] (`nvseal perf`, an NVMe/TCP load generator). The bdev stack builder
+//! they used to share with `serve` is [`crate::stack`].
 
 pub mod bdevperf;
 pub mod nvmeperf;
-pub mod stack;
-pub mod units;

@@ -5,6 +5,10 @@
 //! Records are written by the RPC connection thread that served the call, after the handler
 //! returns. [`JsonlAuditSink`] appends one JSON object per line to a file and syncs it, so a
 //! crash cannot lose an acknowledged operation's record.
+//!
+//! It is its own module, below both the control socket (`rpc`, which records every call) and
+//! key management (`keys`, which takes an [`AuditSink`] for the operations it runs itself), so
+//! neither depends on the other for it. It uses only [`crate::leak`] to redact.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
@@ -15,12 +19,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
-use super::leak::{looks_like_secret_name, looks_like_secret_value};
+use crate::leak::{looks_like_secret_name, looks_like_secret_value};
 
 /// What a handler adds to the audit record of its own call: what it acted on, in its own
 /// words (`nqn.x nsid 3 bdevs ram1=malloc(...)`), when the redacted params summary would say
 /// too little (nested params show only as `<array:N>`). Never a secret. Shared by the clones
-/// of one [`crate::rpc::CallContext`]; the dispatcher reads it after the handler returns.
+/// of one RPC call's context (`rpc::CallContext`); the RPC dispatcher reads it after the handler returns.
 #[derive(Debug, Clone, Default)]
 pub struct AuditNote(std::sync::Arc<Mutex<Option<String>>>);
 

@@ -4,6 +4,10 @@
 //! be granted by the allow-list and are opened beneath it, a file or device under an encrypted
 //! bdev (or holding an nvseal key header) is never handed out raw, and RAM disks count against
 //! the memory budgets.
+//!
+//! It lives at the server level, next to [`crate::server`], its main user (`nvseal bdevperf`
+//! opens the same stacks), because it composes every layer below it: bdev backends, the crypto
+//! bdev, key headers and the `rpc.namespaces` policy.
 
 use crate::bdev::late::LateBdev;
 use crate::bdev::uring::UringConfig;

@@ -1,4 +1,7 @@
 //! Parsing sizes (`4k`, `512KiB`, `1G`) and durations (`10`, `500ms`, `2m`) from the command line.
+//!
+//! Pure functions, called on the main thread while arguments are parsed. Only the CLI
+//! (`bdevperf`, `perf`) reads such values, so they live here rather than in the library.
 
 /// Parses a byte size: plain bytes or a binary suffix (k/K/KiB = 1024, m/M/MiB, g/G/GiB, t/T/TiB).
 pub fn parse_size(s: &str) -> Result<u64, String> {

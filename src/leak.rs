@@ -1,9 +1,12 @@
-//! Secret detection shared by the control socket and the support bundle: which field names
-//! and which string values look like key material, and a scanner that finds given secret
-//! bytes in a response in any encoding a handler might accidentally use.
+//! Secret detection shared by the control socket, the audit trail and the support bundle:
+//! which field names and which string values look like key material, and a scanner that finds
+//! given secret bytes in a response in any encoding a handler might accidentally use.
 //!
 //! Pure functions, called from any thread. The scanner exists for tests (here and in the
 //! callers' test suites): "responses never contain key material" is checked, not trusted.
+//!
+//! It sits at the bottom of the crate (it depends on nothing else here) so that [`crate::audit`]
+//! can redact with it without depending on the control socket.
 
 /// Fragments of field names whose values are treated as secrets.
 /// `dek`/`kek` catch fields that carry key material under a short name (`"dek": "..."`).
