@@ -1,0 +1,794 @@
+//! One NVMe/TCP queue pair on the target side: a non-blocking `TcpStream`, its receive and send
+//! state machines, its preallocated request slots and data buffers, and the I/O command path.
+//!
+//! A [`Connection`] is owned by one reactor for its whole life and driven by [`Connection::poll`]
+//! (a reactor poller step: it never blocks and returns the units of work done); every file of
+//! this module runs on that reactor. The admin and Fabrics command handlers live in
+//! `super::admin`; this module owns the transport and the I/O commands, split along its seams:
+//!
+//! * this file — the [`Connection`] struct, its request slots and [`ReqState`], the poll loop,
+//!   buffers, teardown, events/timers and the per-queue setup at Connect;
+//! * `recv` — the PDU receive state machine (ICReq, CapsuleCmd, H2CData, digests);
+//! * `exec` — I/O command execution: checks, bdev submission and completion, Dataset
+//!   Management, in-capsule write batching;
+//! * `xfer` — data transfer to the host: completions, C2HData/R2T/CapsuleResp on the send queue;
+//! * `namespaces` — this queue's copy of the namespace table and its bdev channels;
+//! * `shutdown` — the namespace flushes of a controller shutdown (CC.SHN).
+//!
+//! Request life: every request slot is in exactly one [`ReqState`]; every change of state goes
+//! through `Connection::transition`, which checks the move and records it (trace + counters).
+//! Slots and the buffer pool are allocated when the connection is created and at Connect; the
+//! steady state allocates nothing and takes no lock: the controller's `Mutex` is only used on the
+//! admin queue and at Connect/teardown.
+
+mod exec;
+mod namespaces;
+mod recv;
+mod shutdown;
+mod xfer;
+
+use std::collections::VecDeque;
+use std::io;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::bdev::{BdevChannel, BufPool, IoBuf, IoType};
+use crate::nvme::{Cqe, Sqe, Status};
+use crate::nvmf::pdu::{
+    self, CommonHeader, Digests, Fes, Layout, PduError, TermReq, DIGEST_LEN, MAX_HEADER_REGION,
+};
+use crate::nvmf::target::{Controller, Namespace, PortId, QueueStats, Subsystem, Target};
+use crate::stats::reactor::ConnStats;
+use crate::sys::clock;
+use crate::types::CoreId;
+
+use shutdown::ShutdownFlush;
+
+/// Bytes of the receive staging buffer: headers and small data are read through it.
+const RX_BUF_SIZE: usize = 64 * 1024;
+/// Before Connect only the Connect command is meaningful; these few small buffers hold its data
+/// (the admin queue accepts 8 KiB of in-capsule data, per the Fabrics spec).
+const BOOT_BUFS: usize = 2;
+const BOOT_BUF_SIZE: usize = 8192;
+/// Size of a request's send-header scratch: a 24-byte header, its digest, and padding up to an
+/// HPDA of 31 (128-byte alignment).
+const TX_HDR_SIZE: usize = 128;
+
+/// Errors creating a connection.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error("connection limit ({0}) reached")]
+    TooManyConnections(usize),
+    #[error("socket setup: {0}")]
+    Io(#[from] io::Error),
+    #[error("out of memory for connection buffers")]
+    NoMemory,
+}
+
+/// The life of one request slot. One enum, one comment per state; see `Connection::transition`
+/// for the allowed moves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReqState {
+    /// In the free list; owns no buffer.
+    Free,
+    /// CapsuleCmd header decoded; its in-capsule data (if any) is arriving into the request's
+    /// buffer. A command without data passes through this state on its way to dispatch.
+    RecvCapsuleData,
+    /// The command needs host data that was not in the capsule; its R2T is on the send queue.
+    R2tQueued,
+    /// The R2T went out; H2CData PDUs are arriving into the request's buffer.
+    RecvH2cData,
+    /// All data is in; the bdev channel said Busy, the request waits to be resubmitted.
+    ReadyToExecute,
+    /// Submitted to the bdev; it comes back through the channel's `poll`.
+    Executing,
+    /// An Asynchronous Event Request held until an event fires or an Abort takes it.
+    AwaitingEvent,
+    /// Its C2HData PDU is on the send queue (or partly sent).
+    TxC2hData,
+    /// Its CapsuleResp is on the send queue (or partly sent); the slot frees once it is out.
+    TxResp,
+}
+
+const N_STATES: usize = 9;
+
+impl ReqState {
+    fn index(self) -> usize {
+        self as usize
+    }
+    /// Whether a request may move from `self` to `to`.
+    fn may_move_to(self, to: ReqState) -> bool {
+        use ReqState::*;
+        match (self, to) {
+            // Any live request is released when the connection closes.
+            (_, Free) => self != Free,
+            (
+                Free,
+                RecvCapsuleData | R2tQueued | ReadyToExecute | Executing | AwaitingEvent
+                | TxC2hData | TxResp,
+            ) => true,
+            (
+                RecvCapsuleData,
+                R2tQueued | ReadyToExecute | Executing | AwaitingEvent | TxC2hData | TxResp,
+            ) => true,
+            (R2tQueued, RecvH2cData) => true,
+            (RecvH2cData, ReadyToExecute | Executing | TxC2hData | TxResp) => true,
+            (ReadyToExecute, Executing | ReadyToExecute | TxResp) => true,
+            (Executing, TxC2hData | TxResp | Executing | ReadyToExecute) => true,
+            (AwaitingEvent, TxResp) => true,
+            (TxC2hData, TxResp) => true,
+            _ => false,
+        }
+    }
+}
+
+/// One request slot.
+pub(super) struct Request {
+    pub(super) state: ReqState,
+    pub(super) sqe: Sqe,
+    /// Data buffer (host data for writes, outgoing data for reads/admin).
+    pub(super) buf: Option<IoBuf>,
+    /// The buffer came from the pre-Connect boot pool.
+    boot_buf: bool,
+    /// Host-to-controller bytes this command transfers (in capsule or by R2T).
+    xfer_len: u32,
+    /// H2CData bytes received so far.
+    h2c_done: u32,
+    /// Set by handlers whose buffer holds data for the host (reads, Identify, logs).
+    pub(super) c2h: bool,
+    pub(super) cqe: Cqe,
+    /// Bdev I/O parameters.
+    ns_idx: usize,
+    io_type: IoType,
+    io_lba: u64,
+    io_nlb: u32,
+    /// A Write with Force Unit Access (CDW12 bit 30): the bdev completes it only once durable.
+    io_fua: bool,
+    /// Dataset Management: next range to submit, number of ranges, I/Os outstanding.
+    sub_next: u16,
+    sub_total: u16,
+    sub_pending: u16,
+    sub_status: Status,
+    /// Send side: the current PDU's header, whether data + digest follow it, bytes sent.
+    tx_hdr: [u8; TX_HDR_SIZE],
+    tx_hdr_len: usize,
+    tx_data: bool,
+    tx_ddgst: [u8; DIGEST_LEN],
+    tx_off: usize,
+    /// The C2HData carries the SUCCESS flag: no CapsuleResp follows it.
+    tx_success: bool,
+    /// `clock::ticks()` when the command capsule was decoded (latency stats).
+    t_rx: u64,
+    /// A Write's in-capsule data not copied out of `rx_buf` yet: its offset and length there.
+    /// Valid until `rx_buf` is refilled; [`Connection::flush_icd`] runs before that.
+    icd_at: Option<(u32, u32)>,
+    /// The Write with `icd_at` passed every check and waits for `flush_icd` to submit it.
+    icd_go: bool,
+}
+
+impl Request {
+    fn new() -> Self {
+        Request {
+            state: ReqState::Free,
+            sqe: Sqe::default(),
+            buf: None,
+            boot_buf: false,
+            xfer_len: 0,
+            h2c_done: 0,
+            c2h: false,
+            cqe: Cqe::default(),
+            ns_idx: 0,
+            io_type: IoType::Flush,
+            io_lba: 0,
+            io_nlb: 0,
+            io_fua: false,
+            sub_next: 0,
+            sub_total: 0,
+            sub_pending: 0,
+            sub_status: Status::SUCCESS,
+            tx_hdr: [0; TX_HDR_SIZE],
+            tx_hdr_len: 0,
+            tx_data: false,
+            tx_ddgst: [0; DIGEST_LEN],
+            tx_off: 0,
+            tx_success: false,
+            t_rx: 0,
+            icd_at: None,
+            icd_go: false,
+        }
+    }
+}
+
+/// Where received data goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DataKind {
+    Capsule,
+    H2c,
+}
+
+/// Receive state machine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rx {
+    /// Accumulating a PDU header region (common header, header, digest, padding).
+    Header,
+    /// Copying `left` data bytes into request `idx`'s buffer at `off`.
+    Data {
+        idx: usize,
+        kind: DataKind,
+        off: usize,
+        left: usize,
+        start: usize,
+    },
+    /// Reading the 4-byte data digest of the data just received.
+    Digest {
+        idx: usize,
+        kind: DataKind,
+        start: usize,
+        len: usize,
+    },
+}
+
+/// Connection-level phase.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for ICReq.
+    AwaitIcReq,
+    /// Initialized; capsules flow.
+    Ready,
+    /// A TermReq (or nothing) is being flushed; no more input is read.
+    Closing,
+    /// Socket shut down; only bdev completions are still drained.
+    Closed,
+}
+
+/// A fatal transport error: the TermReq to send (if any).
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Fatal {
+    fes: Option<(Fes, u32)>,
+}
+
+impl Fatal {
+    pub(super) fn term(fes: Fes, fei: u32) -> Self {
+        Fatal {
+            fes: Some((fes, fei)),
+        }
+    }
+    fn from_pdu(e: PduError) -> Self {
+        Fatal { fes: e.fes() }
+    }
+}
+
+/// Outcome of a command handler.
+pub(super) enum Action {
+    /// Complete now with this status (data in the buffer is sent when `c2h` is set).
+    Complete(Status),
+    /// Submitted to a bdev, or held (AER): completes later.
+    Pending,
+}
+
+/// Data pool buffer alignment at least: a page, enough for O_DIRECT backends.
+const POOL_ALIGN: usize = 4096;
+
+/// One NVMe/TCP queue pair (see the module docs).
+pub struct Connection {
+    stream: TcpStream,
+    pub(super) target: Arc<Target>,
+    core: CoreId,
+    phase: Phase,
+    pub(super) dg: Digests,
+    hpda: u8,
+    // Receive side.
+    rx_buf: Box<[u8]>,
+    rx_pos: usize,
+    rx_len: usize,
+    rx: Rx,
+    rx_hdr: [u8; MAX_HEADER_REGION],
+    rx_have: usize,
+    rx_layout: Option<(CommonHeader, Layout)>,
+    rx_dig: [u8; DIGEST_LEN],
+    rx_dig_have: usize,
+    rx_crc: u32,
+    // Session.
+    pub(super) ctrl: Option<Arc<Controller>>,
+    pub(super) subsys: Option<Arc<Subsystem>>,
+    pub(super) qid: u16,
+    pub(super) sqhd_disabled: bool,
+    /// Queue depth granted at Connect (SQSIZE + 1); before Connect the boot depth.
+    pub(super) depth: usize,
+    sqhd: u16,
+    pub(super) reqs: Vec<Request>,
+    free: Vec<usize>,
+    outstanding: usize,
+    state_counts: [u32; N_STATES],
+    boot_pool: BufPool,
+    pub(super) pool: Option<BufPool>,
+    /// Bdev channel per namespace slot (index = nsid - 1), I/O queues only.
+    pub(super) channels: Vec<Option<Box<dyn BdevChannel>>>,
+    /// This queue's copy of the subsystem's namespace table (index = nsid - 1): what the I/O
+    /// path reads, so it takes no lock. Refreshed when `ns_gen` falls behind the subsystem's.
+    ns_cache: Vec<Option<Arc<Namespace>>>,
+    /// Namespace table generation `ns_cache` reflects; 0 until this is an I/O queue.
+    ns_gen: u64,
+    /// Alignment of the data pool's buffers (set at Connect).
+    pool_align: usize,
+    /// Channels of removed (or replaced) namespaces with I/O still in flight: polled until
+    /// drained, then dropped with their namespace reference.
+    retired: Vec<(Arc<Namespace>, Box<dyn BdevChannel>)>,
+    exec_queue: VecDeque<usize>,
+    /// Requests whose in-capsule data was left in `rx_buf` (`Request::icd_at`), in arrival
+    /// order; emptied by `flush_icd` before every refill of `rx_buf`.
+    icd_deferred: Vec<usize>,
+    tx_queue: VecDeque<usize>,
+    ctl_buf: [u8; 24 + pdu::TERM_MAX_DATA],
+    ctl_len: usize,
+    ctl_off: usize,
+    /// Held Asynchronous Event Requests (slot indices).
+    pub(super) aers: Vec<usize>,
+    pub(super) ka_deadline: Option<Instant>,
+    /// Deadline for completing Fabrics Connect (cleared once connected).
+    pub(super) connect_deadline: Option<Instant>,
+    pub(super) stats: Arc<QueueStats>,
+    /// This connection's handles into its reactor's per-namespace latency stats.
+    io_stats: ConnStats,
+    /// The target port (listener) it was accepted on: Connect and discovery are scoped to it.
+    pub(super) port: PortId,
+    /// The host's address, for the log.
+    pub(super) peer: Option<std::net::SocketAddr>,
+    /// Flushes of a controller shutdown in progress (admin queue only; empty otherwise).
+    shutdown: Vec<ShutdownFlush>,
+    /// A shutdown flush failed: CSTS.SHST never reports complete for it.
+    shutdown_failed: bool,
+}
+
+impl Connection {
+    /// Wraps a stream accepted on target port `port` (see [`Target::port_for`]): only the
+    /// subsystems linked to that port can be connected to through it. Fails if the target's
+    /// connection limit is reached. Request slots for the deepest queue allowed are allocated
+    /// here; data buffers at Connect.
+    pub fn new(
+        stream: TcpStream,
+        target: Arc<Target>,
+        core: CoreId,
+        port: PortId,
+    ) -> Result<Connection, ConnError> {
+        if !target.claim_connection() {
+            return Err(ConnError::TooManyConnections(target.limits.max_connections));
+        }
+        let prep = || -> Result<BufPool, ConnError> {
+            stream.set_nonblocking(true)?;
+            stream.set_nodelay(true)?;
+            BufPool::new(BOOT_BUFS, BOOT_BUF_SIZE, 64).map_err(|_| ConnError::NoMemory)
+        };
+        let boot_pool = match prep() {
+            Ok(p) => p,
+            Err(e) => {
+                target.release_connection();
+                return Err(e);
+            }
+        };
+        let slots = usize::from(
+            target
+                .limits
+                .max_queue_depth
+                .max(target.limits.max_admin_queue_depth),
+        );
+        let connect_timeout_ms = target.limits.connect_timeout_ms;
+        // Calibrated once per process (reactors do it at start); never on the first I/O.
+        clock::ticks_per_ns();
+        let mut reqs = Vec::with_capacity(slots);
+        reqs.resize_with(slots, Request::new);
+        let peer = stream.peer_addr().ok();
+        Ok(Connection {
+            stream,
+            target,
+            core,
+            phase: Phase::AwaitIcReq,
+            dg: Digests::default(),
+            hpda: 0,
+            rx_buf: vec![0u8; RX_BUF_SIZE].into_boxed_slice(),
+            rx_pos: 0,
+            rx_len: 0,
+            rx: Rx::Header,
+            rx_hdr: [0; MAX_HEADER_REGION],
+            rx_have: 0,
+            rx_layout: None,
+            rx_dig: [0; DIGEST_LEN],
+            rx_dig_have: 0,
+            rx_crc: 0,
+            ctrl: None,
+            subsys: None,
+            qid: 0,
+            sqhd_disabled: false,
+            depth: BOOT_BUFS,
+            sqhd: 0,
+            reqs,
+            free: (0..slots).rev().collect(),
+            outstanding: 0,
+            state_counts: [0; N_STATES],
+            boot_pool,
+            pool: None,
+            channels: Vec::new(),
+            ns_cache: Vec::new(),
+            ns_gen: 0,
+            pool_align: POOL_ALIGN,
+            retired: Vec::new(),
+            exec_queue: VecDeque::with_capacity(slots),
+            icd_deferred: Vec::with_capacity(slots),
+            tx_queue: VecDeque::with_capacity(slots * 2),
+            ctl_buf: [0; 24 + pdu::TERM_MAX_DATA],
+            ctl_len: 0,
+            ctl_off: 0,
+            aers: Vec::with_capacity(crate::nvmf::target::MAX_AERS),
+            ka_deadline: None,
+            connect_deadline: Some(
+                Instant::now() + Duration::from_millis(u64::from(connect_timeout_ms)),
+            ),
+            stats: Arc::new(QueueStats::default()),
+            io_stats: ConnStats::default(),
+            port,
+            peer,
+            shutdown: Vec::new(),
+            shutdown_failed: false,
+        })
+    }
+
+    /// The reactor core this connection was created for.
+    pub fn core(&self) -> CoreId {
+        self.core
+    }
+
+    /// Queue id (valid after Connect; 0 = admin).
+    pub fn qid(&self) -> u16 {
+        self.qid
+    }
+
+    /// True once the socket is shut down and no I/O is left at a bdev: the owner may drop it.
+    pub fn is_closed(&self) -> bool {
+        self.phase == Phase::Closed && self.bdev_in_flight() == 0
+    }
+
+    /// Requests not in the free list (commands being received, executed or answered).
+    pub fn in_flight(&self) -> usize {
+        self.outstanding
+    }
+
+    /// Requests per state (indexed as [`ReqState`] is declared), for stats and tests.
+    pub fn state_counts(&self) -> [u32; N_STATES] {
+        self.state_counts
+    }
+
+    fn bdev_in_flight(&self) -> usize {
+        self.channels
+            .iter()
+            .flatten()
+            .map(|c| c.in_flight())
+            .sum::<usize>()
+            + self
+                .retired
+                .iter()
+                .map(|(_, c)| c.in_flight())
+                .sum::<usize>()
+            + self.shutdown.iter().filter(|f| !f.done).count()
+    }
+
+    /// One poll step: namespace changes, bdev completions, parked submissions, input,
+    /// events/timers, output.
+    pub fn poll(&mut self) -> usize {
+        let mut work = 0;
+        if self.ns_gen != 0 {
+            if self.refresh_namespaces() {
+                work += 1;
+            }
+            if !self.retired.is_empty() {
+                work += self.poll_retired();
+            }
+        }
+        work += self.poll_bdevs();
+        if !self.shutdown.is_empty() {
+            // Also after the host hung up: the flush it asked for still runs to the end.
+            work += self.poll_shutdown();
+        }
+        if self.phase == Phase::Closed {
+            return work;
+        }
+        work += self.retry_exec();
+        if matches!(self.phase, Phase::AwaitIcReq | Phase::Ready) {
+            work += self.poll_recv();
+        }
+        if self.phase == Phase::Ready && self.ctrl.is_some() {
+            work += self.poll_events();
+        } else if let Some(deadline) = self.connect_deadline {
+            if self.ctrl.is_none() && Instant::now() > deadline {
+                tracing::info!("no Fabrics Connect before the connect timeout, closing");
+                self.close_now("connect timeout");
+                return work + 1;
+            }
+        }
+        work += self.flush_tx();
+        work
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Request state.
+
+    /// The one place a request changes state: checks the move, keeps the counters and the free
+    /// list, and traces it.
+    pub(super) fn transition(&mut self, idx: usize, to: ReqState) {
+        let r = &mut self.reqs[idx];
+        let from = r.state;
+        debug_assert!(
+            from.may_move_to(to),
+            "request {idx}: illegal move {from:?} -> {to:?}"
+        );
+        tracing::trace!(
+            qid = self.qid,
+            cid = r.sqe.cid,
+            slot = idx,
+            ?from,
+            ?to,
+            "request state"
+        );
+        r.state = to;
+        if from != ReqState::Free {
+            self.state_counts[from.index()] -= 1;
+        }
+        if to == ReqState::Free {
+            self.outstanding -= 1;
+            self.free.push(idx);
+        } else {
+            self.state_counts[to.index()] += 1;
+            if from == ReqState::Free {
+                self.outstanding += 1;
+            }
+        }
+    }
+
+    /// Returns the request's buffer to its pool.
+    pub(super) fn put_buf(&mut self, idx: usize) {
+        let r = &mut self.reqs[idx];
+        if let Some(b) = r.buf.take() {
+            if r.boot_buf {
+                self.boot_pool.put(b);
+            } else if let Some(p) = self.pool.as_mut() {
+                p.put(b);
+            }
+        }
+    }
+
+    /// Gives request `idx` a buffer of `len` bytes from the current pool.
+    pub(super) fn take_buf(&mut self, idx: usize, len: usize) -> bool {
+        self.put_buf(idx);
+        let (b, boot) = match self.pool.as_mut() {
+            Some(p) => (p.get(len), false),
+            None => (self.boot_pool.get(len), true),
+        };
+        let r = &mut self.reqs[idx];
+        r.boot_buf = boot;
+        r.buf = b;
+        r.buf.is_some()
+    }
+
+    fn release(&mut self, idx: usize) {
+        let r = &mut self.reqs[idx];
+        r.icd_at = None;
+        r.icd_go = false;
+        self.put_buf(idx);
+        self.transition(idx, ReqState::Free);
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Teardown.
+
+    /// Reports a fatal transport error with a C2HTermReq (when the spec defines one) and closes.
+    fn fatal(&mut self, f: Fatal) {
+        if let Some((fes, fei)) = f.fes {
+            tracing::warn!(
+                qid = self.qid,
+                ?fes,
+                fei,
+                "fatal NVMe/TCP error, sending C2HTermReq"
+            );
+            let offending_len = self.rx_have.min(pdu::TERM_MAX_DATA);
+            let mut off = [0u8; pdu::TERM_MAX_DATA];
+            off[..offending_len].copy_from_slice(&self.rx_hdr[..offending_len]);
+            let n = pdu::encode_term_req(
+                &mut self.ctl_buf,
+                true,
+                &TermReq {
+                    fes: fes as u16,
+                    fei,
+                },
+                &off[..offending_len],
+            );
+            self.ctl_len = n;
+            self.ctl_off = 0;
+            self.drop_requests();
+            self.phase = Phase::Closing;
+        } else {
+            self.close_now("fatal transport error");
+        }
+    }
+
+    /// Releases every request that is not at a bdev; those free when their I/O comes back.
+    fn drop_requests(&mut self) {
+        self.tx_queue.clear();
+        self.exec_queue.clear();
+        self.aers.clear();
+        for i in 0..self.reqs.len() {
+            let s = self.reqs[i].state;
+            if s != ReqState::Free && s != ReqState::Executing {
+                self.release(i);
+            }
+        }
+    }
+
+    pub(super) fn close_now(&mut self, why: &str) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        tracing::debug!(qid = self.qid, why, "closing NVMe/TCP connection");
+        self.drop_requests();
+        let _ = self.stream.shutdown(Shutdown::Both);
+        self.phase = Phase::Closed;
+        self.teardown_controller();
+    }
+
+    fn teardown_controller(&mut self) {
+        let Some(c) = self.ctrl.take() else { return };
+        if self.qid == 0 {
+            c.kill();
+            self.target.remove_controller(c.cntlid);
+        } else {
+            let mut a = c.admin();
+            if let Some(q) = a.io_qids.get_mut(usize::from(self.qid)) {
+                *q = false;
+            }
+            let me = Arc::as_ptr(&self.stats);
+            a.queue_stats.retain(|s| Arc::as_ptr(s) != me);
+            let mut retired = a.retired;
+            self.stats.add_to(&mut retired);
+            a.retired = retired;
+        }
+    }
+
+    // ----------------------------------------------------------------------------------------
+    // Events and timers (admin queue) / controller liveness (I/O queues).
+
+    fn poll_events(&mut self) -> usize {
+        let Some(c) = self.ctrl.as_ref() else {
+            return 0;
+        };
+        if self.qid != 0 {
+            if c.is_dead() {
+                self.close_now("controller gone");
+                return 1;
+            }
+            return 0;
+        }
+        let cntlid = c.cntlid;
+        let mut work = 0;
+        if c.event_pending.swap(false, Ordering::AcqRel) {
+            work += self.deliver_events();
+        }
+        if let Some(deadline) = self.ka_deadline {
+            if Instant::now() > deadline {
+                tracing::warn!(
+                    cntlid,
+                    "keep alive timeout expired, tearing the controller down"
+                );
+                self.close_now("keep alive timeout");
+                return work + 1;
+            }
+        }
+        work
+    }
+
+    pub(super) fn sqhd_disabled_flag(cattr: u8) -> bool {
+        cattr & crate::nvme::connect::CATTR_DISABLE_SQ_FLOW != 0
+    }
+
+    /// Allocates the data pool and opens bdev channels after a successful Connect.
+    pub(super) fn setup_queue(&mut self, depth: usize, io_queue: bool) -> Result<(), Status> {
+        let l = self.target.limits;
+        let subsys = self.subsys.clone().ok_or(Status::INTERNAL_ERROR)?;
+        // Page alignment suits every backend (O_DIRECT included), so namespaces added after
+        // Connect can use this pool too.
+        let align = subsys
+            .namespaces()
+            .iter()
+            .map(|n| n.bdev.buf_align())
+            .max()
+            .unwrap_or(POOL_ALIGN)
+            .max(POOL_ALIGN);
+        self.pool_align = align;
+        let pool = BufPool::new(depth, l.max_io_size as usize, align)
+            .map_err(|_| Status::INTERNAL_ERROR)?;
+        self.pool = Some(pool);
+        self.depth = depth;
+        self.sqhd = 0;
+        if io_queue {
+            self.sync_namespaces();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.close_now("dropped");
+        self.target.release_connection();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ReqState::*;
+
+    const ALL: [ReqState; N_STATES] = [
+        Free,
+        RecvCapsuleData,
+        R2tQueued,
+        RecvH2cData,
+        ReadyToExecute,
+        Executing,
+        AwaitingEvent,
+        TxC2hData,
+        TxResp,
+    ];
+
+    #[test]
+    fn state_indices_are_dense() {
+        for (i, s) in ALL.iter().enumerate() {
+            assert_eq!(s.index(), i);
+        }
+    }
+
+    #[test]
+    fn transition_table() {
+        // Every live state can be released (connection teardown); Free cannot be freed again.
+        for s in ALL {
+            assert_eq!(s.may_move_to(Free), s != Free, "{s:?} -> Free");
+        }
+        // The write path through R2T, the read path, and an AER.
+        let write = [
+            Free,
+            RecvCapsuleData,
+            R2tQueued,
+            RecvH2cData,
+            ReadyToExecute,
+            Executing,
+            TxResp,
+            Free,
+        ];
+        let read = [
+            Free,
+            RecvCapsuleData,
+            ReadyToExecute,
+            Executing,
+            TxC2hData,
+            TxResp,
+            Free,
+        ];
+        let aer = [Free, RecvCapsuleData, AwaitingEvent, TxResp, Free];
+        for path in [&write[..], &read[..], &aer[..]] {
+            for w in path.windows(2) {
+                assert!(w[0].may_move_to(w[1]), "{:?} -> {:?}", w[0], w[1]);
+            }
+        }
+        // Moves that would mean a bug.
+        for (a, b) in [
+            (R2tQueued, Executing),
+            (RecvH2cData, R2tQueued),
+            (TxResp, TxC2hData),
+            (TxResp, Executing),
+            (AwaitingEvent, Executing),
+            (Executing, RecvH2cData),
+            (TxC2hData, Executing),
+        ] {
+            assert!(!a.may_move_to(b), "{a:?} -> {b:?} must be refused");
+        }
+    }
+}
