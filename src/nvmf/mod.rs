@@ -16,6 +16,7 @@ mod admin;
 pub mod config;
 pub mod conn;
 pub mod host;
+pub mod listener;
 pub mod pdu;
 pub mod target;
 

@@ -1,5 +1,6 @@
 //! The target's shared state: subsystems and their namespaces, the discovery subsystem, the
-//! controller registry (dynamic controller model), and the TCP [`Listener`].
+//! controller registry (dynamic controller model). The TCP [`Listener`] lives in
+//! `nvmf::listener` and is re-exported here.
 //!
 //! A [`Target`] is built once on the control thread and shared by every reactor through an
 //! `Arc`. What the I/O path reads of it is immutable or atomic (namespace geometry, the
@@ -25,20 +26,19 @@
 //! allocation.
 
 use std::collections::{HashMap, VecDeque};
-use std::io;
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 
+pub use super::listener::Listener;
 use crate::bdev::{Bdev, IoType};
 use crate::nvme::log::{self, ErrorEntry};
 use crate::nvmf::config::{
     Limits, ListenAddr, SubsystemConfig, DISCOVERY_NQN, MAX_NAMESPACE_SLOTS,
 };
-use crate::sys::clock;
 
 /// Errors building or changing a [`Target`].
 #[derive(Debug, thiserror::Error)]
@@ -945,262 +945,5 @@ impl Target {
     }
 }
 
-/// How often an idle listener tries `accept` (µs). On Linux, an `accept` that finds nothing
-/// still allocates and frees a socket inode (a few µs), so a reactor that called it on every
-/// loop would spend much of its time there. At 100 µs reactor 0 still made ~8,000 calls a
-/// second under load (~1 % of its time in `perf record`); 1 ms makes that ~1,000 and adds at
-/// most 1 ms to a connection's setup, which already takes several round trips (ICReq,
-/// Connect). SPDK's acceptor poller runs every 10 ms by default.
-const ACCEPT_INTERVAL_US: u64 = 1000;
-
-/// A non-blocking TCP listener for NVMe/TCP.
-pub struct Listener {
-    inner: TcpListener,
-    interval_ticks: u64,
-    next_try_ticks: u64,
-}
-
-impl Listener {
-    /// Binds and switches to non-blocking mode.
-    pub fn bind(addr: SocketAddr) -> io::Result<Listener> {
-        let inner = TcpListener::bind(addr)?;
-        inner.set_nonblocking(true)?;
-        let interval_ticks = clock::ns_to_ticks(ACCEPT_INTERVAL_US * 1000);
-        Ok(Listener {
-            inner,
-            interval_ticks,
-            next_try_ticks: 0,
-        })
-    }
-    pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
-    }
-    /// Accepts one pending connection, non-blocking with TCP_NODELAY set; `None` if there is none
-    /// (or accept failed transiently: the error is logged and a later poll tries again). After
-    /// an empty `accept` the next attempt waits `ACCEPT_INTERVAL_US` (1 ms).
-    pub fn poll_accept(&mut self) -> Option<TcpStream> {
-        let now = clock::ticks();
-        if now < self.next_try_ticks {
-            return None;
-        }
-        match self.inner.accept() {
-            Ok((s, peer)) => {
-                if let Err(e) = s.set_nonblocking(true).and_then(|_| s.set_nodelay(true)) {
-                    tracing::warn!(%peer, error = %e, "could not configure accepted socket");
-                    return None;
-                }
-                tracing::debug!(%peer, "accepted NVMe/TCP connection");
-                Some(s)
-            }
-            Err(e) => {
-                self.next_try_ticks = now.saturating_add(self.interval_ticks);
-                if e.kind() != io::ErrorKind::WouldBlock {
-                    tracing::warn!(error = %e, "accept failed");
-                }
-                None
-            }
-        }
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_are_stable_and_distinct() {
-        let a = nguid_for("nqn.a", 1);
-        assert_eq!(a, nguid_for("nqn.a", 1));
-        assert_ne!(a, nguid_for("nqn.a", 2));
-        assert_ne!(a, nguid_for("nqn.b", 1));
-        let u = uuid_for("nqn.a", 1);
-        assert_eq!(u[6] >> 4, 8, "version 8");
-        assert_eq!(u[8] >> 6, 0b10, "RFC variant");
-        assert_ne!(&u[..], &a[..]);
-    }
-
-    #[test]
-    fn refusal_log_limiter_bursts_then_trickles_and_counts_what_it_dropped() {
-        let l = LogLimiter::new(3, 2);
-        let t0 = Instant::now();
-        // A burst of 3 gets through, then everything in the same instant is dropped.
-        for _ in 0..3 {
-            assert_eq!(l.admit_at(t0), Some(0));
-        }
-        for _ in 0..100 {
-            assert_eq!(l.admit_at(t0), None);
-        }
-        // 2 a second: after 500 ms one line, reporting the 100 dropped; then none again.
-        let t1 = t0 + Duration::from_millis(500);
-        assert_eq!(l.admit_at(t1), Some(100));
-        assert_eq!(l.admit_at(t1), None);
-        // A long quiet spell refills the burst, never more than it.
-        let t2 = t1 + Duration::from_secs(3600);
-        assert_eq!(l.admit_at(t2), Some(1));
-        assert_eq!(l.admit_at(t2), Some(0));
-        assert_eq!(l.admit_at(t2), Some(0));
-        assert_eq!(l.admit_at(t2), None);
-        // Time going backwards (another thread's older Instant) refills nothing.
-        assert_eq!(l.admit_at(t1), None);
-    }
-
-    #[test]
-    fn subsystems_are_linked_to_ports_and_deny_by_default() {
-        let sub =
-            |nqn: &str, hosts: Vec<String>, any: bool, listen: &[(&str, u16)]| SubsystemConfig {
-                nqn: nqn.into(),
-                serial: "S".into(),
-                model: "M".into(),
-                namespaces: vec![],
-                allowed_hosts: hosts,
-                allow_any_host: any,
-                listen: listen
-                    .iter()
-                    .map(|&(addr, port)| ListenAddr {
-                        addr: addr.into(),
-                        port,
-                    })
-                    .collect(),
-            };
-        let h = "nqn.2014-08.org.nvmexpress:uuid:h".to_string();
-        let cfgs = [
-            sub("nqn.x:a", vec![], false, &[("127.0.0.1", 4420)]),
-            sub(
-                "nqn.x:b",
-                vec![h.clone()],
-                false,
-                &[("::1", 4420), ("127.0.0.1", 4420)],
-            ),
-            sub("nqn.x:c", vec![], true, &[]),
-        ];
-        let t = Target::new(&cfgs, Limits::default(), &HashMap::new()).unwrap();
-        let ports: Vec<(PortId, SocketAddr)> = t.ports().collect();
-        assert_eq!(
-            ports,
-            [
-                (PortId(0), "127.0.0.1:4420".parse().unwrap()),
-                (PortId(1), "[::1]:4420".parse().unwrap())
-            ],
-            "one port per distinct address, in order of first appearance"
-        );
-        let (a, b, c) = (
-            t.subsystem("nqn.x:a").unwrap(),
-            t.subsystem("nqn.x:b").unwrap(),
-            t.subsystem("nqn.x:c").unwrap(),
-        );
-        let d = t.subsystem(DISCOVERY_NQN).unwrap();
-        assert!(a.serves(PortId(0)) && !a.serves(PortId(1)));
-        assert!(b.serves(PortId(0)) && b.serves(PortId(1)));
-        assert!(
-            !c.serves(PortId(0)) && !c.serves(PortId(1)),
-            "no listen: nowhere"
-        );
-        assert!(
-            d.serves(PortId(0)) && d.serves(PortId(1)),
-            "discovery: everywhere"
-        );
-        assert!(
-            !a.host_allowed(&h) && !a.host_allowed(""),
-            "empty list admits no one"
-        );
-        assert!(b.host_allowed(&h) && !b.host_allowed("nqn.x:other") && !b.host_allowed(""));
-        assert!(c.host_allowed(&h) && c.host_allowed(""), "allow_any_host");
-        assert!(d.host_allowed(""), "discovery admits any host");
-        // allow_any_host with a list is ambiguous: refused, not guessed.
-        let bad = sub("nqn.x:d", vec![h], true, &[]);
-        assert!(matches!(
-            Target::new(&[bad], Limits::default(), &HashMap::new()),
-            Err(TargetError::Subsystem { what, .. }) if what.contains("allow_any_host")
-        ));
-    }
-
-    fn null(name: &str, block_size: u32) -> Arc<dyn Bdev> {
-        crate::bdev::null::open(&crate::bdev::null::NullConfig {
-            name: name.into(),
-            num_blocks: Some(64),
-            size_bytes: None,
-            block_size,
-        })
-        .unwrap()
-    }
-
-    #[test]
-    fn namespace_slots_add_and_remove() {
-        const NQN: &str = "nqn.2026-01.io.nvseal:t";
-        let cfg = SubsystemConfig {
-            nqn: NQN.into(),
-            serial: "S".into(),
-            model: "M".into(),
-            namespaces: vec![crate::nvmf::config::NamespaceConfig {
-                nsid: 2,
-                bdev: "n0".into(),
-                encrypted: false,
-            }],
-            allowed_hosts: vec![],
-            allow_any_host: false,
-            listen: vec![],
-        };
-        let bdevs: HashMap<String, Arc<dyn Bdev>> = [("n0".to_string(), null("n0", 512))].into();
-        let limits = Limits {
-            max_namespaces: 4,
-            ..Default::default()
-        };
-        let t = Target::new(&[cfg], limits, &bdevs).unwrap();
-        let s = t.subsystem(NQN).unwrap().clone();
-        assert_eq!(s.max_nsid(), 4, "NN = slots");
-        let g0 = s.ns_generation();
-        // Lowest free nsid first, then the next; a locked one stays offline.
-        assert_eq!(
-            t.add_namespace(NQN, None, null("a", 512), false, true)
-                .unwrap(),
-            1
-        );
-        assert_eq!(
-            t.add_namespace(NQN, None, null("b", 4096), true, false)
-                .unwrap(),
-            3
-        );
-        assert!(s.ns_generation() > g0, "every change moves the generation");
-        assert!(!s.namespace(3).unwrap().is_online());
-        assert_eq!(s.namespace(3).unwrap().block_size, 4096);
-        assert!(matches!(
-            t.add_namespace(NQN, Some(3), null("c", 512), false, true),
-            Err(TargetError::NsidInUse { nsid: 3, .. })
-        ));
-        assert!(matches!(
-            t.add_namespace(NQN, Some(0), null("c", 512), false, true),
-            Err(TargetError::NsidOutOfRange { nsid: 0, .. })
-        ));
-        assert_eq!(
-            t.add_namespace(NQN, None, null("d", 512), false, true)
-                .unwrap(),
-            4
-        );
-        assert!(matches!(
-            t.add_namespace(NQN, None, null("e", 512), false, true),
-            Err(TargetError::NoFreeNsid { max: 4, .. })
-        ));
-        assert!(matches!(
-            t.add_namespace(DISCOVERY_NQN, None, null("f", 512), false, true),
-            Err(TargetError::NoSubsystem(_))
-        ));
-        // Removal frees the slot at once when no queue holds the namespace.
-        let held = s.namespace(1).unwrap();
-        let g1 = s.ns_generation();
-        assert!(matches!(
-            t.remove_namespace(NQN, 1, Duration::from_millis(20)),
-            Err(TargetError::DrainTimeout { nsid: 1, .. })
-        ));
-        assert!(s.namespace(1).is_none(), "removed even though still held");
-        assert!(!held.is_online());
-        assert!(s.ns_generation() > g1);
-        drop(held);
-        t.remove_namespace(NQN, 2, Duration::from_secs(1)).unwrap();
-        let left: Vec<u32> = s.namespaces().iter().map(|n| n.nsid).collect();
-        assert_eq!(left, [3, 4]);
-        assert!(matches!(
-            t.remove_namespace(NQN, 2, Duration::from_secs(1)),
-            Err(TargetError::NoNamespace { nsid: 2, .. })
-        ));
-    }
-}
+mod tests;
