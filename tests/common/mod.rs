@@ -7,6 +7,7 @@
 
 pub mod host;
 pub mod kmip;
+pub mod nvmf;
 pub mod qemu;
 pub mod serve;
 
