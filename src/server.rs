@@ -411,6 +411,7 @@ impl Server {
         audit: Option<Arc<dyn AuditSink>>,
     ) -> Result<RpcHandle, ServerError> {
         let t = self.target.clone();
+        let t2 = self.target.clone();
         let k1 = self.keys.clone();
         let k2 = self.keys.clone();
         let k3 = self.keys.clone();
@@ -458,6 +459,17 @@ impl Server {
                     })
                     .collect();
                 Ok(json!({ "reactors": v }))
+            })
+            .method("stats.target", Role::Viewer, move |_ctx, _p| {
+                let (rss, vm) = crate::sys::usage::memory_bytes().map_err(RpcError::internal)?;
+                Ok(json!({
+                    "connections": t2.connection_count(),
+                    "max_connections": t2.limits.max_connections,
+                    "controllers": t2.controller_count(),
+                    "open_fds": crate::sys::usage::open_fds().map_err(RpcError::internal)?,
+                    "rss_bytes": rss,
+                    "vm_bytes": vm,
+                }))
             })
             .method("stats.namespaces", Role::Viewer, move |_ctx, _p| {
                 let (all, elapsed) = st1.collect()?;

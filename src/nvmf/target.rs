@@ -922,6 +922,15 @@ impl Target {
             .filter(|c| !c.is_dead())
     }
 
+    /// Live controllers of every subsystem (for `stats.target`).
+    pub fn controller_count(&self) -> usize {
+        let r = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        r.ctrls
+            .values()
+            .filter(|w| w.upgrade().is_some_and(|c| !c.is_dead()))
+            .count()
+    }
+
     /// Removes a controller from the registry (its admin queue is gone).
     pub(crate) fn remove_controller(&self, cntlid: u16) {
         let mut r = self.registry.lock().unwrap_or_else(|e| e.into_inner());

@@ -14,3 +14,4 @@ pub mod mem;
 pub mod mlock;
 pub mod process;
 pub mod uring;
+pub mod usage;
