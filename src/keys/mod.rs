@@ -16,6 +16,7 @@
 //! writes with fdatasync); a reactor only ever receives the unwrapped DEK (as the XTS engine's
 //! key) in a mailbox message.
 
+pub mod convert;
 pub mod header;
 pub mod header_io;
 pub mod kmip_provider;

@@ -1,0 +1,543 @@
+//! Re-encrypting a namespace's data area in place, crash-safe at every instant: the durable side
+//! of a deep rekey (docs/lifecycle.md §2–§4 and docs/on-disk-format.md §7).
+//!
+//! The data area is keyed in two parts split at the header's watermark: data units below it
+//! under the new key, the others under the old one. The pass moves the watermark one segment at
+//! a time; each [`step`] is:
+//! 1. read the segment at the watermark (its current on-disk bytes);
+//! 2. write them to the journal in the metadata region with a record naming the segment and a
+//!    SHA-256 of the bytes, then flush;
+//! 3. transform them in memory (decrypt with the old key, encrypt with the new one);
+//! 4. write them back and make them durable;
+//! 5. advance the watermark with one durable header update.
+//!
+//! [`recover`] runs before a converting namespace is used again: a valid journal record for the
+//! segment at the header's watermark means step 4 may have been cut short, so the journaled bytes
+//! are written back, and the segment is again entirely in its pre-step state; any other record
+//! (torn, or for a segment the watermark has already passed) is ignored, because the segment it
+//! names was either never touched or is now owned by the new key and may hold newer host writes.
+//!
+//! Host I/O to the segment being converted (the *hot zone*) is kept out by the caller (the
+//! online pass, docs/lifecycle.md §1) from before step 1 until the watermark is published after
+//! step 5. Blocking (header and journal writes with flush); control threads only.
+
+use std::io;
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+use uuid::Uuid;
+
+use super::header::{
+    DeepRekeyState, Header, KeySlot, RekeyState, METADATA_REGION_BYTES, REKEY_AREA_BYTES,
+    REKEY_AREA_OFFSET_BYTES,
+};
+use super::store::{self, HeaderIo, StoreError, Stored};
+use super::wrap::KekFingerprint;
+use crate::crypto::xts::Xts;
+
+/// Magic of a journal record header.
+pub const JOURNAL_MAGIC: [u8; 8] = *b"NVSEALJR";
+/// The only journal record version.
+pub const JOURNAL_VERSION: u16 = 1;
+/// Size of the journal record header (one 4 KiB sector).
+pub const RECORD_HEADER_BYTES: usize = 4096;
+/// Device offset of the journal record header: the start of the reserved area.
+pub const JOURNAL_OFFSET_BYTES: u64 = REKEY_AREA_OFFSET_BYTES;
+/// Device offset of the journaled segment bytes.
+pub const JOURNAL_DATA_OFFSET_BYTES: u64 = REKEY_AREA_OFFSET_BYTES + RECORD_HEADER_BYTES as u64;
+/// Room for one segment's bytes (892 KiB).
+pub const JOURNAL_DATA_BYTES: u64 = REKEY_AREA_BYTES - RECORD_HEADER_BYTES as u64;
+/// Default segment size: 512 KiB of data (128 units of 4 KiB, 1024 of 512 B).
+pub const DEFAULT_SEGMENT_BYTES: u32 = 512 * 1024;
+/// Journal record kind: a deep rekey segment.
+const KIND_DEEP_REKEY: u8 = 1;
+
+/// Byte offsets inside the journal record header (little-endian). Keep in sync with
+/// docs/on-disk-format.md §7.
+mod rec {
+    pub const MAGIC: usize = 0x000;
+    pub const VERSION: usize = 0x008;
+    pub const KIND: usize = 0x00A;
+    pub const UNIT: usize = 0x00C;
+    pub const DEVICE_UUID: usize = 0x010;
+    pub const STARTED: usize = 0x020;
+    pub const NEW_FINGERPRINT: usize = 0x028;
+    pub const START: usize = 0x048;
+    pub const LEN: usize = 0x050;
+    pub const DATA_SHA: usize = 0x058;
+    /// Everything from here to the checksum is zero.
+    pub const RESERVED: usize = 0x078;
+    pub const CHECKSUM: usize = 0xFE0;
+}
+
+/// Errors of the conversion pass.
+#[derive(Debug, Error)]
+pub enum ConvertError {
+    #[error("journal/data I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("no deep rekey in progress on this namespace")]
+    NotConverting,
+    #[error("a rekey is already in progress on this namespace")]
+    AlreadyConverting,
+    #[error("segment of {blocks} data units does not fit the journal ({max} at most) or is 0")]
+    BadSegment { blocks: u32, max: u64 },
+    #[error("the deep rekey is not finished: watermark {watermark} of {data_blocks} data units")]
+    NotFinished { watermark: u64, data_blocks: u64 },
+    #[error("the new key slot names the KEK of the active slot with the same wrapped DEK")]
+    SameSlot,
+}
+
+/// Which conversion a journal record belongs to: the device, and the deep rekey's start time and
+/// new KEK fingerprint (a record left by an earlier conversion never matches a later one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConversionId {
+    pub device_uuid: Uuid,
+    pub started_unix_s: u64,
+    pub new_fingerprint: KekFingerprint,
+}
+
+impl ConversionId {
+    /// The conversion the header describes, if one is in progress.
+    pub fn of(h: &Header) -> Option<ConversionId> {
+        match &h.rekey {
+            RekeyState::Deep(d) => Some(ConversionId {
+                device_uuid: h.device_uuid,
+                started_unix_s: d.started_unix_s,
+                new_fingerprint: d.new.fingerprint,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// A journal record: the pre-step bytes of one segment.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub id: ConversionId,
+    pub data_unit_bytes: u32,
+    pub start_blocks: u64,
+    pub len_blocks: u32,
+    pub data_sha256: [u8; 32],
+}
+
+impl Record {
+    fn data_bytes(&self) -> u64 {
+        u64::from(self.len_blocks) * u64::from(self.data_unit_bytes)
+    }
+
+    /// The record header, checksummed.
+    pub fn encode(&self) -> Box<[u8; RECORD_HEADER_BYTES]> {
+        let mut b = Box::new([0u8; RECORD_HEADER_BYTES]);
+        b[rec::MAGIC..rec::MAGIC + 8].copy_from_slice(&JOURNAL_MAGIC);
+        b[rec::VERSION..rec::VERSION + 2].copy_from_slice(&JOURNAL_VERSION.to_le_bytes());
+        b[rec::KIND] = KIND_DEEP_REKEY;
+        b[rec::UNIT..rec::UNIT + 4].copy_from_slice(&self.data_unit_bytes.to_le_bytes());
+        b[rec::DEVICE_UUID..rec::DEVICE_UUID + 16].copy_from_slice(self.id.device_uuid.as_bytes());
+        b[rec::STARTED..rec::STARTED + 8].copy_from_slice(&self.id.started_unix_s.to_le_bytes());
+        b[rec::NEW_FINGERPRINT..rec::NEW_FINGERPRINT + 32]
+            .copy_from_slice(self.id.new_fingerprint.as_bytes());
+        b[rec::START..rec::START + 8].copy_from_slice(&self.start_blocks.to_le_bytes());
+        b[rec::LEN..rec::LEN + 4].copy_from_slice(&self.len_blocks.to_le_bytes());
+        b[rec::DATA_SHA..rec::DATA_SHA + 32].copy_from_slice(&self.data_sha256);
+        let sum = Sha256::digest(&b[..rec::CHECKSUM]);
+        b[rec::CHECKSUM..].copy_from_slice(&sum);
+        b
+    }
+
+    /// Decodes a record header: `Ok(None)` if the sector is all zero, `Err(reason)` if it is not
+    /// a valid record (torn write, corruption, unknown version).
+    pub fn decode(b: &[u8]) -> Result<Option<Record>, String> {
+        if b.len() != RECORD_HEADER_BYTES {
+            return Err(format!("record header is {} bytes", b.len()));
+        }
+        if b.iter().all(|&x| x == 0) {
+            return Ok(None);
+        }
+        if b[rec::MAGIC..rec::MAGIC + 8] != JOURNAL_MAGIC {
+            return Err("bad magic".into());
+        }
+        if Sha256::digest(&b[..rec::CHECKSUM])[..] != b[rec::CHECKSUM..] {
+            return Err("checksum mismatch (torn or corrupt record)".into());
+        }
+        let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap_or([0; 4]));
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or([0; 8]));
+        let arr32 = |o: usize| -> [u8; 32] { b[o..o + 32].try_into().unwrap_or([0; 32]) };
+        if u16_at(rec::VERSION) != JOURNAL_VERSION {
+            return Err(format!("unknown version {}", u16_at(rec::VERSION)));
+        }
+        if b[rec::KIND] != KIND_DEEP_REKEY || b[rec::KIND + 1] != 0 {
+            return Err(format!("unknown kind {}", b[rec::KIND]));
+        }
+        if b[rec::RESERVED..rec::CHECKSUM].iter().any(|&x| x != 0) {
+            return Err("reserved bytes are not zero".into());
+        }
+        let unit = u32_at(rec::UNIT);
+        if unit != 512 && unit != 4096 {
+            return Err(format!("data unit {unit}"));
+        }
+        let r = Record {
+            id: ConversionId {
+                device_uuid: Uuid::from_bytes(
+                    b[rec::DEVICE_UUID..rec::DEVICE_UUID + 16]
+                        .try_into()
+                        .unwrap_or([0; 16]),
+                ),
+                started_unix_s: u64_at(rec::STARTED),
+                new_fingerprint: KekFingerprint(arr32(rec::NEW_FINGERPRINT)),
+            },
+            data_unit_bytes: unit,
+            start_blocks: u64_at(rec::START),
+            len_blocks: u32_at(rec::LEN),
+            data_sha256: arr32(rec::DATA_SHA),
+        };
+        if r.len_blocks == 0 || r.data_bytes() > JOURNAL_DATA_BYTES {
+            return Err(format!("segment of {} units does not fit", r.len_blocks));
+        }
+        Ok(Some(r))
+    }
+}
+
+/// Block I/O on a namespace's data area (LBA = data unit number from the data offset), as the
+/// conversion pass needs it.
+pub trait DataIo {
+    /// Reads whole data units at `lba`.
+    fn read_blocks(&mut self, lba: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes whole data units at `lba` and returns once they are durable.
+    fn write_blocks_durable(&mut self, lba: u64, buf: &[u8]) -> io::Result<()>;
+}
+
+/// A whole device (metadata region and data area) behind one [`HeaderIo`]: the header and
+/// journal at their offsets, the data area at `data_offset_bytes`. Used by recovery before a
+/// namespace is online and by the tests (with [`store::MemIo`]'s fault injection).
+pub struct WholeDevice<'a, I: HeaderIo + ?Sized> {
+    pub io: &'a mut I,
+    pub data_offset_bytes: u64,
+    pub data_unit_bytes: u32,
+}
+
+impl<I: HeaderIo + ?Sized> WholeDevice<'_, I> {
+    fn data_offset(&self, lba: u64) -> io::Result<u64> {
+        lba.checked_mul(u64::from(self.data_unit_bytes))
+            .and_then(|o| o.checked_add(self.data_offset_bytes))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "LBA out of range"))
+    }
+}
+
+impl<I: HeaderIo + ?Sized> HeaderIo for WholeDevice<'_, I> {
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        if off.saturating_add(buf.len() as u64) > METADATA_REGION_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "metadata access outside the metadata region",
+            ));
+        }
+        self.io.read_at(off, buf)
+    }
+    fn write_at(&mut self, off: u64, buf: &[u8]) -> io::Result<()> {
+        if off.saturating_add(buf.len() as u64) > METADATA_REGION_BYTES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "metadata access outside the metadata region",
+            ));
+        }
+        self.io.write_at(off, buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.io.flush()
+    }
+}
+
+impl<I: HeaderIo + ?Sized> DataIo for WholeDevice<'_, I> {
+    fn read_blocks(&mut self, lba: u64, buf: &mut [u8]) -> io::Result<()> {
+        let off = self.data_offset(lba)?;
+        self.io.read_at(off, buf)
+    }
+    fn write_blocks_durable(&mut self, lba: u64, buf: &[u8]) -> io::Result<()> {
+        let off = self.data_offset(lba)?;
+        self.io.write_at(off, buf)?;
+        self.io.flush()
+    }
+}
+
+/// The two keys of a conversion: `below` for data units under the watermark, `above` for the
+/// others (`None` = plaintext, for encrypt/decrypt).
+pub struct Keys<'a> {
+    pub below: Option<&'a Xts>,
+    pub above: Option<&'a Xts>,
+}
+
+/// The deep rekey state of a header, or [`ConvertError::NotConverting`].
+pub fn deep_state(h: &Header) -> Result<&DeepRekeyState, ConvertError> {
+    match &h.rekey {
+        RekeyState::Deep(d) => Ok(d),
+        _ => Err(ConvertError::NotConverting),
+    }
+}
+
+/// Largest segment (in data units) the journal holds for a data unit size.
+pub fn max_segment_blocks(data_unit_bytes: u32) -> u64 {
+    JOURNAL_DATA_BYTES / u64::from(data_unit_bytes.max(1))
+}
+
+/// The default segment (512 KiB) in data units.
+pub fn default_segment_blocks(data_unit_bytes: u32) -> u32 {
+    DEFAULT_SEGMENT_BYTES / data_unit_bytes.max(1)
+}
+
+/// Zeroes the journal record header and the journaled bytes, then flushes: no record, and no
+/// copy of a segment (which for an encryption pass would be plaintext) stays behind.
+pub fn clear_journal<I: HeaderIo + ?Sized>(io: &mut I) -> io::Result<()> {
+    let zero = vec![0u8; 128 * 1024];
+    let mut off = JOURNAL_OFFSET_BYTES;
+    let end = REKEY_AREA_OFFSET_BYTES + REKEY_AREA_BYTES;
+    while off < end {
+        let n = (end - off).min(zero.len() as u64) as usize;
+        io.write_at(off, &zero[..n])?;
+        off += n as u64;
+    }
+    io.flush()
+}
+
+/// Reads the journal record header: `Ok(Ok(None))` blank, `Ok(Err(reason))` not a valid record.
+pub fn read_record<I: HeaderIo + ?Sized>(io: &mut I) -> io::Result<Result<Option<Record>, String>> {
+    let mut b = vec![0u8; RECORD_HEADER_BYTES];
+    io.read_at(JOURNAL_OFFSET_BYTES, &mut b)?;
+    Ok(Record::decode(&b))
+}
+
+/// Starts a deep rekey: checks the request, clears the journal, and records `new` as the
+/// pending slot with the watermark at 0 (one durable header update). Nothing is written if a
+/// check fails.
+pub fn begin<I: HeaderIo + ?Sized>(
+    io: &mut I,
+    current: &Stored,
+    new: KeySlot,
+    segment_blocks: u32,
+    now_unix_s: u64,
+) -> Result<Stored, ConvertError> {
+    let h = &current.header;
+    if !matches!(h.rekey, RekeyState::None) {
+        return Err(ConvertError::AlreadyConverting);
+    }
+    let max = max_segment_blocks(h.data_unit.bytes());
+    if segment_blocks == 0 || u64::from(segment_blocks) > max {
+        return Err(ConvertError::BadSegment {
+            blocks: segment_blocks,
+            max,
+        });
+    }
+    if new.wrapped_dek == h.active.wrapped_dek && new.fingerprint == h.active.fingerprint {
+        return Err(ConvertError::SameSlot);
+    }
+    clear_journal(io)?;
+    let mut next = h.clone();
+    next.updated_unix_s = now_unix_s;
+    next.rekey = RekeyState::Deep(DeepRekeyState {
+        new,
+        watermark_blocks: 0,
+        started_unix_s: now_unix_s,
+        segment_blocks,
+    });
+    Ok(store::update(io, current, &next)?)
+}
+
+/// What [`step`] did.
+#[derive(Debug)]
+pub enum Step {
+    /// A segment was converted; the header now on disk (watermark advanced).
+    Advanced(Box<Stored>),
+    /// The watermark is at the end of the data area: call [`finish`].
+    Complete,
+}
+
+/// The segment a step at `watermark` converts: `[watermark, watermark + len)`.
+pub fn segment_at(d: &DeepRekeyState, data_blocks: u64) -> (u64, u32) {
+    let left = data_blocks.saturating_sub(d.watermark_blocks);
+    (
+        d.watermark_blocks,
+        u64::from(d.segment_blocks).min(left) as u32,
+    )
+}
+
+/// Converts the segment at the watermark (module docs, steps 1–5). `buf` is scratch, resized as
+/// needed. On `Err` the header still describes the device correctly: rerun [`recover`] and step
+/// again.
+pub fn step<I: HeaderIo + DataIo + ?Sized>(
+    io: &mut I,
+    current: &Stored,
+    keys: &Keys<'_>,
+    buf: &mut Vec<u8>,
+    now_unix_s: u64,
+) -> Result<Step, ConvertError> {
+    let h = &current.header;
+    let d = deep_state(h)?;
+    let id = ConversionId::of(h).ok_or(ConvertError::NotConverting)?;
+    let (start, len) = segment_at(d, h.data_blocks);
+    if len == 0 {
+        return Ok(Step::Complete);
+    }
+    let unit = h.data_unit.bytes();
+    let bytes = len as usize * unit as usize;
+    buf.resize(bytes, 0);
+    let seg = &mut buf[..bytes];
+    // 1. The segment's current bytes.
+    io.read_blocks(start, seg)?;
+    // 2. Journal them: bytes first, then the record naming them; one flush covers both (a torn
+    //    write of either fails the record's checksums, and recovery then ignores it).
+    let record = Record {
+        id,
+        data_unit_bytes: unit,
+        start_blocks: start,
+        len_blocks: len,
+        data_sha256: Sha256::digest(&*seg).into(),
+    };
+    io.write_at(JOURNAL_DATA_OFFSET_BYTES, seg)?;
+    io.write_at(JOURNAL_OFFSET_BYTES, &record.encode()[..])?;
+    io.flush()?;
+    // 3. Transform: old keying → new keying, per data unit with tweak = LBA.
+    transform(seg, unit as usize, start, keys);
+    // 4. Write back, durable.
+    io.write_blocks_durable(start, seg)?;
+    // 5. Advance the watermark.
+    let mut next = h.clone();
+    next.updated_unix_s = now_unix_s;
+    if let RekeyState::Deep(nd) = &mut next.rekey {
+        nd.watermark_blocks = start + u64::from(len);
+    }
+    Ok(Step::Advanced(Box::new(store::update(io, current, &next)?)))
+}
+
+/// Decrypts `seg` (units starting at `lba`) with `keys.above`, then encrypts it with
+/// `keys.below`.
+fn transform(seg: &mut [u8], unit: usize, lba: u64, keys: &Keys<'_>) {
+    // Lengths are whole units by construction (len × unit), so these cannot fail.
+    if let Some(k) = keys.above {
+        let _ = k.decrypt_units(seg, unit, lba);
+    }
+    if let Some(k) = keys.below {
+        let _ = k.encrypt_units(seg, unit, lba);
+    }
+}
+
+/// What [`recover`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// No conversion in progress.
+    NotConverting,
+    /// Nothing to undo (no record, a torn one, or one for a segment already passed).
+    Clean { watermark: u64 },
+    /// The segment at the watermark was restored from the journal.
+    Restored { start: u64, len: u32 },
+}
+
+/// Brings a converting namespace back to the state its header describes (module docs). Run
+/// before any I/O reaches the namespace after an open.
+pub fn recover<I: HeaderIo + DataIo + ?Sized>(
+    io: &mut I,
+    current: &Stored,
+) -> Result<Recovery, ConvertError> {
+    let h = &current.header;
+    let Some(id) = ConversionId::of(h) else {
+        return Ok(Recovery::NotConverting);
+    };
+    let d = deep_state(h)?;
+    let watermark = d.watermark_blocks;
+    let record = match read_record(io)? {
+        Ok(Some(r)) => r,
+        Ok(None) => return Ok(Recovery::Clean { watermark }),
+        Err(why) => {
+            tracing::info!(watermark, "deep rekey journal record ignored: {why}");
+            return Ok(Recovery::Clean { watermark });
+        }
+    };
+    let unit = h.data_unit.bytes();
+    let fits = record
+        .start_blocks
+        .checked_add(u64::from(record.len_blocks))
+        .is_some_and(|end| end <= h.data_blocks);
+    if record.id != id || record.data_unit_bytes != unit || !fits {
+        tracing::warn!(
+            watermark,
+            start = record.start_blocks,
+            "deep rekey journal record belongs to another conversion or does not fit this namespace; ignored"
+        );
+        return Ok(Recovery::Clean { watermark });
+    }
+    if record.start_blocks != watermark {
+        // A finished segment's record: its segment may hold newer host writes under the new key.
+        return Ok(Recovery::Clean { watermark });
+    }
+    let mut data = vec![0u8; record.data_bytes() as usize];
+    io.read_at(JOURNAL_DATA_OFFSET_BYTES, &mut data)?;
+    if Sha256::digest(&data)[..] != record.data_sha256 {
+        // Torn journal data: the step never got past its journal flush, so the segment is
+        // untouched.
+        tracing::info!(
+            watermark,
+            "deep rekey journal data incomplete; segment untouched"
+        );
+        return Ok(Recovery::Clean { watermark });
+    }
+    io.write_blocks_durable(record.start_blocks, &data)?;
+    tracing::info!(
+        start = record.start_blocks,
+        len = record.len_blocks,
+        "deep rekey: restored the interrupted segment from the journal"
+    );
+    Ok(Recovery::Restored {
+        start: record.start_blocks,
+        len: record.len_blocks,
+    })
+}
+
+/// Ends a deep rekey whose watermark reached the end: clears the journal, makes the new slot
+/// active with no rekey in progress, and writes the same header into the other copy too, so no
+/// copy still holds the old wrapped DEK (three durable writes; a crash between them leaves a
+/// header that opens with the new DEK everywhere, since the watermark covers every unit).
+pub fn finish<I: HeaderIo + ?Sized>(
+    io: &mut I,
+    current: &Stored,
+    now_unix_s: u64,
+) -> Result<Stored, ConvertError> {
+    let h = &current.header;
+    let d = deep_state(h)?;
+    if d.watermark_blocks != h.data_blocks {
+        return Err(ConvertError::NotFinished {
+            watermark: d.watermark_blocks,
+            data_blocks: h.data_blocks,
+        });
+    }
+    clear_journal(io)?;
+    let mut next = h.clone();
+    next.updated_unix_s = now_unix_s;
+    next.active = d.new.clone();
+    next.rekey = RekeyState::None;
+    let s = store::update(io, current, &next)?;
+    let again = s.header.clone();
+    Ok(store::update(io, &s, &again)?)
+}
+
+/// Makes sure the copy that is not current holds no other key material than the current one:
+/// if it is damaged, or names another active or pending slot (an older wrapped DEK, left by a
+/// [`finish`] or a shallow rekey cut short before its last write), the current header is
+/// written over it. Returns the header now current (unchanged if nothing was written).
+pub fn scrub_other_copy<I: HeaderIo + ?Sized>(
+    io: &mut I,
+    current: &Stored,
+) -> Result<Stored, ConvertError> {
+    let stale = match store::read_copy(io, current.copy.other()) {
+        Ok(other) => other.active != current.header.active || other.rekey != current.header.rekey,
+        Err(_) => true,
+    };
+    if !stale {
+        return Ok(current.clone());
+    }
+    let same = current.header.clone();
+    Ok(store::update(io, current, &same)?)
+}
+
+#[cfg(test)]
+mod tests;
