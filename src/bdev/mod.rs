@@ -197,6 +197,10 @@ pub struct BdevIo {
     pub fua: bool,
     /// Set by the channel when the I/O completes.
     pub status: IoStatus,
+    /// A bit stack stacked bdevs push to while the I/O is below them and pop when it comes
+    /// back (the crypto bdev keeps the epoch parity of its hot-zone gate here): no side table,
+    /// nothing allocated. Zero when the I/O is created; callers never touch it.
+    pub(crate) stack_bits: u64,
 }
 
 impl BdevIo {
@@ -215,6 +219,7 @@ impl BdevIo {
             ctx,
             fua: false,
             status: IoStatus::Pending,
+            stack_bits: 0,
         }
     }
     /// The same I/O with Force Unit Access set or cleared.
@@ -250,6 +255,10 @@ impl<'a> WriteFrom<'a> {
         }
     }
     /// The I/O (its buffer not filled yet) and the data.
+    /// The I/O (its buffer not yet filled).
+    pub fn io(&self) -> &BdevIo {
+        &self.io
+    }
     pub fn into_parts(self) -> (BdevIo, &'a [u8]) {
         (self.io, self.src)
     }

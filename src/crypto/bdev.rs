@@ -36,6 +36,7 @@ use crate::bdev::{
     validate, Bdev, BdevChannel, BdevError, BdevIo, IoStatus, IoType, Submit, WriteFrom,
 };
 use crate::crypto::key::XtsKey;
+use crate::crypto::keymap::{ChannelKeys, Entry, KeyControl, Keying};
 use crate::crypto::xts::{Tier, UnitRun, Xts};
 use crate::crypto::CryptoError;
 use crate::types::CoreId;
@@ -74,7 +75,10 @@ impl std::fmt::Debug for DataKey {
 pub struct CryptoBdev {
     name: String,
     base: Arc<dyn Bdev>,
-    key: DataKey,
+    /// Its keying (one key, or two split at a watermark during a conversion) and the hot-zone
+    /// machinery of conversions (`crate::crypto::keymap`).
+    ctl: Arc<KeyControl>,
+    tier: Tier,
     allow_discards: bool,
 }
 
@@ -95,15 +99,22 @@ impl CryptoBdev {
         Ok(CryptoBdev {
             name: name.to_string(),
             base,
-            key,
+            tier: key.tier(),
+            ctl: Arc::new(KeyControl::new(Keying::Single(key))),
             allow_discards,
         })
     }
     pub fn base(&self) -> &Arc<dyn Bdev> {
         &self.base
     }
+    /// The cipher tier of the key it was created with (every later key of a conversion is
+    /// expanded with the same `max_tier`).
     pub fn tier(&self) -> Tier {
-        self.key.tier()
+        self.tier
+    }
+    /// Its key control: the current keying, and conversions (docs/lifecycle.md §1).
+    pub fn key_control(&self) -> &Arc<KeyControl> {
+        &self.ctl
     }
 }
 
@@ -135,7 +146,7 @@ impl Bdev for CryptoBdev {
         let base = self.base.open_channel(core, queue_depth)?;
         Ok(Box::new(CryptoChannel {
             base,
-            key: self.key.clone(),
+            keys: self.ctl.register(),
             block_size: self.base.block_size() as usize,
             num_blocks: self.base.num_blocks(),
             allow_discards: self.allow_discards,
@@ -157,7 +168,7 @@ struct Waiting {
 /// A reactor's channel on a crypto bdev.
 struct CryptoChannel {
     base: Box<dyn BdevChannel>,
-    key: DataKey,
+    keys: ChannelKeys,
     block_size: usize,
     num_blocks: u64,
     allow_discards: bool,
@@ -176,19 +187,120 @@ impl CryptoChannel {
         self.pending.len() + self.done.len()
     }
 
-    /// Encrypts every staged write in one batch call (see [`unit_run`] for a bad buffer).
+    /// Encrypts every staged write: one batch call for a single key; during a conversion one
+    /// batch per part, a write across the watermark cut in two runs (see [`unit_run`] for a bad
+    /// buffer).
     fn seal_staged(&mut self) {
+        let bs = self.block_size;
+        match &self.keys.keying {
+            Keying::Single(k) => {
+                let runs = self
+                    .pending
+                    .iter_mut()
+                    .filter(|w| !w.sealed)
+                    .filter_map(|w| {
+                        w.sealed = true;
+                        unit_run(&mut w.io, bs)
+                    });
+                k.xts.encrypt_runs(runs);
+            }
+            Keying::Split(sp) => {
+                let wm = sp.watermark();
+                for (below, key) in [(true, &sp.below), (false, &sp.above)] {
+                    let Some(k) = key else { continue };
+                    let runs = self
+                        .pending
+                        .iter_mut()
+                        .filter(|w| !w.sealed)
+                        .filter_map(|w| part_run(&mut w.io, bs, wm, below));
+                    k.xts.encrypt_runs(runs);
+                }
+                for w in self.pending.iter_mut() {
+                    w.sealed = true;
+                }
+            }
+        }
+    }
+
+    /// Encrypts out of place the writes `pending[start..]` from `srcs` (in order), with `key`.
+    fn seal_from(&mut self, start: usize, srcs: &[&[u8]], key: &DataKey) {
         let bs = self.block_size;
         let runs = self
             .pending
-            .iter_mut()
-            .filter(|w| !w.sealed)
-            .filter_map(|w| {
-                w.sealed = true;
-                unit_run(&mut w.io, bs)
-            });
-        self.key.xts.encrypt_runs(runs);
+            .range_mut(start..)
+            .zip(srcs.iter())
+            .filter_map(|(w, src)| unit_run_from(&mut w.io, src, bs));
+        key.xts.encrypt_runs(runs);
     }
+
+    /// Decrypts the reads the base completed in this poll, as [`CryptoChannel::seal_staged`]
+    /// encrypts.
+    fn open_reads(&mut self) {
+        let bs = self.block_size;
+        match &self.keys.keying {
+            Keying::Single(k) => {
+                let runs = self.reads.iter_mut().filter_map(|io| unit_run(io, bs));
+                k.xts.decrypt_runs(runs);
+            }
+            Keying::Split(sp) => {
+                let wm = sp.watermark();
+                for (below, key) in [(true, &sp.below), (false, &sp.above)] {
+                    let Some(k) = key else { continue };
+                    let runs = self
+                        .reads
+                        .iter_mut()
+                        .filter_map(|io| part_run(io, bs, wm, below));
+                    k.xts.decrypt_runs(runs);
+                }
+            }
+        }
+    }
+}
+
+/// The part of an I/O's buffer below (`below`) or at/above the watermark `wm`, as a cipher run;
+/// `None` if the I/O has no data units there (or failed: a buffer that does not hold whole
+/// blocks fails the I/O as in [`unit_run`]).
+fn part_run(io: &mut BdevIo, block_size: usize, wm: u64, below: bool) -> Option<UnitRun<'_>> {
+    if io.status != IoStatus::Pending && io.status != IoStatus::Success {
+        return None;
+    }
+    let first = io.offset_blocks;
+    let end = first.saturating_add(u64::from(io.num_blocks));
+    let (lo, hi) = if below {
+        (first, end.min(wm))
+    } else {
+        (first.max(wm), end)
+    };
+    if lo >= hi {
+        return None;
+    }
+    let a = usize::try_from(lo - first).ok()?.checked_mul(block_size)?;
+    let b = usize::try_from(hi - first).ok()?.checked_mul(block_size)?;
+    let ok = io.buf.as_ref().is_some_and(|buf| b <= buf.len());
+    if !ok {
+        io.status = IoStatus::InvalidRange;
+        return None;
+    }
+    let buf = io.buf.as_mut()?.as_mut_slice();
+    match UnitRun::new(&mut buf[a..b], block_size, lo) {
+        Ok(run) => Some(run),
+        Err(_) => {
+            io.status = IoStatus::InvalidRange;
+            None
+        }
+    }
+}
+
+/// Pushes the epoch parity an I/O entered the hot-zone gate with onto its bit stack.
+fn push_parity(io: &mut BdevIo, p: u8) {
+    io.stack_bits = (io.stack_bits << 1) | u64::from(p & 1);
+}
+
+/// Pops what [`push_parity`] pushed.
+fn pop_parity(io: &mut BdevIo) -> u8 {
+    let p = (io.stack_bits & 1) as u8;
+    io.stack_bits >>= 1;
+    p
 }
 
 /// Writes from transient sources encrypted per cipher call in [`CryptoChannel::submit_writes_from`]
@@ -252,6 +364,12 @@ impl BdevChannel for CryptoChannel {
             self.done.push_back(io);
             return Submit::Queued;
         }
+        // Counted in flight from here until it comes back from the base (or fails here); an I/O
+        // on a segment a conversion is rewriting waits, as Busy.
+        match self.keys.enter(io.offset_blocks, u64::from(io.num_blocks)) {
+            Entry::Go(p) => push_parity(&mut io, p),
+            Entry::Hot => return Submit::Busy(io),
+        }
         if io.io_type == IoType::Write {
             // Let the base start fetching the destination while the write waits for its batch.
             self.base.hint_write(io.offset_blocks, io.num_blocks);
@@ -282,9 +400,11 @@ impl BdevChannel for CryptoChannel {
     ) {
         let bs = self.block_size;
         loop {
-            let start = self.pending.len();
+            let mut start = self.pending.len();
             let mut srcs: [&[u8]; FROM_BATCH] = [&[]; FROM_BATCH];
             let mut n = 0;
+            // The key the writes of this batch were counted in under (one key: `Single`).
+            let mut batch_key: Option<DataKey> = None;
             let mut more = true;
             while n < FROM_BATCH {
                 let Some(w) = writes.next() else {
@@ -295,24 +415,45 @@ impl BdevChannel for CryptoChannel {
                     busy(w.into_copied());
                     continue;
                 }
-                let (mut io, src) = w.into_parts();
-                if let Err(st) = validate(&io, bs as u32, self.num_blocks) {
+                if let Err(st) = validate(w.io(), bs as u32, self.num_blocks) {
+                    let (mut io, _) = w.into_parts();
                     io.status = st;
                     self.done.push_back(io);
                     continue;
                 }
+                let (lba, blocks) = (w.io().offset_blocks, u64::from(w.io().num_blocks));
+                let p = match self.keys.enter(lba, blocks) {
+                    Entry::Go(p) => p,
+                    Entry::Hot => {
+                        busy(w.into_copied());
+                        continue;
+                    }
+                };
+                let (mut io, src) = w.into_parts();
+                push_parity(&mut io, p);
                 self.base.hint_write(io.offset_blocks, io.num_blocks);
-                self.pending.push_back(Waiting { io, sealed: true });
-                srcs[n] = src;
-                n += 1;
+                if let Keying::Single(k) = &self.keys.keying {
+                    batch_key.get_or_insert_with(|| k.clone());
+                    self.pending.push_back(Waiting { io, sealed: true });
+                    srcs[n] = src;
+                    n += 1;
+                    continue;
+                }
+                // A conversion started (or runs): seal what this batch holds under the key it
+                // was counted in with, then copy this write in; the next poll encrypts it in
+                // place per part with the staged writes (seal_staged).
+                if let Some(k) = batch_key.take() {
+                    self.seal_from(start, &srcs[..n], &k);
+                }
+                n = 0;
+                if let Some(b) = io.buf.as_mut() {
+                    b.as_mut_slice().copy_from_slice(src);
+                }
+                self.pending.push_back(Waiting { io, sealed: false });
+                start = self.pending.len();
             }
-            if n > 0 {
-                let runs = self
-                    .pending
-                    .range_mut(start..)
-                    .zip(srcs[..n].iter())
-                    .filter_map(|(w, src)| unit_run_from(&mut w.io, src, bs));
-                self.key.xts.encrypt_runs(runs);
+            if let Some(k) = batch_key {
+                self.seal_from(start, &srcs[..n], &k);
             }
             if !more {
                 return;
@@ -328,7 +469,10 @@ impl BdevChannel for CryptoChannel {
         while let Some(w) = self.pending.pop_front() {
             if w.io.status != IoStatus::Pending {
                 // Failed its encryption (seal_staged): completed here, never submitted.
-                self.done.push_back(w.io);
+                let mut io = w.io;
+                let p = pop_parity(&mut io);
+                self.keys.leave(p);
+                self.done.push_back(io);
                 continue;
             }
             match self.base.submit(w.io) {
@@ -345,18 +489,23 @@ impl BdevChannel for CryptoChannel {
             n += 1;
         }
         let reads = &mut self.reads;
-        n += self.base.poll(&mut |io: BdevIo| {
+        let keys = &mut self.keys;
+        n += self.base.poll(&mut |mut io: BdevIo| {
+            let p = pop_parity(&mut io);
             if io.io_type == IoType::Read && io.status == IoStatus::Success {
+                // Still counted until it is decrypted (below): the watermark cannot pass it.
+                push_parity(&mut io, p);
                 reads.push_back(io);
             } else {
+                keys.leave(p);
                 done(io);
             }
         });
         if !self.reads.is_empty() {
-            let bs = self.block_size;
-            let runs = self.reads.iter_mut().filter_map(|io| unit_run(io, bs));
-            self.key.xts.decrypt_runs(runs);
-            while let Some(io) = self.reads.pop_front() {
+            self.open_reads();
+            while let Some(mut io) = self.reads.pop_front() {
+                let p = pop_parity(&mut io);
+                self.keys.leave(p);
                 done(io);
             }
         }

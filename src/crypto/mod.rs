@@ -12,6 +12,7 @@
 
 pub mod bdev;
 pub mod key;
+pub mod keymap;
 pub mod tier;
 pub mod xts;
 
