@@ -1,0 +1,310 @@
+//! The deep-rekey pass under live I/O: joins the crypto bdev's key map (hot zone, split keying;
+//! `crate::crypto::keymap`) with the durable steps of `super::convert` (docs/lifecycle.md §2).
+//!
+//! [`run`] drives the pass on a control thread, one segment at a time: make the segment hot (host
+//! I/O to it is refused as Busy, I/O already in flight drains), convert it durably, publish the
+//! new watermark, let the host back in. It stops between segments when asked ([`PassControl`]:
+//! pause, rate limit) and finishes the rekey when the watermark reaches the end. Data I/O of the
+//! pass goes through [`BdevDataIo`]: a private channel on the base bdev polled on the calling
+//! thread, so no reactor ever waits for it.
+//!
+//! A failed step never hands a half-written segment to the host: the segment stays hot until
+//! [`super::convert::recover`] has put it back as the header describes; if even that fails, it
+//! stays hot (its I/O keeps being refused) and the error says so.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::convert::{self, ConvertError, DataIo, Keys, Step};
+use super::store::{HeaderIo, Stored};
+use crate::bdev::{Bdev, BdevIo, IoBuf, IoStatus, IoType, Submit};
+use crate::crypto::bdev::DataKey;
+use crate::crypto::keymap::{KeyControl, KeyMapError, Keying};
+use crate::sys::buf::AlignedBuf;
+use crate::types::CoreId;
+
+/// How long a segment may wait for host I/O already in flight before the step gives up.
+pub const GRACE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one data I/O of the pass may take.
+const DATA_IO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Errors of the pass.
+#[derive(Debug, thiserror::Error)]
+pub enum PassError {
+    #[error(transparent)]
+    Convert(#[from] ConvertError),
+    #[error(transparent)]
+    KeyMap(#[from] KeyMapError),
+    #[error("step failed ({step}) and the segment could not be restored ({recover}); it stays fenced off from host I/O")]
+    Fenced { step: String, recover: String },
+}
+
+/// What a caller may change while a pass runs (from any thread), and its progress.
+#[derive(Debug, Default)]
+pub struct PassControl {
+    pause: AtomicBool,
+    /// MiB/s; 0 = unlimited.
+    rate_mib_s: AtomicU64,
+    watermark: AtomicU64,
+    bytes_done: AtomicU64,
+}
+
+impl PassControl {
+    pub fn new(rate_mib_s: u64) -> Arc<PassControl> {
+        let c = PassControl::default();
+        c.rate_mib_s.store(rate_mib_s, Ordering::Relaxed);
+        Arc::new(c)
+    }
+    /// Asks the pass to stop after the segment in progress.
+    pub fn pause(&self) {
+        self.pause.store(true, Ordering::Release);
+    }
+    pub fn is_paused(&self) -> bool {
+        self.pause.load(Ordering::Acquire)
+    }
+    pub fn resume(&self) {
+        self.pause.store(false, Ordering::Release);
+    }
+    pub fn set_rate(&self, mib_s: u64) {
+        self.rate_mib_s.store(mib_s, Ordering::Relaxed);
+    }
+    /// The watermark last made durable.
+    pub fn watermark(&self) -> u64 {
+        self.watermark.load(Ordering::Relaxed)
+    }
+    /// Bytes converted by this run of the pass.
+    pub fn bytes_done(&self) -> u64 {
+        self.bytes_done.load(Ordering::Relaxed)
+    }
+}
+
+/// How [`run`] ended.
+#[derive(Debug)]
+pub enum PassEnd {
+    /// Every unit is under the new key; the header says so; the bdev is keyed `Single(new)`.
+    Finished(Stored),
+    /// Paused between segments; resume with another [`run`] on this header.
+    Paused(Stored),
+}
+
+/// The metadata region and the data area of one namespace, as one object for
+/// [`convert::step`].
+pub struct NamespaceIo<'a> {
+    pub meta: &'a mut dyn HeaderIo,
+    pub data: &'a mut dyn DataIo,
+}
+
+impl HeaderIo for NamespaceIo<'_> {
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.meta.read_at(off, buf)
+    }
+    fn write_at(&mut self, off: u64, buf: &[u8]) -> io::Result<()> {
+        self.meta.write_at(off, buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.meta.flush()
+    }
+}
+
+impl DataIo for NamespaceIo<'_> {
+    fn read_blocks(&mut self, lba: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.data.read_blocks(lba, buf)
+    }
+    fn write_blocks_durable(&mut self, lba: u64, buf: &[u8]) -> io::Result<()> {
+        self.data.write_blocks_durable(lba, buf)
+    }
+}
+
+/// Runs (or resumes) the deep rekey whose state `current` holds, on `ctl`'s bdev keyed
+/// `Split { below: new, above: old }` at the header's watermark (installed here if it is not).
+/// Blocking; control threads only.
+pub fn run(
+    io: &mut NamespaceIo<'_>,
+    mut current: Stored,
+    ctl: &KeyControl,
+    old: &DataKey,
+    new: &DataKey,
+    control: &PassControl,
+    now_unix_s: &dyn Fn() -> u64,
+) -> Result<PassEnd, PassError> {
+    let d = convert::deep_state(&current.header)?.clone();
+    if !matches!(ctl.keying(), Keying::Split(_)) {
+        ctl.begin_split(
+            Some(new.clone()),
+            Some(old.clone()),
+            d.watermark_blocks,
+            u64::from(d.segment_blocks),
+        );
+    }
+    control
+        .watermark
+        .store(d.watermark_blocks, Ordering::Relaxed);
+    let unit = u64::from(current.header.data_unit.bytes());
+    let keys = Keys {
+        below: Some(new.xts()),
+        above: Some(old.xts()),
+    };
+    let mut buf = Vec::new();
+    let started = Instant::now();
+    let mut bytes = 0u64;
+    loop {
+        if control.is_paused() {
+            return Ok(PassEnd::Paused(current));
+        }
+        let (_, len) = convert::segment_at(convert::deep_state(&current.header)?, {
+            current.header.data_blocks
+        });
+        if len == 0 {
+            break;
+        }
+        ctl.make_hot(GRACE_TIMEOUT).inspect_err(|_| {
+            let _ = ctl.cool();
+        })?;
+        match convert::step(io, &current, &keys, &mut buf, now_unix_s()) {
+            Ok(Step::Advanced(next)) => {
+                let w = convert::deep_state(&next.header)?.watermark_blocks;
+                ctl.advance(w)?;
+                control.watermark.store(w, Ordering::Relaxed);
+                current = *next;
+            }
+            Ok(Step::Complete) => {
+                ctl.cool()?;
+                break;
+            }
+            Err(step) => {
+                // The segment may be half rewritten: put it back before the host sees it.
+                return match convert::recover(io, &current) {
+                    Ok(_) => {
+                        ctl.cool()?;
+                        Err(step.into())
+                    }
+                    Err(rec) => {
+                        tracing::error!(step = %step, recover = %rec,
+                            "deep rekey: segment could not be restored; it stays fenced off");
+                        Err(PassError::Fenced {
+                            step: step.to_string(),
+                            recover: rec.to_string(),
+                        })
+                    }
+                };
+            }
+        }
+        let seg_bytes = u64::from(len) * unit;
+        bytes += seg_bytes;
+        control.bytes_done.fetch_add(seg_bytes, Ordering::Relaxed);
+        throttle(control, bytes, started);
+    }
+    let done = convert::finish(io, &current, now_unix_s())?;
+    ctl.set_keying(Keying::Single(new.clone()));
+    Ok(PassEnd::Finished(done))
+}
+
+/// Sleeps so that the pass stays under its rate (if one is set).
+fn throttle(control: &PassControl, bytes: u64, started: Instant) {
+    let rate = control.rate_mib_s.load(Ordering::Relaxed);
+    if rate == 0 {
+        return;
+    }
+    let due = Duration::from_secs_f64(bytes as f64 / (rate as f64 * 1024.0 * 1024.0));
+    if let Some(wait) = due.checked_sub(started.elapsed()) {
+        std::thread::sleep(wait.min(Duration::from_secs(1)));
+    }
+}
+
+/// Data-area I/O on a bdev (the namespace's data window) through a private channel polled on
+/// the calling thread; "durable" = the write, then a Flush if the bdev has a cache to flush.
+pub struct BdevDataIo {
+    bdev: Arc<dyn Bdev>,
+    core: CoreId,
+}
+
+impl BdevDataIo {
+    pub fn new(bdev: Arc<dyn Bdev>, core: CoreId) -> BdevDataIo {
+        BdevDataIo { bdev, core }
+    }
+
+    fn run(&self, io: BdevIo) -> io::Result<BdevIo> {
+        let mut ch = self
+            .bdev
+            .open_channel(self.core, 1)
+            .map_err(|e| io::Error::other(e.to_string()))?;
+        let started = Instant::now();
+        let mut pending = Some(io);
+        let mut finished = None;
+        while finished.is_none() {
+            if let Some(io) = pending.take() {
+                if let Submit::Busy(io) = ch.submit(io) {
+                    pending = Some(io);
+                }
+            }
+            ch.poll(&mut |io| finished = Some(io));
+            if finished.is_none() {
+                if started.elapsed() > DATA_IO_TIMEOUT {
+                    return Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "bdev {}: data I/O of the pass did not complete",
+                            self.bdev.name()
+                        ),
+                    ));
+                }
+                std::thread::yield_now();
+            }
+        }
+        let io = finished.ok_or_else(|| io::Error::other("no completion"))?;
+        match io.status {
+            IoStatus::Success => Ok(io),
+            IoStatus::IoError(errno) => Err(io::Error::from_raw_os_error(errno)),
+            other => Err(io::Error::other(format!(
+                "bdev {}: data I/O of the pass failed: {other:?}",
+                self.bdev.name()
+            ))),
+        }
+    }
+
+    fn blocks_of(&self, len: usize) -> io::Result<u32> {
+        let bs = self.bdev.block_size() as usize;
+        if bs == 0 || !len.is_multiple_of(bs) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "data I/O of the pass is not whole blocks",
+            ));
+        }
+        u32::try_from(len / bs)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "data I/O too large"))
+    }
+
+    fn buffer(&self, len: usize) -> io::Result<IoBuf> {
+        let mem = AlignedBuf::zeroed(len, self.bdev.buf_align().max(64))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "pass buffer"))?;
+        Ok(IoBuf::new(mem, len))
+    }
+}
+
+impl DataIo for BdevDataIo {
+    fn read_blocks(&mut self, lba: u64, buf: &mut [u8]) -> io::Result<()> {
+        let n = self.blocks_of(buf.len())?;
+        let b = self.buffer(buf.len())?;
+        let io = self.run(BdevIo::new(IoType::Read, lba, n, Some(b), 0))?;
+        let b = io
+            .buf
+            .ok_or_else(|| io::Error::other("read completed without its buffer"))?;
+        buf.copy_from_slice(b.as_slice());
+        Ok(())
+    }
+    fn write_blocks_durable(&mut self, lba: u64, buf: &[u8]) -> io::Result<()> {
+        let n = self.blocks_of(buf.len())?;
+        let mut b = self.buffer(buf.len())?;
+        b.as_mut_slice().copy_from_slice(buf);
+        self.run(BdevIo::new(IoType::Write, lba, n, Some(b), 0).with_fua(true))?;
+        if self.bdev.io_type_supported(IoType::Flush) {
+            self.run(BdevIo::new(IoType::Flush, 0, 0, None, 0))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
