@@ -170,7 +170,8 @@ fn unwrap_dek_as_documented(volume: &Path, key_file: &Path, out: &Path) {
         .find(|f| f.first() == Some(&DEFAULT_KEK_ID) && f.get(1) == Some(&"active"))
         .and_then(|f| f.get(2).map(|k| k.to_string()))
         .unwrap_or_else(|| panic!("no active {DEFAULT_KEK_ID:?} KEK in {}", key_file.display()));
-    let wrapped = out.with_extension("wrapped");
+    // Beside the volume, not beside `out` (the guest's payload needs only the DEK).
+    let wrapped = volume.with_extension("wrapped");
     let run = |cmd: &mut Command| {
         let o = cmd
             .output()
