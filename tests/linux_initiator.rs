@@ -6,6 +6,13 @@
 //! fio's data reads back through nvseal's own host, that the backing file of the encrypted
 //! namespace holds no plaintext, and that serve stops cleanly.
 //!
+//! In the same boot, docs/on-disk-format.md §6 is checked with the real dm-crypt: two more
+//! encrypted namespaces (512-byte and 4096-byte data units) get a random pattern written through
+//! nvseal by the guest; their backing files are attached to the guest as read-only virtio disks,
+//! and the guest opens each with the document's own `cryptsetup open --type plain` line (read
+//! from the document by this test; the DEK unwrapped on the host with the document's `dd` +
+//! `openssl` recipe) and compares the plaintext dm-crypt returns with the pattern.
+//!
 //! Needs root (the harness build uses apt, mknod, chroot). `NVSEAL_SKIP_QEMU=1` skips it, loudly;
 //! anything else that keeps it from running is a failure.
 
@@ -15,11 +22,13 @@ use common::host::read_blocks;
 use common::qemu::harness_ready;
 
 use common::serve::{addr_of, Serve};
+use nvseal::keys::local::DEFAULT_KEK_ID;
 use nvseal::nvme::connect;
 use nvseal::nvmf::host::{HostConfig, HostQpair};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 const NQN: &str = "nqn.2026-11.io.nvseal:interop";
 const SERIAL: &str = "NVSEALINTEROP01";
@@ -42,6 +51,17 @@ const FIO_CONCURRENT: &str = "16k:randwrite:60M:4M";
 const WRITTEN_BYTES: usize = 64 << 20;
 /// Guest run limit (boot + the whole script) for run-guest.sh.
 const GUEST_TIMEOUT_S: u32 = 420;
+/// The dm-crypt check of docs/on-disk-format.md §6: (nsid, data unit bytes) of the two encrypted
+/// namespaces whose backing files the guest opens with `cryptsetup`.
+const CRYPT_NS: [(u32, u64); 2] = [(3, 512), (4, 4096)];
+/// Data bytes of each of those namespaces (behind the 1 MiB header), all written by the guest.
+/// 3072 sectors: not 2048, the documented `--offset`, so a doc that mixed the two up fails.
+const CRYPT_BYTES: u64 = 3 << 19;
+/// The document whose `cryptsetup` lines the guest runs.
+const ON_DISK_FORMAT_DOC: &str = "docs/on-disk-format.md";
+/// Longest wait for every namespace to come online after serve starts (the encrypted ones
+/// unlock on a control thread); a bound, not a timing assertion.
+const ONLINE_WAIT: Duration = Duration::from_secs(60);
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -60,6 +80,147 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
 
+/// The `cryptsetup open --type plain` commands in §6 of docs/on-disk-format.md, continuation
+/// lines joined and blanks collapsed, as `(--sector-size, command)`: exactly one for 512 and one
+/// for 4096. Each keeps the document's placeholders `<SECTORS>` and `/dev/DEVICE` (the guest
+/// fills them in), reads the key from `dek.bin` in the working directory, and has only
+/// characters that need no shell quoting, so the guest can split it into words as a shell would.
+fn documented_cryptsetup_lines() -> Vec<(u64, String)> {
+    let doc = std::fs::read_to_string(repo().join(ON_DISK_FORMAT_DOC)).unwrap();
+    let start = doc
+        .find("\n## 6.")
+        .unwrap_or_else(|| panic!("{ON_DISK_FORMAT_DOC} has no section 6"));
+    let sect = &doc[start + 1..];
+    let sect = &sect[..sect[1..].find("\n## ").map_or(sect.len(), |e| e + 1)];
+    let mut found: Vec<(u64, String)> = Vec::new();
+    let mut in_sh = false;
+    let mut lines = sect.lines();
+    while let Some(l) = lines.next() {
+        if l.starts_with("```") {
+            in_sh = !in_sh && l.trim() == "```sh";
+            continue;
+        }
+        if !in_sh || !l.starts_with("cryptsetup open --type plain") {
+            continue;
+        }
+        let mut cmd = String::new();
+        let mut cur = l;
+        loop {
+            let (part, more) = match cur.trim_end().strip_suffix('\\') {
+                Some(p) => (p, true),
+                None => (cur, false),
+            };
+            cmd.push_str(part);
+            cmd.push(' ');
+            if !more {
+                break;
+            }
+            cur = lines
+                .next()
+                .expect("a cryptsetup line ends in a continuation");
+        }
+        let cmd = cmd.split_whitespace().collect::<Vec<_>>().join(" ");
+        let words: Vec<&str> = cmd.split(' ').collect();
+        let sector = words
+            .iter()
+            .position(|w| *w == "--sector-size")
+            .and_then(|i| words.get(i + 1))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no --sector-size N in the documented line {cmd:?}"));
+        assert!(
+            cmd.chars()
+                .all(|c| c.is_ascii_alphanumeric() || " ./<>_-".contains(c)),
+            "the documented line {cmd:?} has characters the guest would have to unquote"
+        );
+        for placeholder in ["<SECTORS>", "/dev/DEVICE"] {
+            assert_eq!(
+                words.iter().filter(|w| **w == placeholder).count(),
+                1,
+                "the documented line {cmd:?} must name {placeholder} once"
+            );
+        }
+        assert!(
+            cmd.contains(" --key-file dek.bin "),
+            "the documented line {cmd:?} does not read the key from dek.bin"
+        );
+        assert!(
+            found.iter().all(|(s, _)| *s != sector),
+            "{ON_DISK_FORMAT_DOC} §6 has two cryptsetup lines for --sector-size {sector}"
+        );
+        found.push((sector, cmd));
+    }
+    found.sort();
+    let sizes: Vec<u64> = found.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        sizes,
+        [512, 4096],
+        "{ON_DISK_FORMAT_DOC} §6 must give one cryptsetup line per data unit size: {found:?}"
+    );
+    found
+}
+
+/// The DEK of an nvseal volume, unwrapped as docs/on-disk-format.md §6 tells an operator to: the
+/// wrapped DEK of header copy A taken out with `dd`, unwrapped with `openssl enc
+/// -id-aes256-wrap` and the KEK hex from the local key file. Writes it to `out` (64 bytes).
+fn unwrap_dek_as_documented(volume: &Path, key_file: &Path, out: &Path) {
+    let keys = std::fs::read_to_string(key_file).unwrap();
+    let kek_hex = keys
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&DEFAULT_KEK_ID) && f.get(1) == Some(&"active"))
+        .and_then(|f| f.get(2).map(|k| k.to_string()))
+        .unwrap_or_else(|| panic!("no active {DEFAULT_KEK_ID:?} KEK in {}", key_file.display()));
+    // Beside the volume, not beside `out` (the guest's payload needs only the DEK).
+    let wrapped = volume.with_extension("wrapped");
+    let run = |cmd: &mut Command| {
+        let o = cmd
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is it installed?)"));
+        assert!(
+            o.status.success(),
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    run(Command::new("dd")
+        .arg(format!("if={}", volume.display()))
+        .arg(format!("of={}", wrapped.display()))
+        .args([
+            "iflag=skip_bytes,count_bytes",
+            "skip=552",
+            "count=72",
+            "status=none",
+        ]));
+    run(Command::new("openssl")
+        .args([
+            "enc",
+            "-d",
+            "-id-aes256-wrap",
+            "-iv",
+            "A6A6A6A6A6A6A6A6",
+            "-K",
+        ])
+        .arg(&kek_hex)
+        .arg("-in")
+        .arg(&wrapped)
+        .arg("-out")
+        .arg(out));
+    let len = std::fs::metadata(out).unwrap().len();
+    assert_eq!(
+        len,
+        64,
+        "the unwrapped DEK of {} is not 64 bytes",
+        volume.display()
+    );
+}
+
+#[test]
+fn the_documented_cryptsetup_lines_are_there_for_both_data_unit_sizes() {
+    // The guest run below needs QEMU; this part of it does not, so it runs everywhere.
+    let lines = documented_cryptsetup_lines();
+    assert!(lines[1].1.contains(" --iv-large-sectors "), "{lines:?}");
+}
+
 #[test]
 fn linux_initiator_discovers_connects_and_verifies_fio_on_both_namespaces() {
     let t_start = Instant::now();
@@ -71,6 +232,7 @@ fn linux_initiator_discovers_connects_and_verifies_fio_on_both_namespaces() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let d = dir.path();
     let img = d.join("ns2.img");
+    let crypt_img = |nsid: u32| d.join(format!("ns{nsid}.img"));
     let cfg = d.join("interop.yaml");
     let sock = d.join("rpc.sock");
     let guest_nqn = uuid_nqn();
@@ -89,10 +251,25 @@ fn linux_initiator_discovers_connects_and_verifies_fio_on_both_namespaces() {
              bdevs:\n  - name: mem0\n    type: malloc\n    size_bytes: {ns}\n    block_size: 4096\n\
              \x20 - name: file1\n    type: uring\n    path: {img}\n    size_bytes: {file}\n\
              \x20 - name: vol1\n    type: encrypted\n    base: file1\n    provider: local\n    create: true\n\
+             {crypt_bdevs}\
              subsystems:\n  - nqn: {NQN}\n    serial: {SERIAL}\n    model: {MODEL}\n\
              \x20   allowed_hosts: [\"{guest_nqn}\", \"{check_nqn}\"]\n\
              \x20   namespaces:\n      - nsid: 1\n        bdev: mem0\n      - nsid: 2\n        bdev: vol1\n        encrypted: true\n\
+             {crypt_namespaces}\
              \x20   listen:\n      - addr: 127.0.0.1\n        port: 0\n",
+            crypt_bdevs = CRYPT_NS
+                .iter()
+                .map(|(n, bs)| format!(
+                    "  - name: file{n}\n    type: uring\n    path: {img}\n    block_size: {bs}\n    size_bytes: {size}\n\
+                     \x20 - name: vol{n}\n    type: encrypted\n    base: file{n}\n    provider: local\n    create: true\n",
+                    img = crypt_img(*n).display(),
+                    size = CRYPT_BYTES + HEADER_BYTES,
+                ))
+                .collect::<String>(),
+            crypt_namespaces = CRYPT_NS
+                .iter()
+                .map(|(n, _)| format!("      - nsid: {n}\n        bdev: vol{n}\n        encrypted: true\n"))
+                .collect::<String>(),
             keys = d.join("keys").display(),
             audit = d.join("audit.jsonl").display(),
             sock = sock.display(),
@@ -107,15 +284,62 @@ fn linux_initiator_discovers_connects_and_verifies_fio_on_both_namespaces() {
     let addr = addr_of(&s.wait_for("NVMe/TCP listening"));
     s.wait_for("encrypted namespace online");
     s.wait_for("nvseal serving");
+    // All three encrypted namespaces unlock on their own; the guest must find all four.
+    let t_online = Instant::now();
+    loop {
+        let subs = rpc(&sock, "subsystems.list");
+        let online = subs["subsystems"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["nqn"] == NQN))
+            .and_then(|sub| sub["namespaces"].as_array())
+            .map_or(0, |ns| ns.iter().filter(|n| n["online"] == true).count());
+        if online == 2 + CRYPT_NS.len() {
+            break;
+        }
+        assert!(
+            t_online.elapsed() < ONLINE_WAIT,
+            "not every namespace came online: {subs}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     s.assert_running("before the guest run");
+
+    // The dm-crypt check: per namespace the DEK (unwrapped here as the document says) and a
+    // random pattern the guest writes through nvseal, in /payload/ns<nsid>/ of the guest; the
+    // backing files as read-only virtio disks; the document's cryptsetup lines as parameters.
+    let payload = d.join("payload");
+    let mut crypt_ns = Vec::new();
+    let mut disks = Vec::new();
+    let mut patterns = Vec::new();
+    for (nsid, bs) in CRYPT_NS {
+        let dir = payload.join(format!("ns{nsid}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        unwrap_dek_as_documented(&crypt_img(nsid), &d.join("keys"), &dir.join("dek.bin"));
+        let mut pat = vec![0u8; CRYPT_BYTES as usize];
+        std::fs::File::open("/dev/urandom")
+            .unwrap()
+            .read_exact(&mut pat)
+            .unwrap();
+        std::fs::write(dir.join("pattern.bin"), &pat).unwrap();
+        patterns.push(pat);
+        let serial = format!("nvseal-ns{nsid}");
+        crypt_ns.push(format!("{nsid}:{bs}:{}:{serial}", CRYPT_BYTES / 512));
+        disks.push(format!("{serial}={}", crypt_img(nsid).display()));
+    }
+    let crypt_lines = documented_cryptsetup_lines();
+    let crypt_open = crypt_lines
+        .iter()
+        .map(|(sector, cmd)| format!("CRYPT_OPEN_{sector}='{cmd}' "))
+        .collect::<String>();
 
     let blocks = NS_BYTES / BLOCK;
     let params = format!(
         "PORT={port} SUBNQN='{NQN}' SERIAL='{SERIAL}' NN={MAX_NAMESPACES} MODEL='{MODEL}' HOSTNQN='{guest_nqn}' \
          DENIED_HOSTNQN='{denied_nqn}' NS_BLOCKS='1:{blocks} 2:{blocks}' PATTERN='{pattern}' \
          FIO_JOBS='{FIO_JOBS}' FIO_JOBS_DIGEST='{FIO_JOBS_DIGEST}' \
-         FIO_CONCURRENT='{FIO_CONCURRENT}'\n",
+         FIO_CONCURRENT='{FIO_CONCURRENT}' CRYPT_NS='{crypt_ns}' {crypt_open}\n",
         port = addr.port(),
+        crypt_ns = crypt_ns.join(" "),
     );
     let guest_body = std::fs::read_to_string(repo().join("scripts/qemu/guest/interop.sh")).unwrap();
     let guest_script = d.join("guest.sh");
@@ -128,6 +352,8 @@ fn linux_initiator_discovers_connects_and_verifies_fio_on_both_namespaces() {
         .arg(GUEST_TIMEOUT_S.to_string())
         .env("NVSEAL_QEMU_LOG", d.join("console.log"))
         .env("NVSEAL_QEMU_ECHO", "0")
+        .env("NVSEAL_QEMU_PAYLOAD", &payload)
+        .env("NVSEAL_QEMU_DISKS", disks.join(" "))
         .output()
         .expect("cannot run scripts/qemu/run-guest.sh");
     let t_guest = t_guest0.elapsed();
@@ -150,16 +376,18 @@ fn linux_initiator_discovers_connects_and_verifies_fio_on_both_namespaces() {
         .as_array()
         .and_then(|a| a.iter().find(|x| x["nqn"] == NQN))
         .unwrap_or_else(|| panic!("{NQN} missing from subsystems.list: {subs}"));
-    for (i, nsid) in [1u64, 2].into_iter().enumerate() {
+    let expected = [(1u32, blocks), (2, blocks)]
+        .into_iter()
+        .chain(CRYPT_NS.iter().map(|(n, bs)| (*n, CRYPT_BYTES / bs)));
+    for (i, (nsid, nblocks)) in expected.enumerate() {
         let ns = &sub["namespaces"][i];
         assert_eq!(ns["nsid"], nsid, "{subs}");
         assert_eq!(ns["online"], true, "{subs}");
-        assert_eq!(ns["num_blocks"], blocks, "{subs}");
+        assert_eq!(ns["num_blocks"], nblocks, "{subs}");
+        if nsid != 1 {
+            assert_eq!(ns["key"]["state"]["state"], "online", "{subs}");
+        }
     }
-    assert_eq!(
-        sub["namespaces"][1]["key"]["state"]["state"], "online",
-        "{subs}"
-    );
 
     // The target saw the guest's host NQN connect, and refused the denied one, saying why.
     s.drain();
@@ -234,6 +462,17 @@ fn linux_initiator_discovers_connects_and_verifies_fio_on_both_namespaces() {
         !contains(body, pattern.as_bytes()),
         "fio's plaintext pattern reached the encrypted namespace's backing file"
     );
+    // The cryptsetup namespaces: their files hold the guest's data, but not as plaintext (the
+    // guest already saw dm-crypt turn it back into the pattern).
+    for ((nsid, _), pat) in CRYPT_NS.iter().zip(&patterns) {
+        let raw = std::fs::read(crypt_img(*nsid)).unwrap();
+        let body = &raw[HEADER_BYTES as usize..];
+        assert_eq!(body.len() as u64, CRYPT_BYTES);
+        assert!(
+            body != &pat[..] && !contains(body, &pat[..64]),
+            "nsid {nsid}: plaintext on disk"
+        );
+    }
 
     let log = s.stop();
     println!(

@@ -20,6 +20,11 @@
 #   NVSEAL_QEMU_APPEND   extra kernel command line words (e.g. "loglevel=7" instead of quiet)
 #   NVSEAL_QEMU_HOSTFWD  "HOSTPORT:GUESTPORT ..." TCP ports of the host's 127.0.0.1 forwarded to
 #                        the guest (to reach a target running in the guest from the host)
+#   NVSEAL_QEMU_DISKS    "SERIAL=PATH ..." host files attached read-only as virtio-blk disks
+#                        (QEMU reads them through the host page cache, so it sees what another
+#                        process wrote to them while the guest runs). The guest loads virtio_blk
+#                        and finds each disk by /sys/block/vd*/serial. SERIAL: 1-20 characters
+#                        [A-Za-z0-9_-]; PATH: no whitespace or commas.
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
@@ -80,6 +85,17 @@ for f in ${NVSEAL_QEMU_HOSTFWD:-}; do
     FWD_PASST+=(-t "127.0.0.1/${BASH_REMATCH[1]}:${BASH_REMATCH[2]}")
 done
 
+# Read-only virtio disks.
+DISKS=()
+i=0
+for d in ${NVSEAL_QEMU_DISKS:-}; do
+    [[ "$d" =~ ^([A-Za-z0-9_-]{1,20})=([^,]+)$ ]] || { log "NVSEAL_QEMU_DISKS: '$d' is not SERIAL=PATH (see the usage)"; exit 126; }
+    [ -f "${BASH_REMATCH[2]}" ] || { log "NVSEAL_QEMU_DISKS: ${BASH_REMATCH[2]} is not a regular file"; exit 126; }
+    DISKS+=(-blockdev "driver=file,node-name=disk$i,filename=${BASH_REMATCH[2]},read-only=on"
+        -device "virtio-blk-pci,drive=disk$i,serial=${BASH_REMATCH[1]}")
+    i=$((i + 1))
+done
+
 case "$NET" in
     user)
         # slirp: guest 10.0.2.15, gateway/host alias 10.0.2.2 -> host 127.0.0.1.
@@ -109,7 +125,7 @@ t0=$(date +%s.%N)
     -display none -monitor none -serial "file:$LOG" -no-reboot \
     -kernel "$KERNEL_IMG" -initrd "$WORK/initrd" \
     -append "console=ttyS0 quiet panic=-1 nvseal.ip=10.0.2.15/24 nvseal.gw=10.0.2.2 ${NVSEAL_QEMU_APPEND:-}" \
-    "${NETDEV[@]}" -device virtio-net-pci,netdev=n0 \
+    "${NETDEV[@]}" -device virtio-net-pci,netdev=n0 "${DISKS[@]}" \
     </dev/null >"$WORK/qemu.out" 2>&1 &
 QEMU_PID=$!
 if [ "$ECHO" = 1 ]; then

@@ -3,8 +3,8 @@
 #
 #  1. installs the host tools it needs (qemu-system-x86, passt, cpio, kmod, binutils, zstd)
 #  2. `apt-get download`s (never installs) Debian's current linux-image-amd64 kernel image
-#     package, busybox-static, nvme-cli, fio, bash, kmod and every package providing a
-#     shared library those binaries load (found by walking ELF NEEDED entries)
+#     package, busybox-static, nvme-cli, fio, bash, kmod, cryptsetup and every package
+#     providing a shared library those binaries load (found by walking ELF NEEDED entries)
 #  3. builds $NVSEAL_QEMU_CACHE/initramfs.cpio (uncompressed) and unpacks the kernel's ELF
 #     image to $NVSEAL_QEMU_CACHE/vmlinux (booted through its PVH entry point)
 #
@@ -18,11 +18,14 @@ source "$(dirname "$0")/common.sh"
 ARCH_DIR=x86_64-linux-gnu
 # Root packages whose binaries go into the guest. kmod gives the guest a real modprobe
 # (aliases, softdeps, request_module from the kernel); busybox provides everything else.
+# cryptsetup opens an nvseal volume with dm-crypt (docs/on-disk-format.md §6) in the
+# Linux-initiator test.
 ROOT_BINS=(
     "bash:bin/bash"
     "nvme-cli:usr/sbin/nvme"
     "fio:usr/bin/fio"
     "kmod:bin/kmod"
+    "cryptsetup-bin:sbin/cryptsetup"
 )
 # Modules the guest needs, dependencies are added by modprobe --show-depends.
 # nvme-tcp pulls nvme-fabrics, nvme-core, t10-pi, crc-t10dif, crc64-rocksoft; the crypto
@@ -37,6 +40,10 @@ GUEST_MODULES=(
     # Not loaded by /init: the kernel's own NVMe/TCP target and a RAM disk, so a guest script
     # can stand up a reference target on 127.0.0.1 (the self-test does).
     nvmet-tcp brd
+    # Not loaded by /init either: read-only virtio disks (a backing file the host attaches) and
+    # dm-crypt with AES-XTS (aes_generic is built in; xts wraps ecb(aes)), plus the AF_ALG
+    # socket cryptsetup checks a cipher with, for `cryptsetup open --type plain`.
+    virtio_blk dm-crypt xts ecb aesni-intel algif_skcipher
 )
 
 DEBS="$NVSEAL_QEMU_CACHE/debs"
@@ -366,7 +373,7 @@ mknod -m 666 "$ROOTFS/dev/null" c 1 3
 
 # Prove the user space loads before paying for a boot: run the binaries in a chroot.
 for cmd in "/bin/bash -c true" "/usr/sbin/nvme version" "/usr/bin/fio --version" \
-    "/sbin/modprobe --version" "/bin/busybox true"; do
+    "/sbin/modprobe --version" "/sbin/cryptsetup --version" "/bin/busybox true"; do
     # shellcheck disable=SC2086
     chroot "$ROOTFS" $cmd >/dev/null || die "chroot check failed: $cmd"
 done

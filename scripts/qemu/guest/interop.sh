@@ -13,13 +13,19 @@
 #   FIO_JOBS_DIGEST  the same, run in a second session with header and data digests on
 #   FIO_CONCURRENT   one "bs:rw:offset:size" job run on all namespaces at once in that session,
 #              the jobs pinned to different CPUs so several I/O queues carry traffic together
+#   CRYPT_NS   "nsid:block_size:sectors:serial ..." encrypted namespaces for the dm-crypt check of
+#              docs/on-disk-format.md §6 (sectors: 512-byte sectors of data); each one's backing
+#              file is attached read-only as the virtio disk with that serial, and
+#              /payload/ns<nsid>/ holds pattern.bin (exactly the data size) and dek.bin
+#   CRYPT_OPEN_<block_size>  the document's `cryptsetup open --type plain` line for that sector
+#              size, verbatim, with its placeholders <SECTORS> and /dev/DEVICE
 # Every step checks its result; the first failure ends the script with a non-zero code.
 set -euo pipefail
 
 HOST="${NVSEAL_HOST_IP:-10.0.2.2}"
 : "${PORT:?}" "${NN:?}" "${SUBNQN:?}" "${SERIAL:?}" "${MODEL:?}" "${HOSTNQN:?}" "${DENIED_HOSTNQN:?}"
 : "${NS_BLOCKS:?}" "${PATTERN:?}" "${FIO_JOBS:?}" "${FIO_JOBS_DIGEST:?}"
-: "${FIO_CONCURRENT:?}"
+: "${FIO_CONCURRENT:?}" "${CRYPT_NS:?}"
 
 step() { printf '\n== %s (guest uptime %s s)\n' "$*" "$(cut -d' ' -f1 /proc/uptime)"; }
 fail() {
@@ -91,19 +97,22 @@ printf '%s\n' "$OUT"
 declare -A DEV=()
 nsids=()
 for nb in $NS_BLOCKS; do nsids+=("${nb%%:*}"); done
+# Every namespace connect_ns waits for: the fio ones and the cryptsetup ones.
+all_nsids=("${nsids[@]}")
+for cn in $CRYPT_NS; do all_nsids+=("${cn%%:*}"); done
 connect_ns() {
     local n d all c
     run nvme connect -t tcp -a "$HOST" -s "$PORT" -n "$SUBNQN" -q "$HOSTNQN" "$@"
     DEV=()
     for _ in $(seq 200); do
         all=1
-        for n in "${nsids[@]}"; do
+        for n in "${all_nsids[@]}"; do
             d="$(ns_dev "$n")" && [ -b "/dev/$d" ] && DEV[$n]="$d" || all=0
         done
         [ "$all" = 1 ] && break
         sleep 0.1
     done
-    for n in "${nsids[@]}"; do [ -n "${DEV[$n]:-}" ] || fail "no block device for nsid $n"; done
+    for n in "${all_nsids[@]}"; do [ -n "${DEV[$n]:-}" ] || fail "no block device for nsid $n"; done
     # (No process substitution: the guest has no /dev/fd.)
     read -ra ctrls <<<"$(ctrls_of "$SUBNQN" | tr '\n' ' ')"
     [ "${#ctrls[@]}" = 1 ] || fail "expected one controller for $SUBNQN, got '${ctrls[*]}'"
@@ -117,7 +126,7 @@ connect_ns() {
     QUEUES="$(cat "$c/queue_count")"
     echo "queues (admin + I/O): $QUEUES"
     [ "$QUEUES" -ge 2 ] || fail "no I/O queue was connected"
-    for n in "${nsids[@]}"; do echo "nsid $n: /dev/${DEV[$n]}"; done
+    for n in "${all_nsids[@]}"; do echo "nsid $n: /dev/${DEV[$n]}"; done
 }
 
 # fio_jobs JOBS: every "bs:rw:offset:size" job on every namespace; each writes its range with
@@ -177,11 +186,80 @@ disconnect_ns() {
         sleep 0.1
     done
     [ -z "$(ctrls_of "$SUBNQN")" ] || fail "controller still present after disconnect"
-    for n in "${nsids[@]}"; do
+    for n in "${all_nsids[@]}"; do
         if d="$(ns_dev "$n")"; then fail "namespace device $d still present after disconnect"; fi
     done
     run nvme list
     if grep -q "$SERIAL" <<<"$OUT"; then fail "nvme list still shows the subsystem"; fi
+}
+
+# disk_of SERIAL: the virtio disk (vdX) the host attached with that serial.
+disk_of() {
+    local b
+    for b in /sys/block/vd*; do
+        [ -e "$b/serial" ] && [ "$(cat "$b/serial")" = "$1" ] && echo "${b##*/}" && return 0
+    done
+    return 1
+}
+
+# crypt_check: docs/on-disk-format.md §6 against the real dm-crypt. For each CRYPT_NS namespace:
+# write pattern.bin through nvseal, read it back through nvseal, then run the document's
+# cryptsetup line over the namespace's backing file (a read-only virtio disk) with the DEK the
+# host unwrapped, and compare the plaintext dm-crypt returns with the pattern.
+crypt_check() {
+    local cn n bs sectors serial d vd var cmd
+    local -a argv
+    run modprobe -a virtio_blk dm-crypt xts ecb aesni-intel algif_skcipher
+    run cryptsetup --version
+    for cn in $CRYPT_NS; do
+        IFS=: read -r n bs sectors serial <<<"$cn"
+        d="${DEV[$n]}"
+        vd=""
+        step "cryptsetup check, nsid $n /dev/$d: $bs-byte blocks, $sectors sectors"
+        [ "$(cat "/sys/block/$d/queue/logical_block_size")" = "$bs" ] ||
+            fail "/dev/$d block size is not $bs"
+        [ "$(cat "/sys/block/$d/size")" = "$sectors" ] || fail "/dev/$d is not $sectors sectors"
+        [ "$(stat -c %s "/payload/ns$n/pattern.bin")" = $((sectors * 512)) ] ||
+            fail "pattern.bin of nsid $n is not the namespace's size"
+        run dd if="/payload/ns$n/pattern.bin" of="/dev/$d" bs=64k oflag=direct conv=fsync
+        run dd if="/dev/$d" of=/tmp/nvseal.bin bs=64k iflag=direct
+        cmp "/payload/ns$n/pattern.bin" /tmp/nvseal.bin || fail "nsid $n reads back other data"
+        for _ in $(seq 50); do vd="$(disk_of "$serial")" && [ -b "/dev/$vd" ] && break; sleep 0.1; done
+        [ -n "$vd" ] && [ -b "/dev/$vd" ] || fail "no virtio disk with serial $serial"
+        [ "$(cat "/sys/block/$vd/size")" = $((2048 + sectors)) ] ||
+            fail "/dev/$vd is not the 1 MiB header plus the data"
+        var="CRYPT_OPEN_$bs"
+        cmd="${!var:-}"
+        [ -n "$cmd" ] || fail "no documented cryptsetup line for --sector-size $bs ($var)"
+        [[ "$cmd" == *"<SECTORS>"* && "$cmd" == *"/dev/DEVICE"* ]] ||
+            fail "the documented line lacks its placeholders: $cmd"
+        cmd="${cmd//<SECTORS>/$sectors}"
+        cmd="${cmd//\/dev\/DEVICE//dev/$vd}"
+        read -ra argv <<<"$cmd"
+        cd "/payload/ns$n"
+        run "${argv[@]}"
+        cd /root
+        run cryptsetup status nvseal-ns
+        expect "^ +sector size: +$bs\$" "dm-crypt uses $bs-byte sectors"
+        run dd if=/dev/mapper/nvseal-ns of=/tmp/plain.bin bs=64k iflag=direct
+        cmp "/payload/ns$n/pattern.bin" /tmp/plain.bin ||
+            fail "dm-crypt with the documented line does not give nsid $n's plaintext"
+        run cryptsetup close nvseal-ns
+        rm -f /tmp/nvseal.bin /tmp/plain.bin
+        if [ "$bs" = 512 ]; then
+            # The document says cryptsetup refuses --iv-large-sectors with 512-byte sectors.
+            echo "+ ${argv[*]} --iv-large-sectors (must be refused)"
+            cd "/payload/ns$n"
+            if OUT="$("${argv[@]}" --iv-large-sectors 2>&1)"; then
+                cryptsetup close nvseal-ns || true
+                fail "cryptsetup accepted --iv-large-sectors with --sector-size 512"
+            fi
+            cd /root
+            printf '%s\n' "$OUT" | tail -1
+            expect "Large IV sectors option is supported only .* sector size larger than 512" \
+                "cryptsetup refuses --iv-large-sectors with 512-byte sectors"
+        fi
+    done
 }
 
 step "connect"
@@ -226,6 +304,8 @@ for nb in $NS_BLOCKS; do
 done
 
 fio_jobs "$FIO_JOBS"
+
+crypt_check
 
 step "disconnect"
 disconnect_ns
