@@ -30,12 +30,14 @@ mod xfer;
 use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::bdev::{BdevChannel, BufPool, IoBuf, IoType};
 use crate::nvme::{Cqe, Sqe, Status};
+use crate::nvmf::poll_group::GroupStats;
 use crate::nvmf::pdu::{
     self, CommonHeader, Digests, Fes, Layout, PduError, TermReq, DIGEST_LEN, MAX_HEADER_REGION,
 };
@@ -290,6 +292,14 @@ pub struct Connection {
     rx_dig: [u8; DIGEST_LEN],
     rx_dig_have: usize,
     rx_crc: u32,
+    /// Whether a read may find bytes: always true outside a poll group (every receive step
+    /// reads); inside one, set by the group's epoll report and cleared by the `EAGAIN` that
+    /// ends an edge-triggered drain, so an idle socket is never read.
+    rx_ready: bool,
+    /// Registered with a [`crate::nvmf::poll_group::PollGroup`] (readiness-driven reads).
+    in_group: bool,
+    /// Receive counters: this connection's own, or its poll group's shared ones once it joins.
+    rx_stats: Arc<GroupStats>,
     // Session.
     pub(super) ctrl: Option<Arc<Controller>>,
     pub(super) subsys: Option<Arc<Subsystem>>,
@@ -397,6 +407,9 @@ impl Connection {
             rx_dig: [0; DIGEST_LEN],
             rx_dig_have: 0,
             rx_crc: 0,
+            rx_ready: true,
+            in_group: false,
+            rx_stats: Arc::new(GroupStats::default()),
             ctrl: None,
             subsys: None,
             qid: 0,
@@ -437,6 +450,47 @@ impl Connection {
     /// The reactor core this connection was created for.
     pub fn core(&self) -> CoreId {
         self.core
+    }
+
+    /// The socket, for readiness registration.
+    pub fn raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    /// Joins a poll group: from now on the socket is read only after [`Connection::set_readable`]
+    /// (the group's epoll said so) until a read finds it empty, and receive counters go to the
+    /// group's `stats`. The first receive step still reads, for bytes that arrived before.
+    pub fn join_group(&mut self, stats: Arc<GroupStats>) {
+        self.in_group = true;
+        self.rx_ready = true;
+        self.rx_stats = stats;
+    }
+
+    /// The socket has new bytes (or an end of stream / error) to read.
+    #[inline]
+    pub fn set_readable(&mut self) {
+        self.rx_ready = true;
+    }
+
+    /// Whether a poll step has anything to do right now: bytes to read, requests in progress
+    /// (an Asynchronous Event Request held for an event does not count), something to send,
+    /// retiring channels or shutdown flushes, or a close to finish. A poll group polls only such
+    /// connections every loop, and the others at its housekeeping sweep (timers, events,
+    /// namespace changes).
+    #[inline]
+    pub fn wants_poll(&self) -> bool {
+        let held = self.state_counts[ReqState::AwaitingEvent.index()] as usize;
+        (self.rx_ready && matches!(self.phase, Phase::AwaitIcReq | Phase::Ready))
+            || self.outstanding > held
+            || self.ctl_off < self.ctl_len
+            || self.phase == Phase::Closing
+            || !self.retired.is_empty()
+            || !self.shutdown.is_empty()
+    }
+
+    /// Receive counters this connection adds to (its poll group's once it joined one).
+    pub fn recv_stats(&self) -> &Arc<GroupStats> {
+        &self.rx_stats
     }
 
     /// Queue id (valid after Connect; 0 = admin).
@@ -494,7 +548,7 @@ impl Connection {
             return work;
         }
         work += self.retry_exec();
-        if matches!(self.phase, Phase::AwaitIcReq | Phase::Ready) {
+        if self.rx_ready && matches!(self.phase, Phase::AwaitIcReq | Phase::Ready) {
             work += self.poll_recv();
         }
         if self.phase == Phase::Ready && self.ctrl.is_some() {
