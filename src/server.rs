@@ -97,7 +97,11 @@ impl Poller for AcceptPoller {
                             Ok(c) => {
                                 let Some(g) = group.and_then(|g| r.poller_as::<PollGroup>(g))
                                 else {
-                                    tracing::error!(?peer, reactor = r.index(), "no poll group on this reactor; connection dropped");
+                                    tracing::error!(
+                                        ?peer,
+                                        reactor = r.index(),
+                                        "no poll group on this reactor; connection dropped"
+                                    );
                                     return;
                                 };
                                 match g.add(c) {
@@ -106,7 +110,7 @@ impl Poller for AcceptPoller {
                                         reactor = r.index(),
                                         "connection placed"
                                     ),
-                                    Err((_c, e)) => tracing::warn!(
+                                    Err(e) => tracing::warn!(
                                         ?peer,
                                         "connection refused: cannot watch its socket: {e}"
                                     ),
@@ -251,11 +255,13 @@ impl Server {
         // One NVMe/TCP poll group per reactor: it owns the connections placed there.
         let mut groups = Vec::with_capacity(set.len());
         let mut group_stats = Vec::with_capacity(set.len());
+        let channel_depth = cfg.nvmf.reactor_channel_depth as usize;
         for i in 0..set.len() {
             let stats = Arc::new(GroupStats::default());
             let st = stats.clone();
             let id = set.call(i, move |r| -> Result<PollerId, String> {
-                let g = PollGroup::new(st).map_err(|e| format!("epoll: {e}"))?;
+                let g = PollGroup::new(r.core(), channel_depth, st)
+                    .map_err(|e| format!("epoll: {e}"))?;
                 Ok(r.add_poller(Box::new(g)))
             })?;
             groups.push(id.map_err(|what| ServerError::Target(format!("reactor {i}: {what}")))?);

@@ -14,18 +14,31 @@
 //! sweep): their timers (keep alive, Connect timeout), controller events for held AERs,
 //! namespace table changes and the dropping of closed connections need no socket bytes.
 //!
+//! The group also owns the reactor's **bdev channels**: one per namespace ([`ChannelSet`]),
+//! shared by all its I/O queues, instead of one per queue and namespace (with io_uring, one
+//! ring per queue). A queue tags each I/O with its group slot (`BdevIo::ctx` bits 63..32,
+//! request slot in bits 31..0); the group polls every shared channel once per loop and hands
+//! each completion to the connection it belongs to. A channel opens when the first queue on the
+//! reactor needs its namespace and closes at a sweep once no queue uses it and nothing is in
+//! flight on it (so a removed namespace is released once its I/O drained).
+//!
 //! Runs on its reactor only; control threads reach it by reactor message
 //! ([`crate::reactor::Reactor::poller_as`]). It exists so that what a reactor shares between
 //! its queue pairs (the epoll set, the counters) has one owner.
 
+use std::cell::RefCell;
 use std::io;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::bdev::{BdevChannel, BdevError};
 use crate::nvmf::conn::Connection;
+use crate::nvmf::target::Namespace;
 use crate::reactor::Poller;
 use crate::sys::clock;
 use crate::sys::epoll::Epoll;
+use crate::types::CoreId;
 
 /// How often idle connections are polled anyway (timers, AER events, namespace changes,
 /// reaping closed ones). 1 ms keeps every such reaction far below the host-visible timeouts
@@ -50,6 +63,10 @@ pub struct GroupStats {
     pub epoll_events: AtomicU64,
     /// Housekeeping sweeps over every connection.
     pub sweeps: AtomicU64,
+    /// Shared bdev channels open now (one per namespace in use on the reactor).
+    pub channels_open: AtomicU64,
+    /// Shared bdev channels opened over the group's life.
+    pub channels_opened: AtomicU64,
 }
 
 impl GroupStats {
@@ -76,7 +93,74 @@ impl GroupStats {
             "epoll_waits": Self::get(&self.epoll_waits),
             "epoll_events": Self::get(&self.epoll_events),
             "sweeps": Self::get(&self.sweeps),
+            "channels_open": Self::get(&self.channels_open),
+            "channels_opened": Self::get(&self.channels_opened),
         })
+    }
+}
+
+/// A bdev channel shared by the queues of one reactor.
+pub type SharedChannel = Rc<RefCell<Box<dyn BdevChannel>>>;
+
+/// The reactor's bdev channels, one per namespace in use, shared by its I/O queues (see the
+/// module docs). Connections hold it through an `Rc` to look channels up at Connect and when
+/// the namespace table changes; the group polls the channels and routes their completions.
+pub struct ChannelSet {
+    core: CoreId,
+    depth: usize,
+    entries: RefCell<Vec<(Arc<Namespace>, SharedChannel)>>,
+    stats: Arc<GroupStats>,
+}
+
+impl ChannelSet {
+    fn new(core: CoreId, depth: usize, stats: Arc<GroupStats>) -> Self {
+        ChannelSet {
+            core,
+            depth: depth.max(1),
+            entries: RefCell::new(Vec::new()),
+            stats,
+        }
+    }
+
+    /// The reactor's channel to `ns`, opened on first use.
+    pub fn channel_for(&self, ns: &Arc<Namespace>) -> Result<SharedChannel, BdevError> {
+        let mut entries = self.entries.borrow_mut();
+        if let Some((_, ch)) = entries.iter().find(|(n, _)| Arc::ptr_eq(n, ns)) {
+            return Ok(ch.clone());
+        }
+        let ch: SharedChannel = Rc::new(RefCell::new(ns.bdev.open_channel(self.core, self.depth)?));
+        entries.push((ns.clone(), ch.clone()));
+        GroupStats::bump(&self.stats.channels_opened);
+        self.stats
+            .channels_open
+            .store(entries.len() as u64, Ordering::Relaxed);
+        tracing::debug!(
+            bdev = ns.bdev.name(),
+            nsid = ns.nsid,
+            depth = self.depth,
+            "shared bdev channel opened"
+        );
+        Ok(ch)
+    }
+
+    /// Channels open now.
+    pub fn len(&self) -> usize {
+        self.entries.borrow().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Closes the channels no queue holds any more and with nothing in flight.
+    fn close_unused(&self) {
+        let mut entries = self.entries.borrow_mut();
+        let before = entries.len();
+        entries.retain(|(_, ch)| Rc::strong_count(ch) > 1 || ch.borrow().in_flight() > 0);
+        if entries.len() != before {
+            self.stats
+                .channels_open
+                .store(entries.len() as u64, Ordering::Relaxed);
+        }
     }
 }
 
@@ -87,6 +171,7 @@ pub struct PollGroup {
     conns: Vec<Option<Connection>>,
     free: Vec<usize>,
     stats: Arc<GroupStats>,
+    channels: Rc<ChannelSet>,
     next_sweep: u64,
     sweep_ticks: u64,
     /// An epoll failure was logged (once: it is not expected to recover or to be transient).
@@ -94,12 +179,18 @@ pub struct PollGroup {
 }
 
 impl PollGroup {
-    /// An empty group publishing its counters to `stats`.
-    pub fn new(stats: Arc<GroupStats>) -> io::Result<PollGroup> {
+    /// An empty group for the reactor on `core`, publishing its counters to `stats`; its shared
+    /// bdev channels hold `channel_depth` I/Os each (`Limits::reactor_channel_depth`).
+    pub fn new(
+        core: CoreId,
+        channel_depth: usize,
+        stats: Arc<GroupStats>,
+    ) -> io::Result<PollGroup> {
         Ok(PollGroup {
             epoll: Epoll::new(EPOLL_BATCH)?,
             conns: Vec::new(),
             free: Vec::new(),
+            channels: Rc::new(ChannelSet::new(core, channel_depth, stats.clone())),
             stats,
             next_sweep: 0,
             sweep_ticks: clock::ns_to_ticks(SWEEP_INTERVAL_NS).max(1),
@@ -107,9 +198,9 @@ impl PollGroup {
         })
     }
 
-    /// Takes ownership of `conn` and registers its socket; on failure the connection is handed
-    /// back with the reason (the caller drops it, which closes it).
-    pub fn add(&mut self, mut conn: Connection) -> Result<(), (Connection, io::Error)> {
+    /// Takes ownership of `conn` and registers its socket; on failure the connection is dropped
+    /// (which closes it) and the reason returned for the caller to log.
+    pub fn add(&mut self, mut conn: Connection) -> io::Result<()> {
         let slot = match self.free.pop() {
             Some(s) => s,
             None => {
@@ -119,9 +210,10 @@ impl PollGroup {
         };
         if let Err(e) = self.epoll.add(conn.raw_fd(), slot as u64) {
             self.free.push(slot);
-            return Err((conn, e));
+            drop(conn);
+            return Err(e);
         }
-        conn.join_group(self.stats.clone());
+        conn.join_group(self.stats.clone(), slot as u32, self.channels.clone());
         self.conns[slot] = Some(conn);
         GroupStats::bump(&self.stats.connections);
         Ok(())
@@ -137,6 +229,10 @@ impl PollGroup {
     /// The group's counters.
     pub fn stats(&self) -> &Arc<GroupStats> {
         &self.stats
+    }
+    /// Shared bdev channels open now.
+    pub fn channels_open(&self) -> usize {
+        self.channels.len()
     }
 
     fn remove(&mut self, slot: usize) {
@@ -159,6 +255,9 @@ impl Poller for PollGroup {
 
     fn poll(&mut self) -> usize {
         if self.is_empty() {
+            if !self.channels.is_empty() {
+                self.channels.close_unused();
+            }
             return 0;
         }
         let mut work = 0;
@@ -186,6 +285,25 @@ impl Poller for PollGroup {
                 }
             }
         }
+        // Completions of the shared channels, each to the connection that submitted it.
+        {
+            let conns = &mut self.conns;
+            for (_, ch) in self.channels.entries.borrow().iter() {
+                let mut ch = ch.borrow_mut();
+                if ch.in_flight() == 0 {
+                    continue;
+                }
+                work += ch.poll(&mut |io| {
+                    let slot = (io.ctx >> 32) as usize;
+                    match conns.get_mut(slot) {
+                        Some(Some(c)) => c.io_done(io),
+                        // Unreachable: a connection leaves the group only with nothing at a
+                        // bdev. Its buffer is freed with the I/O.
+                        _ => tracing::error!(slot, "bdev completion for a connection that is gone"),
+                    }
+                });
+            }
+        }
         let now = clock::ticks();
         let sweep = now >= self.next_sweep;
         if sweep {
@@ -203,6 +321,9 @@ impl Poller for PollGroup {
                     work += 1;
                 }
             }
+        }
+        if sweep {
+            self.channels.close_unused();
         }
         work
     }

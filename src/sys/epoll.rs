@@ -92,9 +92,7 @@ impl Epoll {
             f(Ready {
                 token,
                 readable: bits & (libc::EPOLLIN as u32) != 0,
-                hangup: bits
-                    & ((libc::EPOLLHUP | libc::EPOLLRDHUP | libc::EPOLLERR) as u32)
-                    != 0,
+                hangup: bits & ((libc::EPOLLHUP | libc::EPOLLRDHUP | libc::EPOLLERR) as u32) != 0,
             });
         }
         Ok(n)

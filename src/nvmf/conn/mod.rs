@@ -31,16 +31,17 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::bdev::{BdevChannel, BufPool, IoBuf, IoType};
 use crate::nvme::{Cqe, Sqe, Status};
-use crate::nvmf::poll_group::GroupStats;
 use crate::nvmf::pdu::{
     self, CommonHeader, Digests, Fes, Layout, PduError, TermReq, DIGEST_LEN, MAX_HEADER_REGION,
 };
+use crate::nvmf::poll_group::{ChannelSet, GroupStats, SharedChannel};
 use crate::nvmf::target::{Controller, Namespace, PortId, QueueStats, Subsystem, Target};
 use crate::stats::reactor::ConnStats;
 use crate::sys::clock;
@@ -273,6 +274,25 @@ pub(super) enum Action {
 /// Data pool buffer alignment at least: a page, enough for O_DIRECT backends.
 const POOL_ALIGN: usize = 4096;
 
+/// A queue's bdev channel to one namespace: its own (a connection outside a poll group), or
+/// its reactor's, shared with the other queues there (whose poll group polls it and routes the
+/// completions back by the tag in `BdevIo::ctx`).
+pub(super) enum Chan {
+    Own(Box<dyn BdevChannel>),
+    Shared(SharedChannel),
+}
+
+impl Chan {
+    /// Runs `f` on the channel.
+    #[inline]
+    pub(super) fn with<R>(&mut self, f: impl FnOnce(&mut dyn BdevChannel) -> R) -> R {
+        match self {
+            Chan::Own(c) => f(&mut **c),
+            Chan::Shared(c) => f(&mut **c.borrow_mut()),
+        }
+    }
+}
+
 /// One NVMe/TCP queue pair (see the module docs).
 pub struct Connection {
     stream: TcpStream,
@@ -315,7 +335,15 @@ pub struct Connection {
     boot_pool: BufPool,
     pub(super) pool: Option<BufPool>,
     /// Bdev channel per namespace slot (index = nsid - 1), I/O queues only.
-    pub(super) channels: Vec<Option<Box<dyn BdevChannel>>>,
+    pub(super) channels: Vec<Option<Chan>>,
+    /// The poll group's shared channels, once in a group (else each queue opens its own).
+    pub(super) group_channels: Option<Rc<ChannelSet>>,
+    /// This connection's slot in its poll group, tagged into `BdevIo::ctx` bits 63..32.
+    group_slot: u32,
+    /// I/Os submitted to a bdev and not completed yet (own, shared and retired channels).
+    pub(super) bdev_pending: usize,
+    /// Data buffer bytes reserved under the target's budget (released on drop).
+    reserved_bytes: u64,
     /// This queue's copy of the subsystem's namespace table (index = nsid - 1): what the I/O
     /// path reads, so it takes no lock. Refreshed when `ns_gen` falls behind the subsystem's.
     ns_cache: Vec<Option<Arc<Namespace>>>,
@@ -423,6 +451,10 @@ impl Connection {
             boot_pool,
             pool: None,
             channels: Vec::new(),
+            group_channels: None,
+            group_slot: 0,
+            bdev_pending: 0,
+            reserved_bytes: 0,
             ns_cache: Vec::new(),
             ns_gen: 0,
             pool_align: POOL_ALIGN,
@@ -457,13 +489,23 @@ impl Connection {
         self.stream.as_raw_fd()
     }
 
-    /// Joins a poll group: from now on the socket is read only after [`Connection::set_readable`]
-    /// (the group's epoll said so) until a read finds it empty, and receive counters go to the
-    /// group's `stats`. The first receive step still reads, for bytes that arrived before.
-    pub fn join_group(&mut self, stats: Arc<GroupStats>) {
+    /// Joins a poll group as its connection `slot` (before Connect): from now on the socket is
+    /// read only after [`Connection::set_readable`] (the group's epoll said so) until a read
+    /// finds it empty, receive counters go to the group's `stats`, and I/O goes through the
+    /// group's shared `channels`, whose completions the group hands to [`Connection::io_done`].
+    /// The first receive step still reads, for bytes that arrived before.
+    pub fn join_group(&mut self, stats: Arc<GroupStats>, slot: u32, channels: Rc<ChannelSet>) {
         self.in_group = true;
         self.rx_ready = true;
         self.rx_stats = stats;
+        self.group_slot = slot;
+        self.group_channels = Some(channels);
+    }
+
+    /// The `BdevIo::ctx` of request slot `idx`: the group slot above, the request below.
+    #[inline]
+    pub(super) fn io_tag(&self, idx: usize) -> u64 {
+        (u64::from(self.group_slot) << 32) | idx as u64
     }
 
     /// The socket has new bytes (or an end of stream / error) to read.
@@ -514,17 +556,8 @@ impl Connection {
     }
 
     fn bdev_in_flight(&self) -> usize {
-        self.channels
-            .iter()
-            .flatten()
-            .map(|c| c.in_flight())
-            .sum::<usize>()
-            + self
-                .retired
-                .iter()
-                .map(|(_, c)| c.in_flight())
-                .sum::<usize>()
-            + self.shutdown.iter().filter(|f| !f.done).count()
+        // Retired channels' I/O is in `bdev_pending` too.
+        self.bdev_pending + self.shutdown.iter().filter(|f| !f.done).count()
     }
 
     /// One poll step: namespace changes, bdev completions, parked submissions, input,
@@ -757,8 +790,31 @@ impl Connection {
             .unwrap_or(POOL_ALIGN)
             .max(POOL_ALIGN);
         self.pool_align = align;
-        let pool = BufPool::new(depth, l.max_io_size as usize, align)
-            .map_err(|_| Status::INTERNAL_ERROR)?;
+        // The target-wide budget first: refused, nothing is allocated.
+        let bytes = depth as u64 * u64::from(l.max_io_size);
+        if !self.target.reserve_buffers(bytes) {
+            if let Some(suppressed) = self.target.refusal_log().admit() {
+                tracing::warn!(
+                    peer = ?self.peer,
+                    depth,
+                    bytes,
+                    reserved = self.target.buffer_bytes_reserved(),
+                    budget_mib = l.buffer_budget_mib,
+                    suppressed,
+                    "queue refused: its data buffers would exceed nvmf.buffer_budget_mib"
+                );
+            }
+            return Err(Status::CONNECT_CONTROLLER_BUSY);
+        }
+        let pool = match BufPool::new(depth, l.max_io_size as usize, align) {
+            Ok(p) => p,
+            Err(_) => {
+                self.target.release_buffers(bytes);
+                return Err(Status::INTERNAL_ERROR);
+            }
+        };
+        self.target.release_buffers(self.reserved_bytes);
+        self.reserved_bytes = bytes;
         self.pool = Some(pool);
         self.depth = depth;
         self.sqhd = 0;
@@ -772,6 +828,8 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.close_now("dropped");
+        self.target.release_buffers(self.reserved_bytes);
+        self.reserved_bytes = 0;
         self.target.release_connection();
     }
 }

@@ -10,12 +10,12 @@
 use std::io::{self, Read};
 
 use super::{Connection, DataKind, Fatal, Phase, ReqState, Rx, BOOT_BUF_SIZE};
-use crate::nvmf::poll_group::GroupStats;
 use crate::nvme::{io_op, sgl, Cqe, Sqe, Status, FABRICS_OPCODE};
 use crate::nvmf::pdu::{
     self, CommonHeader, DataHdr, Digests, Fes, Layout, PduHeader, R2t, CH_LEN, DIGEST_LEN,
     MAX_HEADER_REGION,
 };
+use crate::nvmf::poll_group::GroupStats;
 use crate::sys::clock;
 
 /// Data reads of at least this many bytes bypass the staging buffer and land directly in the
