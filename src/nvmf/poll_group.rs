@@ -170,6 +170,13 @@ pub struct PollGroup {
     /// Connection slots; the slot index is the epoll token. Freed slots are reused.
     conns: Vec<Option<Connection>>,
     free: Vec<usize>,
+    /// Slots to poll this loop (readiness reported, or work left from the last poll), and
+    /// whether each slot is in that list; idle connections are in neither until a report or a
+    /// sweep, so a loop costs nothing per idle connection.
+    active: Vec<usize>,
+    listed: Vec<bool>,
+    /// The next loop's list, built while this one is polled (both keep their capacity).
+    next_active: Vec<usize>,
     stats: Arc<GroupStats>,
     channels: Rc<ChannelSet>,
     next_sweep: u64,
@@ -190,6 +197,9 @@ impl PollGroup {
             epoll: Epoll::new(EPOLL_BATCH)?,
             conns: Vec::new(),
             free: Vec::new(),
+            active: Vec::new(),
+            listed: Vec::new(),
+            next_active: Vec::new(),
             channels: Rc::new(ChannelSet::new(core, channel_depth, stats.clone())),
             stats,
             next_sweep: 0,
@@ -205,6 +215,12 @@ impl PollGroup {
             Some(s) => s,
             None => {
                 self.conns.push(None);
+                self.listed.push(false);
+                // The lists hold every slot at most once: reserve here, off the data path.
+                let n = self.conns.len();
+                self.active.reserve(n.saturating_sub(self.active.len()));
+                self.next_active
+                    .reserve(n.saturating_sub(self.next_active.len()));
                 self.conns.len() - 1
             }
         };
@@ -215,6 +231,10 @@ impl PollGroup {
         }
         conn.join_group(self.stats.clone(), slot as u32, self.channels.clone());
         self.conns[slot] = Some(conn);
+        if !self.listed[slot] {
+            self.listed[slot] = true;
+            self.active.push(slot);
+        }
         GroupStats::bump(&self.stats.connections);
         Ok(())
     }
@@ -262,10 +282,16 @@ impl Poller for PollGroup {
         }
         let mut work = 0;
         let conns = &mut self.conns;
+        let (active, listed) = (&mut self.active, &mut self.listed);
         GroupStats::bump(&self.stats.epoll_waits);
         match self.epoll.poll(|r| {
-            if let Some(Some(c)) = conns.get_mut(r.token as usize) {
+            let slot = r.token as usize;
+            if let Some(Some(c)) = conns.get_mut(slot) {
                 c.set_readable();
+                if !listed[slot] {
+                    listed[slot] = true;
+                    active.push(slot);
+                }
             }
         }) {
             Ok(n) => {
@@ -280,8 +306,14 @@ impl Poller for PollGroup {
                     self.epoll_failed = true;
                     tracing::error!(error = %e, "epoll_wait failed; reading every socket each loop from now on");
                 }
-                for c in conns.iter_mut().flatten() {
-                    c.set_readable();
+                for (slot, c) in conns.iter_mut().enumerate() {
+                    if let Some(c) = c {
+                        c.set_readable();
+                        if !listed[slot] {
+                            listed[slot] = true;
+                            active.push(slot);
+                        }
+                    }
                 }
             }
         }
@@ -310,21 +342,41 @@ impl Poller for PollGroup {
             self.next_sweep = now + self.sweep_ticks;
             GroupStats::bump(&self.stats.sweeps);
         }
-        for slot in 0..self.conns.len() {
+        // Poll the listed connections (all of them at a sweep) and list for the next loop those
+        // with work left. A connection with work is always listed: it got bytes (epoll), or it
+        // had work at its last poll (bdev completions only come for I/O it submitted then).
+        self.next_active.clear();
+        let n = if sweep {
+            self.conns.len()
+        } else {
+            self.active.len()
+        };
+        for k in 0..n {
+            let slot = if sweep { k } else { self.active[k] };
+            self.listed[slot] = false;
             let Some(c) = self.conns[slot].as_mut() else {
                 continue;
             };
-            if sweep || c.wants_poll() {
-                work += c.poll();
-                if c.is_closed() {
-                    self.remove(slot);
-                    work += 1;
-                }
+            work += c.poll();
+            if c.is_closed() {
+                self.remove(slot);
+                work += 1;
+            } else if c.wants_poll() {
+                self.listed[slot] = true;
+                self.next_active.push(slot);
             }
         }
         if sweep {
+            // Slots listed by epoll this loop were polled above too.
+            for &slot in &self.active {
+                self.listed[slot] = false;
+            }
+            for &slot in &self.next_active {
+                self.listed[slot] = true;
+            }
             self.channels.close_unused();
         }
+        std::mem::swap(&mut self.active, &mut self.next_active);
         work
     }
 
