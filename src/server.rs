@@ -24,8 +24,9 @@ use crate::config::{BdevConfig, Config, EncryptedBdevConfig};
 use crate::keys::header::METADATA_REGION_BYTES;
 use crate::keys::manager::{KeyManager, ManagerOptions, NamespaceKeyConfig, RekeyScope};
 use crate::nvmf::conn::Connection;
+use crate::nvmf::poll_group::{GroupStats, PollGroup};
 use crate::nvmf::target::{Listener, PortId, Target};
-use crate::reactor::{busy_pct, Mailboxes, Poller, ReactorSet};
+use crate::reactor::{busy_pct, Mailboxes, Poller, PollerId, ReactorSet};
 use crate::rpc::config::NamespacePolicy;
 use crate::rpc::{parse_params, Role, RpcError, RpcHandle, RpcServer};
 use crate::stack::{RpcLimits, Stacks};
@@ -63,12 +64,15 @@ pub enum ServerError {
     Rpc(String),
 }
 
-/// Accepts NVMe/TCP connections on reactor 0 and places them on reactors round robin; each
-/// connection carries the target port of the listener that accepted it.
+/// Accepts NVMe/TCP connections on reactor 0 and places them on reactors round robin, into
+/// each reactor's poll group; each connection carries the target port of the listener that
+/// accepted it.
 struct AcceptPoller {
     listeners: Vec<(Listener, PortId)>,
     target: Arc<Target>,
     mailboxes: Mailboxes,
+    /// The poll group poller of each reactor (index = reactor index).
+    groups: Arc<Vec<PollerId>>,
     next: usize,
 }
 
@@ -86,12 +90,31 @@ impl Poller for AcceptPoller {
                 self.next = self.next.wrapping_add(1);
                 let target = self.target.clone();
                 let peer = stream.peer_addr().ok();
+                let group = self.groups.get(idx).copied();
                 let msg: crate::reactor::Msg =
                     Box::new(
                         move |r| match Connection::new(stream, target, r.core(), port) {
                             Ok(c) => {
-                                tracing::debug!(?peer, reactor = r.index(), "connection placed");
-                                r.add_poller(Box::new(ConnPoller(c)));
+                                let Some(g) = group.and_then(|g| r.poller_as::<PollGroup>(g))
+                                else {
+                                    tracing::error!(
+                                        ?peer,
+                                        reactor = r.index(),
+                                        "no poll group on this reactor; connection dropped"
+                                    );
+                                    return;
+                                };
+                                match g.add(c) {
+                                    Ok(()) => tracing::debug!(
+                                        ?peer,
+                                        reactor = r.index(),
+                                        "connection placed"
+                                    ),
+                                    Err(e) => tracing::warn!(
+                                        ?peer,
+                                        "connection refused: cannot watch its socket: {e}"
+                                    ),
+                                }
                             }
                             Err(e) => tracing::warn!(?peer, "connection refused: {e}"),
                         },
@@ -102,24 +125,6 @@ impl Poller for AcceptPoller {
             }
         }
         n
-    }
-}
-
-/// One NVMe/TCP queue pair on its reactor.
-struct ConnPoller(Connection);
-
-impl Poller for ConnPoller {
-    fn name(&self) -> &str {
-        "nvmf-conn"
-    }
-    fn poll(&mut self) -> usize {
-        self.0.poll()
-    }
-    fn in_flight(&self) -> usize {
-        self.0.in_flight()
-    }
-    fn is_done(&self) -> bool {
-        self.0.is_closed()
     }
 }
 
@@ -210,6 +215,8 @@ const DEFAULT_DRAIN_MS: u64 = 5000;
 /// A running target.
 pub struct Server {
     reactors: Option<ReactorSet>,
+    /// Counters of each reactor's NVMe/TCP poll group (index = reactor index).
+    group_stats: Vec<Arc<GroupStats>>,
     target: Arc<Target>,
     keys: Option<Arc<KeyManager>>,
     rpc: Option<RpcHandle>,
@@ -245,6 +252,22 @@ impl Server {
             }
         }
         let set = ReactorSet::start(&cores, &cfg.reactor.options())?;
+        // One NVMe/TCP poll group per reactor: it owns the connections placed there.
+        let mut groups = Vec::with_capacity(set.len());
+        let mut group_stats = Vec::with_capacity(set.len());
+        let channel_depth = cfg.nvmf.reactor_channel_depth as usize;
+        for i in 0..set.len() {
+            let stats = Arc::new(GroupStats::default());
+            let st = stats.clone();
+            let id = set.call(i, move |r| -> Result<PollerId, String> {
+                let g = PollGroup::new(r.core(), channel_depth, st)
+                    .map_err(|e| format!("epoll: {e}"))?;
+                Ok(r.add_poller(Box::new(g)))
+            })?;
+            groups.push(id.map_err(|what| ServerError::Target(format!("reactor {i}: {what}")))?);
+            group_stats.push(stats);
+        }
+        let groups = Arc::new(groups);
 
         warn_open_encrypted(cfg);
 
@@ -273,6 +296,7 @@ impl Server {
                     listeners,
                     target: t,
                     mailboxes,
+                    groups,
                     next: 0,
                 }));
             })?;
@@ -378,6 +402,7 @@ impl Server {
         });
         let mut server = Server {
             reactors: Some(set),
+            group_stats,
             target,
             keys,
             rpc: None,
@@ -423,6 +448,7 @@ impl Server {
             .as_ref()
             .map(|s| (0..s.len()).map(|i| s.counters(i)).collect::<Vec<_>>())
             .unwrap_or_default();
+        let group_stats = self.group_stats.clone();
         // Per-namespace I/O stats live on the reactors; the RPC threads reach them by message.
         let mailboxes = match self.reactors.as_ref() {
             Some(s) => Some(s.call(0, |r| r.mailboxes())?),
@@ -455,6 +481,8 @@ impl Server {
                             "busy_ns": crate::sys::clock::ticks_to_ns(s.0),
                             "idle_ns": crate::sys::clock::ticks_to_ns(s.1),
                             "pollers": c.pollers.load(std::sync::atomic::Ordering::Relaxed),
+                            "iterations": c.iterations.load(std::sync::atomic::Ordering::Relaxed),
+                            "nvmf": group_stats.get(i).map(|g| g.to_json()),
                         })
                     })
                     .collect();

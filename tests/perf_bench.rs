@@ -166,6 +166,7 @@ fn loopback_ab_plain_vs_encrypted() {
                 reactor: ReactorOptions::default(),
                 target_rpc: None,
                 fua: false,
+                idle_connections: 0,
             };
             let (b0, t0) = (busy.load(Ordering::Relaxed), total.load(Ordering::Relaxed));
             let out = nvmeperf::run(&cfg, &mut |_| {}).unwrap();

@@ -205,6 +205,7 @@ fn lib_config(h: &Harness, nsids: Vec<u32>, spec: JobSpec) -> PerfConfig {
         },
         target_rpc: None,
         fua: false,
+        idle_connections: 0,
     }
 }
 

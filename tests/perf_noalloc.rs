@@ -183,6 +183,7 @@ fn steady_state_allocates_nothing() {
             },
             target_rpc: None,
             fua: false,
+            idle_connections: 0,
         };
         // Progress comes every ~500 ms: compare the counter at the 2nd and the 5th report.
         let mut calls = 0;

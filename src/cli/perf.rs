@@ -103,6 +103,12 @@ pub struct PerfArgs {
     /// once it is on stable storage (uring backend: RWF_DSYNC). Shows what durable writes cost.
     #[arg(long)]
     pub fua: bool,
+    /// Connect this many extra controllers (admin queue pairs: ICReq, Connect, enable, Identify,
+    /// then only keep alives) to the same target as the same host before the run, and leave them
+    /// idle during it: what idle connections cost the target shows as the IOPS difference to a
+    /// run without them. The target must admit that many connections from this host.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=4096))]
+    pub idle_connections: u32,
     /// Seed for offsets and verify patterns.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -212,6 +218,7 @@ fn config(a: &PerfArgs) -> Result<PerfConfig, String> {
         },
         target_rpc: a.target_rpc.clone(),
         fua: a.fua,
+        idle_connections: a.idle_connections as usize,
     })
 }
 

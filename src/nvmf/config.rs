@@ -183,6 +183,16 @@ pub struct Limits {
     /// created at run time may take. Slots are allocated up front so the I/O path never sees a
     /// table being resized; 32 is plenty for a target exporting volumes, the cap is 1024.
     pub max_namespaces: u32,
+    /// I/Os one reactor's bdev channel to one namespace holds in flight. That channel is shared
+    /// by every I/O queue on the reactor (one io_uring per reactor and namespace, not per queue);
+    /// an I/O beyond it parks and is retried when one completes. 1024 = 8 queues at the default
+    /// depth, and the ring stays a few hundred KiB.
+    pub reactor_channel_depth: u32,
+    /// Target-wide budget for queue data buffers, in MiB. A queue reserves its buffers (queue
+    /// depth × `max_io_size`) at Connect; a Connect that would go over the budget is refused
+    /// (Connect Controller Busy, logged), so the number of hosts and queues cannot take all the
+    /// memory. 4096 MiB = 256 queues at the default depth and I/O size.
+    pub buffer_budget_mib: u32,
 }
 
 impl Default for Limits {
@@ -198,6 +208,8 @@ impl Default for Limits {
             allow_digests: true,
             connect_timeout_ms: 10_000,
             max_namespaces: 32,
+            reactor_channel_depth: 1024,
+            buffer_budget_mib: 4096,
         }
     }
 }
@@ -233,6 +245,15 @@ impl Limits {
                 "max_namespaces {} must be between 1 and {MAX_NAMESPACE_SLOTS}",
                 self.max_namespaces
             ));
+        }
+        if self.reactor_channel_depth == 0 || self.reactor_channel_depth > 32768 {
+            return Err(format!(
+                "reactor_channel_depth {} must be between 1 and 32768",
+                self.reactor_channel_depth
+            ));
+        }
+        if self.buffer_budget_mib == 0 {
+            return Err("buffer_budget_mib must be >= 1".into());
         }
         if self.max_connections == 0 || self.max_io_queues == 0 {
             return Err("max_connections and max_io_queues must be >= 1".into());

@@ -18,8 +18,10 @@ pub mod conn;
 pub mod host;
 pub mod listener;
 pub mod pdu;
+pub mod poll_group;
 pub mod target;
 
 pub use config::{Limits, ListenAddr, NamespaceConfig, SubsystemConfig, DISCOVERY_NQN};
 pub use conn::{ConnError, Connection, ReqState};
+pub use poll_group::{GroupStats, PollGroup};
 pub use target::{Controller, Listener, Namespace, Subsystem, Target, TargetError};

@@ -488,6 +488,8 @@ pub struct Target {
     subsystems: Vec<Arc<Subsystem>>,
     registry: Mutex<Registry>,
     connections: AtomicUsize,
+    /// Queue data buffer bytes reserved (`Limits::buffer_budget_mib`).
+    buffer_bytes: AtomicU64,
     /// Discovery log generation counter: bumped whenever what discovery reports changes.
     genctr: AtomicU64,
     /// Every distinct listen address of the subsystems; index = [`PortId`].
@@ -624,6 +626,7 @@ impl Target {
                 ctrls: HashMap::new(),
             }),
             connections: AtomicUsize::new(0),
+            buffer_bytes: AtomicU64::new(0),
             genctr: AtomicU64::new(1),
             ports,
             refusal_log: LogLimiter::new(REFUSAL_LOG_BURST, REFUSAL_LOG_PER_SEC),
@@ -947,6 +950,24 @@ impl Target {
     }
     pub(crate) fn release_connection(&self) {
         self.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+    /// Reserves `bytes` of queue data buffers under `Limits::buffer_budget_mib`; false (nothing
+    /// reserved) if that would go over it.
+    pub(crate) fn reserve_buffers(&self, bytes: u64) -> bool {
+        let budget = u64::from(self.limits.buffer_budget_mib) << 20;
+        self.buffer_bytes
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                n.checked_add(bytes).filter(|&t| t <= budget)
+            })
+            .is_ok()
+    }
+    /// Returns a reservation made by [`Target::reserve_buffers`].
+    pub(crate) fn release_buffers(&self, bytes: u64) {
+        self.buffer_bytes.fetch_sub(bytes, Ordering::AcqRel);
+    }
+    /// Bytes of queue data buffers reserved now (all queues of the target).
+    pub fn buffer_bytes_reserved(&self) -> u64 {
+        self.buffer_bytes.load(Ordering::Acquire)
     }
     /// Open connections.
     pub fn connection_count(&self) -> usize {

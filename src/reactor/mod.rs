@@ -51,6 +51,11 @@ pub trait Poller {
     fn is_done(&self) -> bool {
         false
     }
+    /// The poller as `Any`, for owners that hand it more work through the reactor
+    /// ([`Reactor::poller_mut`] then a downcast); `None` for pollers that take none.
+    fn as_any_mut(&mut self) -> Option<&mut (dyn std::any::Any + 'static)> {
+        None
+    }
 }
 
 /// A closure run on a reactor thread.
@@ -175,6 +180,17 @@ impl Reactor {
             .pollers
             .store(self.pollers.len() as u64, Ordering::Relaxed);
         Some(p)
+    }
+    /// The poller registered as `id`, if it is still there.
+    pub fn poller_mut(&mut self, id: PollerId) -> Option<&mut dyn Poller> {
+        self.pollers
+            .iter_mut()
+            .find(|(p, _)| *p == id)
+            .map(|(_, p)| &mut **p as &mut dyn Poller)
+    }
+    /// The poller registered as `id` as its concrete type `T`, if it is still there and is one.
+    pub fn poller_as<T: 'static>(&mut self, id: PollerId) -> Option<&mut T> {
+        self.poller_mut(id)?.as_any_mut()?.downcast_mut::<T>()
     }
     /// Sends a message to another reactor of the set (never blocks).
     pub fn send_to(&self, index: usize, msg: Msg) -> Result<(), ReactorError> {

@@ -5,11 +5,13 @@
 //! * [`mem`] — large anonymous mappings, optionally on hugepages, and `mlock`.
 //! * [`affinity`] — pinning a thread to a CPU.
 //! * [`clock`] — a cheap monotonic cycle clock for per-I/O latency.
+//! * [`epoll`] — non-blocking, edge-triggered socket readiness for reactors.
 //! * [`uring`] — the io_uring wrapper used by the uring bdev.
 
 pub mod affinity;
 pub mod buf;
 pub mod clock;
+pub mod epoll;
 pub mod mem;
 pub mod mlock;
 pub mod process;

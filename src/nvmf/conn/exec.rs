@@ -6,7 +6,7 @@
 //! Runs on the connection's reactor, inside [`Connection::poll`]. It exists as its own file so
 //! the hot command path is apart from the transport state machines (`recv`, `xfer`).
 
-use super::{Action, Connection, ReqState};
+use super::{Action, Chan, Connection, ReqState};
 use crate::bdev::{BdevIo, IoStatus, IoType, Submit, WriteFrom};
 use crate::nvme::{io_op, Sqe, Status, FABRICS_OPCODE};
 use crate::nvmf::target::{Namespace, QueueStats};
@@ -61,6 +61,7 @@ impl Connection {
                 k += 1;
                 continue;
             };
+            let tag = self.io_tag(0);
             let mut batch: [usize; ICD_BATCH] = [0; ICD_BATCH];
             let mut n = 0;
             let mut refused: [Option<BdevIo>; ICD_BATCH] = Default::default();
@@ -79,8 +80,14 @@ impl Connection {
                         continue;
                     }
                     let (at, len) = (at as usize, len as usize);
-                    let io = BdevIo::new(r.io_type, r.io_lba, r.io_nlb, r.buf.take(), idx as u64)
-                        .with_fua(r.io_fua);
+                    let io = BdevIo::new(
+                        r.io_type,
+                        r.io_lba,
+                        r.io_nlb,
+                        r.buf.take(),
+                        tag | idx as u64,
+                    )
+                    .with_fua(r.io_fua);
                     match WriteFrom::new(io, &rx_buf[at..at + len]) {
                         Ok(w) => {
                             r.icd_at = None;
@@ -93,17 +100,20 @@ impl Connection {
                     }
                 }
                 let mut it = writes.iter_mut().take(n).filter_map(Option::take);
-                ch.submit_writes_from(&mut it, &mut |io| {
-                    if nrefused < ICD_BATCH {
-                        refused[nrefused] = Some(io);
-                        nrefused += 1;
-                    }
+                ch.with(|c| {
+                    c.submit_writes_from(&mut it, &mut |io| {
+                        if nrefused < ICD_BATCH {
+                            refused[nrefused] = Some(io);
+                            nrefused += 1;
+                        }
+                    })
                 });
             }
             self.channels[ns] = Some(ch);
+            self.bdev_pending += n - nrefused;
             // Refused (channel full): their data is in their buffers now; park them.
             for io in refused.iter_mut().take(nrefused).filter_map(Option::take) {
-                let idx = io.ctx as usize;
+                let idx = (io.ctx & 0xffff_ffff) as usize;
                 let r = &mut self.reqs[idx];
                 r.buf = io.buf;
                 r.icd_go = false;
@@ -324,6 +334,7 @@ impl Connection {
     /// Submits a ReadyToExecute single-I/O request; parks it on Busy. A Write whose data is
     /// still in `rx_buf` is left for `flush_icd`, which hands it over with the others.
     fn submit(&mut self, idx: usize) {
+        let tag = self.io_tag(idx);
         let r = &mut self.reqs[idx];
         if r.icd_at.is_some() && r.io_type == IoType::Write {
             r.icd_go = true;
@@ -334,13 +345,14 @@ impl Connection {
         } else {
             None
         };
-        let io = BdevIo::new(r.io_type, r.io_lba, r.io_nlb, buf, idx as u64).with_fua(r.io_fua);
+        let io = BdevIo::new(r.io_type, r.io_lba, r.io_nlb, buf, tag).with_fua(r.io_fua);
         let Some(ch) = self.channels.get_mut(r.ns_idx).and_then(|c| c.as_mut()) else {
             r.buf = io.buf;
             return self.complete(idx, Status::NAMESPACE_NOT_READY);
         };
-        match ch.submit(io) {
+        match ch.with(|c| c.submit(io)) {
             Submit::Queued => {
+                self.bdev_pending += 1;
                 r.sub_pending = 1;
                 self.transition(idx, ReqState::Executing);
             }
@@ -353,6 +365,7 @@ impl Connection {
 
     /// Submits the remaining Dataset Management ranges as Unmap I/Os (zero-length ones skipped).
     fn submit_dsm(&mut self, idx: usize) {
+        let tag = self.io_tag(idx);
         let r = &mut self.reqs[idx];
         let Some(ch) = self.channels.get_mut(r.ns_idx).and_then(|c| c.as_mut()) else {
             return self.complete(idx, Status::NAMESPACE_NOT_READY);
@@ -368,8 +381,9 @@ impl Connection {
                 r.sub_next += 1;
                 continue;
             }
-            match ch.submit(BdevIo::new(IoType::Unmap, slba, len, None, idx as u64)) {
+            match ch.with(|c| c.submit(BdevIo::new(IoType::Unmap, slba, len, None, tag))) {
                 Submit::Queued => {
+                    self.bdev_pending += 1;
                     r.sub_next += 1;
                     r.sub_pending += 1;
                 }
@@ -418,19 +432,24 @@ impl Connection {
     pub(super) fn poll_bdevs(&mut self) -> usize {
         let mut work = 0;
         for i in 0..self.channels.len() {
-            let Some(mut ch) = self.channels[i].take() else {
+            // Shared channels are polled by the poll group, which routes their completions.
+            if !matches!(self.channels[i], Some(Chan::Own(_))) {
+                continue;
+            }
+            let Some(Chan::Own(mut ch)) = self.channels[i].take() else {
                 continue;
             };
             work += ch.poll(&mut |io| self.io_done(io));
-            self.channels[i] = Some(ch);
+            self.channels[i] = Some(Chan::Own(ch));
         }
         work
     }
 
-    pub(super) fn io_done(&mut self, mut io: BdevIo) {
-        let Ok(idx) = usize::try_from(io.ctx) else {
-            return;
-        };
+    /// A bdev I/O of this connection completed (from its own channel, a retired one, or its
+    /// poll group's shared channel).
+    pub fn io_done(&mut self, mut io: BdevIo) {
+        self.bdev_pending = self.bdev_pending.saturating_sub(1);
+        let idx = (io.ctx & 0xffff_ffff) as usize;
         let Some(r) = self.reqs.get_mut(idx) else {
             return;
         };

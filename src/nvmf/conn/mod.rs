@@ -30,6 +30,8 @@ mod xfer;
 use std::collections::VecDeque;
 use std::io;
 use std::net::{Shutdown, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
+use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +41,7 @@ use crate::nvme::{Cqe, Sqe, Status};
 use crate::nvmf::pdu::{
     self, CommonHeader, Digests, Fes, Layout, PduError, TermReq, DIGEST_LEN, MAX_HEADER_REGION,
 };
+use crate::nvmf::poll_group::{ChannelSet, GroupStats, SharedChannel};
 use crate::nvmf::target::{Controller, Namespace, PortId, QueueStats, Subsystem, Target};
 use crate::stats::reactor::ConnStats;
 use crate::sys::clock;
@@ -271,6 +274,25 @@ pub(super) enum Action {
 /// Data pool buffer alignment at least: a page, enough for O_DIRECT backends.
 const POOL_ALIGN: usize = 4096;
 
+/// A queue's bdev channel to one namespace: its own (a connection outside a poll group), or
+/// its reactor's, shared with the other queues there (whose poll group polls it and routes the
+/// completions back by the tag in `BdevIo::ctx`).
+pub(super) enum Chan {
+    Own(Box<dyn BdevChannel>),
+    Shared(SharedChannel),
+}
+
+impl Chan {
+    /// Runs `f` on the channel.
+    #[inline]
+    pub(super) fn with<R>(&mut self, f: impl FnOnce(&mut dyn BdevChannel) -> R) -> R {
+        match self {
+            Chan::Own(c) => f(&mut **c),
+            Chan::Shared(c) => f(&mut **c.borrow_mut()),
+        }
+    }
+}
+
 /// One NVMe/TCP queue pair (see the module docs).
 pub struct Connection {
     stream: TcpStream,
@@ -290,6 +312,14 @@ pub struct Connection {
     rx_dig: [u8; DIGEST_LEN],
     rx_dig_have: usize,
     rx_crc: u32,
+    /// Whether a read may find bytes: always true outside a poll group (every receive step
+    /// reads); inside one, set by the group's epoll report and cleared by the `EAGAIN` that
+    /// ends an edge-triggered drain, so an idle socket is never read.
+    rx_ready: bool,
+    /// Registered with a [`crate::nvmf::poll_group::PollGroup`] (readiness-driven reads).
+    in_group: bool,
+    /// Receive counters: this connection's own, or its poll group's shared ones once it joins.
+    rx_stats: Arc<GroupStats>,
     // Session.
     pub(super) ctrl: Option<Arc<Controller>>,
     pub(super) subsys: Option<Arc<Subsystem>>,
@@ -305,7 +335,15 @@ pub struct Connection {
     boot_pool: BufPool,
     pub(super) pool: Option<BufPool>,
     /// Bdev channel per namespace slot (index = nsid - 1), I/O queues only.
-    pub(super) channels: Vec<Option<Box<dyn BdevChannel>>>,
+    pub(super) channels: Vec<Option<Chan>>,
+    /// The poll group's shared channels, once in a group (else each queue opens its own).
+    pub(super) group_channels: Option<Rc<ChannelSet>>,
+    /// This connection's slot in its poll group, tagged into `BdevIo::ctx` bits 63..32.
+    group_slot: u32,
+    /// I/Os submitted to a bdev and not completed yet (own, shared and retired channels).
+    pub(super) bdev_pending: usize,
+    /// Data buffer bytes reserved under the target's budget (released on drop).
+    reserved_bytes: u64,
     /// This queue's copy of the subsystem's namespace table (index = nsid - 1): what the I/O
     /// path reads, so it takes no lock. Refreshed when `ns_gen` falls behind the subsystem's.
     ns_cache: Vec<Option<Arc<Namespace>>>,
@@ -397,6 +435,9 @@ impl Connection {
             rx_dig: [0; DIGEST_LEN],
             rx_dig_have: 0,
             rx_crc: 0,
+            rx_ready: true,
+            in_group: false,
+            rx_stats: Arc::new(GroupStats::default()),
             ctrl: None,
             subsys: None,
             qid: 0,
@@ -410,6 +451,10 @@ impl Connection {
             boot_pool,
             pool: None,
             channels: Vec::new(),
+            group_channels: None,
+            group_slot: 0,
+            bdev_pending: 0,
+            reserved_bytes: 0,
             ns_cache: Vec::new(),
             ns_gen: 0,
             pool_align: POOL_ALIGN,
@@ -439,6 +484,57 @@ impl Connection {
         self.core
     }
 
+    /// The socket, for readiness registration.
+    pub fn raw_fd(&self) -> RawFd {
+        self.stream.as_raw_fd()
+    }
+
+    /// Joins a poll group as its connection `slot` (before Connect): from now on the socket is
+    /// read only after [`Connection::set_readable`] (the group's epoll said so) until a read
+    /// finds it empty, receive counters go to the group's `stats`, and I/O goes through the
+    /// group's shared `channels`, whose completions the group hands to [`Connection::io_done`].
+    /// The first receive step still reads, for bytes that arrived before.
+    pub fn join_group(&mut self, stats: Arc<GroupStats>, slot: u32, channels: Rc<ChannelSet>) {
+        self.in_group = true;
+        self.rx_ready = true;
+        self.rx_stats = stats;
+        self.group_slot = slot;
+        self.group_channels = Some(channels);
+    }
+
+    /// The `BdevIo::ctx` of request slot `idx`: the group slot above, the request below.
+    #[inline]
+    pub(super) fn io_tag(&self, idx: usize) -> u64 {
+        (u64::from(self.group_slot) << 32) | idx as u64
+    }
+
+    /// The socket has new bytes (or an end of stream / error) to read.
+    #[inline]
+    pub fn set_readable(&mut self) {
+        self.rx_ready = true;
+    }
+
+    /// Whether a poll step has anything to do right now: bytes to read, requests in progress
+    /// (an Asynchronous Event Request held for an event does not count), something to send,
+    /// retiring channels or shutdown flushes, or a close to finish. A poll group polls only such
+    /// connections every loop, and the others at its housekeeping sweep (timers, events,
+    /// namespace changes).
+    #[inline]
+    pub fn wants_poll(&self) -> bool {
+        let held = self.state_counts[ReqState::AwaitingEvent.index()] as usize;
+        (self.rx_ready && matches!(self.phase, Phase::AwaitIcReq | Phase::Ready))
+            || self.outstanding > held
+            || self.ctl_off < self.ctl_len
+            || self.phase == Phase::Closing
+            || !self.retired.is_empty()
+            || !self.shutdown.is_empty()
+    }
+
+    /// Receive counters this connection adds to (its poll group's once it joined one).
+    pub fn recv_stats(&self) -> &Arc<GroupStats> {
+        &self.rx_stats
+    }
+
     /// Queue id (valid after Connect; 0 = admin).
     pub fn qid(&self) -> u16 {
         self.qid
@@ -460,17 +556,8 @@ impl Connection {
     }
 
     fn bdev_in_flight(&self) -> usize {
-        self.channels
-            .iter()
-            .flatten()
-            .map(|c| c.in_flight())
-            .sum::<usize>()
-            + self
-                .retired
-                .iter()
-                .map(|(_, c)| c.in_flight())
-                .sum::<usize>()
-            + self.shutdown.iter().filter(|f| !f.done).count()
+        // Retired channels' I/O is in `bdev_pending` too.
+        self.bdev_pending + self.shutdown.iter().filter(|f| !f.done).count()
     }
 
     /// One poll step: namespace changes, bdev completions, parked submissions, input,
@@ -494,7 +581,7 @@ impl Connection {
             return work;
         }
         work += self.retry_exec();
-        if matches!(self.phase, Phase::AwaitIcReq | Phase::Ready) {
+        if self.rx_ready && matches!(self.phase, Phase::AwaitIcReq | Phase::Ready) {
             work += self.poll_recv();
         }
         if self.phase == Phase::Ready && self.ctrl.is_some() {
@@ -703,8 +790,31 @@ impl Connection {
             .unwrap_or(POOL_ALIGN)
             .max(POOL_ALIGN);
         self.pool_align = align;
-        let pool = BufPool::new(depth, l.max_io_size as usize, align)
-            .map_err(|_| Status::INTERNAL_ERROR)?;
+        // The target-wide budget first: refused, nothing is allocated.
+        let bytes = depth as u64 * u64::from(l.max_io_size);
+        if !self.target.reserve_buffers(bytes) {
+            if let Some(suppressed) = self.target.refusal_log().admit() {
+                tracing::warn!(
+                    peer = ?self.peer,
+                    depth,
+                    bytes,
+                    reserved = self.target.buffer_bytes_reserved(),
+                    budget_mib = l.buffer_budget_mib,
+                    suppressed,
+                    "queue refused: its data buffers would exceed nvmf.buffer_budget_mib"
+                );
+            }
+            return Err(Status::CONNECT_CONTROLLER_BUSY);
+        }
+        let pool = match BufPool::new(depth, l.max_io_size as usize, align) {
+            Ok(p) => p,
+            Err(_) => {
+                self.target.release_buffers(bytes);
+                return Err(Status::INTERNAL_ERROR);
+            }
+        };
+        self.target.release_buffers(self.reserved_bytes);
+        self.reserved_bytes = bytes;
         self.pool = Some(pool);
         self.depth = depth;
         self.sqhd = 0;
@@ -718,6 +828,8 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.close_now("dropped");
+        self.target.release_buffers(self.reserved_bytes);
+        self.reserved_bytes = 0;
         self.target.release_connection();
     }
 }

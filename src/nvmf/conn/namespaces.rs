@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use super::Connection;
+use super::{Chan, Connection};
 use crate::nvme::Status;
 
 impl Connection {
@@ -40,7 +40,10 @@ impl Connection {
                 continue;
             }
             let old = self.ns_cache[i].take();
-            if let (Some(old), Some(ch)) = (old, self.channels[i].take()) {
+            // A shared channel stays with the poll group (this reference is dropped here): the
+            // group polls it until its I/O, this queue's included, is back, and closes it once
+            // no queue uses it.
+            if let (Some(old), Some(Chan::Own(ch))) = (old, self.channels[i].take()) {
                 self.retired.push((old, ch));
             }
             self.fail_parked(i);
@@ -53,7 +56,11 @@ impl Connection {
                     self.ns_cache[i] = Some(ns);
                     continue;
                 }
-                match ns.bdev.open_channel(self.core, self.depth) {
+                let opened = match self.group_channels.as_ref() {
+                    Some(g) => g.channel_for(&ns).map(Chan::Shared),
+                    None => ns.bdev.open_channel(self.core, self.depth).map(Chan::Own),
+                };
+                match opened {
                     Ok(c) => self.channels[i] = Some(c),
                     Err(e) => {
                         tracing::warn!(bdev = ns.bdev.name(), error = %e, "cannot open bdev channel")

@@ -15,6 +15,7 @@ use crate::nvmf::pdu::{
     self, CommonHeader, DataHdr, Digests, Fes, Layout, PduHeader, R2t, CH_LEN, DIGEST_LEN,
     MAX_HEADER_REGION,
 };
+use crate::nvmf::poll_group::GroupStats;
 use crate::sys::clock;
 
 /// Data reads of at least this many bytes bypass the staging buffer and land directly in the
@@ -52,6 +53,7 @@ impl Connection {
             self.flush_icd();
             self.rx_pos = 0;
             self.rx_len = 0;
+            GroupStats::bump(&self.rx_stats.recv_calls);
             let res: io::Result<(usize, bool)> = match self.rx {
                 Rx::Data { idx, off, left, .. } if left >= DIRECT_READ_MIN => {
                     let dst = self.reqs[idx]
@@ -97,7 +99,14 @@ impl Connection {
                         self.refresh_namespaces();
                     }
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    GroupStats::bump(&self.rx_stats.recv_empty);
+                    // Drained: in a poll group, the next read waits for epoll's next report.
+                    if self.in_group {
+                        self.rx_ready = false;
+                    }
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     tracing::debug!(error = %e, "receive failed");

@@ -151,6 +151,9 @@ pub struct Controller {
     /// Bytes per I/O command and commands per I/O of the run (split over MDTS).
     pub(super) cmd_bytes: u32,
     pub(super) split: u32,
+    /// Extra controllers connected only to sit idle on the target (`--idle-connections`):
+    /// kept alive with this one and shut down with it.
+    idle: Vec<Controller>,
 }
 
 impl Controller {
@@ -198,6 +201,7 @@ impl Controller {
             last_ka: Instant::now(),
             cmd_bytes: 0,
             split: 1,
+            idle: Vec::new(),
         })
     }
 
@@ -289,6 +293,9 @@ impl Controller {
     /// Sends a Keep Alive when half the KATO has passed since the last one (control thread;
     /// blocking for one round trip).
     pub fn keep_alive_tick(&mut self) -> Result<(), PerfError> {
+        for c in self.idle.iter_mut() {
+            c.keep_alive_tick()?;
+        }
         let Some(every) = self.ka_every else {
             return Ok(());
         };
@@ -311,8 +318,31 @@ impl Controller {
         }
     }
 
-    /// Normal shutdown (CC.SHN, wait for CSTS.SHST complete, bounded) and a clean TCP close.
+    /// Connects `n` more controllers (admin queue: ICReq, Fabrics Connect, enable, Identify) to
+    /// the same target as the same host, which then sit idle except for their keep alives: the
+    /// target's cost of idle connections shows in the run's numbers (`--idle-connections`).
+    pub fn connect_idle(&mut self, n: usize) -> Result<(), PerfError> {
+        self.idle.reserve(n);
+        for i in 0..n {
+            let c = Controller::connect(&self.target).map_err(|e| {
+                PerfError::Connect(format!("idle connection {} of {n}: {e}", i + 1))
+            })?;
+            self.idle.push(c);
+        }
+        Ok(())
+    }
+
+    /// Idle controllers connected by [`Controller::connect_idle`].
+    pub fn idle_connections(&self) -> usize {
+        self.idle.len()
+    }
+
+    /// Normal shutdown (CC.SHN, wait for CSTS.SHST complete, bounded) and a clean TCP close,
+    /// idle controllers first.
     pub fn disconnect(mut self) {
+        for c in std::mem::take(&mut self.idle) {
+            c.disconnect();
+        }
         let deadline = Instant::now() + self.target.timeout.min(Duration::from_secs(5));
         if let Ok(cc) = self.admin.property_get(prop::CC, false) {
             let cc = (cc as u32 & !prop::CC_SHN_MASK) | (1 << prop::CC_SHN_SHIFT);

@@ -51,6 +51,9 @@ pub struct PerfConfig {
     pub target_rpc: Option<std::path::PathBuf>,
     /// Set Force Unit Access on every Write: each is acknowledged only from stable storage.
     pub fua: bool,
+    /// Extra controllers (admin queue pairs) connected before the run and left idle, to measure
+    /// what idle connections cost the target.
+    pub idle_connections: usize,
 }
 
 /// The host identity to use when none is given: `/etc/nvme/hostnqn` and `/etc/nvme/hostid` as

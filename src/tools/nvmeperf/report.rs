@@ -152,6 +152,8 @@ pub struct GlobalOptions {
     pub verify: bool,
     /// Every Write carried Force Unit Access.
     pub fua: bool,
+    /// Extra idle controllers held on the target during the run (`--idle-connections`).
+    pub idle_connections: usize,
     pub hdgst: bool,
     pub ddgst: bool,
     /// NVMe commands per I/O (I/Os over the controller's MDTS are split; latency and IOPS count
@@ -267,6 +269,7 @@ pub fn report(cfg: &PerfConfig, o: &PerfOutcome) -> PerfReport {
             number_ios: cfg.io_count,
             verify: cfg.spec.verify,
             fua: cfg.fua,
+            idle_connections: cfg.idle_connections,
             hdgst: o.controller.header_digest,
             ddgst: o.controller.data_digest,
             commands_per_io: o.commands_per_io,

@@ -148,6 +148,10 @@ pub fn run(
         .map_err(|_| PerfError::Usage(format!("I/O size {} is too large", spec.io_size)))?;
 
     let mut ctl = Controller::connect(&cfg.target)?;
+    if let Err(e) = ctl.connect_idle(cfg.idle_connections) {
+        ctl.disconnect();
+        return Err(e);
+    }
     let result = run_connected(cfg, &mut ctl, total_queues, nq, io_size, progress, t_start);
     match result {
         Ok((mut out, queues)) => {

@@ -1,0 +1,390 @@
+//! The per-reactor NVMe/TCP poll group: every connection a reactor owns, polled by readiness.
+//!
+//! One [`PollGroup`] is registered as a single [`Poller`] on each reactor and owns that
+//! reactor's [`Connection`]s for their whole life. Its sockets are registered edge-triggered
+//! with one epoll instance ([`crate::sys::epoll::Epoll`]); each loop iteration asks it, with a
+//! zero timeout, which sockets got bytes, and a connection reads its socket only after such a
+//! report, until the read finds it empty (`EAGAIN`). So an idle connection costs no system call
+//! per loop, where polling every socket with `recv` cost one per connection per loop (200 idle
+//! admin queues: tens of thousands of empty reads per second on a busy reactor).
+//!
+//! Each loop the group polls only the connections that have something to do
+//! ([`Connection::wants_poll`]: bytes to read, requests in progress, data to send, a close to
+//! finish). Every [`SWEEP_INTERVAL_NS`] it also polls all the others once (the housekeeping
+//! sweep): their timers (keep alive, Connect timeout), controller events for held AERs,
+//! namespace table changes and the dropping of closed connections need no socket bytes.
+//!
+//! The group also owns the reactor's **bdev channels**: one per namespace ([`ChannelSet`]),
+//! shared by all its I/O queues, instead of one per queue and namespace (with io_uring, one
+//! ring per queue). A queue tags each I/O with its group slot (`BdevIo::ctx` bits 63..32,
+//! request slot in bits 31..0); the group polls every shared channel once per loop and hands
+//! each completion to the connection it belongs to. A channel opens when the first queue on the
+//! reactor needs its namespace and closes at a sweep once no queue uses it and nothing is in
+//! flight on it (so a removed namespace is released once its I/O drained).
+//!
+//! Runs on its reactor only; control threads reach it by reactor message
+//! ([`crate::reactor::Reactor::poller_as`]). It exists so that what a reactor shares between
+//! its queue pairs (the epoll set, the counters) has one owner.
+
+use std::cell::RefCell;
+use std::io;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::bdev::{BdevChannel, BdevError};
+use crate::nvmf::conn::Connection;
+use crate::nvmf::target::Namespace;
+use crate::reactor::Poller;
+use crate::sys::clock;
+use crate::sys::epoll::Epoll;
+use crate::types::CoreId;
+
+/// How often idle connections are polled anyway (timers, AER events, namespace changes,
+/// reaping closed ones). 1 ms keeps every such reaction far below the host-visible timeouts
+/// (keep alive is seconds) while costing a few µs per ms even with hundreds of idle queues.
+pub const SWEEP_INTERVAL_NS: u64 = 1_000_000;
+/// Readiness reports taken per epoll call; more are collected by the next loop iteration.
+const EPOLL_BATCH: usize = 256;
+
+/// Counters of one poll group (relaxed atomics, one writer: the group's reactor), read by the
+/// `stats.reactors` RPC and tests. A connection outside any group keeps its own.
+#[derive(Debug, Default)]
+pub struct GroupStats {
+    /// Connections the group owns now.
+    pub connections: AtomicU64,
+    /// Socket reads attempted.
+    pub recv_calls: AtomicU64,
+    /// Socket reads that found nothing (`EAGAIN`): the cost readiness polling removes.
+    pub recv_empty: AtomicU64,
+    /// epoll calls made (one per loop iteration).
+    pub epoll_waits: AtomicU64,
+    /// Readiness reports received.
+    pub epoll_events: AtomicU64,
+    /// Housekeeping sweeps over every connection.
+    pub sweeps: AtomicU64,
+    /// Shared bdev channels open now (one per namespace in use on the reactor).
+    pub channels_open: AtomicU64,
+    /// Shared bdev channels opened over the group's life.
+    pub channels_opened: AtomicU64,
+}
+
+impl GroupStats {
+    /// Single-writer increment.
+    #[inline]
+    pub fn bump(c: &AtomicU64) {
+        Self::add(c, 1);
+    }
+    /// Single-writer add.
+    #[inline]
+    pub fn add(c: &AtomicU64, v: u64) {
+        c.store(c.load(Ordering::Relaxed).wrapping_add(v), Ordering::Relaxed);
+    }
+    /// Reads a counter.
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+    /// The counters as JSON (for `stats.reactors`).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "connections": Self::get(&self.connections),
+            "recv_calls": Self::get(&self.recv_calls),
+            "recv_empty": Self::get(&self.recv_empty),
+            "epoll_waits": Self::get(&self.epoll_waits),
+            "epoll_events": Self::get(&self.epoll_events),
+            "sweeps": Self::get(&self.sweeps),
+            "channels_open": Self::get(&self.channels_open),
+            "channels_opened": Self::get(&self.channels_opened),
+        })
+    }
+}
+
+/// A bdev channel shared by the queues of one reactor.
+pub type SharedChannel = Rc<RefCell<Box<dyn BdevChannel>>>;
+
+/// The reactor's bdev channels, one per namespace in use, shared by its I/O queues (see the
+/// module docs). Connections hold it through an `Rc` to look channels up at Connect and when
+/// the namespace table changes; the group polls the channels and routes their completions.
+pub struct ChannelSet {
+    core: CoreId,
+    depth: usize,
+    entries: RefCell<Vec<(Arc<Namespace>, SharedChannel)>>,
+    stats: Arc<GroupStats>,
+}
+
+impl ChannelSet {
+    fn new(core: CoreId, depth: usize, stats: Arc<GroupStats>) -> Self {
+        ChannelSet {
+            core,
+            depth: depth.max(1),
+            entries: RefCell::new(Vec::new()),
+            stats,
+        }
+    }
+
+    /// The reactor's channel to `ns`, opened on first use.
+    pub fn channel_for(&self, ns: &Arc<Namespace>) -> Result<SharedChannel, BdevError> {
+        let mut entries = self.entries.borrow_mut();
+        if let Some((_, ch)) = entries.iter().find(|(n, _)| Arc::ptr_eq(n, ns)) {
+            return Ok(ch.clone());
+        }
+        let ch: SharedChannel = Rc::new(RefCell::new(ns.bdev.open_channel(self.core, self.depth)?));
+        entries.push((ns.clone(), ch.clone()));
+        GroupStats::bump(&self.stats.channels_opened);
+        self.stats
+            .channels_open
+            .store(entries.len() as u64, Ordering::Relaxed);
+        tracing::debug!(
+            bdev = ns.bdev.name(),
+            nsid = ns.nsid,
+            depth = self.depth,
+            "shared bdev channel opened"
+        );
+        Ok(ch)
+    }
+
+    /// Channels open now.
+    pub fn len(&self) -> usize {
+        self.entries.borrow().len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Closes the channels no queue holds any more and with nothing in flight.
+    fn close_unused(&self) {
+        let mut entries = self.entries.borrow_mut();
+        let before = entries.len();
+        entries.retain(|(_, ch)| Rc::strong_count(ch) > 1 || ch.borrow().in_flight() > 0);
+        if entries.len() != before {
+            self.stats
+                .channels_open
+                .store(entries.len() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The connections of one reactor (see the module docs).
+pub struct PollGroup {
+    epoll: Epoll,
+    /// Connection slots; the slot index is the epoll token. Freed slots are reused.
+    conns: Vec<Option<Connection>>,
+    free: Vec<usize>,
+    /// Slots to poll this loop (readiness reported, or work left from the last poll), and
+    /// whether each slot is in that list; idle connections are in neither until a report or a
+    /// sweep, so a loop costs nothing per idle connection.
+    active: Vec<usize>,
+    listed: Vec<bool>,
+    /// The next loop's list, built while this one is polled (both keep their capacity).
+    next_active: Vec<usize>,
+    stats: Arc<GroupStats>,
+    channels: Rc<ChannelSet>,
+    next_sweep: u64,
+    sweep_ticks: u64,
+    /// An epoll failure was logged (once: it is not expected to recover or to be transient).
+    epoll_failed: bool,
+}
+
+impl PollGroup {
+    /// An empty group for the reactor on `core`, publishing its counters to `stats`; its shared
+    /// bdev channels hold `channel_depth` I/Os each (`Limits::reactor_channel_depth`).
+    pub fn new(
+        core: CoreId,
+        channel_depth: usize,
+        stats: Arc<GroupStats>,
+    ) -> io::Result<PollGroup> {
+        Ok(PollGroup {
+            epoll: Epoll::new(EPOLL_BATCH)?,
+            conns: Vec::new(),
+            free: Vec::new(),
+            active: Vec::new(),
+            listed: Vec::new(),
+            next_active: Vec::new(),
+            channels: Rc::new(ChannelSet::new(core, channel_depth, stats.clone())),
+            stats,
+            next_sweep: 0,
+            sweep_ticks: clock::ns_to_ticks(SWEEP_INTERVAL_NS).max(1),
+            epoll_failed: false,
+        })
+    }
+
+    /// Takes ownership of `conn` and registers its socket; on failure the connection is dropped
+    /// (which closes it) and the reason returned for the caller to log.
+    pub fn add(&mut self, mut conn: Connection) -> io::Result<()> {
+        let slot = match self.free.pop() {
+            Some(s) => s,
+            None => {
+                self.conns.push(None);
+                self.listed.push(false);
+                // The lists hold every slot at most once: reserve here, off the data path.
+                let n = self.conns.len();
+                self.active.reserve(n.saturating_sub(self.active.len()));
+                self.next_active
+                    .reserve(n.saturating_sub(self.next_active.len()));
+                self.conns.len() - 1
+            }
+        };
+        if let Err(e) = self.epoll.add(conn.raw_fd(), slot as u64) {
+            self.free.push(slot);
+            drop(conn);
+            return Err(e);
+        }
+        conn.join_group(self.stats.clone(), slot as u32, self.channels.clone());
+        self.conns[slot] = Some(conn);
+        if !self.listed[slot] {
+            self.listed[slot] = true;
+            self.active.push(slot);
+        }
+        GroupStats::bump(&self.stats.connections);
+        Ok(())
+    }
+
+    /// Connections owned now.
+    pub fn len(&self) -> usize {
+        self.conns.len() - self.free.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The group's counters.
+    pub fn stats(&self) -> &Arc<GroupStats> {
+        &self.stats
+    }
+    /// Shared bdev channels open now.
+    pub fn channels_open(&self) -> usize {
+        self.channels.len()
+    }
+
+    fn remove(&mut self, slot: usize) {
+        if let Some(c) = self.conns[slot].take() {
+            // The socket closes with the connection, which also removes it from the set; the
+            // explicit delete keeps the set exact even if the fd were shared.
+            let _ = self.epoll.delete(c.raw_fd());
+            drop(c);
+            self.free.push(slot);
+            let n = GroupStats::get(&self.stats.connections).saturating_sub(1);
+            self.stats.connections.store(n, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Poller for PollGroup {
+    fn name(&self) -> &str {
+        "nvmf-poll-group"
+    }
+
+    fn poll(&mut self) -> usize {
+        if self.is_empty() {
+            if !self.channels.is_empty() {
+                self.channels.close_unused();
+            }
+            return 0;
+        }
+        let mut work = 0;
+        let conns = &mut self.conns;
+        let (active, listed) = (&mut self.active, &mut self.listed);
+        GroupStats::bump(&self.stats.epoll_waits);
+        match self.epoll.poll(|r| {
+            let slot = r.token as usize;
+            if let Some(Some(c)) = conns.get_mut(slot) {
+                c.set_readable();
+                if !listed[slot] {
+                    listed[slot] = true;
+                    active.push(slot);
+                }
+            }
+        }) {
+            Ok(n) => {
+                if n > 0 {
+                    GroupStats::add(&self.stats.epoll_events, n as u64);
+                }
+            }
+            Err(e) => {
+                // Without readiness reports, read every socket every loop (the old cost, but
+                // correct) rather than leave a connection unread.
+                if !self.epoll_failed {
+                    self.epoll_failed = true;
+                    tracing::error!(error = %e, "epoll_wait failed; reading every socket each loop from now on");
+                }
+                for (slot, c) in conns.iter_mut().enumerate() {
+                    if let Some(c) = c {
+                        c.set_readable();
+                        if !listed[slot] {
+                            listed[slot] = true;
+                            active.push(slot);
+                        }
+                    }
+                }
+            }
+        }
+        // Completions of the shared channels, each to the connection that submitted it.
+        {
+            let conns = &mut self.conns;
+            for (_, ch) in self.channels.entries.borrow().iter() {
+                let mut ch = ch.borrow_mut();
+                if ch.in_flight() == 0 {
+                    continue;
+                }
+                work += ch.poll(&mut |io| {
+                    let slot = (io.ctx >> 32) as usize;
+                    match conns.get_mut(slot) {
+                        Some(Some(c)) => c.io_done(io),
+                        // Unreachable: a connection leaves the group only with nothing at a
+                        // bdev. Its buffer is freed with the I/O.
+                        _ => tracing::error!(slot, "bdev completion for a connection that is gone"),
+                    }
+                });
+            }
+        }
+        let now = clock::ticks();
+        let sweep = now >= self.next_sweep;
+        if sweep {
+            self.next_sweep = now + self.sweep_ticks;
+            GroupStats::bump(&self.stats.sweeps);
+        }
+        // Poll the listed connections (all of them at a sweep) and list for the next loop those
+        // with work left. A connection with work is always listed: it got bytes (epoll), or it
+        // had work at its last poll (bdev completions only come for I/O it submitted then).
+        self.next_active.clear();
+        let n = if sweep {
+            self.conns.len()
+        } else {
+            self.active.len()
+        };
+        for k in 0..n {
+            let slot = if sweep { k } else { self.active[k] };
+            self.listed[slot] = false;
+            let Some(c) = self.conns[slot].as_mut() else {
+                continue;
+            };
+            work += c.poll();
+            if c.is_closed() {
+                self.remove(slot);
+                work += 1;
+            } else if c.wants_poll() {
+                self.listed[slot] = true;
+                self.next_active.push(slot);
+            }
+        }
+        if sweep {
+            // Slots listed by epoll this loop were polled above too.
+            for &slot in &self.active {
+                self.listed[slot] = false;
+            }
+            for &slot in &self.next_active {
+                self.listed[slot] = true;
+            }
+            self.channels.close_unused();
+        }
+        std::mem::swap(&mut self.active, &mut self.next_active);
+        work
+    }
+
+    fn in_flight(&self) -> usize {
+        self.conns.iter().flatten().map(|c| c.in_flight()).sum()
+    }
+
+    fn as_any_mut(&mut self) -> Option<&mut (dyn std::any::Any + 'static)> {
+        Some(self)
+    }
+}
