@@ -23,7 +23,7 @@ use crate::bdev::Bdev;
 use crate::config::{BdevConfig, Config, EncryptedBdevConfig};
 use crate::keys::header::METADATA_REGION_BYTES;
 use crate::keys::manager::{KeyManager, ManagerOptions, NamespaceKeyConfig, RekeyScope};
-use crate::nvmf::conn::Connection;
+use crate::nvmf::conn::{ConnError, Connection};
 use crate::nvmf::target::{Listener, PortId, Target};
 use crate::reactor::{busy_pct, Mailboxes, Poller, ReactorSet};
 use crate::rpc::config::NamespacePolicy;
@@ -40,6 +40,36 @@ use std::time::Duration;
 
 mod namespaces;
 use namespaces::register_encrypted;
+
+/// File descriptors `nvseal serve` keeps open beyond sockets and bdevs: stdio, the control
+/// socket and its clients, audit and log files, reactor wakeups, KMS TLS connections, io_uring
+/// instances. Generous on purpose: running out of descriptors fails accepts and opens at random.
+pub const FD_RESERVE: u64 = 256;
+
+/// File descriptors `cfg` can need at once: every socket the target admits (connected and
+/// pre-Connect), each listener, each bdev (a backing file or device, plus one io_uring per
+/// reactor), and [`FD_RESERVE`]. `nvseal serve` refuses to start below it.
+pub fn fds_needed(cfg: &Config) -> u64 {
+    let reactors = cfg
+        .reactor
+        .cores
+        .placement()
+        .and_then(|p| p.resolve(&crate::sys::affinity::allowed_cpus()))
+        .map_or(1, |c| c.len());
+    let l = &cfg.nvmf;
+    let sockets = (l.max_connections as u64).saturating_add(l.max_pre_connect as u64);
+    let listeners = cfg
+        .subsystems
+        .iter()
+        .flat_map(|s| s.listen.iter().map(|a| (a.addr.as_str(), a.port)))
+        .collect::<BTreeSet<_>>()
+        .len() as u64;
+    let bdevs = (cfg.bdevs.len() as u64).saturating_mul(1 + reactors as u64);
+    sockets
+        .saturating_add(listeners)
+        .saturating_add(bdevs)
+        .saturating_add(FD_RESERVE)
+}
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +123,8 @@ impl Poller for AcceptPoller {
                                 tracing::debug!(?peer, reactor = r.index(), "connection placed");
                                 r.add_poller(Box::new(ConnPoller(c)));
                             }
+                            // Slot refusals are logged (rate-limited) by `Connection::new`.
+                            Err(e @ ConnError::Refused(_)) => tracing::debug!(?peer, "{e}"),
                             Err(e) => tracing::warn!(?peer, "connection refused: {e}"),
                         },
                     );
@@ -252,7 +284,9 @@ impl Server {
         let mut listeners = Vec::new();
         let mut listen_addrs = Vec::new();
         for (port, a) in target.ports() {
-            let l = Listener::bind(a).map_err(|source| ServerError::Listen { addr: a, source })?;
+            let mut l =
+                Listener::bind(a).map_err(|source| ServerError::Listen { addr: a, source })?;
+            l.set_keepalive(cfg.nvmf.tcp_keepalive());
             let bound = l.local_addr().unwrap_or(a);
             listen_addrs.push(bound);
             target.set_bound_port(a, bound.port());
@@ -411,6 +445,7 @@ impl Server {
         audit: Option<Arc<dyn AuditSink>>,
     ) -> Result<RpcHandle, ServerError> {
         let t = self.target.clone();
+        let t2 = self.target.clone();
         let k1 = self.keys.clone();
         let k2 = self.keys.clone();
         let k3 = self.keys.clone();
@@ -458,6 +493,9 @@ impl Server {
                     })
                     .collect();
                 Ok(json!({ "reactors": v }))
+            })
+            .method("stats.nvmf", Role::Viewer, move |_ctx, _p| {
+                Ok(json!({ "connections": t2.connection_stats() }))
             })
             .method("stats.namespaces", Role::Viewer, move |_ctx, _p| {
                 let (all, elapsed) = st1.collect()?;
