@@ -634,7 +634,8 @@ fn serve_raises_the_open_file_limit_or_refuses_to_start() {
     );
 
     // Hard limit below what the config needs: refused, with the reason.
-    let out = std::process::Command::new("sh")
+    let err_path = dir.path().join("refused.log");
+    let mut child = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!(
             "ulimit -n {} && exec \"$0\" serve -c \"$1\"",
@@ -643,13 +644,27 @@ fn serve_raises_the_open_file_limit_or_refuses_to_start() {
         .arg(env!("CARGO_BIN_EXE_nvseal"))
         .arg(&cfg)
         .env("NO_COLOR", "1")
-        .output()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success(),
-        "serve started below the limit: {err}"
-    );
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "serve started below the open-file limit:\n{}",
+                std::fs::read_to_string(&err_path).unwrap()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let err = std::fs::read_to_string(&err_path).unwrap();
+    assert!(!status.success(), "serve started below the limit: {err}");
     assert!(
         err.contains("RLIMIT_NOFILE") && err.contains("max_connections"),
         "unclear error: {err}"
