@@ -383,7 +383,7 @@ fn stall_then_fatal(s: &mut TcpStream, cmds: impl Iterator<Item = Sqe>) {
         stable = if n > 0 && n == last { stable + 1 } else { 0 };
         last = n;
         std::thread::sleep(Duration::from_millis(20));
-        stable >= 5
+        stable >= 10
     });
     s.write_all(&[0x08, 0, 24, 0, 24, 0, 0, 0]).unwrap();
     s.write_all(&[0u8; 16]).unwrap();
