@@ -23,7 +23,7 @@ use crate::bdev::Bdev;
 use crate::config::{BdevConfig, Config, EncryptedBdevConfig};
 use crate::keys::header::METADATA_REGION_BYTES;
 use crate::keys::manager::{KeyManager, ManagerOptions, NamespaceKeyConfig, RekeyScope};
-use crate::nvmf::conn::Connection;
+use crate::nvmf::conn::{ConnError, Connection};
 use crate::nvmf::poll_group::{GroupStats, PollGroup};
 use crate::nvmf::target::{Listener, PortId, Target};
 use crate::reactor::{busy_pct, Mailboxes, Poller, PollerId, ReactorSet};
@@ -41,6 +41,36 @@ use std::time::Duration;
 
 mod namespaces;
 use namespaces::register_encrypted;
+
+/// File descriptors `nvseal serve` keeps open beyond sockets and bdevs: stdio, the control
+/// socket and its clients, audit and log files, reactor wakeups, KMS TLS connections, io_uring
+/// instances. Generous on purpose: running out of descriptors fails accepts and opens at random.
+pub const FD_RESERVE: u64 = 256;
+
+/// File descriptors `cfg` can need at once: every socket the target admits (connected and
+/// pre-Connect), each listener, each bdev (a backing file or device, plus one io_uring per
+/// reactor), and [`FD_RESERVE`]. `nvseal serve` refuses to start below it.
+pub fn fds_needed(cfg: &Config) -> u64 {
+    let reactors = cfg
+        .reactor
+        .cores
+        .placement()
+        .and_then(|p| p.resolve(&crate::sys::affinity::allowed_cpus()))
+        .map_or(1, |c| c.len());
+    let l = &cfg.nvmf;
+    let sockets = (l.max_connections as u64).saturating_add(l.max_pre_connect as u64);
+    let listeners = cfg
+        .subsystems
+        .iter()
+        .flat_map(|s| s.listen.iter().map(|a| (a.addr.as_str(), a.port)))
+        .collect::<BTreeSet<_>>()
+        .len() as u64;
+    let bdevs = (cfg.bdevs.len() as u64).saturating_mul(1 + reactors as u64);
+    sockets
+        .saturating_add(listeners)
+        .saturating_add(bdevs)
+        .saturating_add(FD_RESERVE)
+}
 
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +146,8 @@ impl Poller for AcceptPoller {
                                     ),
                                 }
                             }
+                            // Slot refusals are logged (rate-limited) by `Connection::new`.
+                            Err(e @ ConnError::Refused(_)) => tracing::debug!(?peer, "{e}"),
                             Err(e) => tracing::warn!(?peer, "connection refused: {e}"),
                         },
                     );
@@ -275,7 +307,9 @@ impl Server {
         let mut listeners = Vec::new();
         let mut listen_addrs = Vec::new();
         for (port, a) in target.ports() {
-            let l = Listener::bind(a).map_err(|source| ServerError::Listen { addr: a, source })?;
+            let mut l =
+                Listener::bind(a).map_err(|source| ServerError::Listen { addr: a, source })?;
+            l.set_keepalive(cfg.nvmf.tcp_keepalive());
             let bound = l.local_addr().unwrap_or(a);
             listen_addrs.push(bound);
             target.set_bound_port(a, bound.port());
@@ -488,12 +522,16 @@ impl Server {
                     .collect();
                 Ok(json!({ "reactors": v }))
             })
-            .method("stats.target", Role::Viewer, move |_ctx, _p| {
+            .method("stats.nvmf", Role::Viewer, move |_ctx, _p| {
+                Ok(json!({
+                    "connections": t2.connection_stats(),
+                    "controllers": t2.controller_count(),
+                    "buffer_bytes_reserved": t2.buffer_bytes_reserved(),
+                }))
+            })
+            .method("stats.process", Role::Viewer, move |_ctx, _p| {
                 let (rss, vm) = crate::sys::usage::memory_bytes().map_err(RpcError::internal)?;
                 Ok(json!({
-                    "connections": t2.connection_count(),
-                    "max_connections": t2.limits.max_connections,
-                    "controllers": t2.controller_count(),
                     "open_fds": crate::sys::usage::open_fds().map_err(RpcError::internal)?,
                     "rss_bytes": rss,
                     "vm_bytes": vm,

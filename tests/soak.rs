@@ -6,8 +6,8 @@
 //! queues that sit idle, silent sockets that never send ICReq, half-open sockets that stop in
 //! the middle of a PDU header, and a stalled reader (a queue full of reads whose host never
 //! reads the socket). At the end: perf saw zero verify and I/O errors, and once every peer is
-//! gone the target holds no connection slot, no controller and no extra file descriptor
-//! (`stats.target`). A second, shorter round then runs without perf; resident memory after it
+//! gone the target holds no connection slot, no controller, no reserved buffer and no extra
+//! file descriptor (`stats.nvmf`, `stats.process`). A second, shorter round then runs without perf; resident memory after it
 //! must not have grown beyond a small slack over the first round's (a per-connection leak of a
 //! receive buffer would show as megabytes).
 
@@ -159,17 +159,25 @@ fn hostile_peers(addr: SocketAddr, stop: Arc<AtomicBool>) -> (usize, usize, usiz
     (IDLE + 1, silent, half_open)
 }
 
-/// Waits until `stats.target` shows nothing held over the baseline; returns the last reading.
+/// Waits until `stats.nvmf` and `stats.process` show nothing held over the baseline; returns
+/// the last `stats.process` reading.
 fn wait_released(sock: &Path, fds0: u64) -> Value {
     let t0 = Instant::now();
     loop {
-        let v = rpc(sock, "stats.target");
-        if v["connections"] == 0 && v["controllers"] == 0 && v["open_fds"].as_u64() == Some(fds0) {
+        let n = rpc(sock, "stats.nvmf");
+        let v = rpc(sock, "stats.process");
+        let c = &n["connections"];
+        if c["connected"] == 0
+            && c["pre_connect"] == 0
+            && n["controllers"] == 0
+            && n["buffer_bytes_reserved"] == 0
+            && v["open_fds"].as_u64() == Some(fds0)
+        {
             return v;
         }
         assert!(
             t0.elapsed() < Duration::from_secs(60),
-            "the target still holds resources after every peer left: {v} (open_fds at start {fds0})"
+            "the target still holds resources after every peer left: {n} {v} (open_fds at start {fds0})"
         );
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -236,9 +244,9 @@ fn soak_churn_and_hostile_peers_while_perf_verifies() {
     let mut s = Serve::start(&cfg);
     let addr = addr_of(&s.wait_for("NVMe/TCP listening"));
     s.wait_for("control socket listening");
-    let v0 = rpc(&sock, "stats.target");
+    let v0 = rpc(&sock, "stats.process");
     let fds0 = v0["open_fds"].as_u64().unwrap();
-    assert_eq!(v0["connections"], 0, "{v0}");
+    assert_eq!(rpc(&sock, "stats.nvmf")["connections"]["connected"], 0);
 
     let json_out = d.join("perf.json");
     let perf = Command::new(env!("CARGO_BIN_EXE_nvseal"))

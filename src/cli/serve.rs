@@ -37,6 +37,26 @@ pub fn run(args: ServeArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(EXIT_USAGE, e),
     };
+    // Every queue pair is a socket: raise the open-file limit as far as allowed, and refuse to
+    // start where it cannot cover what the config admits.
+    let need = nvseal::server::fds_needed(&cfg);
+    match nvseal::sys::process::raise_nofile_limit() {
+        Ok(have) if have >= need => {
+            tracing::info!(open_files_limit = have, needed = need, "RLIMIT_NOFILE")
+        }
+        Ok(have) => {
+            return fail(
+                EXIT_STARTUP,
+                format!(
+                    "the open-file limit (RLIMIT_NOFILE) is {have} even after raising it to the hard limit, below the {need} this config can need (max_connections {} + max_pre_connect {} + listeners + bdevs + {} reserved): raise the hard limit (ulimit -Hn, LimitNOFILE=) or lower nvmf.max_connections",
+                    cfg.nvmf.max_connections,
+                    cfg.nvmf.max_pre_connect,
+                    nvseal::server::FD_RESERVE
+                ),
+            )
+        }
+        Err(e) => return fail(EXIT_STARTUP, format!("open-file limit: {e}")),
+    }
     let server = match Server::start(&cfg) {
         Ok(s) => s,
         Err(e) => return fail(EXIT_STARTUP, e),

@@ -14,10 +14,13 @@ use crate::nvme::log::{self as nlog, DiscoveryEntry};
 use crate::nvme::{admin_op, cns, connect, fctype, feature, log_id, prop, sgl, Status};
 use crate::nvmf::config::{is_valid_nqn, DISCOVERY_NQN};
 use crate::nvmf::conn::{Action, Connection, ReqState};
-use crate::nvmf::target::{FeatureValues, SubsystemKind, ERROR_LOG_ENTRIES, MAX_AERS};
+use crate::nvmf::target::{FeatureValues, SlotRefusal, SubsystemKind, ERROR_LOG_ENTRIES, MAX_AERS};
 
 /// Firmware revision reported in Identify Controller.
 const FIRMWARE: &str = env!("CARGO_PKG_VERSION");
+/// Byte offset of the Connect command's KATO (CDW12) in the SQE, for Connect Invalid
+/// Parameters.
+const SQE_KATO_OFF: usize = 48;
 /// CAP.TO: worst-case time to become ready, in 500 ms units (we are ready at once; 2 s of slack).
 const CAP_TIMEOUT_500MS: u8 = 4;
 
@@ -181,12 +184,19 @@ impl Connection {
                     "admin queue CNTLID is not FFFFh (dynamic controller model)",
                 ));
             }
-            // A discovery controller without keep alive would live forever if the host vanished;
-            // the spec lets KATO be 0 there, so accept it like Linux does.
+            // A discovery controller without keep alive would live forever if the host vanished:
+            // KATO 0 gets `discovery_kato_ms` there; `min_kato_ms` applies to every controller
+            // (`Limits::effective_kato_ms`, docs/nvmf.md).
+            let discovery = subsys.kind == SubsystemKind::Discovery;
+            let kato_ms = l
+                .effective_kato_ms(discovery, cmd.kato_ms)
+                .map_err(|why| Refusal::param(false, SQE_KATO_OFF, why))?;
+            self.claim_queue_slot(hostnqn)?;
             let Some(ctrl) =
                 self.target
-                    .create_controller(Arc::clone(&subsys), hostnqn, hostid, cmd.kato_ms)
+                    .create_controller(Arc::clone(&subsys), hostnqn, hostid, kato_ms)
             else {
+                self.release_queue_slot();
                 return Err(Refusal::status(
                     Status::CONNECT_CONTROLLER_BUSY,
                     "every controller id is in use",
@@ -198,11 +208,12 @@ impl Connection {
             if let Err(s) = self.setup_queue(depth, false) {
                 ctrl.kill();
                 self.target.remove_controller(ctrl.cntlid);
+                self.release_queue_slot();
                 return Err(Refusal::status(s, "could not set the queue up"));
             }
-            self.ka_deadline = kato_deadline(cmd.kato_ms);
+            self.ka_deadline = kato_deadline(kato_ms);
             self.reqs[idx].cqe.dw0 = u32::from(ctrl.cntlid);
-            tracing::info!(cntlid = ctrl.cntlid, %subnqn, %hostnqn, port = %self.port, kato_ms = cmd.kato_ms, "admin queue connected");
+            tracing::info!(cntlid = ctrl.cntlid, %subnqn, %hostnqn, port = %self.port, kato_ms, requested_kato_ms = cmd.kato_ms, "admin queue connected");
             self.connect_deadline = None;
             self.ctrl = Some(ctrl);
         } else {
@@ -233,12 +244,14 @@ impl Connection {
                     "the controller is not enabled (CSTS.RDY = 0)",
                 ));
             }
+            self.claim_queue_slot(hostnqn)?;
             {
                 let mut a = ctrl.admin();
                 let granted = a.io_queues_granted;
                 let taken = a.io_qids.get(usize::from(cmd.qid)).copied().unwrap_or(true);
                 if cmd.qid > granted || taken {
                     drop(a);
+                    self.release_queue_slot();
                     return Err(Refusal::param(
                         false,
                         usize::from(connect::SQE_QID_OFF),
@@ -261,6 +274,8 @@ impl Connection {
                 if let Some(q) = a.io_qids.get_mut(usize::from(cmd.qid)) {
                     *q = false;
                 }
+                drop(a);
+                self.release_queue_slot();
                 return Err(Refusal::status(s, "could not set the queue up"));
             }
             self.reqs[idx].cqe.dw0 = u32::from(ctrl.cntlid);
@@ -272,6 +287,33 @@ impl Connection {
             );
         }
         Ok(())
+    }
+
+    /// Trades this socket's pre-Connect slot for a connection slot held by `hostnqn`
+    /// (`max_connections`, `max_queues_per_host`); Controller Busy (the host may retry) if
+    /// none is free.
+    fn claim_queue_slot(&mut self, hostnqn: &str) -> Result<(), Refusal> {
+        debug_assert!(self.connected_as.is_none());
+        self.target.promote_socket(hostnqn).map_err(|r| {
+            Refusal::status(
+                Status::CONNECT_CONTROLLER_BUSY,
+                match r {
+                    SlotRefusal::PerHost(_) => {
+                        "max_queues_per_host reached: the host holds its most queue pairs"
+                    }
+                    _ => "max_connections reached: every connection slot is taken",
+                },
+            )
+        })?;
+        self.connected_as = Some(hostnqn.to_string());
+        Ok(())
+    }
+
+    /// Undoes [`Connection::claim_queue_slot`] when the Connect fails after it.
+    fn release_queue_slot(&mut self) {
+        if let Some(h) = self.connected_as.take() {
+            self.target.demote_socket(&h);
+        }
     }
 
     fn property_get(&mut self, idx: usize) -> Result<(), Status> {
@@ -618,8 +660,15 @@ impl Connection {
             }
             feature::KEEP_ALIVE_TIMER => {
                 if set {
-                    c.kato_ms.store(sqe.cdw11, Ordering::Release);
-                    self.ka_deadline = kato_deadline(sqe.cdw11);
+                    // The Connect rules hold here too: a host cannot switch keep alive off
+                    // where Connect would not let it.
+                    let kato = self
+                        .target
+                        .limits
+                        .effective_kato_ms(!nvm, sqe.cdw11)
+                        .map_err(|_| Status::INVALID_FIELD)?;
+                    c.kato_ms.store(kato, Ordering::Release);
+                    self.ka_deadline = kato_deadline(kato);
                 }
                 c.kato_ms.load(Ordering::Acquire)
             }

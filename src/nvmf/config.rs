@@ -150,13 +150,31 @@ fn default_port() -> u16 {
 pub const MAX_NAMESPACE_SLOTS: u32 = 1024;
 
 /// Transport and queue limits. Every limit has a default that a Linux host works well with.
+///
+/// Sockets are admitted in two stages (see docs/nvmf.md, "Connection limits"): an accepted
+/// socket takes one of `max_pre_connect` slots until its Fabrics Connect succeeds, and only
+/// then one of `max_connections`; silent or slow peers therefore cannot take the slots of
+/// hosts that speak.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Connections (queue pairs) the whole target accepts at once. 1024 covers 8 hosts with one
-    /// I/O queue per CPU on 64-CPU machines plus their admin queues, and bounds the memory the
-    /// per-connection buffer pools can take.
+    /// Connected queue pairs (Fabrics Connect succeeded) the whole target holds at once. 1024
+    /// covers 8 hosts with one I/O queue per CPU on 64-CPU machines plus their admin queues, and
+    /// bounds the memory the per-connection buffer pools can take.
     pub max_connections: usize,
+    /// Accepted sockets that have not completed Fabrics Connect yet (ICReq pending or Connect
+    /// pending). A host spends two round trips here per queue, so 64 lets dozens of queues
+    /// (re)connect at once, while a scan or a flood of silent sockets is refused here and never
+    /// reaches `max_connections`.
+    pub max_pre_connect: usize,
+    /// Sockets (pre-Connect and connected together) one source IP address may hold. 256 fits a
+    /// 64-CPU host with three controllers (3 x 65 queues) plus discovery and reconnects, and
+    /// keeps one address from taking every slot. Hosts behind one NAT address share it.
+    pub max_connections_per_source: usize,
+    /// Queue pairs (admin, I/O and discovery queues) one host NQN may hold across the whole
+    /// target. 256, like the per-source cap, fits a 64-CPU host on three subsystems and keeps
+    /// one host from taking every connection slot.
+    pub max_queues_per_host: usize,
     /// Deepest I/O queue a host may ask for in Connect (SQSIZE + 1); also CAP.MQES + 1. 128 is
     /// the Linux host default and enough to saturate a NVMe device per queue.
     pub max_queue_depth: u16,
@@ -176,9 +194,37 @@ pub struct Limits {
     pub max_h2c_data_size: u32,
     /// Whether header/data digests are granted when a host asks for them.
     pub allow_digests: bool,
+    /// A socket that has not sent its ICReq this long after accept is closed. A host sends
+    /// ICReq right after the TCP handshake, so 1 s is generous; a silent socket holds a
+    /// pre-Connect slot no longer than this.
+    pub icreq_timeout_ms: u32,
     /// A connection that has not completed Fabrics Connect this long after accept is closed, so
-    /// idle or half-open sockets cannot pin connection slots (Linux nvmet waits similarly).
+    /// idle or half-open sockets cannot pin pre-Connect slots (Linux nvmet waits similarly).
     pub connect_timeout_ms: u32,
+    /// A connection closing after a fatal transport error gets this long to send its
+    /// C2HTermReq; a peer that stops reading cannot keep it (and its socket) longer. 5 s is
+    /// many round trips even on a slow link.
+    pub closing_timeout_ms: u32,
+    /// Keep alive timeout given to a discovery controller whose host asks for none (KATO 0, what
+    /// a one-shot `nvme discover` sends). A discovery controller is otherwise never torn down
+    /// if the host vanishes; 120 s is what Linux nvmet enforces.
+    pub discovery_kato_ms: u32,
+    /// Smallest keep alive timeout an NVM controller runs with. 0 (the default) follows the
+    /// spec: a host may disable keep alive with KATO 0. Above 0, KATO 0 is refused at Connect
+    /// (and in Set Features) and smaller values are raised to this one (docs/nvmf.md).
+    pub min_kato_ms: u32,
+    /// TCP keepalive on accepted sockets: idle seconds before the first probe. With the
+    /// interval and count below a peer that vanished without a FIN or RST is found in about
+    /// 45 s even when no NVMe keep alive covers the socket (pre-Connect, I/O queues of a host
+    /// with KATO 0).
+    pub tcp_keepalive_idle_s: u32,
+    /// TCP keepalive: seconds between probes.
+    pub tcp_keepalive_interval_s: u32,
+    /// TCP keepalive: unanswered probes before the kernel drops the connection.
+    pub tcp_keepalive_count: u32,
+    /// TCP_USER_TIMEOUT on accepted sockets: how long sent data may stay unacknowledged before
+    /// the kernel drops the connection. 30 s outlasts any retransmission a live peer needs.
+    pub tcp_user_timeout_ms: u32,
     /// Namespace slots per subsystem (Identify Controller NN): the highest nsid a namespace
     /// created at run time may take. Slots are allocated up front so the I/O path never sees a
     /// table being resized; 32 is plenty for a target exporting volumes, the cap is 1024.
@@ -199,6 +245,9 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: 1024,
+            max_pre_connect: 64,
+            max_connections_per_source: 256,
+            max_queues_per_host: 256,
             max_queue_depth: 128,
             max_admin_queue_depth: 32,
             max_io_queues: 64,
@@ -206,11 +255,39 @@ impl Default for Limits {
             max_io_size: 128 * 1024,
             max_h2c_data_size: 128 * 1024,
             allow_digests: true,
+            icreq_timeout_ms: 1000,
             connect_timeout_ms: 10_000,
+            closing_timeout_ms: 5000,
+            discovery_kato_ms: 120_000,
+            min_kato_ms: 0,
+            tcp_keepalive_idle_s: 30,
+            tcp_keepalive_interval_s: 5,
+            tcp_keepalive_count: 3,
+            tcp_user_timeout_ms: 30_000,
             max_namespaces: 32,
             reactor_channel_depth: 1024,
             buffer_budget_mib: 4096,
         }
+    }
+}
+
+/// Largest TCP_KEEPIDLE and TCP_KEEPINTVL Linux accepts (seconds).
+const MAX_TCP_KEEPALIVE_S: u32 = 32767;
+/// Largest TCP_KEEPCNT Linux accepts.
+const MAX_TCP_KEEPALIVE_COUNT: u32 = 127;
+
+/// TCP settings of an accepted socket (from [`Limits`]; applied by the listener).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpKeepalive {
+    pub idle_s: u32,
+    pub interval_s: u32,
+    pub count: u32,
+    pub user_timeout_ms: u32,
+}
+
+impl Default for TcpKeepalive {
+    fn default() -> Self {
+        Limits::default().tcp_keepalive()
     }
 }
 
@@ -258,7 +335,78 @@ impl Limits {
         if self.max_connections == 0 || self.max_io_queues == 0 {
             return Err("max_connections and max_io_queues must be >= 1".into());
         }
+        if self.max_pre_connect == 0
+            || self.max_connections_per_source == 0
+            || self.max_queues_per_host == 0
+        {
+            return Err(
+                "max_pre_connect, max_connections_per_source and max_queues_per_host must be >= 1"
+                    .into(),
+            );
+        }
+        if self.icreq_timeout_ms == 0
+            || self.connect_timeout_ms == 0
+            || self.closing_timeout_ms == 0
+        {
+            return Err(
+                "icreq_timeout_ms, connect_timeout_ms and closing_timeout_ms must be >= 1".into(),
+            );
+        }
+        if self.discovery_kato_ms == 0 {
+            return Err(
+                "discovery_kato_ms must be >= 1: a discovery controller needs a keep alive".into(),
+            );
+        }
+        if !(1..=MAX_TCP_KEEPALIVE_S).contains(&self.tcp_keepalive_idle_s)
+            || !(1..=MAX_TCP_KEEPALIVE_S).contains(&self.tcp_keepalive_interval_s)
+        {
+            return Err(format!(
+                "tcp_keepalive_idle_s and tcp_keepalive_interval_s must be between 1 and {MAX_TCP_KEEPALIVE_S}"
+            ));
+        }
+        if !(1..=MAX_TCP_KEEPALIVE_COUNT).contains(&self.tcp_keepalive_count) {
+            return Err(format!(
+                "tcp_keepalive_count {} must be between 1 and {MAX_TCP_KEEPALIVE_COUNT}",
+                self.tcp_keepalive_count
+            ));
+        }
+        if self.tcp_user_timeout_ms < 1000 {
+            return Err(format!(
+                "tcp_user_timeout_ms {} must be >= 1000",
+                self.tcp_user_timeout_ms
+            ));
+        }
         Ok(())
+    }
+
+    /// The TCP keepalive and user timeout settings of accepted sockets.
+    pub fn tcp_keepalive(&self) -> TcpKeepalive {
+        TcpKeepalive {
+            idle_s: self.tcp_keepalive_idle_s,
+            interval_s: self.tcp_keepalive_interval_s,
+            count: self.tcp_keepalive_count,
+            user_timeout_ms: self.tcp_user_timeout_ms,
+        }
+    }
+
+    /// The keep alive timeout a controller runs with when its host asks for `requested_ms`
+    /// (Connect CDW12 or Set Features KATO), or why the request is refused:
+    /// * discovery, KATO 0: `discovery_kato_ms`;
+    /// * NVM, KATO 0: 0 (keep alive off) when `min_kato_ms` is 0, else refused;
+    /// * any other value below `min_kato_ms`: `min_kato_ms`.
+    pub fn effective_kato_ms(
+        &self,
+        discovery: bool,
+        requested_ms: u32,
+    ) -> Result<u32, &'static str> {
+        match requested_ms {
+            0 if discovery => Ok(self.discovery_kato_ms.max(self.min_kato_ms)),
+            0 if self.min_kato_ms > 0 => {
+                Err("KATO 0 (keep alive disabled) and min_kato_ms requires a keep alive")
+            }
+            0 => Ok(0),
+            v => Ok(v.max(self.min_kato_ms)),
+        }
     }
 
     /// MDTS as Identify reports it: log2 of max_io_size in 4 KiB pages.
@@ -295,6 +443,88 @@ mod tests {
         }
         .validate()
         .is_err());
+    }
+
+    #[test]
+    fn kato_rules() {
+        let d = Limits::default();
+        assert_eq!(
+            d.effective_kato_ms(true, 0),
+            Ok(120_000),
+            "discovery always has one"
+        );
+        assert_eq!(d.effective_kato_ms(true, 5000), Ok(5000));
+        assert_eq!(
+            d.effective_kato_ms(false, 0),
+            Ok(0),
+            "NVM may disable by default"
+        );
+        assert_eq!(d.effective_kato_ms(false, 10), Ok(10));
+        let m = Limits {
+            min_kato_ms: 2000,
+            discovery_kato_ms: 1000,
+            ..Default::default()
+        };
+        assert!(m.effective_kato_ms(false, 0).is_err());
+        assert_eq!(m.effective_kato_ms(false, 1), Ok(2000));
+        assert_eq!(m.effective_kato_ms(false, 3000), Ok(3000));
+        assert_eq!(
+            m.effective_kato_ms(true, 0),
+            Ok(2000),
+            "the minimum holds for discovery"
+        );
+    }
+
+    #[test]
+    fn peer_limits_are_validated() {
+        assert!(Limits::default().validate().is_ok());
+        for bad in [
+            Limits {
+                max_pre_connect: 0,
+                ..Default::default()
+            },
+            Limits {
+                max_connections_per_source: 0,
+                ..Default::default()
+            },
+            Limits {
+                max_queues_per_host: 0,
+                ..Default::default()
+            },
+            Limits {
+                icreq_timeout_ms: 0,
+                ..Default::default()
+            },
+            Limits {
+                closing_timeout_ms: 0,
+                ..Default::default()
+            },
+            Limits {
+                discovery_kato_ms: 0,
+                ..Default::default()
+            },
+            Limits {
+                tcp_keepalive_idle_s: 40_000,
+                ..Default::default()
+            },
+            Limits {
+                tcp_keepalive_count: 0,
+                ..Default::default()
+            },
+            Limits {
+                tcp_user_timeout_ms: 10,
+                ..Default::default()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+        let l: Limits =
+            serde_yaml_ng::from_str("max_pre_connect: 8\nicreq_timeout_ms: 500\nmin_kato_ms: 1\n")
+                .unwrap();
+        assert_eq!(
+            (l.max_pre_connect, l.icreq_timeout_ms, l.min_kato_ms),
+            (8, 500, 1)
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! What the process holds, read from /proc: open file descriptors and resident memory. For the
-//! `stats.target` RPC (leak checks in soak tests, operators watching a long-running target).
+//! `stats.process` RPC (leak checks in soak tests, operators watching a long-running target).
 
 use std::fs;
 

@@ -29,7 +29,7 @@ mod xfer;
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{Shutdown, TcpStream};
+use std::net::{IpAddr, Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -42,7 +42,9 @@ use crate::nvmf::pdu::{
     self, CommonHeader, Digests, Fes, Layout, PduError, TermReq, DIGEST_LEN, MAX_HEADER_REGION,
 };
 use crate::nvmf::poll_group::{ChannelSet, GroupStats, SharedChannel};
-use crate::nvmf::target::{Controller, Namespace, PortId, QueueStats, Subsystem, Target};
+use crate::nvmf::target::{
+    ConnPhase, Controller, Namespace, PortId, QueueStats, SlotRefusal, Subsystem, Target,
+};
 use crate::stats::reactor::ConnStats;
 use crate::sys::clock;
 use crate::types::CoreId;
@@ -62,8 +64,9 @@ const TX_HDR_SIZE: usize = 128;
 /// Errors creating a connection.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
-    #[error("connection limit ({0}) reached")]
-    TooManyConnections(usize),
+    /// No slot for the socket (pre-Connect budget or per-source cap); logged, rate-limited.
+    #[error("connection refused: {0}")]
+    Refused(SlotRefusal),
     #[error("socket setup: {0}")]
     Io(#[from] io::Error),
     #[error("out of memory for connection buffers")]
@@ -233,18 +236,16 @@ enum Rx {
     },
 }
 
-/// Connection-level phase.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Phase {
-    /// Waiting for ICReq.
-    AwaitIcReq,
-    /// Initialized; capsules flow.
-    Ready,
-    /// A TermReq (or nothing) is being flushed; no more input is read.
-    Closing,
-    /// Socket shut down; only bdev completions are still drained.
-    Closed,
-}
+// Connection-level phase (the target counts connections per phase, so the enum lives there):
+// * `AwaitIcReq` — waiting for ICReq, at most `icreq_timeout_ms` after accept;
+// * `Ready` — initialized, capsules flow; Connect due `connect_timeout_ms` after accept;
+// * `Closing` — a TermReq is being flushed, no more input is read; the controller is already
+//   let go of (killed if this is its admin queue), and after `closing_timeout_ms` the socket
+//   is shut down whether or not the TermReq went out;
+// * `Closed` — socket shut down; only bdev completions are still drained.
+//
+// Every change goes through `Connection::set_phase`.
+use ConnPhase as Phase;
 
 /// A fatal transport error: the TermReq to send (if any).
 #[derive(Clone, Copy, Debug)]
@@ -367,6 +368,15 @@ pub struct Connection {
     pub(super) ka_deadline: Option<Instant>,
     /// Deadline for completing Fabrics Connect (cleared once connected).
     pub(super) connect_deadline: Option<Instant>,
+    /// Deadline for the ICReq (checked while the phase is `AwaitIcReq`).
+    icreq_deadline: Instant,
+    /// Deadline for sending the TermReq once `Closing`.
+    closing_deadline: Option<Instant>,
+    /// The peer's address: its sockets count against `max_connections_per_source`.
+    source: IpAddr,
+    /// Set once Connect succeeded: the host NQN whose `max_queues_per_host` count and whose
+    /// connection slot this socket holds (until then it holds a pre-Connect slot).
+    pub(super) connected_as: Option<String>,
     pub(super) stats: Arc<QueueStats>,
     /// This connection's handles into its reactor's per-namespace latency stats.
     io_stats: ConnStats,
@@ -382,17 +392,31 @@ pub struct Connection {
 
 impl Connection {
     /// Wraps a stream accepted on target port `port` (see [`Target::port_for`]): only the
-    /// subsystems linked to that port can be connected to through it. Fails if the target's
-    /// connection limit is reached. Request slots for the deepest queue allowed are allocated
-    /// here; data buffers at Connect.
+    /// subsystems linked to that port can be connected to through it. The socket takes a
+    /// pre-Connect slot ([`Target::admit_socket`]); without one it is refused (and the reason
+    /// logged, rate-limited). It trades the slot for a connection slot when its Connect
+    /// succeeds. Request slots for the deepest queue allowed are allocated here; data buffers
+    /// at Connect.
     pub fn new(
         stream: TcpStream,
         target: Arc<Target>,
         core: CoreId,
         port: PortId,
     ) -> Result<Connection, ConnError> {
-        if !target.claim_connection() {
-            return Err(ConnError::TooManyConnections(target.limits.max_connections));
+        // A socket whose peer already left has no address: nothing to serve.
+        let peer = stream.peer_addr()?;
+        if let Err(r) = target.admit_socket(peer.ip()) {
+            if let Some(suppressed) = target.refusal_log().admit() {
+                tracing::warn!(
+                    %peer,
+                    port = %port,
+                    limit = r.limit(),
+                    reason = %r,
+                    suppressed_before = suppressed,
+                    "NVMe/TCP socket refused"
+                );
+            }
+            return Err(ConnError::Refused(r));
         }
         let prep = || -> Result<BufPool, ConnError> {
             stream.set_nonblocking(true)?;
@@ -402,7 +426,7 @@ impl Connection {
         let boot_pool = match prep() {
             Ok(p) => p,
             Err(e) => {
-                target.release_connection();
+                target.release_socket(peer.ip(), None);
                 return Err(e);
             }
         };
@@ -413,11 +437,13 @@ impl Connection {
                 .max(target.limits.max_admin_queue_depth),
         );
         let connect_timeout_ms = target.limits.connect_timeout_ms;
+        let icreq_timeout_ms = target.limits.icreq_timeout_ms;
         // Calibrated once per process (reactors do it at start); never on the first I/O.
         clock::ticks_per_ns();
         let mut reqs = Vec::with_capacity(slots);
         reqs.resize_with(slots, Request::new);
-        let peer = stream.peer_addr().ok();
+        target.count_phase(None, Some(Phase::AwaitIcReq));
+        let now = Instant::now();
         Ok(Connection {
             stream,
             target,
@@ -467,13 +493,15 @@ impl Connection {
             ctl_off: 0,
             aers: Vec::with_capacity(crate::nvmf::target::MAX_AERS),
             ka_deadline: None,
-            connect_deadline: Some(
-                Instant::now() + Duration::from_millis(u64::from(connect_timeout_ms)),
-            ),
+            connect_deadline: Some(now + Duration::from_millis(u64::from(connect_timeout_ms))),
+            icreq_deadline: now + Duration::from_millis(u64::from(icreq_timeout_ms)),
+            closing_deadline: None,
+            source: peer.ip(),
+            connected_as: None,
             stats: Arc::new(QueueStats::default()),
             io_stats: ConnStats::default(),
             port,
-            peer,
+            peer: Some(peer),
             shutdown: Vec::new(),
             shutdown_failed: false,
         })
@@ -586,15 +614,60 @@ impl Connection {
         }
         if self.phase == Phase::Ready && self.ctrl.is_some() {
             work += self.poll_events();
-        } else if let Some(deadline) = self.connect_deadline {
-            if self.ctrl.is_none() && Instant::now() > deadline {
-                tracing::info!("no Fabrics Connect before the connect timeout, closing");
-                self.close_now("connect timeout");
+        } else if self.phase != Phase::Closing && self.ctrl.is_none() {
+            if let Some(why) = self.pre_connect_expired(Instant::now()) {
+                self.log_close(why);
+                self.close_now(why);
                 return work + 1;
             }
         }
         work += self.flush_tx();
+        if self.phase == Phase::Closing {
+            if let Some(deadline) = self.closing_deadline {
+                if Instant::now() > deadline {
+                    self.log_close(
+                        "the peer did not take the C2HTermReq within closing_timeout_ms",
+                    );
+                    self.close_now("closing timeout");
+                    work += 1;
+                }
+            }
+        }
         work
+    }
+
+    /// Why a connection without a controller must close now: no ICReq within
+    /// `icreq_timeout_ms`, or no successful Connect within `connect_timeout_ms`.
+    fn pre_connect_expired(&self, now: Instant) -> Option<&'static str> {
+        if self.phase == Phase::AwaitIcReq && now > self.icreq_deadline {
+            return Some("no ICReq within icreq_timeout_ms");
+        }
+        match self.connect_deadline {
+            Some(d) if now > d => Some("no Fabrics Connect within connect_timeout_ms"),
+            _ => None,
+        }
+    }
+
+    /// Logs why the target closes this connection (rate-limited: peers trigger it at will).
+    fn log_close(&self, why: &str) {
+        if let Some(suppressed) = self.target.refusal_log().admit() {
+            tracing::info!(
+                peer = ?self.peer,
+                port = %self.port,
+                qid = self.qid,
+                why,
+                suppressed_before = suppressed,
+                "closing NVMe/TCP connection"
+            );
+        }
+    }
+
+    /// The one place the connection's phase changes: keeps the target's per-phase counts.
+    pub(super) fn set_phase(&mut self, to: Phase) {
+        if self.phase != to {
+            self.target.count_phase(Some(self.phase), Some(to));
+            self.phase = to;
+        }
     }
 
     // ----------------------------------------------------------------------------------------
@@ -692,7 +765,13 @@ impl Connection {
             self.ctl_len = n;
             self.ctl_off = 0;
             self.drop_requests();
-            self.phase = Phase::Closing;
+            // Let go of the controller now, not when the TermReq is out, which a peer that
+            // stopped reading would postpone for ever: an admin queue kills it (its I/O queues
+            // close), an I/O queue frees its QID. And bound the wait for the TermReq.
+            self.teardown_controller();
+            let closing_ms = u64::from(self.target.limits.closing_timeout_ms);
+            self.closing_deadline = Some(Instant::now() + Duration::from_millis(closing_ms));
+            self.set_phase(Phase::Closing);
         } else {
             self.close_now("fatal transport error");
         }
@@ -718,7 +797,7 @@ impl Connection {
         tracing::debug!(qid = self.qid, why, "closing NVMe/TCP connection");
         self.drop_requests();
         let _ = self.stream.shutdown(Shutdown::Both);
-        self.phase = Phase::Closed;
+        self.set_phase(Phase::Closed);
         self.teardown_controller();
     }
 
@@ -830,7 +909,9 @@ impl Drop for Connection {
         self.close_now("dropped");
         self.target.release_buffers(self.reserved_bytes);
         self.reserved_bytes = 0;
-        self.target.release_connection();
+        self.target.count_phase(Some(self.phase), None);
+        self.target
+            .release_socket(self.source, self.connected_as.as_deref());
     }
 }
 

@@ -306,7 +306,7 @@ impl Connection {
                 self.ctl_buf[..n].copy_from_slice(&b[..n]);
                 self.ctl_len = n;
                 self.ctl_off = 0;
-                self.phase = Phase::Ready;
+                self.set_phase(Phase::Ready);
                 tracing::debug!(digests = ?self.dg, hpda = r.hpda, maxr2t = r.maxr2t, "ICReq accepted");
                 Ok(())
             }

@@ -197,3 +197,49 @@ fn namespace_slots_add_and_remove() {
         Err(TargetError::NoNamespace { nsid: 2, .. })
     ));
 }
+
+#[test]
+fn socket_slots_are_two_staged_and_capped_per_source_and_host() {
+    let limits = Limits {
+        max_connections: 2,
+        max_pre_connect: 3,
+        max_connections_per_source: 3,
+        max_queues_per_host: 1,
+        ..Default::default()
+    };
+    let t = Target::new(&[], limits, &HashMap::new()).unwrap();
+    let a: IpAddr = "10.0.0.1".parse().unwrap();
+    let b: IpAddr = "10.0.0.2".parse().unwrap();
+    let (h1, h2, h3) = ("nqn.h:1", "nqn.h:2", "nqn.h:3");
+    // Three pre-Connect sockets fill the budget (and source a's cap).
+    for _ in 0..3 {
+        t.admit_socket(a).unwrap();
+    }
+    assert_eq!(t.admit_socket(b), Err(SlotRefusal::PreConnect(3)));
+    assert_eq!(t.admit_socket(a), Err(SlotRefusal::PerSource(3)));
+    // Promotion frees a pre-Connect slot; the per-source count stays.
+    t.promote_socket(h1).unwrap();
+    assert_eq!((t.pre_connect_count(), t.connection_count()), (2, 1));
+    assert_eq!(t.admit_socket(a), Err(SlotRefusal::PerSource(3)));
+    t.admit_socket(b).unwrap();
+    // Per host, then target-wide.
+    assert_eq!(t.promote_socket(h1), Err(SlotRefusal::PerHost(1)));
+    t.promote_socket(h2).unwrap();
+    assert_eq!(t.promote_socket(h3), Err(SlotRefusal::Connections(2)));
+    let st = t.connection_stats();
+    assert_eq!((st.connected, st.pre_connect), (2, 2), "{st:?}");
+    assert_eq!(
+        (st.sources, st.max_per_source, st.hosts, st.max_per_host),
+        (2, 3, 2, 1)
+    );
+    // A failed queue setup gives the connection slot back and keeps the socket pre-Connect.
+    t.demote_socket(h2);
+    assert_eq!((t.pre_connect_count(), t.connection_count()), (3, 1));
+    t.promote_socket(h3).unwrap();
+    // Release everything: counts and maps go back to empty.
+    t.release_socket(a, Some(h1));
+    t.release_socket(b, Some(h3));
+    t.release_socket(a, None);
+    t.release_socket(a, None);
+    assert_eq!(t.connection_stats(), ConnectionStats::default());
+}
