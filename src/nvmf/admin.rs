@@ -14,7 +14,9 @@ use crate::nvme::log::{self as nlog, DiscoveryEntry};
 use crate::nvme::{admin_op, cns, connect, fctype, feature, log_id, prop, sgl, Status};
 use crate::nvmf::config::{is_valid_nqn, DISCOVERY_NQN};
 use crate::nvmf::conn::{Action, Connection, ReqState};
-use crate::nvmf::target::{FeatureValues, SlotRefusal, SubsystemKind, ERROR_LOG_ENTRIES, MAX_AERS};
+use crate::nvmf::target::{
+    Controller, FeatureValues, SlotRefusal, SubsystemKind, ERROR_LOG_ENTRIES, MAX_AERS,
+};
 
 /// Firmware revision reported in Identify Controller.
 const FIRMWARE: &str = env!("CARGO_PKG_VERSION");
@@ -213,7 +215,10 @@ impl Connection {
             }
             self.ka_deadline = kato_deadline(kato_ms);
             self.reqs[idx].cqe.dw0 = u32::from(ctrl.cntlid);
-            tracing::info!(cntlid = ctrl.cntlid, %subnqn, %hostnqn, port = %self.port, kato_ms, requested_kato_ms = cmd.kato_ms, "admin queue connected");
+            // Any host may connect to discovery, again and again: rate-limited like refusals.
+            if let Some(suppressed) = self.target.peer_log().admit() {
+                tracing::info!(cntlid = ctrl.cntlid, %subnqn, %hostnqn, peer = ?self.peer, port = %self.port, kato_ms, requested_kato_ms = cmd.kato_ms, suppressed_before = suppressed, "admin queue connected");
+            }
             self.connect_deadline = None;
             self.ctrl = Some(ctrl);
         } else {
@@ -238,15 +243,20 @@ impl Connection {
                     "the controller belongs to another subsystem or host",
                 ));
             }
-            if ctrl.csts.load(Ordering::Acquire) & prop::CSTS_RDY == 0 {
-                return Err(Refusal::status(
-                    Status::COMMAND_SEQUENCE_ERROR,
-                    "the controller is not enabled (CSTS.RDY = 0)",
-                ));
-            }
             self.claim_queue_slot(hostnqn)?;
             {
                 let mut a = ctrl.admin();
+                // Checked under the admin lock, which a controller reset also takes: a queue
+                // either sees the reset (not ready: refused) or joins the generation the reset
+                // then retires (it closes on its first poll).
+                if ctrl.csts.load(Ordering::Acquire) & prop::CSTS_RDY == 0 {
+                    drop(a);
+                    self.release_queue_slot();
+                    return Err(Refusal::status(
+                        Status::COMMAND_SEQUENCE_ERROR,
+                        "the controller is not enabled (CSTS.RDY = 0)",
+                    ));
+                }
                 let granted = a.io_queues_granted;
                 let taken = a.io_qids.get(usize::from(cmd.qid)).copied().unwrap_or(true);
                 if cmd.qid > granted || taken {
@@ -262,6 +272,7 @@ impl Connection {
                     *q = true;
                 }
                 a.queue_stats.push(Arc::clone(&self.stats));
+                self.io_gen = ctrl.io_generation();
             }
             self.subsys = Some(subsys);
             self.qid = cmd.qid;
@@ -271,9 +282,13 @@ impl Connection {
             if let Err(s) = self.setup_queue(depth, true) {
                 self.ctrl = None;
                 let mut a = ctrl.admin();
-                if let Some(q) = a.io_qids.get_mut(usize::from(cmd.qid)) {
-                    *q = false;
+                if ctrl.io_generation() == self.io_gen {
+                    if let Some(q) = a.io_qids.get_mut(usize::from(cmd.qid)) {
+                        *q = false;
+                    }
                 }
+                let me = Arc::as_ptr(&self.stats);
+                a.queue_stats.retain(|q| Arc::as_ptr(q) != me);
                 drop(a);
                 self.release_queue_slot();
                 return Err(Refusal::status(s, "could not set the queue up"));
@@ -340,7 +355,7 @@ impl Connection {
     fn property_set(&mut self, idx: usize) -> Result<(), Status> {
         let sqe = self.reqs[idx].sqe;
         let size8 = sqe.cdw10 & 0b111 == 1;
-        let Some(c) = self.ctrl.as_ref() else {
+        let Some(c) = self.ctrl.clone() else {
             return Err(Status::COMMAND_SEQUENCE_ERROR);
         };
         if sqe.cdw11 != prop::CC || size8 {
@@ -358,7 +373,8 @@ impl Connection {
                 csts |= prop::CSTS_RDY;
             }
         }
-        if new & prop::CC_EN == 0 && old & prop::CC_EN != 0 {
+        let reset = new & prop::CC_EN == 0 && old & prop::CC_EN != 0;
+        if reset {
             // Controller reset: not ready, shutdown status cleared.
             csts &= !(prop::CSTS_RDY | prop::CSTS_SHST_MASK | prop::CSTS_CFS);
         }
@@ -369,10 +385,34 @@ impl Connection {
             csts = (csts & !prop::CSTS_SHST_MASK) | prop::CSTS_SHST_OCCURRING;
         }
         c.csts.store(csts, Ordering::Release);
+        if reset {
+            self.controller_reset(&c);
+        }
         if shutdown {
             self.start_shutdown_flush();
         }
         Ok(())
+    }
+
+    /// The rest of a controller reset (CC.EN 1 to 0), after CSTS.RDY went 0: the I/O queues
+    /// are deleted (each I/O queue connection sees the new generation, refuses what it still
+    /// receives and closes; their queue ids are free again at once) and the Asynchronous Event
+    /// Requests held here are aborted, as a reset aborts every outstanding command. The admin
+    /// queue itself stays connected: over Fabrics it is the host's way to enable again.
+    fn controller_reset(&mut self, c: &Controller) {
+        let queues = c.reset_io_queues();
+        for idx in std::mem::take(&mut self.aers) {
+            self.complete(idx, Status::SQ_DELETED);
+        }
+        if let Some(suppressed) = self.target.peer_log().admit() {
+            tracing::info!(
+                cntlid = c.cntlid,
+                peer = ?self.peer,
+                io_queues = queues,
+                suppressed_before = suppressed,
+                "controller reset (CC.EN cleared): I/O queues deleted"
+            );
+        }
     }
 
     pub(super) fn admin_cmd(&mut self, idx: usize) -> Action {
@@ -646,6 +686,11 @@ impl Connection {
             feature::NUMBER_OF_QUEUES if nvm => {
                 let mut a = c.admin();
                 if set {
+                    // The count is fixed once I/O queues exist (until a controller reset
+                    // deletes them): NVMe Base, Number of Queues.
+                    if a.io_qids.iter().any(|&q| q) {
+                        return Err(Status::COMMAND_SEQUENCE_ERROR);
+                    }
                     let nsqr = sqe.cdw11 & 0xffff;
                     let ncqr = sqe.cdw11 >> 16;
                     if nsqr == 0xffff || ncqr == 0xffff {

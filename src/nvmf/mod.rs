@@ -15,6 +15,9 @@
 mod admin;
 pub mod config;
 pub mod conn;
+/// The whole-[`Connection`] driver of the `connection` fuzz target and tests/connection_fuzz.rs.
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod listener;
 pub mod pdu;

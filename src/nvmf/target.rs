@@ -341,6 +341,10 @@ pub struct Controller {
     pub dead: AtomicBool,
     /// Set by the control plane when an event is queued; the admin queue polls it.
     pub event_pending: AtomicBool,
+    /// I/O queue generation: bumped, under the admin lock, by a controller reset (CC.EN 1 to
+    /// 0). An I/O queue records it at Connect; once it moves, the queue refuses commands and
+    /// closes (one atomic load per command and per poll, no lock on the I/O path).
+    io_gen: AtomicU64,
     admin: Mutex<AdminState>,
 }
 
@@ -355,6 +359,24 @@ impl Controller {
     }
     pub fn kill(&self) {
         self.dead.store(true, Ordering::Release);
+    }
+    /// The current I/O queue generation (see [`Controller::reset_io_queues`]).
+    #[inline]
+    pub fn io_generation(&self) -> u64 {
+        self.io_gen.load(Ordering::Acquire)
+    }
+    /// Controller reset (CC.EN 1 to 0): every I/O queue of this controller is deleted. Bumps
+    /// the generation, so each I/O queue connection, on whichever reactor owns it, refuses
+    /// further commands and closes on its next poll, and frees every queue id at once, so the
+    /// host may connect them again after it re-enables the controller (a closing queue of the
+    /// old generation leaves the ids alone). Admin path; returns how many I/O queues were
+    /// connected.
+    pub fn reset_io_queues(&self) -> usize {
+        let mut a = self.admin();
+        self.io_gen.fetch_add(1, Ordering::AcqRel);
+        let n = a.io_qids.iter().filter(|&&q| q).count();
+        a.io_qids.fill(false);
+        n
     }
     /// Records a failed admin command in the error log.
     pub fn record_error(&self, mut e: ErrorEntry) {
@@ -418,9 +440,10 @@ struct Port {
     bound_port: AtomicU16,
 }
 
-/// A token bucket for log lines that peers can trigger at will (refused Connects): reactors
-/// must not flood the log, yet the first refusals of a burst, and the count of those dropped,
-/// must reach it. Taken only on the Connect path.
+/// A token bucket for log lines that peers can trigger at will (refused Connects, fatal PDUs,
+/// timeouts, resets): reactors must not flood the log, yet the first lines of a burst, and the
+/// count of those dropped, must reach it. Its lock is taken only on those rare paths (Connect,
+/// admin commands, a connection going down), never per I/O.
 pub struct LogLimiter {
     burst: u32,
     per_sec: u32,
@@ -482,6 +505,14 @@ const REFUSAL_LOG_BURST: u32 = 20;
 /// each line that gets through says how many were dropped before it.
 const REFUSAL_LOG_PER_SEC: u32 = 2;
 
+/// Lines about connection life a peer can cause (fatal PDUs, host terminations, keep alive
+/// and connect timeouts, controller resets and shutdowns, admin queue connects) logged at once
+/// before the limiter holds back.
+const PEER_LOG_BURST: u32 = 20;
+/// Such lines logged per second after a burst: one misbehaving host in a reconnect loop costs a
+/// few lines a second, each saying how many were dropped before it.
+const PEER_LOG_PER_SEC: u32 = 5;
+
 /// The NVMe/TCP target: subsystems, limits, controllers.
 pub struct Target {
     pub limits: Limits,
@@ -497,6 +528,8 @@ pub struct Target {
     ports: Vec<Port>,
     /// Rate limit of the "Connect refused" log lines (any reactor may refuse one).
     refusal_log: LogLimiter,
+    /// Rate limit of the other log lines peers can trigger from a reactor ([`Target::peer_log`]).
+    peer_log: LogLimiter,
 }
 
 impl Target {
@@ -631,6 +664,7 @@ impl Target {
             genctr: AtomicU64::new(1),
             ports,
             refusal_log: LogLimiter::new(REFUSAL_LOG_BURST, REFUSAL_LOG_PER_SEC),
+            peer_log: LogLimiter::new(PEER_LOG_BURST, PEER_LOG_PER_SEC),
         }))
     }
 
@@ -667,6 +701,13 @@ impl Target {
     /// The rate limit for "Connect refused" log lines.
     pub fn refusal_log(&self) -> &LogLimiter {
         &self.refusal_log
+    }
+
+    /// The rate limit for every other line a peer can trigger again and again from a reactor
+    /// (fatal PDUs, terminations, timeouts, controller resets and shutdowns, admin connects):
+    /// separate from [`Target::refusal_log`], so a flood of one kind does not hide the other.
+    pub fn peer_log(&self) -> &LogLimiter {
+        &self.peer_log
     }
 
     /// Marks a namespace online or offline (locked). Offline: it leaves the active namespace list,
@@ -899,6 +940,7 @@ impl Target {
             kato_ms: AtomicU32::new(kato_ms),
             dead: AtomicBool::new(false),
             event_pending: AtomicBool::new(false),
+            io_gen: AtomicU64::new(0),
             admin: Mutex::new(AdminState {
                 io_queues_granted: self.limits.max_io_queues,
                 io_qids: vec![false; max_q],

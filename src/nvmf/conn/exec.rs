@@ -168,6 +168,9 @@ impl Connection {
             Action::Complete(Status::COMMAND_SEQUENCE_ERROR)
         } else if self.qid == 0 {
             self.admin_cmd(idx)
+        } else if self.io_queue_deleted() {
+            // A controller reset deleted this queue; it closes on this poll.
+            Action::Complete(Status::SQ_DELETED)
         } else {
             match self.io_cmd(idx) {
                 Ok(()) => Action::Pending,
@@ -181,6 +184,14 @@ impl Connection {
 
     // ----------------------------------------------------------------------------------------
     // I/O commands.
+
+    /// Whether a controller reset (CC.EN 1 to 0) deleted this I/O queue since it connected:
+    /// one atomic load.
+    fn io_queue_deleted(&self) -> bool {
+        self.ctrl
+            .as_ref()
+            .is_none_or(|c| c.io_generation() != self.io_gen)
+    }
 
     /// Namespace, state, LBA range and transfer-size checks of a Read/Write.
     pub(super) fn check_rw(&self, sqe: &Sqe) -> Result<(usize, u64, u32, u32), Status> {

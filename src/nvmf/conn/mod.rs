@@ -325,6 +325,8 @@ pub struct Connection {
     pub(super) ctrl: Option<Arc<Controller>>,
     pub(super) subsys: Option<Arc<Subsystem>>,
     pub(super) qid: u16,
+    /// I/O queues: the controller's I/O queue generation at Connect; a reset moves it on.
+    pub(in crate::nvmf) io_gen: u64,
     pub(super) sqhd_disabled: bool,
     /// Queue depth granted at Connect (SQSIZE + 1); before Connect the boot depth.
     pub(super) depth: usize,
@@ -467,6 +469,7 @@ impl Connection {
             ctrl: None,
             subsys: None,
             qid: 0,
+            io_gen: 0,
             sqhd_disabled: false,
             depth: BOOT_BUFS,
             sqhd: 0,
@@ -744,12 +747,16 @@ impl Connection {
     /// Reports a fatal transport error with a C2HTermReq (when the spec defines one) and closes.
     fn fatal(&mut self, f: Fatal) {
         if let Some((fes, fei)) = f.fes {
-            tracing::warn!(
-                qid = self.qid,
-                ?fes,
-                fei,
-                "fatal NVMe/TCP error, sending C2HTermReq"
-            );
+            if let Some(suppressed) = self.target.peer_log().admit() {
+                tracing::warn!(
+                    peer = ?self.peer,
+                    qid = self.qid,
+                    ?fes,
+                    fei,
+                    suppressed_before = suppressed,
+                    "fatal NVMe/TCP error, sending C2HTermReq"
+                );
+            }
             let offending_len = self.rx_have.min(pdu::TERM_MAX_DATA);
             let mut off = [0u8; pdu::TERM_MAX_DATA];
             off[..offending_len].copy_from_slice(&self.rx_hdr[..offending_len]);
@@ -808,8 +815,11 @@ impl Connection {
             self.target.remove_controller(c.cntlid);
         } else {
             let mut a = c.admin();
-            if let Some(q) = a.io_qids.get_mut(usize::from(self.qid)) {
-                *q = false;
+            // After a controller reset the id is no longer this queue's (it may be taken again).
+            if c.io_generation() == self.io_gen {
+                if let Some(q) = a.io_qids.get_mut(usize::from(self.qid)) {
+                    *q = false;
+                }
             }
             let me = Arc::as_ptr(&self.stats);
             a.queue_stats.retain(|s| Arc::as_ptr(s) != me);
@@ -831,6 +841,10 @@ impl Connection {
                 self.close_now("controller gone");
                 return 1;
             }
+            if c.io_generation() != self.io_gen {
+                self.close_now("controller reset deleted the I/O queue");
+                return 1;
+            }
             return 0;
         }
         let cntlid = c.cntlid;
@@ -840,10 +854,14 @@ impl Connection {
         }
         if let Some(deadline) = self.ka_deadline {
             if Instant::now() > deadline {
-                tracing::warn!(
-                    cntlid,
-                    "keep alive timeout expired, tearing the controller down"
-                );
+                if let Some(suppressed) = self.target.peer_log().admit() {
+                    tracing::warn!(
+                        cntlid,
+                        peer = ?self.peer,
+                        suppressed_before = suppressed,
+                        "keep alive timeout expired, tearing the controller down"
+                    );
+                }
                 self.close_now("keep alive timeout");
                 return work + 1;
             }

@@ -196,12 +196,16 @@ impl Connection {
                 if self.rx_dig_have == DIGEST_LEN {
                     let received = u32::from_le_bytes(self.rx_dig);
                     if received != self.rx_crc {
-                        tracing::warn!(
-                            qid = self.qid,
-                            computed = self.rx_crc,
-                            received,
-                            "data digest error"
-                        );
+                        if let Some(suppressed) = self.target.peer_log().admit() {
+                            tracing::warn!(
+                                peer = ?self.peer,
+                                qid = self.qid,
+                                computed = self.rx_crc,
+                                received,
+                                suppressed_before = suppressed,
+                                "data digest error"
+                            );
+                        }
                         return Err(Fatal { fes: None });
                     }
                     self.rx = Rx::Header;
@@ -311,7 +315,15 @@ impl Connection {
                 Ok(())
             }
             PduHeader::H2CTermReq(t) => {
-                tracing::info!(fes = t.fes, fei = t.fei, "host terminated the connection");
+                if let Some(suppressed) = self.target.peer_log().admit() {
+                    tracing::info!(
+                        peer = ?self.peer,
+                        fes = t.fes,
+                        fei = t.fei,
+                        suppressed_before = suppressed,
+                        "host terminated the connection"
+                    );
+                }
                 self.close_now("H2CTermReq");
                 Ok(())
             }
@@ -327,11 +339,15 @@ impl Connection {
 
     fn on_capsule(&mut self, sqe: Sqe, data_len: usize) -> Result<(), Fatal> {
         if self.outstanding >= self.depth {
-            tracing::warn!(
-                qid = self.qid,
-                depth = self.depth,
-                "host exceeded the queue depth"
-            );
+            if let Some(suppressed) = self.target.peer_log().admit() {
+                tracing::warn!(
+                    peer = ?self.peer,
+                    qid = self.qid,
+                    depth = self.depth,
+                    suppressed_before = suppressed,
+                    "host exceeded the queue depth"
+                );
+            }
             return Err(Fatal::term(Fes::PduSequenceError, pdu::OFF_TYPE));
         }
         // Taken out of the free list here; `transition` (Free -> ...) accounts for it below.

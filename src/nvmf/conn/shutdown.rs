@@ -50,23 +50,30 @@ impl Connection {
                     done: false,
                 }),
                 Err(e) => {
-                    tracing::error!(
-                        subnqn = %c.subsys.nqn,
-                        nsid = ns.nsid,
-                        bdev = ns.bdev.name(),
-                        "shutdown: cannot open a channel to flush the namespace: {e}; \
-                         shutdown will not report complete"
-                    );
+                    if let Some(suppressed) = self.target.peer_log().admit() {
+                        tracing::error!(
+                            subnqn = %c.subsys.nqn,
+                            nsid = ns.nsid,
+                            bdev = ns.bdev.name(),
+                            suppressed_before = suppressed,
+                            "shutdown: cannot open a channel to flush the namespace: {e}; \
+                             shutdown will not report complete"
+                        );
+                    }
                     self.shutdown_failed = true;
                 }
             }
         }
-        tracing::info!(
-            subnqn = %c.subsys.nqn,
-            cntlid = c.cntlid,
-            namespaces = self.shutdown.len(),
-            "controller shutdown: flushing namespaces"
-        );
+        // A host may toggle CC.SHN at will: rate-limited.
+        if let Some(suppressed) = self.target.peer_log().admit() {
+            tracing::info!(
+                subnqn = %c.subsys.nqn,
+                cntlid = c.cntlid,
+                namespaces = self.shutdown.len(),
+                suppressed_before = suppressed,
+                "controller shutdown: flushing namespaces"
+            );
+        }
         self.poll_shutdown();
     }
 
@@ -103,12 +110,15 @@ impl Connection {
                     "shutdown flush: namespace offline, nothing to flush"
                 ),
                 other => {
-                    tracing::error!(
-                        nsid = f.ns.nsid,
-                        bdev = f.ns.bdev.name(),
-                        status = ?other,
-                        "shutdown flush failed; shutdown will not report complete"
-                    );
+                    if let Some(suppressed) = self.target.peer_log().admit() {
+                        tracing::error!(
+                            nsid = f.ns.nsid,
+                            bdev = f.ns.bdev.name(),
+                            status = ?other,
+                            suppressed_before = suppressed,
+                            "shutdown flush failed; shutdown will not report complete"
+                        );
+                    }
                     failed = true;
                 }
             }
@@ -127,7 +137,13 @@ impl Connection {
                         csts |= prop::CSTS_CFS;
                     } else {
                         csts = (csts & !prop::CSTS_SHST_MASK) | prop::CSTS_SHST_COMPLETE;
-                        tracing::info!(cntlid = c.cntlid, "controller shutdown complete");
+                        if let Some(suppressed) = self.target.peer_log().admit() {
+                            tracing::info!(
+                                cntlid = c.cntlid,
+                                suppressed_before = suppressed,
+                                "controller shutdown complete"
+                            );
+                        }
                     }
                     c.csts.store(csts, Ordering::Release);
                 }
