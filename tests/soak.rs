@@ -9,7 +9,8 @@
 //! gone the target holds no connection slot, no controller, no reserved buffer and no extra
 //! file descriptor (`stats.nvmf`, `stats.process`). A second, shorter round then runs without perf; resident memory after it
 //! must not have grown beyond a small slack over the first round's (a per-connection leak of a
-//! receive buffer would show as megabytes).
+//! receive buffer would show as megabytes). `max_connections` is 48: the ~30 queue pairs the
+//! hosts connect fit, the silent and half-open sockets must not take slots from them.
 
 mod common;
 
@@ -232,7 +233,7 @@ fn soak_churn_and_hostile_peers_while_perf_verifies() {
         format!(
             "reactor:\n  cores: 2\n  pin: false\n  idle_backoff_us: 20\n\
              rpc:\n  socket_path: {sock}\n  audit_log: {audit}\n\
-             nvmf:\n  connect_timeout_ms: 2000\n\
+             nvmf:\n  connect_timeout_ms: 2000\n  max_connections: 48\n\
              bdevs:\n  - {{ name: mem0, type: malloc, size_bytes: 33554432, block_size: 4096 }}\n\
              \x20 - {{ name: mem1, type: malloc, size_bytes: 8388608, block_size: 4096 }}\n\
              subsystems:\n  - nqn: {NQN}\n    serial: SOAK1\n    allowed_hosts: [\"{PERF_HOST}\", \"{CHURN_HOST}\", \"{IDLE_HOST}\"]\n    namespaces:\n      - {{ nsid: 1, bdev: mem0 }}\n      - {{ nsid: 2, bdev: mem1 }}\n    listen:\n      - {{ addr: 127.0.0.1, port: 0 }}\n",
