@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::convert::{self, ConvertError, DataIo, Keys, Step};
 use super::store::{HeaderIo, Stored};
-use crate::bdev::{Bdev, BdevIo, IoBuf, IoStatus, IoType, Submit};
+use crate::bdev::{Bdev, BdevIo, IoBuf, IoStatus, IoType};
 use crate::crypto::bdev::DataKey;
 use crate::crypto::keymap::{KeyControl, KeyMapError, Keying};
 use crate::sys::buf::AlignedBuf;
@@ -226,34 +226,8 @@ impl BdevDataIo {
     }
 
     fn run(&self, io: BdevIo) -> io::Result<BdevIo> {
-        let mut ch = self
-            .bdev
-            .open_channel(self.core, 1)
-            .map_err(|e| io::Error::other(e.to_string()))?;
-        let started = Instant::now();
-        let mut pending = Some(io);
-        let mut finished = None;
-        while finished.is_none() {
-            if let Some(io) = pending.take() {
-                if let Submit::Busy(io) = ch.submit(io) {
-                    pending = Some(io);
-                }
-            }
-            ch.poll(&mut |io| finished = Some(io));
-            if finished.is_none() {
-                if started.elapsed() > DATA_IO_TIMEOUT {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!(
-                            "bdev {}: data I/O of the pass did not complete",
-                            self.bdev.name()
-                        ),
-                    ));
-                }
-                std::thread::yield_now();
-            }
-        }
-        let io = finished.ok_or_else(|| io::Error::other("no completion"))?;
+        let io = crate::bdev::run_blocking(self.bdev.as_ref(), self.core, io, DATA_IO_TIMEOUT)
+            .map_err(|e| io::Error::other(format!("data I/O of the pass: {e}")))?;
         match io.status {
             IoStatus::Success => Ok(io),
             IoStatus::IoError(errno) => Err(io::Error::from_raw_os_error(errno)),

@@ -4,7 +4,7 @@
 use super::*;
 use crate::bdev::malloc::{MallocBdev, MallocConfig};
 use crate::bdev::slice::SliceBdev;
-use crate::bdev::BufPool;
+use crate::bdev::{BufPool, Submit};
 use crate::crypto::bdev::CryptoBdev;
 use crate::crypto::key::XtsKey;
 use crate::crypto::xts::{Tier, Xts};
