@@ -393,6 +393,9 @@ fn queues_on_a_reactor_share_one_channel_per_namespace() {
     });
 }
 
+/// A completion handler: queue index, tag, status, data.
+type OnDone<'a> = dyn FnMut(usize, u64, Status, &[u8]) + 'a;
+
 /// Item 4: the queues of a reactor share one data-buffer pool. Connect allocates no data
 /// buffers (nothing reserved under the budget, no pool buffer allocated); four I/O queues
 /// (32 deep × 128 KiB each) then share a pool capped by a 1 MiB budget (8 buffers) with many
@@ -428,9 +431,7 @@ fn queues_share_a_pool_smaller_than_their_depth() {
         .chain((0..4).map(|i| (512 + i * 8, 4096)))
         .collect();
     let data = |qi: usize, k: usize, len: usize| pattern(len, (qi * 100 + k) as u32 + 1);
-    let drain = |qs: &mut Vec<HostQpair>,
-                 pending: &mut usize,
-                 on: &mut dyn FnMut(usize, u64, Status, &[u8])| {
+    let drain = |qs: &mut Vec<HostQpair>, pending: &mut usize, on: &mut OnDone| {
         let deadline = Instant::now() + Duration::from_secs(20);
         while *pending > 0 {
             assert!(Instant::now() < deadline, "I/O did not complete");
