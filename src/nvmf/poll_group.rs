@@ -69,7 +69,8 @@ pub struct GroupStats {
     pub channels_open: AtomicU64,
     /// Shared bdev channels opened over the group's life.
     pub channels_opened: AtomicU64,
-    /// Data buffers the group's shared pool holds (allocated so far, free or in use).
+    /// Data buffers the group's shared pool holds now (free or in use); freed when the group
+    /// has no connection left.
     pub bufs_allocated: AtomicU64,
     /// Data buffers free in the shared pool now.
     pub bufs_free: AtomicU64,
@@ -175,6 +176,10 @@ impl ChannelSet {
     }
 }
 
+/// Buffers a shared pool allocates at once when it runs dry (fewer where its cap or the
+/// budget stop it): growth happens a few times per reactor, not once per new peak of load.
+pub const GROW_CHUNK: usize = 32;
+
 /// Alignment of the shared pool's buffers: a page suits every backend (O_DIRECT included).
 pub const SHARED_BUF_ALIGN: usize = 4096;
 
@@ -228,38 +233,42 @@ impl SharedBufs {
         if len > self.buf_size {
             return None;
         }
-        let mem = match self.free.pop() {
-            Some(m) => m,
-            None => self.grow()?,
-        };
+        if self.free.is_empty() {
+            self.grow();
+        }
+        let mem = self.free.pop()?;
         self.stats
             .bufs_free
             .store(self.free.len() as u64, Ordering::Relaxed);
         Some(IoBuf::new(mem, len))
     }
 
-    /// Allocates one more buffer, if the cap and the target's budget allow (off the steady
-    /// state: a buffer once allocated stays in the pool).
-    fn grow(&mut self) -> Option<AlignedBuf> {
-        if self.total >= self.cap {
-            return None;
-        }
-        let t = self.target.as_ref()?;
-        let bytes = self.buf_size as u64;
-        if !t.reserve_buffers(bytes) {
-            return None;
-        }
-        let Some(mem) = AlignedBuf::zeroed(self.buf_size, SHARED_BUF_ALIGN) else {
-            t.release_buffers(bytes);
-            return None;
+    /// Allocates up to [`GROW_CHUNK`] more buffers into the free list, as far as the cap and
+    /// the target's budget allow (a buffer once allocated stays in the pool until the group
+    /// empties, so growth stops once the pool fits the reactor's load: the steady state
+    /// allocates nothing).
+    fn grow(&mut self) {
+        let Some(t) = self.target.as_ref() else {
+            return;
         };
-        self.total += 1;
+        let bytes = self.buf_size as u64;
+        let want = GROW_CHUNK.min(self.cap.saturating_sub(self.total));
         // The free list can hold every buffer: `put` never allocates.
-        if self.free.capacity() < self.total {
-            self.free.reserve(self.total - self.free.len());
+        self.free.reserve(self.total + want - self.free.len());
+        for _ in 0..want {
+            if !t.reserve_buffers(bytes) {
+                break;
+            }
+            let Some(mem) = AlignedBuf::zeroed(self.buf_size, SHARED_BUF_ALIGN) else {
+                t.release_buffers(bytes);
+                break;
+            };
+            self.free.push(mem);
+            self.total += 1;
         }
-        GroupStats::bump(&self.stats.bufs_allocated);
-        Some(mem)
+        self.stats
+            .bufs_allocated
+            .store(self.total as u64, Ordering::Relaxed);
     }
 
     /// Returns a buffer taken from this pool.
@@ -283,6 +292,24 @@ impl SharedBufs {
         if let Some(p) = self.waiters.iter().position(|&w| w == slot) {
             self.waiters.remove(p);
         }
+    }
+
+    /// Frees every buffer not in use and returns its reservation (called when the group has
+    /// no connection left: an idle reactor holds no data buffers).
+    pub fn trim(&mut self) {
+        let n = self.free.len();
+        if n == 0 {
+            return;
+        }
+        self.free.clear();
+        self.total -= n;
+        if let Some(t) = self.target.as_ref() {
+            t.release_buffers(n as u64 * self.buf_size as u64);
+        }
+        self.stats
+            .bufs_allocated
+            .store(self.total as u64, Ordering::Relaxed);
+        self.stats.bufs_free.store(0, Ordering::Relaxed);
     }
 
     /// Buffers allocated (free or in use).
@@ -438,6 +465,9 @@ impl Poller for PollGroup {
         if self.is_empty() {
             if !self.channels.is_empty() {
                 self.channels.close_unused();
+            }
+            if self.bufs.borrow().total() > 0 {
+                self.bufs.borrow_mut().trim();
             }
             return 0;
         }
