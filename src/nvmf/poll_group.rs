@@ -22,6 +22,10 @@
 //! reactor needs its namespace and closes at a sweep once no queue uses it and nothing is in
 //! flight on it (so a removed namespace is released once its I/O drained).
 //!
+//! And it owns the reactor's **data buffers** ([`SharedBufs`]): one pool shared by all its
+//! queues, grown on demand under the target's buffer budget (Connect allocates none), from
+//! which a request that finds it empty waits its turn instead of failing.
+//!
 //! Runs on its reactor only; control threads reach it by reactor message
 //! ([`crate::reactor::Reactor::poller_as`]). It exists so that what a reactor shares between
 //! its queue pairs (the epoll set, the counters) has one owner.

@@ -423,7 +423,7 @@ impl Connection {
     /// pre-Connect slot ([`Target::admit_socket`]); without one it is refused (and the reason
     /// logged, rate-limited). It trades the slot for a connection slot when its Connect
     /// succeeds. Request slots for the deepest queue allowed are allocated here; data buffers
-    /// at Connect.
+    /// come from the poll group's shared pool (outside a group: a pool allocated at Connect).
     pub fn new(
         stream: TcpStream,
         target: Arc<Target>,
@@ -998,7 +998,9 @@ impl Connection {
         cattr & crate::nvme::connect::CATTR_DISABLE_SQ_FLOW != 0
     }
 
-    /// Allocates the data pool and opens bdev channels after a successful Connect.
+    /// Sets the queue up after a successful Connect: in a poll group, data buffers come from
+    /// the group's shared pool (nothing allocated here); outside one, the queue's own pool is
+    /// reserved under the budget and allocated. Opens (or takes) the bdev channels.
     pub(super) fn setup_queue(&mut self, depth: usize, io_queue: bool) -> Result<(), Status> {
         let l = self.target.limits;
         let subsys = self.subsys.clone().ok_or(Status::INTERNAL_ERROR)?;
