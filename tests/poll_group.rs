@@ -496,7 +496,8 @@ fn queues_share_a_pool_smaller_than_their_depth() {
 /// Item 4: a request that finds the shared pool empty waits for a buffer, it does not fail.
 /// A 1 MiB budget with 1 MiB I/Os holds one buffer; while the bdev holds a first queue's Read
 /// (and so the only buffer), a second queue's Read and R2T Write wait (no completion, no
-/// error); once the bdev lets I/O complete, all three finish with the right data.
+/// error), and so does a third queue's third in-capsule Write once its two boot buffers are
+/// held too; once the bdev lets I/O complete, all of them finish with the right data.
 #[test]
 fn requests_wait_for_a_buffer_instead_of_failing() {
     let limits = Limits {
@@ -522,6 +523,8 @@ fn requests_wait_for_a_buffer_instead_of_failing() {
     let mut q1 = h.io_queue(&a, 1);
     let mut q2 = h.io_queue(&a, 2);
     q2.set_in_capsule_max(0);
+    let mut q3 = h.io_queue(&a, 3);
+    q3.set_in_capsule_max(8192);
     let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
     write_read_verify(&mut q2, 1, BS, 64, 16 << 10, 5);
     assert_eq!(
@@ -551,17 +554,35 @@ fn requests_wait_for_a_buffer_instead_of_failing() {
         .unwrap();
         get(&h.stats.buf_waits) >= waits + 2
     });
+    // In-capsule writes: two take the connection's boot buffers (held at the bdev), the third
+    // finds no buffer at all and its data waits in the socket.
+    let icd: Vec<Vec<u8>> = (0..3).map(|i| pattern(4096, 20 + i)).collect();
+    for (i, d) in icd.iter().enumerate() {
+        q3.write(1, 400 + 8 * i as u64, d, BS, 10 + i as u64)
+            .unwrap();
+    }
+    wait_until("q3's third in-capsule write waits for a buffer", || {
+        q3.poll(&mut |c| {
+            panic!(
+                "tag {} completed while the bdev holds: {:?}",
+                c.tag,
+                c.cqe.status()
+            )
+        })
+        .unwrap();
+        get(&h.stats.buf_waits) >= waits + 3
+    });
     hold.store(false, Ordering::Release);
     let expect = pattern(16 << 10, 5);
     let mut done = 0;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while done < 3 {
+    while done < 6 {
         assert!(Instant::now() < deadline, "requests never completed");
-        for q in [&mut q1, &mut q2] {
+        for q in [&mut q1, &mut q2, &mut q3] {
             done += q
                 .poll(&mut |c| {
                     assert_eq!(c.cqe.status(), Status::SUCCESS, "tag {}", c.tag);
-                    if c.tag != 3 {
+                    if c.tag == 1 || c.tag == 2 {
                         assert!(c.data == &expect[..], "tag {}: data mismatch", c.tag);
                     }
                 })
@@ -574,6 +595,17 @@ fn requests_wait_for_a_buffer_instead_of_failing() {
         q2.poll(&mut |c| back = c.data.to_vec()).unwrap();
     }
     assert!(back == w, "the waiting write's data");
+    for (i, d) in icd.iter().enumerate() {
+        let (s, _, back) = run(
+            &mut q3,
+            nvseal::nvmf::host::rw_sqe(io_op::READ, 1, 400 + 8 * i as u64, 8),
+            Dir::FromCtrl,
+            &[],
+            4096,
+        );
+        assert_eq!(s, Status::SUCCESS);
+        assert!(back == *d, "in-capsule write {i}: data mismatch");
+    }
     wait_until("the buffer is back", || get(&h.stats.bufs_free) == 1);
 }
 
