@@ -288,12 +288,16 @@ impl Server {
         let mut groups = Vec::with_capacity(set.len());
         let mut group_stats = Vec::with_capacity(set.len());
         let channel_depth = cfg.nvmf.reactor_channel_depth as usize;
+        // Each reactor's shared data-buffer pool grows up to its share of the budget.
+        let buf_share = (u64::from(cfg.nvmf.buffer_budget_mib) << 20) / set.len().max(1) as u64;
+        let max_io = cfg.nvmf.max_io_size;
         for i in 0..set.len() {
             let stats = Arc::new(GroupStats::default());
             let st = stats.clone();
             let id = set.call(i, move |r| -> Result<PollerId, String> {
-                let g = PollGroup::new(r.core(), channel_depth, st)
+                let mut g = PollGroup::new(r.core(), channel_depth, st)
                     .map_err(|e| format!("epoll: {e}"))?;
+                g.set_buffer_cap(buf_share, max_io);
                 Ok(r.add_poller(Box::new(g)))
             })?;
             groups.push(id.map_err(|what| ServerError::Target(format!("reactor {i}: {what}")))?);

@@ -393,45 +393,220 @@ fn queues_on_a_reactor_share_one_channel_per_namespace() {
     });
 }
 
-/// Item 4: the target-wide buffer budget refuses (Connect Controller Busy) a queue whose data
-/// buffers would go over it, allocates nothing for it, and frees the reservation on disconnect.
+/// A completion handler: queue index, tag, status, data.
+type OnDone<'a> = dyn FnMut(usize, u64, Status, &[u8]) + 'a;
+
+/// Item 4: the queues of a reactor share one data-buffer pool. Connect allocates no data
+/// buffers (nothing reserved under the budget, no pool buffer allocated); four I/O queues
+/// (32 deep × 128 KiB each) then share a pool capped by a 1 MiB budget (8 buffers) with many
+/// commands in flight on each: R2T writes, in-capsule writes and reads all complete with their
+/// data verified, requests that found the pool empty waited (none failed), and at the end
+/// every buffer is back and the reservation matches what the pool allocated.
 #[test]
-fn buffer_budget_refuses_a_queue_over_it() {
-    // Admin queue (32 × 128 KiB = 4 MiB) + one I/O queue (32 × 128 KiB) fit in 8 MiB; a second
-    // I/O queue does not.
+fn queues_share_a_pool_smaller_than_their_depth() {
     let limits = Limits {
-        buffer_budget_mib: 8,
+        buffer_budget_mib: 1,
         ..Limits::default()
     };
-    let logs = common::capture_logs();
+    let buf = u64::from(limits.max_io_size);
+    let cap = (1u64 << 20) / buf;
     let h = GroupHarness::start(limits, ram_bdevs());
     let a = h.admin();
-    let mut q1 = h.io_queue(&a, 1);
-    assert_eq!(h.target.buffer_bytes_reserved(), 8 << 20);
-    match HostQpair::connect(h.addr, NQN, 2, a.cntlid(), host_cfg(Digests::default())) {
-        Err(HostError::Status { status, .. }) => {
-            assert_eq!(status, Status::CONNECT_CONTROLLER_BUSY)
-        }
-        Err(e) => panic!("refused the wrong way: {e}"),
-        Ok(_) => panic!("a queue over the buffer budget was accepted"),
-    }
+    let mut qs: Vec<HostQpair> = (1..=4).map(|qid| h.io_queue(&a, qid)).collect();
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    assert_eq!(get(&h.stats.bufs_allocated), 0, "Connect allocated buffers");
     assert_eq!(
         h.target.buffer_bytes_reserved(),
-        8 << 20,
-        "nothing reserved for it"
+        0,
+        "Connect reserved buffers"
+    );
+    for q in &mut qs {
+        q.set_in_capsule_max(8192);
+    }
+    // Per queue (its own 512 KiB region of ram0): four 64 KiB writes (R2T), four 4 KiB
+    // writes (in capsule), all in flight at once, then all the reads back at once.
+    let region = 1024u64; // blocks of BS
+    let ops: Vec<(u64, usize)> = (0..4)
+        .map(|i| (i * 128, 64 << 10))
+        .chain((0..4).map(|i| (512 + i * 8, 4096)))
+        .collect();
+    let data = |qi: usize, k: usize, len: usize| pattern(len, (qi * 100 + k) as u32 + 1);
+    let drain = |qs: &mut Vec<HostQpair>, pending: &mut usize, on: &mut OnDone| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while *pending > 0 {
+            assert!(Instant::now() < deadline, "I/O did not complete");
+            for (qi, q) in qs.iter_mut().enumerate() {
+                let n = q
+                    .poll(&mut |c| on(qi, c.tag, c.cqe.status(), c.data))
+                    .unwrap();
+                *pending -= n;
+            }
+        }
+    };
+    let mut pending = 0;
+    for (qi, q) in qs.iter_mut().enumerate() {
+        for (k, &(lba, len)) in ops.iter().enumerate() {
+            let at = qi as u64 * region + lba;
+            q.write(1, at, &data(qi, k, len), BS, k as u64).unwrap();
+            pending += 1;
+        }
+    }
+    drain(&mut qs, &mut pending, &mut |qi, tag, st, _| {
+        assert_eq!(st, Status::SUCCESS, "queue {qi} write {tag}");
+    });
+    for (qi, q) in qs.iter_mut().enumerate() {
+        for (k, &(lba, len)) in ops.iter().enumerate() {
+            let at = qi as u64 * region + lba;
+            q.read(1, at, (len / BS as usize) as u32, BS, k as u64)
+                .unwrap();
+            pending += 1;
+        }
+    }
+    let mut checked = 0;
+    drain(&mut qs, &mut pending, &mut |qi, tag, st, got| {
+        assert_eq!(st, Status::SUCCESS, "queue {qi} read {tag}");
+        let len = ops[tag as usize].1;
+        assert!(
+            got == data(qi, tag as usize, len),
+            "queue {qi} read {tag}: data mismatch"
+        );
+        checked += 1;
+    });
+    assert_eq!(checked, 4 * ops.len());
+    let allocated = get(&h.stats.bufs_allocated);
+    assert!(
+        allocated >= 1 && allocated <= cap,
+        "pool of {allocated} buffers, cap {cap}"
     );
     assert!(
-        logs.text().contains("buffer_budget_mib"),
-        "the refusal says why in the log"
+        get(&h.stats.buf_waits) > 0,
+        "the pool never ran dry: the test did not exercise waiting"
     );
-    // The queue that fit works; once it is gone the next one fits.
-    write_read_verify(&mut q1, 1, BS, 0, 4096, 3);
-    drop(q1);
-    wait_until("reservation released", || {
-        h.target.buffer_bytes_reserved() == 4 << 20
+    wait_until("every buffer back in the pool", || {
+        get(&h.stats.bufs_free) == allocated
     });
+    assert_eq!(h.target.buffer_bytes_reserved(), allocated * buf);
+    // Buffers are reused, not allocated again, by new queues and new I/O.
+    drop(qs);
+    let mut q = h.io_queue(&a, 5);
+    write_read_verify(&mut q, 1, BS, 0, 64 << 10, 9);
+    assert_eq!(get(&h.stats.bufs_allocated), allocated);
+}
+
+/// Item 4: a request that finds the shared pool empty waits for a buffer, it does not fail.
+/// A 1 MiB budget with 1 MiB I/Os holds one buffer; while the bdev holds a first queue's Read
+/// (and so the only buffer), a second queue's Read and R2T Write wait (no completion, no
+/// error), and so does a third queue's third in-capsule Write once its two boot buffers are
+/// held too; once the bdev lets I/O complete, all of them finish with the right data.
+#[test]
+fn requests_wait_for_a_buffer_instead_of_failing() {
+    let limits = Limits {
+        buffer_budget_mib: 1,
+        max_io_size: 1 << 20,
+        ..Limits::default()
+    };
+    let hold = Arc::new(AtomicBool::new(false));
+    let mut bdevs: HashMap<String, Arc<dyn Bdev>> = HashMap::new();
+    bdevs.insert(
+        "ram0".into(),
+        Arc::new(RamBdev {
+            name: "ram0".into(),
+            block_size: BS,
+            data: Arc::new(Mutex::new(vec![0; BLOCKS as usize * BS as usize])),
+            busy_every: 0,
+            hold: hold.clone(),
+        }),
+    );
+    bdevs.insert("ram1".into(), ram_bdevs().remove("ram1").unwrap());
+    let h = GroupHarness::start(limits, bdevs);
+    let a = h.admin();
+    let mut q1 = h.io_queue(&a, 1);
     let mut q2 = h.io_queue(&a, 2);
-    write_read_verify(&mut q2, 1, BS, 8, 4096, 4);
+    q2.set_in_capsule_max(0);
+    let mut q3 = h.io_queue(&a, 3);
+    q3.set_in_capsule_max(8192);
+    let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+    write_read_verify(&mut q2, 1, BS, 64, 16 << 10, 5);
+    assert_eq!(
+        get(&h.stats.bufs_allocated),
+        1,
+        "a 1 MiB budget holds one 1 MiB buffer"
+    );
+    let waits = get(&h.stats.buf_waits);
+    hold.store(true, Ordering::Release);
+    q1.read(1, 64, 32, BS, 1).unwrap();
+    q1.poll(&mut |_| panic!("completed while the bdev holds it"))
+        .unwrap();
+    wait_until("q1's read holds the buffer", || {
+        get(&h.stats.bufs_free) == 0
+    });
+    q2.read(1, 64, 32, BS, 2).unwrap();
+    let w = pattern(16 << 10, 6);
+    q2.write(1, 200, &w, BS, 3).unwrap();
+    wait_until("q2's requests wait for a buffer", || {
+        q2.poll(&mut |c| {
+            panic!(
+                "tag {} completed without a buffer: {:?}",
+                c.tag,
+                c.cqe.status()
+            )
+        })
+        .unwrap();
+        get(&h.stats.buf_waits) >= waits + 2
+    });
+    // In-capsule writes: two take the connection's boot buffers (held at the bdev), the third
+    // finds no buffer at all and its data waits in the socket.
+    let icd: Vec<Vec<u8>> = (0..3).map(|i| pattern(4096, 20 + i)).collect();
+    for (i, d) in icd.iter().enumerate() {
+        q3.write(1, 400 + 8 * i as u64, d, BS, 10 + i as u64)
+            .unwrap();
+    }
+    wait_until("q3's third in-capsule write waits for a buffer", || {
+        q3.poll(&mut |c| {
+            panic!(
+                "tag {} completed while the bdev holds: {:?}",
+                c.tag,
+                c.cqe.status()
+            )
+        })
+        .unwrap();
+        get(&h.stats.buf_waits) >= waits + 3
+    });
+    hold.store(false, Ordering::Release);
+    let expect = pattern(16 << 10, 5);
+    let mut done = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while done < 6 {
+        assert!(Instant::now() < deadline, "requests never completed");
+        for q in [&mut q1, &mut q2, &mut q3] {
+            done += q
+                .poll(&mut |c| {
+                    assert_eq!(c.cqe.status(), Status::SUCCESS, "tag {}", c.tag);
+                    if c.tag == 1 || c.tag == 2 {
+                        assert!(c.data == &expect[..], "tag {}: data mismatch", c.tag);
+                    }
+                })
+                .unwrap();
+        }
+    }
+    let mut back = vec![];
+    q2.read(1, 200, 32, BS, 4).unwrap();
+    while back.is_empty() {
+        q2.poll(&mut |c| back = c.data.to_vec()).unwrap();
+    }
+    assert!(back == w, "the waiting write's data");
+    for (i, d) in icd.iter().enumerate() {
+        let (s, _, back) = run(
+            &mut q3,
+            nvseal::nvmf::host::rw_sqe(io_op::READ, 1, 400 + 8 * i as u64, 8),
+            Dir::FromCtrl,
+            &[],
+            4096,
+        );
+        assert_eq!(s, Status::SUCCESS);
+        assert!(back == *d, "in-capsule write {i}: data mismatch");
+    }
+    wait_until("the buffer is back", || get(&h.stats.bufs_free) == 1);
 }
 
 /// Item 4: hundreds of connect/disconnect cycles on the reactor while a queue does verified I/O
@@ -503,8 +678,12 @@ fn connect_disconnect_churn_while_io_runs() {
     report("I/O during 200 connect/disconnect cycles", lat);
 
     wait_until("churned connections gone", || h.group_len() == base_conns);
+    // The shared pool keeps what it allocated for reuse; nothing else stays reserved.
     wait_until("reservations back", || {
-        h.target.buffer_bytes_reserved() == base_bytes
+        h.target.buffer_bytes_reserved()
+            == base_bytes
+                + h.stats.bufs_allocated.load(Ordering::Relaxed)
+                    * u64::from(Limits::default().max_io_size)
     });
     wait_until("channels back", || {
         open_now.load(Ordering::Acquire) == base_channels

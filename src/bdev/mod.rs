@@ -108,6 +108,10 @@ impl IoBuf {
         let len = self.len;
         &mut self.mem.as_mut_slice()[..len]
     }
+    /// The allocation itself (for the pool it goes back to).
+    pub fn into_mem(self) -> AlignedBuf {
+        self.mem
+    }
     /// Raw pointer for the kernel (io_uring); valid while this `IoBuf` is alive and not moved out
     /// of its allocation (moving the `IoBuf` value does not move the memory).
     pub fn as_mut_ptr(&mut self) -> *mut u8 {

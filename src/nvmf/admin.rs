@@ -37,7 +37,7 @@ impl Connection {
             return Err(Status::SGL_TYPE_INVALID);
         }
         let len = data.len().min(sgl_desc.len as usize);
-        if !self.take_buf(idx, len) {
+        if !self.take_buf(idx, len, true) {
             return Err(Status::INVALID_FIELD);
         }
         if let Some(b) = self.reqs[idx].buf.as_mut() {

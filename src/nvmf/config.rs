@@ -234,10 +234,11 @@ pub struct Limits {
     /// an I/O beyond it parks and is retried when one completes. 1024 = 8 queues at the default
     /// depth, and the ring stays a few hundred KiB.
     pub reactor_channel_depth: u32,
-    /// Target-wide budget for queue data buffers, in MiB. A queue reserves its buffers (queue
-    /// depth × `max_io_size`) at Connect; a Connect that would go over the budget is refused
-    /// (Connect Controller Busy, logged), so the number of hosts and queues cannot take all the
-    /// memory. 4096 MiB = 256 queues at the default depth and I/O size.
+    /// Target-wide budget for data buffers, in MiB. The reactors' shared buffer pools grow up
+    /// to it (each up to its share) and requests wait for a buffer beyond it, so the number of
+    /// hosts and queues cannot take all the memory. A connection outside a poll group reserves
+    /// queue depth × `max_io_size` at Connect instead, refused over the budget (Connect
+    /// Controller Busy, logged).
     pub buffer_budget_mib: u32,
 }
 

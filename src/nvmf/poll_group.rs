@@ -22,20 +22,26 @@
 //! reactor needs its namespace and closes at a sweep once no queue uses it and nothing is in
 //! flight on it (so a removed namespace is released once its I/O drained).
 //!
+//! And it owns the reactor's **data buffers** ([`SharedBufs`]): one pool shared by all its
+//! queues, grown on demand under the target's buffer budget (Connect allocates none), from
+//! which a request that finds it empty waits its turn instead of failing.
+//!
 //! Runs on its reactor only; control threads reach it by reactor message
 //! ([`crate::reactor::Reactor::poller_as`]). It exists so that what a reactor shares between
 //! its queue pairs (the epoll set, the counters) has one owner.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::io;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::bdev::{BdevChannel, BdevError};
+use crate::bdev::{BdevChannel, BdevError, IoBuf};
 use crate::nvmf::conn::Connection;
-use crate::nvmf::target::Namespace;
+use crate::nvmf::target::{Namespace, Target};
 use crate::reactor::Poller;
+use crate::sys::buf::AlignedBuf;
 use crate::sys::clock;
 use crate::sys::epoll::Epoll;
 use crate::types::CoreId;
@@ -67,6 +73,13 @@ pub struct GroupStats {
     pub channels_open: AtomicU64,
     /// Shared bdev channels opened over the group's life.
     pub channels_opened: AtomicU64,
+    /// Data buffers the group's shared pool holds now (free or in use); freed when the group
+    /// has no connection left.
+    pub bufs_allocated: AtomicU64,
+    /// Data buffers free in the shared pool now.
+    pub bufs_free: AtomicU64,
+    /// Requests that found no data buffer and waited for one (parked).
+    pub buf_waits: AtomicU64,
 }
 
 impl GroupStats {
@@ -95,6 +108,9 @@ impl GroupStats {
             "sweeps": Self::get(&self.sweeps),
             "channels_open": Self::get(&self.channels_open),
             "channels_opened": Self::get(&self.channels_opened),
+            "bufs_allocated": Self::get(&self.bufs_allocated),
+            "bufs_free": Self::get(&self.bufs_free),
+            "buf_waits": Self::get(&self.buf_waits),
         })
     }
 }
@@ -164,6 +180,164 @@ impl ChannelSet {
     }
 }
 
+/// Buffers a shared pool allocates at once when it runs dry (fewer where its cap or the
+/// budget stop it): growth happens a few times per reactor, not once per new peak of load.
+pub const GROW_CHUNK: usize = 32;
+
+/// Alignment of the shared pool's buffers: a page suits every backend (O_DIRECT included).
+pub const SHARED_BUF_ALIGN: usize = 4096;
+
+/// The reactor's data buffers, shared by all its queues (see the module docs): `max_io_size`
+/// bytes each, allocated on first need (never at Connect) up to the group's cap and the
+/// target-wide `buffer_budget_mib` (each buffer is reserved with [`Target::reserve_buffers`]
+/// before it is allocated, and released when the pool is dropped), then reused by every queue.
+///
+/// A queue that finds no buffer parks the request and registers in the waiters list (FIFO, one
+/// entry per queue); while anyone waits, only the queue at its head may take a buffer, so a
+/// freed buffer goes to the queue that has waited longest and no queue starves. Reactor-local:
+/// no lock, no atomics but the counters.
+pub struct SharedBufs {
+    free: Vec<AlignedBuf>,
+    buf_size: usize,
+    total: usize,
+    cap: usize,
+    waiters: VecDeque<u32>,
+    target: Option<Arc<Target>>,
+    stats: Arc<GroupStats>,
+}
+
+/// A handle on a group's [`SharedBufs`] (connections hold one).
+pub type BufShare = Rc<RefCell<SharedBufs>>;
+
+impl SharedBufs {
+    /// An empty pool holding at most `cap` buffers.
+    pub fn new(cap: usize, stats: Arc<GroupStats>) -> Self {
+        SharedBufs {
+            free: Vec::new(),
+            buf_size: 0,
+            total: 0,
+            cap: cap.max(1),
+            waiters: VecDeque::new(),
+            target: None,
+            stats,
+        }
+    }
+
+    /// A buffer with `len` bytes in use for the queue in group slot `slot`, or `None`: the pool
+    /// is empty and may not grow, or other queues wait for buffers and `slot` is not the first
+    /// of them (the caller then parks the request and calls [`SharedBufs::wait`]).
+    pub fn get(&mut self, slot: u32, len: usize, target: &Arc<Target>) -> Option<IoBuf> {
+        if self.waiters.front().is_some_and(|&w| w != slot) {
+            return None;
+        }
+        if self.target.is_none() {
+            self.buf_size = target.limits.max_io_size as usize;
+            self.target = Some(target.clone());
+        }
+        if len > self.buf_size {
+            return None;
+        }
+        if self.free.is_empty() {
+            self.grow();
+        }
+        let mem = self.free.pop()?;
+        self.stats
+            .bufs_free
+            .store(self.free.len() as u64, Ordering::Relaxed);
+        Some(IoBuf::new(mem, len))
+    }
+
+    /// Allocates up to [`GROW_CHUNK`] more buffers into the free list, as far as the cap and
+    /// the target's budget allow (a buffer once allocated stays in the pool until the group
+    /// empties, so growth stops once the pool fits the reactor's load: the steady state
+    /// allocates nothing).
+    fn grow(&mut self) {
+        let Some(t) = self.target.as_ref() else {
+            return;
+        };
+        let bytes = self.buf_size as u64;
+        let want = GROW_CHUNK.min(self.cap.saturating_sub(self.total));
+        // The free list can hold every buffer: `put` never allocates.
+        self.free.reserve(self.total + want - self.free.len());
+        for _ in 0..want {
+            if !t.reserve_buffers(bytes) {
+                break;
+            }
+            let Some(mem) = AlignedBuf::zeroed(self.buf_size, SHARED_BUF_ALIGN) else {
+                t.release_buffers(bytes);
+                break;
+            };
+            self.free.push(mem);
+            self.total += 1;
+        }
+        self.stats
+            .bufs_allocated
+            .store(self.total as u64, Ordering::Relaxed);
+    }
+
+    /// Returns a buffer taken from this pool.
+    pub fn put(&mut self, buf: IoBuf) {
+        debug_assert!(self.free.len() < self.total, "shared pool over-filled");
+        self.free.push(buf.into_mem());
+        self.stats
+            .bufs_free
+            .store(self.free.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Queue `slot` has a request waiting for a buffer: it joins the waiters (once).
+    pub fn wait(&mut self, slot: u32) {
+        if !self.waiters.contains(&slot) {
+            self.waiters.push_back(slot);
+        }
+    }
+
+    /// Queue `slot` waits for nothing any more (or is gone): it leaves the waiters.
+    pub fn leave(&mut self, slot: u32) {
+        if let Some(p) = self.waiters.iter().position(|&w| w == slot) {
+            self.waiters.remove(p);
+        }
+    }
+
+    /// Frees every buffer not in use and returns its reservation (called when the group has
+    /// no connection left: an idle reactor holds no data buffers).
+    pub fn trim(&mut self) {
+        let n = self.free.len();
+        if n == 0 {
+            return;
+        }
+        self.free.clear();
+        self.total -= n;
+        if let Some(t) = self.target.as_ref() {
+            t.release_buffers(n as u64 * self.buf_size as u64);
+        }
+        self.stats
+            .bufs_allocated
+            .store(self.total as u64, Ordering::Relaxed);
+        self.stats.bufs_free.store(0, Ordering::Relaxed);
+    }
+
+    /// Buffers allocated (free or in use).
+    pub fn total(&self) -> usize {
+        self.total
+    }
+    /// Buffers free now.
+    pub fn available(&self) -> usize {
+        self.free.len()
+    }
+    /// Queues waiting for a buffer.
+    pub fn waiting(&self) -> usize {
+        self.waiters.len()
+    }
+}
+
+impl Drop for SharedBufs {
+    fn drop(&mut self) {
+        if let Some(t) = self.target.take() {
+            t.release_buffers(self.total as u64 * self.buf_size as u64);
+        }
+    }
+}
+
 /// The connections of one reactor (see the module docs).
 pub struct PollGroup {
     epoll: Epoll,
@@ -179,6 +353,7 @@ pub struct PollGroup {
     next_active: Vec<usize>,
     stats: Arc<GroupStats>,
     channels: Rc<ChannelSet>,
+    bufs: BufShare,
     next_sweep: u64,
     sweep_ticks: u64,
     /// An epoll failure was logged (once: it is not expected to recover or to be transient).
@@ -201,6 +376,7 @@ impl PollGroup {
             listed: Vec::new(),
             next_active: Vec::new(),
             channels: Rc::new(ChannelSet::new(core, channel_depth, stats.clone())),
+            bufs: Rc::new(RefCell::new(SharedBufs::new(usize::MAX, stats.clone()))),
             stats,
             next_sweep: 0,
             sweep_ticks: clock::ns_to_ticks(SWEEP_INTERVAL_NS).max(1),
@@ -229,7 +405,12 @@ impl PollGroup {
             drop(conn);
             return Err(e);
         }
-        conn.join_group(self.stats.clone(), slot as u32, self.channels.clone());
+        conn.join_group(
+            self.stats.clone(),
+            slot as u32,
+            self.channels.clone(),
+            self.bufs.clone(),
+        );
         self.conns[slot] = Some(conn);
         if !self.listed[slot] {
             self.listed[slot] = true;
@@ -254,6 +435,17 @@ impl PollGroup {
     pub fn channels_open(&self) -> usize {
         self.channels.len()
     }
+    /// Caps the shared data-buffer pool at `max_bytes` (at least one buffer): the reactor's
+    /// share of `buffer_budget_mib`, so no reactor can be left without buffers by the others.
+    /// Call before the first connection; the default is the target-wide budget alone.
+    pub fn set_buffer_cap(&mut self, max_bytes: u64, buf_size: u32) {
+        let n = (max_bytes / u64::from(buf_size.max(1))).max(1);
+        self.bufs.borrow_mut().cap = usize::try_from(n).unwrap_or(usize::MAX);
+    }
+    /// The shared data-buffer pool (tests, stats).
+    pub fn buffers(&self) -> &BufShare {
+        &self.bufs
+    }
 
     fn remove(&mut self, slot: usize) {
         if let Some(c) = self.conns[slot].take() {
@@ -277,6 +469,9 @@ impl Poller for PollGroup {
         if self.is_empty() {
             if !self.channels.is_empty() {
                 self.channels.close_unused();
+            }
+            if self.bufs.borrow().total() > 0 {
+                self.bufs.borrow_mut().trim();
             }
             return 0;
         }

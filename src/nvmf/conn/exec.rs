@@ -235,7 +235,12 @@ impl Connection {
         match sqe.opcode {
             io_op::READ => {
                 let (ns_idx, lba, nlb, bytes) = self.check_rw(&sqe)?;
-                if !self.take_buf(idx, bytes as usize) {
+                if !self.take_buf(idx, bytes as usize, false) {
+                    if self.shared_bufs {
+                        // Waits for a buffer of the reactor's shared pool (retried in `poll`).
+                        self.park_for_buf(idx);
+                        return Ok(());
+                    }
                     return Err(Status::INTERNAL_ERROR);
                 }
                 self.set_io(idx, ns_idx, IoType::Read, lba, nlb);

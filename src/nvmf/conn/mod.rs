@@ -41,7 +41,7 @@ use crate::nvme::{Cqe, Sqe, Status};
 use crate::nvmf::pdu::{
     self, CommonHeader, Digests, Fes, Layout, PduError, TermReq, DIGEST_LEN, MAX_HEADER_REGION,
 };
-use crate::nvmf::poll_group::{ChannelSet, GroupStats, SharedChannel};
+use crate::nvmf::poll_group::{BufShare, ChannelSet, GroupStats, SharedChannel, SHARED_BUF_ALIGN};
 use crate::nvmf::target::{
     ConnPhase, Controller, Namespace, PortId, QueueStats, SlotRefusal, Subsystem, Target,
 };
@@ -130,14 +130,25 @@ impl ReqState {
     }
 }
 
+/// Where a request's data buffer came from (and goes back to).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BufSrc {
+    /// The connection's boot pool: before Connect, admin data, and the in-capsule reserve.
+    Boot,
+    /// The queue's own pool (a connection outside any poll group).
+    Own,
+    /// The poll group's shared pool.
+    Shared,
+}
+
 /// One request slot.
 pub(super) struct Request {
     pub(super) state: ReqState,
     pub(super) sqe: Sqe,
     /// Data buffer (host data for writes, outgoing data for reads/admin).
     pub(super) buf: Option<IoBuf>,
-    /// The buffer came from the pre-Connect boot pool.
-    boot_buf: bool,
+    /// Which pool the buffer came from.
+    buf_src: BufSrc,
     /// Host-to-controller bytes this command transfers (in capsule or by R2T).
     xfer_len: u32,
     /// H2CData bytes received so far.
@@ -180,7 +191,7 @@ impl Request {
             state: ReqState::Free,
             sqe: Sqe::default(),
             buf: None,
-            boot_buf: false,
+            buf_src: BufSrc::Boot,
             xfer_len: 0,
             h2c_done: 0,
             c2h: false,
@@ -337,6 +348,20 @@ pub struct Connection {
     state_counts: [u32; N_STATES],
     boot_pool: BufPool,
     pub(super) pool: Option<BufPool>,
+    /// The poll group's shared data buffers, once in a group.
+    group_bufs: Option<BufShare>,
+    /// This queue takes its data buffers from `group_bufs` (set at Connect in a group).
+    pub(super) shared_bufs: bool,
+    /// Requests waiting for a shared buffer (Reads and R2T writes, in arrival order); each is
+    /// in `RecvCapsuleData` and goes through `command_ready` again when retried.
+    buf_wait: VecDeque<usize>,
+    /// A command capsule whose in-capsule data found no buffer: the request, and its data
+    /// length. Nothing more is read from the socket until it gets one.
+    icd_wait: Option<(usize, usize)>,
+    /// Set while `retry_bufs` runs: takes may go ahead of `buf_wait`, a failed one parks at
+    /// the front again.
+    buf_retrying: bool,
+    buf_retry_failed: bool,
     /// Bdev channel per namespace slot (index = nsid - 1), I/O queues only.
     pub(super) channels: Vec<Option<Chan>>,
     /// The poll group's shared channels, once in a group (else each queue opens its own).
@@ -398,7 +423,7 @@ impl Connection {
     /// pre-Connect slot ([`Target::admit_socket`]); without one it is refused (and the reason
     /// logged, rate-limited). It trades the slot for a connection slot when its Connect
     /// succeeds. Request slots for the deepest queue allowed are allocated here; data buffers
-    /// at Connect.
+    /// come from the poll group's shared pool (outside a group: a pool allocated at Connect).
     pub fn new(
         stream: TcpStream,
         target: Arc<Target>,
@@ -423,7 +448,11 @@ impl Connection {
         let prep = || -> Result<BufPool, ConnError> {
             stream.set_nonblocking(true)?;
             stream.set_nodelay(true)?;
-            BufPool::new(BOOT_BUFS, BOOT_BUF_SIZE, 64).map_err(|_| ConnError::NoMemory)
+            // Boot buffers also hold an I/O queue's in-capsule data when the shared pool has
+            // none (so in-capsule writes never wait behind R2T writes for a buffer): they fit
+            // the in-capsule data size too.
+            let size = BOOT_BUF_SIZE.max(target.limits.in_capsule_data_size as usize);
+            BufPool::new(BOOT_BUFS, size, 64).map_err(|_| ConnError::NoMemory)
         };
         let boot_pool = match prep() {
             Ok(p) => p,
@@ -479,6 +508,8 @@ impl Connection {
             state_counts: [0; N_STATES],
             boot_pool,
             pool: None,
+            group_bufs: None,
+            shared_bufs: false,
             channels: Vec::new(),
             group_channels: None,
             group_slot: 0,
@@ -490,6 +521,10 @@ impl Connection {
             retired: Vec::new(),
             exec_queue: VecDeque::with_capacity(slots),
             icd_deferred: Vec::with_capacity(slots),
+            buf_wait: VecDeque::with_capacity(slots),
+            icd_wait: None,
+            buf_retrying: false,
+            buf_retry_failed: false,
             tx_queue: VecDeque::with_capacity(slots * 2),
             ctl_buf: [0; 24 + pdu::TERM_MAX_DATA],
             ctl_len: 0,
@@ -525,8 +560,15 @@ impl Connection {
     /// finds it empty, receive counters go to the group's `stats`, and I/O goes through the
     /// group's shared `channels`, whose completions the group hands to [`Connection::io_done`].
     /// The first receive step still reads, for bytes that arrived before.
-    pub fn join_group(&mut self, stats: Arc<GroupStats>, slot: u32, channels: Rc<ChannelSet>) {
+    pub fn join_group(
+        &mut self,
+        stats: Arc<GroupStats>,
+        slot: u32,
+        channels: Rc<ChannelSet>,
+        bufs: BufShare,
+    ) {
         self.in_group = true;
+        self.group_bufs = Some(bufs);
         self.rx_ready = true;
         self.rx_stats = stats;
         self.group_slot = slot;
@@ -612,6 +654,7 @@ impl Connection {
             return work;
         }
         work += self.retry_exec();
+        work += self.retry_bufs();
         if self.rx_ready && matches!(self.phase, Phase::AwaitIcReq | Phase::Ready) {
             work += self.poll_recv();
         }
@@ -712,25 +755,104 @@ impl Connection {
     pub(super) fn put_buf(&mut self, idx: usize) {
         let r = &mut self.reqs[idx];
         if let Some(b) = r.buf.take() {
-            if r.boot_buf {
-                self.boot_pool.put(b);
-            } else if let Some(p) = self.pool.as_mut() {
-                p.put(b);
+            match r.buf_src {
+                BufSrc::Boot => self.boot_pool.put(b),
+                BufSrc::Own => {
+                    if let Some(p) = self.pool.as_mut() {
+                        p.put(b);
+                    }
+                }
+                BufSrc::Shared => {
+                    if let Some(p) = self.group_bufs.as_ref() {
+                        p.borrow_mut().put(b);
+                    }
+                }
             }
         }
     }
 
-    /// Gives request `idx` a buffer of `len` bytes from the current pool.
-    pub(super) fn take_buf(&mut self, idx: usize, len: usize) -> bool {
+    /// Gives request `idx` a buffer of `len` bytes from the current pool. With the poll
+    /// group's shared pool, `reserve` lets it fall back to the boot pool (in-capsule data and
+    /// admin data, which never wait for the host to send more); false means the caller parks
+    /// the request ([`Connection::park_for_buf`]) or, outside a group, fails it.
+    pub(super) fn take_buf(&mut self, idx: usize, len: usize, reserve: bool) -> bool {
         self.put_buf(idx);
-        let (b, boot) = match self.pool.as_mut() {
-            Some(p) => (p.get(len), false),
-            None => (self.boot_pool.get(len), true),
+        let (b, src) = if self.shared_bufs {
+            // Requests already waiting on this queue go first.
+            let b = if self.buf_wait.is_empty() || self.buf_retrying {
+                self.group_bufs
+                    .as_ref()
+                    .and_then(|p| p.borrow_mut().get(self.group_slot, len, &self.target))
+            } else {
+                None
+            };
+            match b {
+                Some(b) => (Some(b), BufSrc::Shared),
+                None if reserve => (self.boot_pool.get(len), BufSrc::Boot),
+                None => (None, BufSrc::Shared),
+            }
+        } else {
+            match self.pool.as_mut() {
+                Some(p) => (p.get(len), BufSrc::Own),
+                None => (self.boot_pool.get(len), BufSrc::Boot),
+            }
         };
         let r = &mut self.reqs[idx];
-        r.boot_buf = boot;
+        r.buf_src = src;
         r.buf = b;
         r.buf.is_some()
+    }
+
+    /// Request `idx` (in `RecvCapsuleData`) found no shared buffer: it waits in `buf_wait`
+    /// (at the front again when a retry failed, so the order holds) and the queue joins the
+    /// pool's waiters.
+    pub(super) fn park_for_buf(&mut self, idx: usize) {
+        if self.buf_retrying {
+            self.buf_wait.push_front(idx);
+            self.buf_retry_failed = true;
+        } else {
+            self.buf_wait.push_back(idx);
+            GroupStats::bump(&self.rx_stats.buf_waits);
+        }
+        if let Some(p) = self.group_bufs.as_ref() {
+            p.borrow_mut().wait(self.group_slot);
+        }
+    }
+
+    /// Retries the requests waiting for a buffer, oldest first, until one finds none.
+    fn retry_bufs(&mut self) -> usize {
+        if self.buf_wait.is_empty() && self.icd_wait.is_none() {
+            return 0;
+        }
+        let mut work = 0;
+        self.buf_retrying = true;
+        if let Some((idx, len)) = self.icd_wait {
+            if self.take_buf(idx, len, true) {
+                self.icd_wait = None;
+                self.start_capsule_data(idx, len);
+                work += 1;
+            }
+        }
+        self.buf_retry_failed = false;
+        while let Some(idx) = self.buf_wait.pop_front() {
+            self.command_ready(idx);
+            if self.buf_retry_failed {
+                break;
+            }
+            work += 1;
+        }
+        self.buf_retrying = false;
+        self.leave_buf_waiters();
+        work
+    }
+
+    /// Leaves the shared pool's waiters once nothing of this queue waits for a buffer.
+    fn leave_buf_waiters(&mut self) {
+        if self.buf_wait.is_empty() && self.icd_wait.is_none() {
+            if let Some(p) = self.group_bufs.as_ref() {
+                p.borrow_mut().leave(self.group_slot);
+            }
+        }
     }
 
     fn release(&mut self, idx: usize) {
@@ -789,6 +911,9 @@ impl Connection {
         self.tx_queue.clear();
         self.exec_queue.clear();
         self.aers.clear();
+        self.buf_wait.clear();
+        self.icd_wait = None;
+        self.leave_buf_waiters();
         for i in 0..self.reqs.len() {
             let s = self.reqs[i].state;
             if s != ReqState::Free && s != ReqState::Executing {
@@ -873,7 +998,9 @@ impl Connection {
         cattr & crate::nvme::connect::CATTR_DISABLE_SQ_FLOW != 0
     }
 
-    /// Allocates the data pool and opens bdev channels after a successful Connect.
+    /// Sets the queue up after a successful Connect: in a poll group, data buffers come from
+    /// the group's shared pool (nothing allocated here); outside one, the queue's own pool is
+    /// reserved under the budget and allocated. Opens (or takes) the bdev channels.
     pub(super) fn setup_queue(&mut self, depth: usize, io_queue: bool) -> Result<(), Status> {
         let l = self.target.limits;
         let subsys = self.subsys.clone().ok_or(Status::INTERNAL_ERROR)?;
@@ -886,6 +1013,19 @@ impl Connection {
             .max()
             .unwrap_or(POOL_ALIGN)
             .max(POOL_ALIGN);
+        if self.group_bufs.is_some() && align <= SHARED_BUF_ALIGN {
+            // In a poll group: data buffers come from the reactor's shared pool, allocated
+            // when needed (under the same budget) and reused by every queue; Connect
+            // allocates nothing.
+            self.pool_align = SHARED_BUF_ALIGN;
+            self.shared_bufs = true;
+            self.depth = depth;
+            self.sqhd = 0;
+            if io_queue {
+                self.sync_namespaces();
+            }
+            return Ok(());
+        }
         self.pool_align = align;
         // The target-wide budget first: refused, nothing is allocated.
         let bytes = depth as u64 * u64::from(l.max_io_size);

@@ -38,6 +38,10 @@ impl Connection {
     fn recv_step(&mut self) -> usize {
         let mut work = 0;
         for _ in 0..RX_BUDGET {
+            if self.icd_wait.is_some() {
+                // In-capsule data waits for a buffer: read nothing more until it has one.
+                return work;
+            }
             if self.rx_pos < self.rx_len {
                 if let Err(f) = self.consume() {
                     self.fatal(f);
@@ -386,23 +390,39 @@ impl Connection {
                 return Err(Fatal::term(Fes::DataLimitExceeded, pdu::OFF_PLEN));
             }
             self.transition(idx, ReqState::RecvCapsuleData);
-            if !self.take_buf(idx, data_len) {
-                return Err(Fatal { fes: None });
+            if !self.take_buf(idx, data_len, true) {
+                if !self.shared_bufs {
+                    return Err(Fatal { fes: None });
+                }
+                // No buffer in the shared pool nor in the boot reserve (in-capsule data in
+                // flight fills both): the data stays in the socket until one comes back.
+                self.reqs[idx].xfer_len = data_len as u32;
+                self.icd_wait = Some((idx, data_len));
+                GroupStats::bump(&self.rx_stats.buf_waits);
+                if let Some(p) = self.group_bufs.as_ref() {
+                    p.borrow_mut().wait(self.group_slot);
+                }
+                return Ok(());
             }
-            self.reqs[idx].xfer_len = data_len as u32;
-            self.rx = Rx::Data {
-                idx,
-                kind: DataKind::Capsule,
-                off: 0,
-                left: data_len,
-                start: 0,
-            };
-            self.rx_crc = 0;
+            self.start_capsule_data(idx, data_len);
         } else {
             self.transition(idx, ReqState::RecvCapsuleData);
             self.command_ready(idx);
         }
         Ok(())
+    }
+
+    /// Request `idx` has its buffer: receive its `len` bytes of in-capsule data next.
+    pub(super) fn start_capsule_data(&mut self, idx: usize, len: usize) {
+        self.reqs[idx].xfer_len = len as u32;
+        self.rx = Rx::Data {
+            idx,
+            kind: DataKind::Capsule,
+            off: 0,
+            left: len,
+            start: 0,
+        };
+        self.rx_crc = 0;
     }
 
     fn on_h2c_data(&mut self, d: &DataHdr) -> Result<(), Fatal> {
@@ -461,7 +481,7 @@ impl Connection {
 
     /// The capsule (with any in-capsule data) is in: check the SGL, solicit data by R2T if the
     /// command has more, else run it.
-    fn command_ready(&mut self, idx: usize) {
+    pub(super) fn command_ready(&mut self, idx: usize) {
         let sqe = self.reqs[idx].sqe;
         let has_icd = self.reqs[idx].buf.is_some();
         if has_icd {
@@ -495,7 +515,7 @@ impl Connection {
                 return self.complete(idx, s);
             }
         }
-        let max = if self.pool.is_some() {
+        let max = if self.pool.is_some() || self.shared_bufs {
             self.target.limits.max_io_size
         } else {
             BOOT_BUF_SIZE as u32
@@ -503,7 +523,11 @@ impl Connection {
         if sqe.sgl.len > max {
             return self.complete(idx, Status::INVALID_FIELD);
         }
-        if !self.take_buf(idx, sqe.sgl.len as usize) {
+        if !self.take_buf(idx, sqe.sgl.len as usize, false) {
+            if self.shared_bufs {
+                // Waits for a buffer of the reactor's shared pool (retried in `poll`).
+                return self.park_for_buf(idx);
+            }
             return self.complete(idx, Status::INTERNAL_ERROR);
         }
         let dg = self.dg;
