@@ -1,7 +1,9 @@
 //! A driver for the whole target [`Connection`] state machine, for the `connection` fuzz
 //! target (fuzz/fuzz_targets/connection.rs) and its bounded run in the test suite
 //! (tests/connection_fuzz.rs). Not part of nvseal's API: hidden from the docs, stable only as
-//! far as those two need it.
+//! far as those two need it. It stays whole (1.5k lines): the script decoder, the session
+//! driver and the invariant checks share one model of a session (lanes, expected R2Ts,
+//! controller ids), which splitting would spread over files.
 //!
 //! One input is a script of operations ([`Op`], decoded from raw bytes by [`Op::decode`], so
 //! any byte string is a valid script). Each session builds a fresh [`Target`] (one subsystem,
