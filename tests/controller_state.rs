@@ -38,31 +38,6 @@ fn raw_admin(addr: SocketAddr) -> (TcpStream, u16) {
     }
 }
 
-/// Sends an I/O queue Connect for `qid` to controller `cntlid` on a fresh socket; its status
-/// and the socket.
-fn raw_io_connect(addr: SocketAddr, cntlid: u16, qid: u16) -> (Status, TcpStream) {
-    let mut s = raw_connect(addr, Digests::default());
-    let mut sqe = connect::ConnectCmd {
-        recfmt: 0,
-        qid,
-        sqsize: 15,
-        cattr: 0,
-        kato_ms: 0,
-    }
-    .to_sqe(1);
-    sqe.sgl = nvme::SglDesc::in_capsule(0, 1024);
-    raw_capsule(
-        &mut s,
-        &sqe,
-        &connect_data(NQN, HOST, cntlid),
-        Digests::default(),
-    );
-    match raw_read_pdu(&mut s, Digests::default()) {
-        Some((PduHeader::CapsuleResp(c), _)) => (c.status(), s),
-        other => panic!("expected a CapsuleResp to Connect, got {other:?}"),
-    }
-}
-
 /// Sends a command without data and returns its completion (the next PDU must be it).
 fn raw_cmd(s: &mut TcpStream, sqe: &Sqe) -> nvme::Cqe {
     raw_capsule(s, sqe, &[], Digests::default());

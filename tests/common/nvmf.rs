@@ -406,8 +406,9 @@ pub fn connect_data(subnqn: &str, hostnqn: &str, cntlid: u16) -> Vec<u8> {
     d
 }
 
-/// A raw I/O queue connected to controller `cntlid`.
-pub fn raw_io_queue(addr: SocketAddr, cntlid: u16, qid: u16) -> TcpStream {
+/// Sends an I/O queue Connect for `qid` to controller `cntlid` on a fresh socket; its status
+/// and the socket.
+pub fn raw_io_connect(addr: SocketAddr, cntlid: u16, qid: u16) -> (Status, TcpStream) {
     let mut s = raw_connect(addr, Digests::default());
     let mut sqe = connect::ConnectCmd {
         recfmt: 0,
@@ -425,9 +426,15 @@ pub fn raw_io_queue(addr: SocketAddr, cntlid: u16, qid: u16) -> TcpStream {
         Digests::default(),
     );
     match raw_read_pdu(&mut s, Digests::default()) {
-        Some((PduHeader::CapsuleResp(c), _)) => assert_eq!(c.status(), Status::SUCCESS),
-        other => panic!("unexpected {other:?}"),
+        Some((PduHeader::CapsuleResp(c), _)) => (c.status(), s),
+        other => panic!("expected a CapsuleResp to Connect, got {other:?}"),
     }
+}
+
+/// A raw I/O queue connected to controller `cntlid`.
+pub fn raw_io_queue(addr: SocketAddr, cntlid: u16, qid: u16) -> TcpStream {
+    let (status, s) = raw_io_connect(addr, cntlid, qid);
+    assert_eq!(status, Status::SUCCESS);
     s
 }
 
