@@ -445,3 +445,24 @@ fn a_conversion_racing_a_verifying_host_loses_nothing() {
         );
     }
 }
+
+#[test]
+fn debug_output_of_a_keying_never_carries_key_material() {
+    let r = rig(8);
+    let ctl = r.crypto.key_control().clone();
+    ctl.begin_split(Some(dk(2)), Some(dk(1)), 3, 2);
+    let text = format!("{:?} {:?}", ctl, ctl.keying());
+    assert!(text.contains("redacted"), "{text}");
+    for seed in [1u8, 2] {
+        let k = key(seed);
+        let bytes = k.expose_secret();
+        // Neither the key as hex nor any 8-byte window of it as a decimal list.
+        let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert!(!text.contains(&hex[..16]), "key hex in {text}");
+        let dec = format!("{:?}", &bytes[..8]);
+        assert!(
+            !text.contains(&dec[1..dec.len() - 1]),
+            "key bytes in {text}"
+        );
+    }
+}
