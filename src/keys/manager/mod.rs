@@ -52,6 +52,7 @@ use super::local::{CreateMode, LocalKeyProvider};
 use super::provider::{KekId, KeyProvider, ProviderError, ProviderKind};
 use super::store::{HeaderIo, Stored};
 use crate::bdev::Bdev;
+use crate::crypto::bdev::CryptoBdev;
 use crate::crypto::xts::Tier;
 use crate::kms::{KmsCluster, ServerStatus};
 
@@ -403,7 +404,8 @@ struct NsEntry {
     header_warning: Option<String>,
     last_error: Option<String>,
     retry_at: Option<Instant>,
-    bdev: Option<Arc<dyn Bdev>>,
+    /// The crypto bdev once online (its key control runs deep rekeys and crypto erases).
+    crypto: Option<Arc<CryptoBdev>>,
     /// Dropping it stops the unlock thread's back-off wait.
     stop: Option<Sender<()>>,
 }
@@ -603,7 +605,7 @@ impl KeyManager {
                     header_warning: None,
                     last_error: None,
                     retry_at: None,
-                    bdev: None,
+                    crypto: None,
                     stop: Some(stop_tx),
                 },
             );
@@ -686,7 +688,8 @@ impl KeyManager {
     pub fn bdev(&self, ns_id: &str) -> Option<Arc<dyn Bdev>> {
         lock(&self.inner.namespaces)
             .get(ns_id)
-            .and_then(|e| e.bdev.clone())
+            .and_then(|e| e.crypto.clone())
+            .map(|c| c as Arc<dyn Bdev>)
     }
 
     /// Waits until `pred` holds for the namespace's state, or `timeout` passes; returns its

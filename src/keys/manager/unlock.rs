@@ -51,10 +51,10 @@ impl Inner {
                     // Hand the bdev over first, so that "online" in states() never shows a
                     // namespace the target has not been given yet.
                     if let Some(cb) = &self.on_online {
-                        cb(ns_id, bdev.clone());
+                        cb(ns_id, bdev.clone() as Arc<dyn Bdev>);
                     }
                     self.set_state(ns_id, NamespaceKeyState::Online, |e| {
-                        e.bdev = Some(bdev);
+                        e.crypto = Some(bdev);
                         e.last_error = None;
                     });
                     return;
@@ -91,7 +91,7 @@ impl Inner {
     }
 
     /// One unlock attempt: read the header (format it if blank and asked), open, build bdevs.
-    fn try_unlock(&self, ns_id: &str) -> Result<Arc<dyn Bdev>, Fail> {
+    fn try_unlock(&self, ns_id: &str) -> Result<Arc<CryptoBdev>, Fail> {
         let (io, backing, provider, kek_name, create, who) = {
             let table = lock(&self.namespaces);
             let e = table
@@ -196,7 +196,7 @@ impl Inner {
         ns_id: &str,
         backing: Arc<dyn Bdev>,
         opened: Opened,
-    ) -> Result<Arc<dyn Bdev>, Fail> {
+    ) -> Result<Arc<CryptoBdev>, Fail> {
         let (header, dek) = opened.into_parts();
         let bs = u64::from(backing.block_size());
         if u64::from(header.data_unit.bytes()) != bs {
