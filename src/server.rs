@@ -40,6 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 mod namespaces;
+mod rekey_rpc;
 use namespaces::register_encrypted;
 
 /// File descriptors `nvseal serve` keeps open beyond sockets and bdevs: stdio, the control
@@ -556,6 +557,7 @@ impl Server {
         // Key operations exist only where there are keys to manage (and then an audit log is
         // required by the config check).
         if let Some(km) = k4 {
+            b = rekey_rpc::register(b, km.clone());
             b = b.method("rekey.shallow", Role::Crypto, move |ctx, p| {
                 #[derive(Deserialize)]
                 #[serde(deny_unknown_fields)]

@@ -63,6 +63,11 @@ impl DataKey {
     pub fn xts(&self) -> &Xts {
         &self.xts
     }
+    /// The shared engine (tests: to watch when the last holder lets go of it).
+    #[cfg(test)]
+    pub(crate) fn xts_arc(&self) -> Arc<Xts> {
+        self.xts.clone()
+    }
 }
 
 impl std::fmt::Debug for DataKey {
@@ -463,6 +468,7 @@ impl BdevChannel for CryptoChannel {
 
     fn poll(&mut self, done: &mut dyn FnMut(BdevIo)) -> usize {
         let mut n = 0;
+        self.keys.refresh();
         if self.pending.iter().any(|w| !w.sealed) {
             self.seal_staged();
         }

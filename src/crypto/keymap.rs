@@ -280,10 +280,7 @@ impl ChannelKeys {
         // SeqCst store: a full fence on x86 (xchg), ordering it before the loads below.
         self.gate.inflight[p].store(self.counts[p], Ordering::SeqCst);
         fence(Ordering::SeqCst);
-        if self.ctl.version.load(Ordering::SeqCst) != self.version {
-            self.version = self.ctl.version.load(Ordering::SeqCst);
-            self.keying = self.ctl.keying();
-        }
+        self.refresh();
         if let Keying::Split(s) = &self.keying {
             if let Some((h0, h1)) = s.hot_range() {
                 if lba < h1 && lba.saturating_add(blocks) > h0 {
@@ -293,6 +290,18 @@ impl ChannelKeys {
             }
         }
         Entry::Go(p as u8)
+    }
+
+    /// Takes the control side's keying if it changed. Called at every submit, and at every poll
+    /// so an idle channel lets go of a replaced key (a finished deep rekey's or a crypto
+    /// erase's old key is wiped once its last holder drops it).
+    #[inline]
+    pub(crate) fn refresh(&mut self) {
+        let v = self.ctl.version.load(Ordering::SeqCst);
+        if v != self.version {
+            self.version = v;
+            self.keying = self.ctl.keying();
+        }
     }
 
     /// An I/O counted in with parity `p` is done.

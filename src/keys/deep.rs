@@ -70,6 +70,14 @@ impl PassControl {
     pub fn set_rate(&self, mib_s: u64) {
         self.rate_mib_s.store(mib_s, Ordering::Relaxed);
     }
+    /// The rate limit in MiB/s (0 = unlimited).
+    pub fn rate_mib_s(&self) -> u64 {
+        self.rate_mib_s.load(Ordering::Relaxed)
+    }
+    /// Records the watermark a resumed pass starts at (status before its first segment).
+    pub fn set_watermark(&self, blocks: u64) {
+        self.watermark.store(blocks, Ordering::Relaxed);
+    }
     /// The watermark last made durable.
     pub fn watermark(&self) -> u64 {
         self.watermark.load(Ordering::Relaxed)

@@ -268,7 +268,7 @@ pub enum RekeyError {
     Store(#[from] StoreError),
 }
 
-fn now_unix_s() -> u64 {
+pub(crate) fn now_unix_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -338,7 +338,10 @@ where
 }
 
 /// Fetches the slot's KEK, checks its fingerprint, unwraps the DEK.
-fn open_slot<P: KeyProvider + ?Sized>(provider: &mut P, slot: &KeySlot) -> Result<Dek, OpenError> {
+pub(crate) fn open_slot<P: KeyProvider + ?Sized>(
+    provider: &mut P,
+    slot: &KeySlot,
+) -> Result<Dek, OpenError> {
     if slot.provider != provider.kind() || slot.kms_alias != provider.cluster_alias() {
         return Err(OpenError::ProviderMismatch {
             kek_id: slot.kek_id.clone(),

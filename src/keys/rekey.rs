@@ -47,7 +47,7 @@ pub fn new_slot<P: KeyProvider + ?Sized>(
 
 /// The slot of `kek` (`provider`'s `kek_id`) holding `dek`. No checks: callers that write it
 /// over an existing header go through [`new_slot`] and [`apply_new_slot`].
-pub(super) fn slot_for<P: KeyProvider + ?Sized>(
+pub(crate) fn slot_for<P: KeyProvider + ?Sized>(
     provider: &P,
     kek_id: &KekId,
     kek: &Kek,

@@ -512,12 +512,19 @@ impl Poller for PollGroup {
                 }
             }
         }
-        // Completions of the shared channels, each to the connection that submitted it.
+        let now = clock::ticks();
+        let sweep = now >= self.next_sweep;
+        if sweep {
+            self.next_sweep = now + self.sweep_ticks;
+            GroupStats::bump(&self.stats.sweeps);
+        }
+        // Completions of the shared channels, each to the connection that submitted it. Idle
+        // channels are polled at sweeps only (a crypto channel then lets go of a replaced key).
         {
             let conns = &mut self.conns;
             for (_, ch) in self.channels.entries.borrow().iter() {
                 let mut ch = ch.borrow_mut();
-                if ch.in_flight() == 0 {
+                if ch.in_flight() == 0 && !sweep {
                     continue;
                 }
                 work += ch.poll(&mut |io| {
@@ -530,12 +537,6 @@ impl Poller for PollGroup {
                     }
                 });
             }
-        }
-        let now = clock::ticks();
-        let sweep = now >= self.next_sweep;
-        if sweep {
-            self.next_sweep = now + self.sweep_ticks;
-            GroupStats::bump(&self.stats.sweeps);
         }
         // Poll the listed connections (all of them at a sweep) and list for the next loop those
         // with work left. A connection with work is always listed: it got bytes (epoll), or it

@@ -466,3 +466,29 @@ fn debug_output_of_a_keying_never_carries_key_material() {
         );
     }
 }
+
+/// A replaced key is not kept alive by an idle channel: its next poll drops its cached copy,
+/// so the last holder lets go and the key's memory is wiped (LockedBox) without waiting for the
+/// next I/O on that channel.
+#[test]
+fn an_idle_channel_lets_go_of_a_replaced_key_on_poll() {
+    let r = rig(16);
+    let ctl = r.crypto.key_control().clone();
+    let mut ch = r.crypto.open_channel(CoreId(0), 16).unwrap();
+    let old = match ctl.keying() {
+        Keying::Single(k) => k,
+        Keying::Split(_) => unreachable!("rig is keyed Single"),
+    };
+    let probe = std::sync::Arc::downgrade(&old.xts_arc());
+    drop(old);
+    ctl.set_keying(Keying::Single(dk(9)));
+    assert!(
+        probe.upgrade().is_some(),
+        "the channel still caches the old key"
+    );
+    ch.poll(&mut |_| {});
+    assert!(
+        probe.upgrade().is_none(),
+        "the old key outlived the poll that saw the new keying"
+    );
+}

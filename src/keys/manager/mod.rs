@@ -58,6 +58,7 @@ use crate::kms::{KmsCluster, ServerStatus};
 
 mod audit_log;
 mod config;
+mod deep;
 mod format;
 mod rekey;
 #[cfg(test)]
@@ -67,6 +68,7 @@ mod unlock;
 use audit_log::unix_ms;
 pub use audit_log::FileAuditSink;
 pub use config::{KeysConfig, LocalKeysConfig, NamespaceKeyConfig, RetryConfig, LOCAL_PROVIDER};
+pub use deep::{DeepRekeyError, DeepRekeyStatus, DeepState, MAX_RATE_MIB_S};
 
 // ---------------------------------------------------------------------------------------------
 // Audit
@@ -104,7 +106,7 @@ pub enum NamespaceKeyState {
 }
 
 /// One namespace as reported by [`KeyManager::states`]. Holds no secret.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct NamespaceStatus {
     /// The namespace id given to [`KeyManager::add_encrypted`].
     pub ns_id: String,
@@ -129,6 +131,8 @@ pub struct NamespaceStatus {
     pub last_error: Option<String>,
     /// When locked after a transient failure: milliseconds until the next attempt.
     pub retry_in_ms: Option<u64>,
+    /// Its deep rekey (running, paused, failed or finished since start-up), if any.
+    pub deep_rekey: Option<DeepRekeyStatus>,
 }
 
 /// Which namespaces a shallow rekey covers.
@@ -406,6 +410,8 @@ struct NsEntry {
     retry_at: Option<Instant>,
     /// The crypto bdev once online (its key control runs deep rekeys and crypto erases).
     crypto: Option<Arc<CryptoBdev>>,
+    /// Its deep rekey, if one ran or runs since the namespace was registered.
+    deep: Option<deep::DeepRun>,
     /// Dropping it stops the unlock thread's back-off wait.
     stop: Option<Sender<()>>,
 }
@@ -606,6 +612,7 @@ impl KeyManager {
                     last_error: None,
                     retry_at: None,
                     crypto: None,
+                    deep: None,
                     stop: Some(stop_tx),
                 },
             );
@@ -639,6 +646,9 @@ impl KeyManager {
     /// revocation by later rekeys (the data still needs them), so the namespace can be added
     /// again. Waits for a rekey in progress. Returns false if `ns_id` is not registered.
     pub fn remove(&self, who: &str, ns_id: &str) -> bool {
+        // A deep rekey pass stops between segments first (its header then holds a clean
+        // watermark; the next add resumes it).
+        self.inner.stop_pass(Some(ns_id));
         let _serial = lock(&self.inner.rekey_lock);
         let Some(entry) = lock(&self.inner.namespaces).remove(ns_id) else {
             return false;
@@ -734,6 +744,7 @@ impl KeyManager {
 
 impl Drop for KeyManager {
     fn drop(&mut self) {
+        self.inner.stop_pass(None);
         for entry in lock(&self.inner.namespaces).values_mut() {
             entry.stop = None;
         }
@@ -759,6 +770,7 @@ fn status_of(ns_id: &str, e: &NsEntry) -> NamespaceStatus {
             u64::try_from(at.saturating_duration_since(Instant::now()).as_millis())
                 .unwrap_or(u64::MAX)
         }),
+        deep_rekey: e.deep.as_ref().map(|d| d.status(ns_id)),
     }
 }
 
@@ -833,7 +845,8 @@ impl Inner {
         let active = self.slot_ref(&stored.header.active);
         let pending = match &stored.header.rekey {
             RekeyState::Shallow { new } => Some(self.slot_ref(new)),
-            _ => None,
+            RekeyState::Deep(d) => Some(self.slot_ref(&d.new)),
+            RekeyState::None => None,
         };
         let warning = stored.bad_copy().map(|(copy, fault)| {
             format!("header copy {copy:?} is invalid ({fault}); using the other")

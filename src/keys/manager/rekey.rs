@@ -183,7 +183,7 @@ impl Inner {
     }
 
     /// Revokes a replaced KEK unless a registered namespace still references it.
-    fn retire_kek(&self, who: &str, provider: &str, kek_id: &KekId) -> OldKekAction {
+    pub(super) fn retire_kek(&self, who: &str, provider: &str, kek_id: &KekId) -> OldKekAction {
         let used_by: Vec<String> = lock(&self.namespaces)
             .iter()
             .filter(|(_, e)| {

@@ -17,9 +17,14 @@ use crate::bdev::slice::SliceBdev;
 use crate::bdev::Bdev;
 use crate::crypto::bdev::{CryptoBdev, DataKey};
 use crate::crypto::key::XtsKey;
+use crate::keys::convert::{self, ConvertError};
+use crate::keys::deep::{BdevDataIo, NamespaceIo, PassControl};
 use crate::keys::header::RekeyState;
 use crate::keys::store::{self, HeaderIo, StoreError, Stored};
-use crate::keys::{open_encrypted, OpenError, Opened};
+use crate::keys::{open_encrypted, open_slot, Dek, OpenError, Opened};
+use crate::types::CoreId;
+
+use super::deep::{DeepRun, DeepState};
 
 /// How a failed open is classified.
 fn classify_open(e: &OpenError) -> Fail {
@@ -31,7 +36,7 @@ fn classify_open(e: &OpenError) -> Fail {
 }
 
 impl Inner {
-    pub(super) fn unlock_loop(&self, ns_id: &str, stop: &Receiver<()>) {
+    pub(super) fn unlock_loop(self: &Arc<Self>, ns_id: &str, stop: &Receiver<()>) {
         let mut attempt: u32 = 0;
         let mut last_transient: Option<String> = None;
         loop {
@@ -46,7 +51,7 @@ impl Inner {
                 .map(|e| e.who.clone())
                 .unwrap_or_default();
             match self.try_unlock(ns_id) {
-                Ok(bdev) => {
+                Ok((bdev, resume)) => {
                     self.audit(&who, "unlock", ns_id, "ok");
                     // Hand the bdev over first, so that "online" in states() never shows a
                     // namespace the target has not been given yet.
@@ -56,7 +61,14 @@ impl Inner {
                     self.set_state(ns_id, NamespaceKeyState::Online, |e| {
                         e.crypto = Some(bdev);
                         e.last_error = None;
+                        if let Some(run) = resume {
+                            e.deep = Some(run);
+                        }
                     });
+                    if let Err(e) = self.start_pass(ns_id, &who) {
+                        tracing::error!(namespace = %ns_id, error = %e,
+                            "cannot resume the deep rekey pass; rekey.resume retries it");
+                    }
                     return;
                 }
                 Err(Fail::Permanent(reason)) => {
@@ -91,7 +103,9 @@ impl Inner {
     }
 
     /// One unlock attempt: read the header (format it if blank and asked), open, build bdevs.
-    fn try_unlock(&self, ns_id: &str) -> Result<Arc<CryptoBdev>, Fail> {
+    /// With a deep rekey in progress, also recovers its interrupted segment and returns the
+    /// pass to resume.
+    fn try_unlock(&self, ns_id: &str) -> Result<(Arc<CryptoBdev>, Option<DeepRun>), Fail> {
         let (io, backing, provider, kek_name, create, who) = {
             let table = lock(&self.namespaces);
             let e = table
@@ -108,9 +122,15 @@ impl Inner {
         };
         let mut io = lock(&io);
         let opened = match store::read_header(&mut **io) {
+            Ok(stored) if matches!(stored.header.rekey, RekeyState::Deep(_)) => {
+                self.note_header(ns_id, &stored);
+                let (crypto, run) = self.open_deep(ns_id, &mut **io, &backing, &stored)?;
+                return Ok((crypto, Some(run)));
+            }
             Ok(stored) => {
                 self.note_header(ns_id, &stored);
-                self.open_stored(&mut **io, &stored)?
+                let opened = self.open_stored(&mut **io, &stored)?;
+                self.finish_interrupted_deep(ns_id, &mut **io, opened)?
             }
             Err(StoreError::NotFormatted) if create => {
                 self.refuse_unless_blank(&mut **io, ns_id, &who, &backing)?;
@@ -134,7 +154,116 @@ impl Inner {
             Err(e) => return Err(Fail::Permanent(e.to_string())),
         };
         drop(io);
-        self.build_bdev(ns_id, backing, opened)
+        Ok((self.build_bdev(ns_id, backing, opened)?, None))
+    }
+
+    /// Opens a namespace whose header says a deep rekey runs: unwraps both DEKs (the old KEK
+    /// for the data above the watermark, the new KEK for below; each may be at another
+    /// provider, and the namespace stays locked until both open), restores the segment a crash
+    /// interrupted from the journal (before any host I/O can reach the data), and builds the
+    /// crypto bdev keyed `Split` at the header's watermark.
+    fn open_deep(
+        &self,
+        ns_id: &str,
+        io: &mut dyn HeaderIo,
+        backing: &Arc<dyn Bdev>,
+        stored: &Stored,
+    ) -> Result<(Arc<CryptoBdev>, DeepRun), Fail> {
+        let RekeyState::Deep(d) = &stored.header.rekey else {
+            return Err(Fail::Permanent("no deep rekey in the header".into()));
+        };
+        let open = |slot: &crate::keys::KeySlot, which: &str| -> Result<Dek, Fail> {
+            let p = self
+                .provider_for_slot(slot)
+                .map_err(Fail::Permanent)?
+                .clone();
+            let r = open_slot(lock(&p.inner).as_dyn(), slot);
+            r.map_err(|e| {
+                let text = format!("deep rekey in progress: {which} KEK {}: {e}", slot.kek_id);
+                if e.is_transient() {
+                    Fail::Transient(text)
+                } else {
+                    Fail::Permanent(text)
+                }
+            })
+        };
+        let old = open(&stored.header.active, "old (active)")?;
+        let new = open(&d.new, "new (pending)")?;
+        let slice = self.data_slice(ns_id, backing.clone(), &stored.header)?;
+        let mut data = BdevDataIo::new(slice.clone(), CoreId(0));
+        let recovery = convert::recover(
+            &mut NamespaceIo {
+                meta: io,
+                data: &mut data,
+            },
+            stored,
+        )
+        .map_err(|e| match e {
+            ConvertError::Io(e) => Fail::Transient(format!("deep rekey recovery: {e}")),
+            e => Fail::Permanent(format!("deep rekey recovery: {e}")),
+        })?;
+        tracing::info!(namespace = %ns_id, watermark = d.watermark_blocks,
+            data_blocks = stored.header.data_blocks, ?recovery,
+            "deep rekey in progress: recovered; the pass resumes once the namespace is online");
+        let old_key = self.data_key(&old)?;
+        let new_key = self.data_key(&new)?;
+        drop((old, new));
+        let crypto = CryptoBdev::new(&format!("{ns_id}-crypt"), slice, old_key.clone(), false)
+            .map_err(|e| Fail::Permanent(e.to_string()))?;
+        crypto.key_control().begin_split(
+            Some(new_key),
+            Some(old_key),
+            d.watermark_blocks,
+            u64::from(d.segment_blocks),
+        );
+        let run = DeepRun {
+            control: PassControl::new(0),
+            state: DeepState::Paused,
+            error: None,
+            data_blocks: stored.header.data_blocks,
+            unit: stored.header.data_unit.bytes(),
+            new_kek: self.slot_ref(&d.new),
+            old_kek: self.slot_ref(&stored.header.active),
+            run_started: Instant::now(),
+            run_bytes0: 0,
+            thread: None,
+        };
+        run.control.set_watermark(d.watermark_blocks);
+        Ok((Arc::new(crypto), run))
+    }
+
+    /// A deep rekey's last steps write the finished header into one copy, then the other. If
+    /// a crash fell between them, the other copy still holds the old wrapped DEK: overwrite it
+    /// now, so the old DEK is on no copy once the namespace is online.
+    fn finish_interrupted_deep(
+        &self,
+        ns_id: &str,
+        io: &mut dyn HeaderIo,
+        opened: Opened,
+    ) -> Result<Opened, Fail> {
+        let stale = match store::read_copy(io, opened.stored.copy.other()) {
+            Ok(other) => matches!(&other.rekey, RekeyState::Deep(d)
+                if d.new == opened.stored.header.active && opened.stored.header.rekey == RekeyState::None),
+            Err(_) => false,
+        };
+        if !stale {
+            return Ok(opened);
+        }
+        let stored = convert::scrub_other_copy(io, &opened.stored).map_err(|e| match e {
+            ConvertError::Io(e) => Fail::Transient(format!("finishing the deep rekey: {e}")),
+            e => Fail::Permanent(format!("finishing the deep rekey: {e}")),
+        })?;
+        tracing::info!(namespace = %ns_id,
+            "deep rekey had finished but the other header copy still held the old key slot; overwritten");
+        self.note_header(ns_id, &stored);
+        Ok(Opened { stored, ..opened })
+    }
+
+    fn data_key(&self, dek: &Dek) -> Result<DataKey, Fail> {
+        let xts_key = XtsKey::from_bytes(dek.expose())
+            .map_err(|e| Fail::Permanent(format!("DEK unusable: {e}")))?;
+        DataKey::new(&xts_key, self.xts_max_tier)
+            .map_err(|e| Fail::Permanent(format!("XTS engine: {e}")))
     }
 
     /// Opens with the provider the active slot names; during an interrupted rekey onto another
@@ -198,6 +327,31 @@ impl Inner {
         opened: Opened,
     ) -> Result<Arc<CryptoBdev>, Fail> {
         let (header, dek) = opened.into_parts();
+        let slice = self.data_slice(ns_id, backing, &header)?;
+        let key = self.data_key(&dek)?;
+        drop(dek);
+        let crypto = CryptoBdev::new(&format!("{ns_id}-crypt"), slice, key, false)
+            .map_err(|e| Fail::Permanent(e.to_string()))?;
+        let offset_blocks = header.data_offset_bytes / u64::from(header.data_unit.bytes());
+        tracing::info!(
+            namespace = %ns_id,
+            data_blocks = header.data_blocks,
+            offset_blocks,
+            tier = crypto.tier().name(),
+            "crypto bdev ready"
+        );
+        Ok(Arc::new(crypto))
+    }
+}
+
+impl Inner {
+    /// The data area of `backing` the header describes, as a slice bdev (geometry checked).
+    fn data_slice(
+        &self,
+        ns_id: &str,
+        backing: Arc<dyn Bdev>,
+        header: &crate::keys::Header,
+    ) -> Result<Arc<dyn Bdev>, Fail> {
         let bs = u64::from(backing.block_size());
         if u64::from(header.data_unit.bytes()) != bs {
             return Err(Fail::Permanent(format!(
@@ -205,7 +359,7 @@ impl Inner {
                 header.data_unit.bytes()
             )));
         }
-        if header.data_offset_bytes % bs != 0 {
+        if !header.data_offset_bytes.is_multiple_of(bs) {
             return Err(Fail::Permanent(format!(
                 "header data offset {} is not a multiple of the block size {bs}",
                 header.data_offset_bytes
@@ -222,12 +376,6 @@ impl Inner {
                 backing.num_blocks()
             )));
         }
-        let xts_key = XtsKey::from_bytes(dek.expose())
-            .map_err(|e| Fail::Permanent(format!("DEK unusable: {e}")))?;
-        drop(dek);
-        let key = DataKey::new(&xts_key, self.xts_max_tier)
-            .map_err(|e| Fail::Permanent(format!("XTS engine: {e}")))?;
-        drop(xts_key);
         let slice = SliceBdev::new(
             &format!("{ns_id}-data"),
             backing,
@@ -235,15 +383,6 @@ impl Inner {
             header.data_blocks,
         )
         .map_err(|e| Fail::Permanent(e.to_string()))?;
-        let crypto = CryptoBdev::new(&format!("{ns_id}-crypt"), Arc::new(slice), key, false)
-            .map_err(|e| Fail::Permanent(e.to_string()))?;
-        tracing::info!(
-            namespace = %ns_id,
-            data_blocks = header.data_blocks,
-            offset_blocks,
-            tier = crypto.tier().name(),
-            "crypto bdev ready"
-        );
-        Ok(Arc::new(crypto))
+        Ok(Arc::new(slice))
     }
 }
