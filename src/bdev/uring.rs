@@ -82,6 +82,9 @@ const ZERO_BUF_BYTES: usize = 256 << 10;
 /// Alignment of I/O buffers under O_DIRECT: a page satisfies every device's DMA alignment.
 const DIRECT_ALIGN: usize = 4096;
 
+/// How long opening a file waits for its lock before refusing it as in use.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Durability operations a uring bdev completed (all channels together).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct UringStats {
@@ -479,11 +482,29 @@ impl UringBdev {
             // every channel have closed their descriptor: exactly the file's use. nix's `Flock`
             // guard would unlock when the bdev drops while channels still write, which is why
             // the plain call is used.
-            #[allow(deprecated)]
-            let locked = nix::fcntl::flock(
-                std::os::fd::AsRawFd::as_raw_fd(&file),
-                nix::fcntl::FlockArg::LockExclusiveNonblock,
-            );
+            //
+            // A process that was just killed can hold the lock a moment longer: its io_uring
+            // instance (which references the file) is torn down by the kernel after the exit.
+            // A restart right after a crash therefore waits a little for the lock before it
+            // refuses the file as in use.
+            let flock = || {
+                #[allow(deprecated)]
+                nix::fcntl::flock(
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    nix::fcntl::FlockArg::LockExclusiveNonblock,
+                )
+            };
+            let mut locked = flock();
+            let t0 = std::time::Instant::now();
+            let mut logged = false;
+            while locked == Err(nix::errno::Errno::EWOULDBLOCK) && t0.elapsed() < LOCK_WAIT {
+                if !logged {
+                    logged = true;
+                    tracing::info!(path = %path_s, "file is locked; waiting up to {LOCK_WAIT:?} (a process that just exited may still hold it)");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                locked = flock();
+            }
             match locked {
                 Ok(()) => {}
                 Err(nix::errno::Errno::EWOULDBLOCK) => {

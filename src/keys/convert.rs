@@ -27,6 +27,7 @@ use sha2::{Digest, Sha256};
 use thiserror::Error;
 use uuid::Uuid;
 
+use super::crashpoint;
 use super::header::{
     DeepRekeyState, Header, KeySlot, RekeyState, METADATA_REGION_BYTES, REKEY_AREA_BYTES,
     REKEY_AREA_OFFSET_BYTES,
@@ -395,19 +396,30 @@ pub fn step<I: HeaderIo + DataIo + ?Sized>(
         data_sha256: Sha256::digest(&*seg).into(),
     };
     io.write_at(JOURNAL_DATA_OFFSET_BYTES, seg)?;
+    crashpoint::hit("journal-data");
     io.write_at(JOURNAL_OFFSET_BYTES, &record.encode()[..])?;
     io.flush()?;
+    crashpoint::hit("journal-flushed");
     // 3. Transform: old keying → new keying, per data unit with tweak = LBA.
     transform(seg, unit as usize, start, keys);
     // 4. Write back, durable.
+    if crashpoint::is_armed("segment-half") && len > 1 {
+        // Crash tests: half the segment on the device, then the crash point.
+        let half = (len / 2) as usize * unit as usize;
+        io.write_blocks_durable(start, &seg[..half])?;
+        crashpoint::hit("segment-half");
+    }
     io.write_blocks_durable(start, seg)?;
+    crashpoint::hit("segment-written");
     // 5. Advance the watermark.
     let mut next = h.clone();
     next.updated_unix_s = now_unix_s;
     if let RekeyState::Deep(nd) = &mut next.rekey {
         nd.watermark_blocks = start + u64::from(len);
     }
-    Ok(Step::Advanced(Box::new(store::update(io, current, &next)?)))
+    let stored = store::update(io, current, &next)?;
+    crashpoint::hit("header-updated");
+    Ok(Step::Advanced(Box::new(stored)))
 }
 
 /// Decrypts `seg` (units starting at `lba`) with `keys.above`, then encrypts it with
@@ -516,6 +528,7 @@ pub fn finish<I: HeaderIo + ?Sized>(
     next.active = d.new.clone();
     next.rekey = RekeyState::None;
     let s = store::update(io, current, &next)?;
+    crashpoint::hit("finish-first-copy");
     let again = s.header.clone();
     Ok(store::update(io, &s, &again)?)
 }

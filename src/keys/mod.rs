@@ -17,6 +17,7 @@
 //! key) in a mailbox message.
 
 pub mod convert;
+pub mod crashpoint;
 pub mod deep;
 pub mod header;
 pub mod header_io;

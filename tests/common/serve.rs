@@ -24,8 +24,14 @@ impl Serve {
 
     /// Starts `nvseal serve -c CFG` with the given log filter.
     pub fn start_with_log(cfg: &Path, filter: &str) -> Serve {
+        Serve::start_env(cfg, filter, &[])
+    }
+
+    /// Starts `nvseal serve -c CFG` with the given log filter and extra environment.
+    pub fn start_env(cfg: &Path, filter: &str, env: &[(&str, &str)]) -> Serve {
         let mut child = Command::new(env!("CARGO_BIN_EXE_nvseal"))
             .args(["serve", "-c", cfg.to_str().unwrap()])
+            .envs(env.iter().copied())
             .env("NVSEAL_LOG", filter)
             .env("NO_COLOR", "1")
             .stdout(Stdio::null())
@@ -69,6 +75,29 @@ impl Serve {
         panic!("no {what:?} in serve's log:\n{}", self.log.join("\n"));
     }
 
+    /// Like [`Serve::wait_for`], but `None` (no panic) if the process exits first or `timeout`
+    /// passes (crash tests, where the process may kill itself at any point).
+    pub fn try_wait_for(&mut self, what: &str, timeout: Duration) -> Option<String> {
+        if let Some(l) = self.log.iter().find(|l| l.contains(what)) {
+            return Some(l.clone());
+        }
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            match self.lines.recv_timeout(Duration::from_millis(100)) {
+                Ok(l) => {
+                    self.log.push(l.clone());
+                    if l.contains(what) {
+                        return Some(l);
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) if self.exited() => return None,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
     /// Moves every log line received so far into `self.log`.
     pub fn drain(&mut self) {
         while let Ok(l) = self.lines.try_recv() {
@@ -81,6 +110,21 @@ impl Serve {
             self.drain();
             panic!("serve exited ({s}) {when}:\n{}", self.log.join("\n"));
         }
+    }
+
+    /// Whether the process has exited (e.g. killed itself at a crash point).
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// SIGKILL (if still running) and reap; returns the log.
+    pub fn kill9(mut self) -> Vec<String> {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(100)) {
+            self.log.push(l);
+        }
+        std::mem::take(&mut self.log)
     }
 
     pub fn stop(mut self) -> Vec<String> {
