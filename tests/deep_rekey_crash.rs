@@ -294,21 +294,14 @@ fn harness(bs: u32, default_kills: u64, seed: u64) {
             s.stop();
             break;
         }
-        match rekey_state(&sock).as_deref() {
-            Some("running") => {}
-            Some("finished") => finished += 1,
-            _ => {}
+        let state = rekey_state(&sock);
+        if state.as_deref() == Some("finished") {
+            finished += 1;
         }
-        if rekey_state(&sock).as_deref() != Some("running") {
-            if call(
-                &sock,
-                "rekey.deep",
-                Some(json!({ "namespace": "vol", "rate_mib_s": 8 })),
-            )
-            .is_ok()
-            {
-                started += 1;
-            }
+        let new_pass = json!({ "namespace": "vol", "rate_mib_s": 8 });
+        if state.as_deref() != Some("running") && call(&sock, "rekey.deep", Some(new_pass)).is_ok()
+        {
+            started += 1;
         }
         let budget = match armed {
             Some(_) => Duration::from_secs(3),
