@@ -145,6 +145,8 @@ struct SimState {
     rng: Rng,
     fail_nth: Option<u64>,
     fail_ratio: f64,
+    /// From this I/O on (counted as `fail_nth`), every I/O fails: the drive lost power.
+    dead_from: Option<u64>,
     stats: SimStats,
 }
 
@@ -218,7 +220,8 @@ impl SimState {
 
     fn inject_fault(&mut self) -> bool {
         self.stats.ios += 1;
-        let nth = self.fail_nth == Some(self.stats.ios);
+        let nth = self.fail_nth == Some(self.stats.ios)
+            || self.dead_from.is_some_and(|d| self.stats.ios >= d);
         let ratio = self.fail_ratio > 0.0 && self.rng.next_f64() < self.fail_ratio;
         if nth || ratio {
             self.stats.injected_failures += 1;
@@ -304,6 +307,7 @@ impl SimBdev {
             rng: Rng(cfg.seed),
             fail_nth: cfg.fail_nth,
             fail_ratio: cfg.fail_ratio,
+            dead_from: None,
             stats: SimStats::default(),
         };
         Ok(Arc::new(SimBdev {
@@ -373,6 +377,20 @@ impl SimBdev {
     pub fn fail_in(&self, n: u64) {
         let mut s = lock(&self.state);
         s.fail_nth = s.stats.ios.checked_add(n);
+    }
+
+    /// The drive goes dead at the `n`th I/O from now (1 = the next one): it and every later I/O
+    /// fail with EIO and have no effect, until [`SimBdev::revive`]. With [`SimBdev::crash`]
+    /// afterwards this is a power loss at exactly that I/O: what was written before it and not
+    /// flushed is lost or torn, nothing after it happens.
+    pub fn die_in(&self, n: u64) {
+        let mut s = lock(&self.state);
+        s.dead_from = s.stats.ios.checked_add(n.max(1));
+    }
+
+    /// Powers a dead drive back on (see [`SimBdev::die_in`]).
+    pub fn revive(&self) {
+        lock(&self.state).dead_from = None;
     }
 
     /// Changes the fraction of I/Os that fail (clamped to 0.0..=1.0).

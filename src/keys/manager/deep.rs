@@ -449,7 +449,7 @@ impl Inner {
             if let Some(e) = table.get_mut(ns_id) {
                 e.deep = Some(DeepRun {
                     control: control.clone(),
-                    state: DeepState::Paused,
+                    state: DeepState::Running,
                     error: None,
                     data_blocks: begun.header.data_blocks,
                     unit,
@@ -505,7 +505,6 @@ impl Inner {
             }
             let _ = h.join();
         }
-        d.control.resume();
         d.state = DeepState::Running;
         d.error = None;
         d.run_started = Instant::now();
@@ -664,6 +663,7 @@ impl Inner {
                     if let Some(r) = rate {
                         d.control.set_rate(r);
                     }
+                    d.control.resume();
                 }
                 Some(d) => {
                     return Err(DeepRekeyError::NothingToDo {

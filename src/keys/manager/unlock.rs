@@ -218,7 +218,8 @@ impl Inner {
         );
         let run = DeepRun {
             control: PassControl::new(0),
-            state: DeepState::Paused,
+            // Started as soon as the namespace is online (unlock_loop).
+            state: DeepState::Running,
             error: None,
             data_blocks: stored.header.data_blocks,
             unit: stored.header.data_unit.bytes(),
