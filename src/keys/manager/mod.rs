@@ -58,6 +58,7 @@ use crate::kms::{KmsCluster, ServerStatus};
 
 mod audit_log;
 mod config;
+mod erase;
 mod format;
 mod rekey;
 #[cfg(test)]
@@ -67,6 +68,7 @@ mod unlock;
 use audit_log::unix_ms;
 pub use audit_log::FileAuditSink;
 pub use config::{KeysConfig, LocalKeysConfig, NamespaceKeyConfig, RetryConfig, LOCAL_PROVIDER};
+pub use erase::{CryptoEraseError, CryptoEraseReport, ERASE_QUIESCE_TIMEOUT};
 
 // ---------------------------------------------------------------------------------------------
 // Audit
