@@ -320,3 +320,85 @@ fn format_and_sanitize_crypto_erase_from_the_host() {
     drop((a, io, b, iob));
     assert_eq!(server.shutdown(), 0);
 }
+
+/// While a sanitize runs, I/O to the subsystem's namespaces completes with Sanitize In
+/// Progress, and a Format NVM or a second Sanitize is refused the same way; the log page says
+/// in progress. (The sanitize is marked started by hand here, through the same call the admin
+/// path makes, so that the window is not a race with the erase thread.) Then: a crypto erase of
+/// a namespace whose header records a deep rekey is refused as busy, from the host (Command
+/// Interrupted) and over RPC (busy error), and nothing is written.
+#[test]
+fn sanitize_in_progress_and_deep_rekey_refusals() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = config(dir.path());
+    let server = start(&cfg);
+    let addr_a = server.listen_addrs()[0];
+    let addr_b = *server.listen_addrs().last().unwrap();
+    let (mut b, mut iob) = connect(addr_b, NQN_B);
+    let data = pattern(BLK as usize, 11);
+    assert_eq!(write(&mut iob, 1, 0, &data), Status::SUCCESS);
+
+    let t = server.target().clone();
+    let namespaces = t.subsystem(NQN_B).expect("subsystem B").namespaces();
+    let prev = t
+        .erase()
+        .begin_sanitize(NQN_B, 4, &namespaces)
+        .expect("no sanitize running");
+    assert_eq!(sanitize_log(&mut b), (0, 2, 4), "in progress");
+    assert_eq!(read(&mut iob, 1, 0, 1).0, Status::SANITIZE_IN_PROGRESS);
+    assert_eq!(write(&mut iob, 1, 0, &data), Status::SANITIZE_IN_PROGRESS);
+    assert_eq!(format(&mut b, 1, 2), Status::SANITIZE_IN_PROGRESS);
+    let (s, _, _) = run(
+        &mut b,
+        admin_sqe(admin_op::SANITIZE, 0, 4),
+        Dir::None,
+        &[],
+        0,
+    );
+    assert_eq!(s, Status::SANITIZE_IN_PROGRESS);
+    t.erase().abandon_sanitize(NQN_B, prev, &namespaces);
+    assert_eq!(read(&mut iob, 1, 0, 1), (Status::SUCCESS, data.clone()));
+
+    // A deep rekey recorded in subsystem A's encrypted namespace header.
+    let img = dir.path().join("enc-a.img");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .expect("open image");
+    let cur = nvseal::keys::store::read_header(&mut f).expect("header");
+    let mut h = cur.header.clone();
+    h.rekey = nvseal::keys::RekeyState::Deep(nvseal::keys::header::DeepRekeyState {
+        new: h.active.clone(),
+        watermark_blocks: 0,
+        started_unix_s: 1,
+        segment_blocks: 1,
+    });
+    nvseal::keys::store::update(&mut f, &cur, &h).expect("record deep rekey");
+    drop(f);
+    let image_before = std::fs::read(&img).expect("image");
+    let (mut a, mut io) = connect(addr_a, NQN_A);
+    let enc = pattern(BLK as usize, 12);
+    assert_eq!(write(&mut io, 2, 0, &enc), Status::SUCCESS);
+    let image_before_data = std::fs::read(&img).expect("image");
+    assert_eq!(
+        image_before[..1 << 20],
+        image_before_data[..1 << 20],
+        "I/O touched the metadata region"
+    );
+    assert_eq!(format(&mut a, 2, 2), Status::COMMAND_INTERRUPTED);
+    let e = nvseal::rpc::client::call(
+        &dir.path().join("rpc.sock"),
+        "namespace.crypto_erase",
+        Some(json!({"bdev": "vola"})),
+    )
+    .expect_err("busy");
+    assert!(e.to_string().contains("deep rekey"), "{e}");
+    assert!(
+        std::fs::read(&img).expect("image") == image_before_data,
+        "a refused erase wrote to the device"
+    );
+    assert_eq!(read(&mut io, 2, 0, 1).1, enc, "the old key stays");
+    drop((a, io, b, iob));
+    assert_eq!(server.shutdown(), 0);
+}
