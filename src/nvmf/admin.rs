@@ -406,6 +406,11 @@ impl Connection {
         for idx in std::mem::take(&mut self.aers) {
             self.complete(idx, Status::SQ_DELETED);
         }
+        // A Format NVM still on the erase thread is answered now, as the reset aborts it; the
+        // erase itself runs to its end (its outcome is in the log and the audit trail).
+        for (idx, _) in std::mem::take(&mut self.erase_wait) {
+            self.complete(idx, Status::SQ_DELETED);
+        }
         if let Some(suppressed) = self.target.peer_log().admit() {
             tracing::info!(
                 cntlid = c.cntlid,

@@ -156,7 +156,10 @@ impl EraseHub {
         match tx.try_send(job) {
             Ok(()) => Ok(()),
             // Command Interrupted without DNR: retry once the queue drained.
-            Err(TrySendError::Full(_)) => Err(Status::generic(0x21, false)),
+            Err(TrySendError::Full(_)) => Err(Status {
+                dnr: false,
+                ..Status::COMMAND_INTERRUPTED
+            }),
             Err(TrySendError::Disconnected(_)) => Err(Status::INTERNAL_ERROR),
         }
     }
