@@ -122,21 +122,25 @@ impl EraseHub {
     /// Installs the eraser and starts the erase thread (control plane, once; a second call is
     /// refused). The thread ends when the hub (the target) is dropped.
     pub fn install(&self, eraser: Arc<dyn CryptoEraser>) -> std::io::Result<()> {
-        if self.eraser.set(eraser.clone()).is_err() {
+        if self.eraser.get().is_some() {
             return Err(std::io::Error::other(
                 "a crypto eraser is already installed",
             ));
         }
         let (tx, rx) = crossbeam_channel::bounded::<Job>(ERASE_QUEUE_DEPTH);
         let sanitize = self.sanitize.clone();
+        let worker = eraser.clone();
         std::thread::Builder::new()
             .name("crypto-erase".into())
             .spawn(move || {
                 for job in rx {
-                    run_job(eraser.as_ref(), &sanitize, job);
+                    run_job(worker.as_ref(), &sanitize, job);
                 }
             })?;
+        // The queue first: once the eraser is visible, Identify advertises crypto erase and a
+        // Format NVM may be queued at once.
         let _ = self.jobs.set(tx);
+        let _ = self.eraser.set(eraser);
         Ok(())
     }
 
