@@ -39,6 +39,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+mod erase;
 mod namespaces;
 mod rekey_rpc;
 use namespaces::register_encrypted;
@@ -419,7 +420,13 @@ impl Server {
             for (name, (_, ec)) in &stacks.encrypted {
                 register_encrypted(&km, "nvseal", &stacks, name, ec).map_err(ServerError::Keys)?;
             }
-            Some(Arc::new(km))
+            let km = Arc::new(km);
+            // Format NVM / Sanitize crypto erase from hosts go through the key manager.
+            target
+                .erase()
+                .install(Arc::new(erase::KeyEraser(km.clone())))
+                .map_err(|e| ServerError::Keys(format!("starting the crypto erase thread: {e}")))?;
+            Some(km)
         };
 
         let dynamic = Arc::new(Dynamic {
@@ -581,6 +588,11 @@ impl Server {
                 km.shallow_rekey(&who, &scope, &p.provider)
                     .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
                     .map_err(|e| RpcError::invalid_params(e.to_string()))
+            });
+        }
+        if let Some((km, t)) = self.keys.clone().map(|k| (k, self.target.clone())) {
+            b = b.method("namespace.crypto_erase", Role::Crypto, move |ctx, p| {
+                erase::crypto_erase_rpc(&t, &km, ctx, p)
             });
         }
         b = b

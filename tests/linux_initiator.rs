@@ -13,6 +13,9 @@
 //! from the document by this test; the DEK unwrapped on the host with the document's `dd` +
 //! `openssl` recipe) and compares the plaintext dm-crypt returns with the pattern.
 //!
+//! A second test, in its own boot, runs `nvme format -s 2`, `nvme sanitize -a 4` and
+//! `nvme sanitize-log` from the guest (scripts/qemu/guest/erase.sh; docs/lifecycle.md §5).
+//!
 //! Needs root (the harness build uses apt, mknod, chroot). `NVSEAL_SKIP_QEMU=1` skips it, loudly;
 //! anything else that keeps it from running is a failure.
 
@@ -500,4 +503,148 @@ fn linux_initiator_discovers_connects_and_verifies_fio_on_both_namespaces() {
         t_guest.as_secs_f64(),
         t_start.elapsed().as_secs_f64()
     );
+}
+
+/// The two header copies' wrapped DEKs of an encrypted namespace's backing file.
+fn wrapped_deks(img: &Path) -> Vec<Vec<u8>> {
+    use nvseal::keys::header::{decode, CopyId, HEADER_COPY_BYTES};
+    let bytes = std::fs::read(img).unwrap();
+    [CopyId::A, CopyId::B]
+        .into_iter()
+        .map(|c| {
+            let off = c.offset_bytes() as usize;
+            decode(&bytes[off..off + HEADER_COPY_BYTES], c)
+                .unwrap_or_else(|e| panic!("{}: header copy {c:?}: {e}", img.display()))
+                .active
+                .wrapped_dek
+                .as_bytes()
+                .to_vec()
+        })
+        .collect()
+}
+
+/// Issue 14 §3 from the real Linux host (scripts/qemu/guest/erase.sh): nvme-cli reads the
+/// Identify bits, `nvme format -s 2` of the encrypted namespace leaves the data written before
+/// unreadable while new writes work and the plaintext namespace of the same subsystem keeps its
+/// data, `nvme format -s 2` of the plaintext one and `nvme sanitize` of a subsystem with a
+/// plaintext namespace are refused, and `nvme sanitize -a 4` + `nvme sanitize-log` on a subsystem
+/// of encrypted namespaces erase it. Here: both header copies of both encrypted files hold a new
+/// wrapped DEK afterwards, the erases are audited under the guest's host NQN, and the refusals
+/// are logged with their reasons.
+#[test]
+fn linux_initiator_crypto_erases_with_format_and_sanitize() {
+    if !harness_ready() {
+        return;
+    }
+    const NQN_A: &str = "nqn.2026-12.io.nvseal:erase-a";
+    const NQN_B: &str = "nqn.2026-12.io.nvseal:erase-b";
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let d = dir.path();
+    let cfg = d.join("erase.yaml");
+    let sock = d.join("rpc.sock");
+    let img = |n: &str| d.join(format!("{n}.img"));
+    let guest_nqn = uuid_nqn();
+    std::fs::write(
+        &cfg,
+        format!(
+            "reactor:\n  cores: 1\n  pin: false\n  idle_backoff_us: 50\n\
+             keys:\n  local:\n    path: {keys}\n    create: true\n  audit_log: {audit}\n\
+             rpc:\n  socket_path: {sock}\n\
+             bdevs:\n\
+             \x20 - {{name: plaina, type: malloc, size_bytes: 8388608, block_size: 4096}}\n\
+             \x20 - {{name: filea, type: uring, path: {a}, size_bytes: 9437184}}\n\
+             \x20 - {{name: vola, type: encrypted, base: filea, provider: local, create: true}}\n\
+             \x20 - {{name: fileb, type: uring, path: {b}, size_bytes: 9437184}}\n\
+             \x20 - {{name: volb, type: encrypted, base: fileb, provider: local, create: true}}\n\
+             subsystems:\n\
+             \x20 - nqn: {NQN_A}\n    serial: ERASEA\n    allowed_hosts: [\"{guest_nqn}\"]\n    namespaces:\n\
+             \x20     - {{nsid: 1, bdev: plaina}}\n      - {{nsid: 2, bdev: vola, encrypted: true}}\n\
+             \x20   listen:\n      - {{addr: 127.0.0.1, port: 0}}\n\
+             \x20 - nqn: {NQN_B}\n    serial: ERASEB\n    allowed_hosts: [\"{guest_nqn}\"]\n    namespaces:\n\
+             \x20     - {{nsid: 1, bdev: volb, encrypted: true}}\n\
+             \x20   listen:\n      - {{addr: 127.0.0.1, port: 0}}\n",
+            keys = d.join("keys").display(),
+            audit = d.join("audit.jsonl").display(),
+            sock = sock.display(),
+            a = img("filea").display(),
+            b = img("fileb").display(),
+        ),
+    )
+    .unwrap();
+
+    let mut s = Serve::start(&cfg);
+    let addr = addr_of(&s.wait_for("NVMe/TCP listening"));
+    s.wait_for("nvseal serving");
+    let t_online = Instant::now();
+    loop {
+        let st = rpc(&sock, "keys.status");
+        let online = st["namespaces"].as_array().map_or(0, |v| {
+            v.iter().filter(|n| n["state"]["state"] == "online").count()
+        });
+        if online == 2 {
+            break;
+        }
+        assert!(t_online.elapsed() < ONLINE_WAIT, "not online: {st}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let before_a = wrapped_deks(&img("filea"));
+    let before_b = wrapped_deks(&img("fileb"));
+
+    let params = format!(
+        "PORT={port} HOSTNQN='{guest_nqn}' SUBNQN_A='{NQN_A}' SUBNQN_B='{NQN_B}'\n",
+        port = addr.port()
+    );
+    let body = std::fs::read_to_string(repo().join("scripts/qemu/guest/erase.sh")).unwrap();
+    let script = d.join("guest.sh");
+    std::fs::write(&script, params + &body).unwrap();
+    let guest = Command::new("bash")
+        .arg(repo().join("scripts/qemu/run-guest.sh"))
+        .arg(&script)
+        .arg(GUEST_TIMEOUT_S.to_string())
+        .env("NVSEAL_QEMU_LOG", d.join("console.log"))
+        .env("NVSEAL_QEMU_ECHO", "0")
+        .output()
+        .expect("cannot run scripts/qemu/run-guest.sh");
+    let console = std::fs::read_to_string(d.join("console.log")).unwrap_or_default();
+    println!("---- guest console ----\n{console}\n---- end of guest console ----");
+    s.drain();
+    assert!(
+        guest.status.code() == Some(0) && console.contains("ERASE-PASS"),
+        "guest erase script failed: run-guest.sh {}\nstderr:\n{}\nserve log:\n{}",
+        guest.status,
+        String::from_utf8_lossy(&guest.stderr),
+        s.log.join("\n")
+    );
+    s.assert_running("after the guest run");
+
+    for (name, before) in [("filea", before_a), ("fileb", before_b)] {
+        let after = wrapped_deks(&img(name));
+        assert_eq!(after[0], after[1], "{name}: both copies hold the new DEK");
+        for old in &before {
+            assert!(
+                !after.contains(old),
+                "{name}: the old wrapped DEK is still there"
+            );
+        }
+    }
+    let audit = std::fs::read_to_string(d.join("audit.jsonl")).unwrap();
+    for ns in ["vola", "volb"] {
+        assert!(
+            audit.lines().any(|l| l.contains("crypto-erase")
+                && l.contains(&format!("\"{ns}\""))
+                && l.contains(&guest_nqn)
+                && l.contains("\"ok")),
+            "no audited crypto erase of {ns} by {guest_nqn}:\n{audit}"
+        );
+    }
+    let log = s.stop();
+    for what in ["Format NVM refused", "Sanitize refused"] {
+        assert!(
+            log.iter()
+                .any(|l| l.contains(what) && l.contains("plaintext")
+                    || l.contains(what) && l.contains("every namespace")),
+            "serve did not log {what:?} with its reason:\n{}",
+            log.join("\n")
+        );
+    }
 }

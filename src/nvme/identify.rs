@@ -39,6 +39,12 @@ pub struct IdentifyController<'a> {
     pub nn: u32,
     /// Optional NVM commands supported (ONCS).
     pub oncs: u16,
+    /// Optional admin commands supported (OACS): [`OACS_FORMAT_NVM`].
+    pub oacs: u16,
+    /// Format NVM attributes (FNA): [`FNA_CRYPTO_ERASE`], [`FNA_NO_BROADCAST_FORMAT`].
+    pub fna: u8,
+    /// Sanitize capabilities (SANICAP): [`SANICAP_CRYPTO_ERASE`] (0 = no sanitize action).
+    pub sanicap: u32,
     /// Volatile write cache present.
     pub vwc: bool,
     /// Optional asynchronous events supported (OAES).
@@ -55,6 +61,15 @@ pub struct IdentifyController<'a> {
 /// ONCS bits.
 pub const ONCS_DSM: u16 = 1 << 2;
 pub const ONCS_WRITE_ZEROES: u16 = 1 << 3;
+/// OACS bit 1: the Format NVM command is supported.
+pub const OACS_FORMAT_NVM: u16 = 1 << 1;
+/// FNA bit 2: cryptographic erase is supported as a Format NVM secure erase (SES = 2). Bits 0
+/// and 1 stay clear: a format, and a secure erase, apply to the one namespace named.
+pub const FNA_CRYPTO_ERASE: u8 = 1 << 2;
+/// FNA bit 3: Format NVM does not accept the broadcast NSID FFFFFFFFh (name one namespace).
+pub const FNA_NO_BROADCAST_FORMAT: u8 = 1 << 3;
+/// SANICAP bit 0 (CES): the Sanitize crypto erase action is supported.
+pub const SANICAP_CRYPTO_ERASE: u32 = 1 << 0;
 /// OAES bit 8: namespace attribute notices.
 pub const OAES_NS_ATTR: u32 = 1 << 8;
 /// LPA bit 2: extended data for Get Log Page (offset and 32-bit NUMD).
@@ -77,17 +92,20 @@ pub mod ctrl_off {
     pub const OAES: usize = 92;
     pub const CTRATT: usize = 96;
     pub const CNTRLTYPE: usize = 111;
+    pub const OACS: usize = 256;
     pub const ACL: usize = 258;
     pub const AERL: usize = 259;
     pub const FRMW: usize = 260;
     pub const LPA: usize = 261;
     pub const ELPE: usize = 262;
     pub const KAS: usize = 320;
+    pub const SANICAP: usize = 328;
     pub const SQES: usize = 512;
     pub const CQES: usize = 513;
     pub const MAXCMD: usize = 514;
     pub const NN: usize = 516;
     pub const ONCS: usize = 520;
+    pub const FNA: usize = 524;
     pub const VWC: usize = 525;
     pub const SGLS: usize = 536;
     pub const SUBNQN: usize = 768;
@@ -110,18 +128,21 @@ impl IdentifyController<'_> {
         out[OAES..OAES + 4].copy_from_slice(&self.oaes.to_le_bytes());
         out[CTRATT..CTRATT + 4].copy_from_slice(&self.ctratt.to_le_bytes());
         out[CNTRLTYPE] = self.ctrl_type as u8;
+        out[OACS..OACS + 2].copy_from_slice(&self.oacs.to_le_bytes());
         out[ACL] = self.acl;
         out[AERL] = self.aerl;
         out[FRMW] = FRMW_ONE_READ_ONLY_SLOT;
         out[LPA] = LPA_EXTENDED;
         out[ELPE] = self.elpe;
         out[KAS..KAS + 2].copy_from_slice(&self.kas.to_le_bytes());
+        out[SANICAP..SANICAP + 4].copy_from_slice(&self.sanicap.to_le_bytes());
         // Required and maximum entry sizes, log2: 64-byte SQEs, 16-byte CQEs.
         out[SQES] = 0x66;
         out[CQES] = 0x44;
         out[MAXCMD..MAXCMD + 2].copy_from_slice(&self.maxcmd.to_le_bytes());
         out[NN..NN + 4].copy_from_slice(&self.nn.to_le_bytes());
         out[ONCS..ONCS + 2].copy_from_slice(&self.oncs.to_le_bytes());
+        out[FNA] = self.fna;
         out[VWC] = u8::from(self.vwc);
         // SGLS: bit 0 = SGLs supported (no alignment requirement); bit 20 = offset-based
         // in-capsule data (Data Block descriptor, Offset subtype).
@@ -204,6 +225,9 @@ mod tests {
             maxcmd: 128,
             nn: 4,
             oncs: ONCS_DSM | ONCS_WRITE_ZEROES,
+            oacs: OACS_FORMAT_NVM,
+            fna: FNA_CRYPTO_ERASE | FNA_NO_BROADCAST_FORMAT,
+            sanicap: SANICAP_CRYPTO_ERASE,
             vwc: true,
             oaes: OAES_NS_ATTR,
             ctratt: CTRATT_HOST_ID_128,
@@ -225,6 +249,9 @@ mod tests {
         assert_eq!(b[513], 0x44);
         assert_eq!(&b[516..520], &4u32.to_le_bytes());
         assert_eq!(b[520], 0x0c);
+        assert_eq!(&b[256..258], &[0b10, 0], "OACS: Format NVM");
+        assert_eq!(b[524], 0b1100, "FNA: crypto erase, no broadcast NSID");
+        assert_eq!(&b[328..332], &[1, 0, 0, 0], "SANICAP: crypto erase");
         assert_eq!(&b[768..791], b"nqn.2026-01.io.nvseal:a");
         assert_eq!(b[791], 0);
         assert_eq!(&b[1792..1796], &((64 + 8192) / 16u32).to_le_bytes());

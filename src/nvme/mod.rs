@@ -39,6 +39,8 @@ pub mod admin_op {
     pub const GET_FEATURES: u8 = 0x0a;
     pub const ASYNC_EVENT_REQUEST: u8 = 0x0c;
     pub const KEEP_ALIVE: u8 = 0x18;
+    pub const FORMAT_NVM: u8 = 0x80;
+    pub const SANITIZE: u8 = 0x84;
 }
 
 /// NVM command set I/O opcodes.
@@ -87,6 +89,7 @@ pub mod log_id {
     pub const SMART_HEALTH: u8 = 0x02;
     pub const FIRMWARE_SLOT: u8 = 0x03;
     pub const CHANGED_NS_LIST: u8 = 0x04;
+    pub const SANITIZE_STATUS: u8 = 0x81;
     pub const DISCOVERY: u8 = 0x70;
 }
 
@@ -177,11 +180,18 @@ impl Status {
     pub const LBA_OUT_OF_RANGE: Status = Status::generic(0x80, true);
     /// Namespace Not Ready, retry allowed: used for a locked (offline) namespace.
     pub const NAMESPACE_NOT_READY: Status = Status::generic(0x82, false);
+    /// The command is prohibited while a sanitize operation is in progress (retry later).
+    pub const SANITIZE_IN_PROGRESS: Status = Status::generic(0x1d, false);
+    /// Processing was interrupted; nvseal uses it, with DNR, for a crypto erase refused because
+    /// the namespace is busy with a deep rekey or conversion (retry once that has ended).
+    pub const COMMAND_INTERRUPTED: Status = Status::generic(0x21, true);
     // Command specific.
     pub const INVALID_QUEUE_ID: Status = Status::specific(0x01, true);
     pub const INVALID_QUEUE_SIZE: Status = Status::specific(0x02, true);
     pub const ASYNC_EVENT_LIMIT_EXCEEDED: Status = Status::specific(0x05, true);
     pub const INVALID_LOG_PAGE: Status = Status::specific(0x09, true);
+    /// Format NVM: the format (LBAF, metadata, protection information) is not supported.
+    pub const INVALID_FORMAT: Status = Status::specific(0x0a, true);
     pub const FEATURE_NOT_SAVEABLE: Status = Status::specific(0x0d, true);
     // Fabrics Connect (command specific).
     pub const CONNECT_INCOMPATIBLE_FORMAT: Status = Status::specific(0x80, true);

@@ -1,5 +1,6 @@
 //! Fabrics (Connect, Property Get/Set) and admin command handlers of a target [`Connection`]:
-//! Identify, Get Log Page, Set/Get Features, Keep Alive, Asynchronous Event Request, Abort.
+//! Identify, Get Log Page, Set/Get Features, Keep Alive, Asynchronous Event Request, Abort,
+//! Format NVM and Sanitize (crypto erase, run by [`crate::nvmf::erase`]'s thread).
 //!
 //! Runs on the reactor that owns the connection, on the admin path only: here taking the
 //! controller's `Mutex` and allocating scratch for a log page is fine; the I/O path never comes
@@ -14,6 +15,7 @@ use crate::nvme::log::{self as nlog, DiscoveryEntry};
 use crate::nvme::{admin_op, cns, connect, fctype, feature, log_id, prop, sgl, Status};
 use crate::nvmf::config::{is_valid_nqn, DISCOVERY_NQN};
 use crate::nvmf::conn::{Action, Connection, ReqState};
+use crate::nvmf::erase::{Done, Job, JobKind};
 use crate::nvmf::target::{
     Controller, FeatureValues, SlotRefusal, SubsystemKind, ERROR_LOG_ENTRIES, MAX_AERS,
 };
@@ -404,6 +406,11 @@ impl Connection {
         for idx in std::mem::take(&mut self.aers) {
             self.complete(idx, Status::SQ_DELETED);
         }
+        // A Format NVM still on the erase thread is answered now, as the reset aborts it; the
+        // erase itself runs to its end (its outcome is in the log and the audit trail).
+        for (idx, _) in std::mem::take(&mut self.erase_wait) {
+            self.complete(idx, Status::SQ_DELETED);
+        }
         if let Some(suppressed) = self.target.peer_log().admit() {
             tracing::info!(
                 cntlid = c.cntlid,
@@ -434,6 +441,8 @@ impl Connection {
             }
             admin_op::ASYNC_EVENT_REQUEST => return self.async_event_request(idx),
             admin_op::ABORT => self.abort(idx),
+            admin_op::FORMAT_NVM => return self.format_nvm(idx),
+            admin_op::SANITIZE => self.sanitize(idx),
             _ => Err(Status::INVALID_OPCODE),
         };
         Action::Complete(r.err().unwrap_or(Status::SUCCESS))
@@ -457,6 +466,23 @@ impl Connection {
                     oncs |= identify::ONCS_WRITE_ZEROES;
                 }
                 oncs |= identify::ONCS_DSM;
+                let nvm = kind == SubsystemKind::Nvm;
+                // Crypto erase: Format NVM offers it if some namespace can be crypto-erased
+                // (the others refuse SES = 2); Sanitize only if every one can, since it erases
+                // the whole subsystem (docs/lifecycle.md §5).
+                let erasable = namespaces
+                    .iter()
+                    .filter(|n| self.target.erase().can_erase(n))
+                    .count();
+                let mut fna = identify::FNA_NO_BROADCAST_FORMAT;
+                if erasable > 0 {
+                    fna |= identify::FNA_CRYPTO_ERASE;
+                }
+                let sanicap = if erasable > 0 && erasable == namespaces.len() {
+                    identify::SANICAP_CRYPTO_ERASE
+                } else {
+                    0
+                };
                 IdentifyController {
                     serial: &s.serial,
                     model: &s.model,
@@ -480,6 +506,9 @@ impl Connection {
                     } else {
                         oncs
                     },
+                    oacs: if nvm { identify::OACS_FORMAT_NVM } else { 0 },
+                    fna: if nvm { fna } else { 0 },
+                    sanicap: if nvm { sanicap } else { 0 },
                     // Always: a namespace added later (namespace.create) may sit on a backend
                     // with a volatile cache, and a host decides at Identify whether to send
                     // Flush and FUA at all. Flush is a no-op success where nothing is cached.
@@ -575,6 +604,14 @@ impl Connection {
                     a.changed_ns.clear();
                     a.ns_event_masked = false;
                 }
+                b.to_vec()
+            }
+            (log_id::SANITIZE_STATUS, false) => {
+                let mut b = [0u8; nlog::SANITIZE_STATUS_SIZE];
+                self.target
+                    .erase()
+                    .sanitize_status(&c.subsys.nqn)
+                    .encode(&mut b);
                 b.to_vec()
             }
             (log_id::DISCOVERY, true) => self.discovery_log(&c.hostnqn),
@@ -762,7 +799,193 @@ impl Connection {
             self.complete(idx, Status::SUCCESS);
             n += 1;
         }
+        // Format NVM commands the erase thread has finished (it sets `event_pending` too).
+        let mut i = 0;
+        while i < self.erase_wait.len() {
+            match self.erase_wait[i].1.take() {
+                Some(status) => {
+                    let (idx, _) = self.erase_wait.swap_remove(i);
+                    self.complete(idx, status);
+                    n += 1;
+                }
+                None => i += 1,
+            }
+        }
         n
+    }
+
+    /// Format NVM. Only the current format exists (LBAF 0, no metadata, no protection
+    /// information): anything else is Invalid Format. SES = 0 changes nothing and succeeds;
+    /// SES = 1 (user data erase) and SES = 2 (cryptographic erase) crypto-erase an encrypted
+    /// namespace on the erase thread, the command completing when that is done, and are
+    /// refused with Invalid Field on a plaintext one (nvseal does not overwrite data).
+    fn format_nvm(&mut self, idx: usize) -> Action {
+        match self.try_format(idx) {
+            Ok(None) => Action::Complete(Status::SUCCESS),
+            Ok(Some(done)) => {
+                self.put_buf(idx);
+                self.transition(idx, ReqState::AwaitingEvent);
+                self.erase_wait.push((idx, done));
+                Action::Pending
+            }
+            Err((status, reason)) => {
+                let nsid = self.reqs[idx].sqe.nsid;
+                self.erase_refused("Format NVM", nsid, status, reason);
+                Action::Complete(status)
+            }
+        }
+    }
+
+    fn try_format(&mut self, idx: usize) -> Result<Option<Arc<Done>>, (Status, &'static str)> {
+        let sqe = self.reqs[idx].sqe;
+        let Some(c) = self.ctrl.clone() else {
+            return Err((Status::COMMAND_SEQUENCE_ERROR, "no controller"));
+        };
+        if c.subsys.kind != SubsystemKind::Nvm {
+            return Err((Status::INVALID_OPCODE, "not an NVM subsystem"));
+        }
+        let d = sqe.cdw10;
+        let lbaf = (d & 0xf) | (((d >> 12) & 0x3) << 4);
+        let mset = (d >> 4) & 1;
+        let pi = (d >> 5) & 0x7;
+        let ses = (d >> 9) & 0x7;
+        if sqe.nsid == u32::MAX {
+            return Err((
+                Status::INVALID_NAMESPACE,
+                "broadcast NSID: Format NVM names one namespace (FNA bit 3)",
+            ));
+        }
+        let Some(ns) = c.subsys.namespace(sqe.nsid) else {
+            return Err((Status::INVALID_NAMESPACE, "no such namespace"));
+        };
+        if lbaf != 0 || mset != 0 || pi != 0 {
+            return Err((
+                Status::INVALID_FORMAT,
+                "only the current format (LBAF 0, no metadata, no PI) is supported",
+            ));
+        }
+        if ses > 2 {
+            return Err((
+                Status::INVALID_FIELD,
+                "reserved Secure Erase Settings value",
+            ));
+        }
+        let hub = self.target.erase();
+        if hub.sanitizing(&c.subsys.nqn) {
+            return Err((
+                Status::SANITIZE_IN_PROGRESS,
+                "a sanitize operation is running",
+            ));
+        }
+        if !ns.is_online() {
+            return Err((Status::NAMESPACE_NOT_READY, "the namespace is locked"));
+        }
+        if ses == 0 {
+            return Ok(None);
+        }
+        if !hub.can_erase(&ns) {
+            return Err((
+                Status::INVALID_FIELD,
+                "secure erase of a plaintext namespace: only an encrypted namespace can be crypto-erased",
+            ));
+        }
+        let done = Arc::new(Done::default());
+        hub.submit(Job {
+            who: format!("nvmf host {} cntlid {}", c.hostnqn, c.cntlid),
+            namespaces: vec![ns],
+            ctrl: c.clone(),
+            kind: JobKind::Format { done: done.clone() },
+        })
+        .map_err(|s| (s, "the erase queue is full or stopped"))?;
+        Ok(Some(done))
+    }
+
+    /// Sanitize. Only the crypto erase action (and Exit Failure Mode, a no-op: nvseal has no
+    /// restricted failure mode) is supported, and only where every namespace of the subsystem
+    /// can be crypto-erased (SANICAP); anything else is Invalid Field and changes nothing. The
+    /// command completes at once; the erase thread erases each namespace while the Sanitize
+    /// Status log page reports progress, and I/O to them gets Sanitize In Progress.
+    fn sanitize(&mut self, idx: usize) -> Result<(), Status> {
+        let r = self.try_sanitize(idx);
+        if let Err((status, reason)) = r {
+            let nsid = self.reqs[idx].sqe.nsid;
+            self.erase_refused("Sanitize", nsid, status, reason);
+            return Err(status);
+        }
+        Ok(())
+    }
+
+    fn try_sanitize(&mut self, idx: usize) -> Result<(), (Status, &'static str)> {
+        const SANACT_EXIT_FAILURE: u32 = 1;
+        const SANACT_CRYPTO_ERASE: u32 = 4;
+        let sqe = self.reqs[idx].sqe;
+        let Some(c) = self.ctrl.clone() else {
+            return Err((Status::COMMAND_SEQUENCE_ERROR, "no controller"));
+        };
+        if c.subsys.kind != SubsystemKind::Nvm {
+            return Err((Status::INVALID_OPCODE, "not an NVM subsystem"));
+        }
+        let hub = self.target.erase();
+        match sqe.cdw10 & 0x7 {
+            SANACT_EXIT_FAILURE => return Ok(()),
+            SANACT_CRYPTO_ERASE => {}
+            _ => {
+                return Err((
+                    Status::INVALID_FIELD,
+                    "only the crypto erase sanitize action is supported",
+                ))
+            }
+        }
+        let namespaces = c.subsys.namespaces();
+        if namespaces.is_empty() || !namespaces.iter().all(|n| hub.can_erase(n)) {
+            return Err((
+                Status::INVALID_FIELD,
+                "crypto erase sanitize needs every namespace of the subsystem encrypted",
+            ));
+        }
+        if !namespaces.iter().all(|n| n.is_online()) {
+            return Err((Status::NAMESPACE_NOT_READY, "a namespace is locked"));
+        }
+        let Some(prev) = hub.begin_sanitize(&c.subsys.nqn, sqe.cdw10, &namespaces) else {
+            return Err((
+                Status::SANITIZE_IN_PROGRESS,
+                "a sanitize operation is running",
+            ));
+        };
+        let job = Job {
+            who: format!("nvmf host {} cntlid {}", c.hostnqn, c.cntlid),
+            namespaces: namespaces.clone(),
+            ctrl: c.clone(),
+            kind: JobKind::Sanitize {
+                nqn: c.subsys.nqn.clone(),
+            },
+        };
+        if let Err(s) = hub.submit(job) {
+            hub.abandon_sanitize(&c.subsys.nqn, prev, &namespaces);
+            return Err((s, "the erase queue is full or stopped"));
+        }
+        Ok(())
+    }
+
+    /// Logs why a Format NVM or Sanitize was refused (rate-limited: a host can repeat it).
+    fn erase_refused(&self, cmd: &str, nsid: u32, status: Status, reason: &str) {
+        if let Some(suppressed) = self.target.peer_log().admit() {
+            let (cntlid, hostnqn) = self
+                .ctrl
+                .as_ref()
+                .map(|c| (c.cntlid, c.hostnqn.as_str()))
+                .unwrap_or((0, ""));
+            tracing::warn!(
+                cntlid,
+                hostnqn,
+                peer = ?self.peer,
+                nsid,
+                ?status,
+                reason,
+                suppressed_before = suppressed,
+                "{cmd} refused"
+            );
+        }
     }
 
     fn abort(&mut self, idx: usize) -> Result<(), Status> {

@@ -15,6 +15,7 @@
 mod admin;
 pub mod config;
 pub mod conn;
+pub mod erase;
 /// The whole-[`Connection`] driver of the `connection` fuzz target and tests/connection_fuzz.rs.
 #[doc(hidden)]
 pub mod fuzzing;

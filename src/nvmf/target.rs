@@ -81,6 +81,9 @@ pub struct Namespace {
     /// False while the namespace is locked (an encrypted namespace waiting for its key). Read
     /// with `Acquire` at Identify and I/O time; written by the control thread.
     online: AtomicBool,
+    /// Set while a Sanitize of its subsystem runs (crate::nvmf::erase): I/O to it completes
+    /// with Sanitize In Progress.
+    sanitizing: AtomicBool,
     /// Cached geometry (the bdev's is immutable after open).
     pub block_size: u32,
     pub num_blocks: u64,
@@ -94,6 +97,7 @@ impl Namespace {
             nguid: nguid_for(nqn, nsid),
             uuid: uuid_for(nqn, nsid),
             online: AtomicBool::new(online),
+            sanitizing: AtomicBool::new(false),
             block_size: bdev.block_size(),
             num_blocks: bdev.num_blocks(),
             bdev,
@@ -101,6 +105,12 @@ impl Namespace {
     }
     pub fn is_online(&self) -> bool {
         self.online.load(Ordering::Acquire)
+    }
+    pub fn is_sanitizing(&self) -> bool {
+        self.sanitizing.load(Ordering::Acquire)
+    }
+    pub fn set_sanitizing(&self, on: bool) {
+        self.sanitizing.store(on, Ordering::Release);
     }
     pub fn supports(&self, t: IoType) -> bool {
         self.bdev.io_type_supported(t)
@@ -530,6 +540,8 @@ pub struct Target {
     refusal_log: LogLimiter,
     /// Rate limit of the other log lines peers can trigger from a reactor ([`Target::peer_log`]).
     peer_log: LogLimiter,
+    /// Crypto erase from the host (Format NVM, Sanitize) and the Sanitize Status.
+    erase: crate::nvmf::erase::EraseHub,
 }
 
 impl Target {
@@ -665,7 +677,13 @@ impl Target {
             ports,
             refusal_log: LogLimiter::new(REFUSAL_LOG_BURST, REFUSAL_LOG_PER_SEC),
             peer_log: LogLimiter::new(PEER_LOG_BURST, PEER_LOG_PER_SEC),
+            erase: crate::nvmf::erase::EraseHub::default(),
         }))
+    }
+
+    /// Crypto erase support (the server installs the eraser).
+    pub fn erase(&self) -> &crate::nvmf::erase::EraseHub {
+        &self.erase
     }
 
     pub fn subsystem(&self, nqn: &str) -> Option<&Arc<Subsystem>> {

@@ -59,6 +59,7 @@ use crate::kms::{KmsCluster, ServerStatus};
 mod audit_log;
 mod config;
 mod deep;
+mod erase;
 mod format;
 mod rekey;
 #[cfg(test)]
@@ -69,6 +70,7 @@ use audit_log::unix_ms;
 pub use audit_log::FileAuditSink;
 pub use config::{KeysConfig, LocalKeysConfig, NamespaceKeyConfig, RetryConfig, LOCAL_PROVIDER};
 pub use deep::{DeepRekeyError, DeepRekeyStatus, DeepState, MAX_RATE_MIB_S};
+pub use erase::{CryptoEraseError, CryptoEraseReport, ERASE_QUIESCE_TIMEOUT};
 
 // ---------------------------------------------------------------------------------------------
 // Audit

@@ -227,6 +227,9 @@ impl Connection {
         if !ns.is_online() || self.channels.get(i).is_none_or(|c| c.is_none()) {
             return Err(Status::NAMESPACE_NOT_READY);
         }
+        if ns.is_sanitizing() {
+            return Err(Status::SANITIZE_IN_PROGRESS);
+        }
         Ok((i, ns))
     }
 

@@ -395,6 +395,8 @@ pub struct Connection {
     ctl_off: usize,
     /// Held Asynchronous Event Requests (slot indices).
     pub(super) aers: Vec<usize>,
+    /// Format NVM commands waiting for the erase thread (slot index, where it leaves the status).
+    pub(super) erase_wait: Vec<(usize, std::sync::Arc<crate::nvmf::erase::Done>)>,
     pub(super) ka_deadline: Option<Instant>,
     /// Deadline for completing Fabrics Connect (cleared once connected).
     pub(super) connect_deadline: Option<Instant>,
@@ -533,6 +535,7 @@ impl Connection {
             ctl_len: 0,
             ctl_off: 0,
             aers: Vec::with_capacity(crate::nvmf::target::MAX_AERS),
+            erase_wait: Vec::new(),
             ka_deadline: None,
             connect_deadline: Some(now + Duration::from_millis(u64::from(connect_timeout_ms))),
             icreq_deadline: now + Duration::from_millis(u64::from(icreq_timeout_ms)),
@@ -810,6 +813,7 @@ impl Connection {
         self.tx_queue.clear();
         self.exec_queue.clear();
         self.aers.clear();
+        self.erase_wait.clear();
         self.buf_wait.clear();
         self.icd_wait = None;
         self.leave_buf_waiters();
