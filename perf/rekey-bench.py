@@ -34,6 +34,7 @@ ROOT = os.path.dirname(HERE)
 NQN = "nqn.2026-12.io.nvseal:rekey-bench"
 HOSTNQN = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-4000-8000-0000000dee9b"
 MIB = 1 << 20
+TARGET_CPUS = os.environ.get("REKEY_BENCH_TARGET_CPUS", "0")
 META = 1 << 20
 
 
@@ -81,7 +82,7 @@ class Target:
                 "    namespaces:\n      - { nsid: 1, bdev: vol, encrypted: true }\n"
                 f"    listen: [{{ addr: 127.0.0.1, port: {self.port} }}]\n")
         self.log = open(os.path.join(tmp, "serve.log"), "a")
-        self.p = subprocess.Popen(["taskset", "-c", "0", binary, "serve", "-c", cfg],
+        self.p = subprocess.Popen(["taskset", "-c", TARGET_CPUS, binary, "serve", "-c", cfg],
                                   stdout=self.log, stderr=self.log)
         end = time.time() + 600
         while time.time() < end:

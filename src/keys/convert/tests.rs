@@ -194,7 +194,7 @@ fn record_round_trip_and_refusals() {
         data_unit_bytes: 4096,
         start_blocks: 96,
         len_blocks: 128,
-        data_sha256: [3; 32],
+        data_check: DataCheck::Sha256([3; 32]),
     };
     let b = r.encode();
     assert_eq!(Record::decode(&b[..]), Ok(Some(r.clone())));
@@ -369,4 +369,42 @@ fn a_record_for_a_passed_segment_is_never_written_back() {
     let mut got = vec![0u8; unit];
     d.read_blocks(1, &mut got).unwrap();
     assert_eq!(got, b);
+}
+
+/// Version 2 records (CRC-32C of the bytes) round-trip and are what a step writes; version 1
+/// records (SHA-256, written by older builds) still decode and still check their bytes, so a
+/// pass interrupted under an older build recovers under this one. Junk after the CRC is refused.
+#[test]
+fn journal_record_versions_1_and_2() {
+    let data = vec![0x5Au8; 8192];
+    let mut r = Record {
+        id: ConversionId {
+            device_uuid: Uuid::from_bytes([7; 16]),
+            started_unix_s: NOW,
+            new_fingerprint: KekFingerprint([9; 32]),
+        },
+        data_unit_bytes: 4096,
+        start_blocks: 0,
+        len_blocks: 2,
+        data_check: DataCheck::of(&data),
+    };
+    assert!(matches!(r.data_check, DataCheck::Crc32c(_)));
+    let b = r.encode();
+    assert_eq!(u16::from_le_bytes([b[8], b[9]]), JOURNAL_VERSION);
+    let back = Record::decode(&b[..]).unwrap().unwrap();
+    assert!(back.data_check.matches(&data));
+    assert!(!back.data_check.matches(&data[..4096]));
+    let mut junk = b.clone();
+    junk[0x58 + 4] = 1;
+    let sum = sha2::Sha256::digest(&junk[..0xFE0]);
+    junk[0xFE0..].copy_from_slice(&sum);
+    assert!(Record::decode(&junk[..]).is_err(), "junk after the CRC accepted");
+    r.data_check = DataCheck::Sha256(sha2::Sha256::digest(&data).into());
+    let b1 = r.encode();
+    assert_eq!(u16::from_le_bytes([b1[8], b1[9]]), JOURNAL_VERSION_SHA256);
+    let back1 = Record::decode(&b1[..]).unwrap().unwrap();
+    assert!(back1.data_check.matches(&data));
+    let mut other = data.clone();
+    other[100] ^= 1;
+    assert!(!back1.data_check.matches(&other));
 }
