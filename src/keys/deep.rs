@@ -4,9 +4,11 @@
 //! [`run`] drives the pass on a control thread, one segment at a time: make the segment hot (host
 //! I/O to it is refused as Busy, I/O already in flight drains), convert it durably, publish the
 //! new watermark, let the host back in. It stops between segments when asked ([`PassControl`]:
-//! pause, rate limit) and finishes the rekey when the watermark reaches the end. Data I/O of the
-//! pass goes through [`BdevDataIo`]: a private channel on the base bdev polled on the calling
-//! thread, so no reactor ever waits for it.
+//! pause, rate limit) and finishes the rekey when the watermark reaches the end. Online, the data
+//! I/O of the pass goes through [`ReactorDataIo`]: submitted and completed on a reactor, on that
+//! reactor's own channel of the base bdev, a bounded number per poll so host I/O on the same
+//! reactor interleaves; the control thread only waits for the answers. [`BdevDataIo`] (a private
+//! channel polled on the calling thread) serves offline use and tests.
 //!
 //! A failed step never hands a half-written segment to the host: the segment stays hot until
 //! [`super::convert::recover`] has put it back as the header describes; if even that fails, it
@@ -287,6 +289,9 @@ impl DataIo for BdevDataIo {
         Ok(())
     }
 }
+
+pub mod reactor_io;
+pub use reactor_io::{ReactorDataIo, ReactorIoOptions};
 
 #[cfg(test)]
 mod tests;

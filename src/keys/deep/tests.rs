@@ -13,11 +13,11 @@ use crate::keys::header::{DataUnit, METADATA_REGION_BYTES};
 use crate::keys::header_io::BdevHeaderIo;
 use crate::keys::store;
 
-const BS: usize = 4096;
-const BLOCKS: u64 = 48;
+pub(super) const BS: usize = 4096;
+pub(super) const BLOCKS: u64 = 48;
 const META_BLOCKS: u64 = METADATA_REGION_BYTES / BS as u64;
 
-fn key(seed: u8) -> XtsKey {
+pub(super) fn key(seed: u8) -> XtsKey {
     let mut k = [0u8; 64];
     for (i, b) in k.iter_mut().enumerate() {
         *b = (i as u8).wrapping_mul(29).wrapping_add(seed);
@@ -25,24 +25,24 @@ fn key(seed: u8) -> XtsKey {
     XtsKey::from_bytes(&k).unwrap()
 }
 
-fn dk(seed: u8) -> DataKey {
+pub(super) fn dk(seed: u8) -> DataKey {
     DataKey::new(&key(seed), None).unwrap()
 }
 
-fn pattern(lba: u64, v: u32) -> Vec<u8> {
+pub(super) fn pattern(lba: u64, v: u32) -> Vec<u8> {
     (0..BS)
         .map(|i| (lba as usize * 7 + i * 13 + v as usize * 101 + i / 4093) as u8)
         .collect()
 }
 
-struct Stack {
-    base: Arc<dyn Bdev>,
-    slice: Arc<dyn Bdev>,
-    crypto: Arc<CryptoBdev>,
-    stored: Stored,
+pub(super) struct Stack {
+    pub(super) base: Arc<dyn Bdev>,
+    pub(super) slice: Arc<dyn Bdev>,
+    pub(super) crypto: Arc<CryptoBdev>,
+    pub(super) stored: Stored,
 }
 
-fn stack() -> Stack {
+pub(super) fn stack() -> Stack {
     let base: Arc<dyn Bdev> = Arc::new(
         MallocBdev::new(&MallocConfig {
             name: "m".into(),
@@ -141,7 +141,7 @@ fn host(
     })
 }
 
-fn check_base(s: &Stack, model: &[u32], seed: u8) {
+pub(super) fn check_base(s: &Stack, model: &[u32], seed: u8) {
     let x = Xts::with_tier(&key(seed), Tier::Soft).unwrap();
     let mut data = BdevDataIo::new(s.slice.clone(), CoreId(0));
     for lba in 0..BLOCKS {
@@ -152,7 +152,7 @@ fn check_base(s: &Stack, model: &[u32], seed: u8) {
     }
 }
 
-fn now() -> u64 {
+pub(super) fn now() -> u64 {
     1_800_000_000
 }
 
