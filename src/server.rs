@@ -408,12 +408,25 @@ impl Server {
                     tracing::info!(bdev = ns_id, "encrypted namespace online");
                 });
             let max_tier = cfg.crypto.max_tier.as_deref().and_then(|t| t.parse().ok());
+            // A deep-rekey pass does its data I/O on a reactor (the one a stable hash of the
+            // namespace picks), through that reactor's own channel of the base bdev.
+            let mailboxes = set.call(0, |r| r.mailboxes())?;
+            let pass_io: crate::keys::manager::PassIoFactory =
+                Arc::new(move |ns_id: &str, base: Arc<dyn Bdev>| {
+                    let n = mailboxes.len().max(1);
+                    let idx = ns_id.bytes().fold(0usize, |h, b| {
+                        h.wrapping_mul(31).wrapping_add(usize::from(b))
+                    }) % n;
+                    let io = crate::keys::deep::ReactorDataIo::new(mailboxes.clone(), idx, base)?;
+                    Ok(Box::new(io) as Box<dyn crate::keys::convert::DataIo + Send>)
+                });
             let km = KeyManager::new(
                 &kc,
                 ManagerOptions {
                     on_online: Some(on_online),
                     audit: audit.clone(),
                     xts_max_tier: max_tier,
+                    pass_io: Some(pass_io),
                 },
             )
             .map_err(|e| ServerError::Keys(e.to_string()))?;

@@ -106,9 +106,8 @@ pub fn run(args: FormatArgs) -> ExitCode {
     let km = match KeyManager::new(
         &keys,
         ManagerOptions {
-            on_online: None,
             audit,
-            xts_max_tier: None,
+            ..ManagerOptions::default()
         },
     ) {
         Ok(k) => k,

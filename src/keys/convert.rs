@@ -176,7 +176,9 @@ impl Record {
         b[rec::LEN..rec::LEN + 4].copy_from_slice(&self.len_blocks.to_le_bytes());
         match self.data_check {
             DataCheck::Sha256(d) => b[rec::DATA_SHA..rec::DATA_SHA + 32].copy_from_slice(&d),
-            DataCheck::Crc32c(c) => b[rec::DATA_SHA..rec::DATA_SHA + 4].copy_from_slice(&c.to_le_bytes()),
+            DataCheck::Crc32c(c) => {
+                b[rec::DATA_SHA..rec::DATA_SHA + 4].copy_from_slice(&c.to_le_bytes())
+            }
         }
         let sum = Sha256::digest(&b[..rec::CHECKSUM]);
         b[rec::CHECKSUM..].copy_from_slice(&sum);
@@ -206,7 +208,10 @@ impl Record {
         let data_check = match version {
             JOURNAL_VERSION_SHA256 => DataCheck::Sha256(arr32(rec::DATA_SHA)),
             JOURNAL_VERSION => {
-                if b[rec::DATA_SHA + 4..rec::DATA_SHA + 32].iter().any(|&x| x != 0) {
+                if b[rec::DATA_SHA + 4..rec::DATA_SHA + 32]
+                    .iter()
+                    .any(|&x| x != 0)
+                {
                     return Err("bytes after the CRC-32C are not zero".into());
                 }
                 DataCheck::Crc32c(u32_at(rec::DATA_SHA))

@@ -398,7 +398,10 @@ fn journal_record_versions_1_and_2() {
     junk[0x58 + 4] = 1;
     let sum = sha2::Sha256::digest(&junk[..0xFE0]);
     junk[0xFE0..].copy_from_slice(&sum);
-    assert!(Record::decode(&junk[..]).is_err(), "junk after the CRC accepted");
+    assert!(
+        Record::decode(&junk[..]).is_err(),
+        "junk after the CRC accepted"
+    );
     r.data_check = DataCheck::Sha256(sha2::Sha256::digest(&data).into());
     let b1 = r.encode();
     assert_eq!(u16::from_le_bytes([b1[8], b1[9]]), JOURNAL_VERSION_SHA256);

@@ -32,7 +32,7 @@ use crate::bdev::Bdev;
 use crate::crypto::bdev::{CryptoBdev, DataKey};
 use crate::crypto::key::XtsKey;
 use crate::crypto::keymap::Keying;
-use crate::keys::convert;
+use crate::keys::convert::{self, DataIo};
 use crate::keys::deep::{self, BdevDataIo, NamespaceIo, PassControl, PassEnd};
 use crate::keys::header::RekeyState;
 use crate::keys::store::{self, HeaderIo};
@@ -543,7 +543,7 @@ impl Inner {
         let Some((io, crypto, control)) = parts else {
             return;
         };
-        let outcome = self.run_pass(io, &crypto, &control);
+        let outcome = self.run_pass(ns_id, io, &crypto, &control);
         let (state, error, finished) = match outcome {
             Ok(PassEnd::Finished(stored)) => (DeepState::Finished, None, Some(stored)),
             Ok(PassEnd::Paused(_)) => (DeepState::Paused, None, None),
@@ -587,6 +587,7 @@ impl Inner {
 
     fn run_pass(
         &self,
+        ns_id: &str,
         io: SharedIo,
         crypto: &Arc<CryptoBdev>,
         control: &PassControl,
@@ -601,10 +602,16 @@ impl Inner {
         };
         let mut meta = LockedIo(io);
         let current = store::read_header(&mut meta).map_err(|e| e.to_string())?;
-        let mut data = BdevDataIo::new(crypto.base().clone() as Arc<dyn Bdev>, CoreId(0));
+        let base = crypto.base().clone() as Arc<dyn Bdev>;
+        let mut data: Box<dyn DataIo + Send> = match &self.pass_io {
+            Some(open) => {
+                open(ns_id, base).map_err(|e| format!("opening the pass's data I/O: {e}"))?
+            }
+            None => Box::new(BdevDataIo::new(base, CoreId(0))),
+        };
         let mut nio = NamespaceIo {
             meta: &mut meta,
-            data: &mut data,
+            data: data.as_mut(),
         };
         deep::run(&mut nio, current, ctl, &old, &new, control, &now_unix_s)
             .map_err(|e| e.to_string())

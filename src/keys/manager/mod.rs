@@ -353,9 +353,20 @@ pub enum RekeyRequestError {
 /// Called once per namespace when it comes online, on its unlock thread.
 pub type OnOnline = Arc<dyn Fn(&str, Arc<dyn Bdev>) + Send + Sync>;
 
+/// Opens the data I/O of a deep-rekey pass over a namespace's data area (the server passes one
+/// that runs it on a reactor: [`crate::keys::deep::ReactorDataIo`]); called on the pass thread.
+pub type PassIoFactory = Arc<
+    dyn Fn(&str, Arc<dyn Bdev>) -> std::io::Result<Box<dyn crate::keys::convert::DataIo + Send>>
+        + Send
+        + Sync,
+>;
+
 /// Options of [`KeyManager::new`] that are not configuration.
 #[derive(Clone, Default)]
 pub struct ManagerOptions {
+    /// The data I/O of deep-rekey passes; None: a private channel polled on the pass thread
+    /// (tests and tools without reactors).
+    pub pass_io: Option<PassIoFactory>,
     /// Receives each namespace's crypto bdev when it comes online.
     pub on_online: Option<OnOnline>,
     /// Audit sink; when unset and `audit_log` is configured, a [`FileAuditSink`] on it.
@@ -425,6 +436,7 @@ struct Inner {
     retry: RetryConfig,
     audit: Option<Arc<dyn AuditSink>>,
     on_online: Option<OnOnline>,
+    pass_io: Option<PassIoFactory>,
     xts_max_tier: Option<Tier>,
     rekey_lock: Mutex<()>,
     /// KEKs named by the headers of namespaces that were removed (`KeyManager::remove`): their
@@ -535,6 +547,7 @@ impl KeyManager {
                 retry: config.unlock_retry,
                 audit,
                 on_online: options.on_online,
+                pass_io: options.pass_io,
                 xts_max_tier: options.xts_max_tier,
                 rekey_lock: Mutex::new(()),
                 retained: Mutex::new(Vec::new()),
