@@ -493,6 +493,7 @@ fn inner_with(slots: &[Arc<ProviderSlot>]) -> Inner {
         retry: RetryConfig::default(),
         audit: None,
         on_online: None,
+        pass_io: None,
         xts_max_tier: None,
         rekey_lock: Mutex::new(()),
         retained: Mutex::new(Vec::new()),
