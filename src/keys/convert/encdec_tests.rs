@@ -468,3 +468,190 @@ fn a_torn_write_at_every_write_loses_no_acknowledged_write() {
         }
     }
 }
+
+#[test]
+fn wrong_calls_are_refused_and_write_nothing() {
+    let s = setup(DataUnit::Bytes4096, 8, Place::Front, Start::Encrypted);
+    let before = s.dev.borrow().image().to_vec();
+    with_dev(&s, |d| {
+        let cur = store::read_header(d).unwrap();
+        let k = dek();
+        // Not converting: step, finish_decrypt refuse.
+        assert!(matches!(
+            finish_decrypt(d, &cur, NOW),
+            Err(ConvertError::NotConverting)
+        ));
+        // An encrypted namespace has a key already.
+        assert!(matches!(
+            begin_encrypt(d, &cur.clone().into(), slot("dek-kek", 6), SEG, NOW),
+            Err(ConvertError::AlreadyConverting)
+        ));
+        // Formatting over a valid header, even for a blank-region encrypt.
+        assert!(matches!(
+            begin_encrypt_blank(d, &s.frame, slot("dek-kek", 6), SEG, NOW),
+            Err(ConvertError::AlreadyConverting)
+        ));
+        assert!(matches!(
+            begin_decrypt(d, &cur, 0, NOW),
+            Err(ConvertError::BadSegment { .. })
+        ));
+        let _ = k;
+    });
+    assert_eq!(s.dev.borrow().image(), &before[..]);
+    // Once decrypting: keys that do not fit the direction, and the other finish.
+    with_dev(&s, |d| {
+        let cur = store::read_header(d).unwrap();
+        let cur = begin_decrypt(d, &cur, SEG, NOW).unwrap();
+        let k = dek();
+        for keys in [
+            Keys {
+                below: Some(&k),
+                above: None,
+            },
+            Keys {
+                below: Some(&k),
+                above: Some(&k),
+            },
+            Keys {
+                below: None,
+                above: None,
+            },
+        ] {
+            assert!(matches!(
+                step(d, &cur, &keys, &mut Vec::new(), NOW),
+                Err(ConvertError::WrongKeys(_))
+            ));
+        }
+        assert!(matches!(
+            finish(d, &cur, NOW),
+            Err(ConvertError::WrongPass { .. })
+        ));
+        assert!(matches!(
+            finish_decrypt(d, &cur, NOW),
+            Err(ConvertError::NotFinished { .. })
+        ));
+        assert!(matches!(
+            begin_decrypt(d, &cur, SEG, NOW),
+            Err(ConvertError::AlreadyConverting)
+        ));
+    });
+}
+
+#[test]
+fn a_blank_encrypt_refuses_a_region_that_may_hold_a_key() {
+    // A damaged header copy that still holds a key slot (its checksum fails, so no valid
+    // header is found) is not overwritten: its wrapped DEK might be recovered by hand.
+    for copy in CopyId::ALL {
+        let s = setup(DataUnit::Bytes512, 8, Place::Front, Start::Blank);
+        let mut keyed = sample().encode(copy).unwrap();
+        keyed[0xFE0] ^= 1;
+        s.dev
+            .borrow_mut()
+            .write_at(copy.offset_bytes(), &keyed[..])
+            .unwrap();
+        let before = s.dev.borrow().image().to_vec();
+        let got = with_dev(&s, |d| {
+            begin_encrypt_blank(d, &s.frame, slot("dek-kek", 6), SEG, NOW)
+        });
+        assert!(
+            matches!(got, Err(ConvertError::NotBlank(NotBlank::Metadata { .. }))),
+            "{copy:?}: {got:?}"
+        );
+        assert_eq!(s.dev.borrow().image(), &before[..]);
+    }
+    // Anything in the journal area or the gaps.
+    let s = setup(DataUnit::Bytes512, 8, Place::Front, Start::Blank);
+    s.dev
+        .borrow_mut()
+        .write_at(JOURNAL_DATA_OFFSET_BYTES + 100, &[1])
+        .unwrap();
+    let got = with_dev(&s, |d| {
+        begin_encrypt_blank(d, &s.frame, slot("dek-kek", 6), SEG, NOW)
+    });
+    assert!(matches!(
+        got,
+        Err(ConvertError::NotBlank(NotBlank::Metadata { offset })) if offset == JOURNAL_DATA_OFFSET_BYTES + 100
+    ));
+}
+
+#[test]
+fn a_detached_header_that_is_missing_or_belongs_elsewhere_is_refused_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ns-a.hdr");
+    let blocks = 16u64;
+    let device_bytes = blocks * 4096;
+    // Missing.
+    let err = open_detached(&path, LABEL, device_bytes)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    assert!(!path.exists(), "nothing created");
+    // Created once, never over an existing file.
+    create_detached_header(&path).unwrap();
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().len(),
+        METADATA_REGION_BYTES
+    );
+    assert!(create_detached_header(&path).is_err());
+    // A blank file is not a header yet.
+    assert!(matches!(
+        open_detached(&path, LABEL, device_bytes),
+        Err(ConvertError::DetachedHeader { .. })
+    ));
+    // Begin an encrypt into it (a real file), then use it for other namespaces/devices.
+    {
+        let mut io = FileHeaderIo::open(&path, METADATA_REGION_BYTES).unwrap();
+        let f = frame(DataUnit::Bytes4096, blocks, Place::Detached);
+        begin_encrypt_blank(&mut io, &f, slot("dek-kek", 6), SEG, NOW).unwrap();
+    }
+    let before = std::fs::read(&path).unwrap();
+    let (_, stored) = open_detached(&path, LABEL, device_bytes).unwrap();
+    assert_eq!(stored.header.state_name(), "converting");
+    for (label, bytes) in [
+        ("nqn.2026-12.invalid:ns-b", device_bytes),
+        (LABEL, device_bytes + 4096),
+        (LABEL, device_bytes - 4096),
+    ] {
+        let err = open_detached(&path, label, bytes).err().expect("refused");
+        assert!(matches!(err, ConvertError::Binding { .. }), "{err}");
+        assert!(err.to_string().contains("nothing was changed"), "{err}");
+    }
+    // A file that is not a header at all, or too small.
+    let small = dir.path().join("small.hdr");
+    std::fs::write(&small, [0u8; 4096]).unwrap();
+    assert!(open_detached(&small, LABEL, device_bytes)
+        .err()
+        .expect("refused")
+        .to_string()
+        .contains("smaller than"));
+    assert!(open_detached(dir.path(), LABEL, device_bytes).is_err());
+    assert_eq!(std::fs::read(&path).unwrap(), before, "nothing changed");
+    assert_eq!(std::fs::read(&small).unwrap(), [0u8; 4096]);
+}
+
+#[test]
+fn state_survives_a_restart_and_is_named() {
+    // The state, direction and watermark are read back from the device alone.
+    let s = setup(DataUnit::Bytes4096, 8, Place::Front, Start::Retired);
+    with_dev(&s, |d| {
+        let any = store::read_any(d).unwrap();
+        assert_eq!(any.header.state_name(), "plain");
+        assert!(matches!(store::read_header(d), Err(StoreError::Plain)));
+        let cur = begin_encrypt(d, &any, slot("dek-kek", 6), SEG, NOW).unwrap();
+        let k = dek();
+        let keys = Keys {
+            below: Some(&k),
+            above: None,
+        };
+        step(d, &cur, &keys, &mut Vec::new(), NOW).unwrap();
+    });
+    with_dev(&s, |d| {
+        let any = store::read_any(d).unwrap();
+        assert_eq!(any.header.state_name(), "converting");
+        let c = conversion_state(any.header.keyed().unwrap())
+            .unwrap()
+            .clone();
+        assert_eq!(c.direction, Direction::Encrypt);
+        assert_eq!(c.watermark_blocks, u64::from(SEG));
+    });
+}
