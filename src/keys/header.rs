@@ -395,6 +395,9 @@ pub struct PlainHeader {
 
 /// Any valid header copy: one with a key (encrypted, or being rekeyed or converted) or a
 /// retired, plain one.
+// Headers live on control threads, a few at a time; boxing the keyed one would only add
+// indirection to every match.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AnyHeader {
     /// A header with an active key slot.
