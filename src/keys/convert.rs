@@ -535,27 +535,51 @@ pub fn begin_encrypt<I: HeaderIo + ?Sized>(
     s.keyed().ok_or(ConvertError::NotConverting)
 }
 
-/// Checks the metadata region holds nothing but what an interrupted [`begin_encrypt_blank`] may
-/// leave: the whole region is zero, except that a header copy may hold a write of the retired
-/// header cut short. Such a copy is recognised by holding **no key material**: its key slots
-/// and pass fields (`0x0C0..0x460`) are zero, as in every retired header. Overwriting it can
-/// lose no key. Reads only.
-fn check_region_for_plain_format<I: HeaderIo + ?Sized>(io: &mut I) -> Result<(), ConvertError> {
+/// Checks the metadata region holds nothing but what an interrupted [`begin_encrypt_blank`] for
+/// `plain` may leave: the whole region is zero, except that a header copy may hold part of a
+/// write of that same retired header: each of its 512-byte sectors is either zero or equal to
+/// the same sector of `plain`'s encoding, the time stamps (`0x078..0x088`) and the checksum
+/// aside (they differ between two runs). A retired header holds no key, so writing over such a
+/// copy can lose nothing; anything else is refused. Reads only.
+fn check_region_for_plain_format<I: HeaderIo + ?Sized>(
+    io: &mut I,
+    plain: &PlainHeader,
+) -> Result<(), ConvertError> {
+    const SECTOR: usize = 512;
+    const STAMPS: std::ops::Range<usize> = 0x078..0x088;
+    const SUM: usize = 0xFE0;
+    let refuse = |offset: u64| {
+        tracing::warn!(
+            offset,
+            "refusing to write a header for encrypt: the metadata region is not blank"
+        );
+        ConvertError::NotBlank(NotBlank::Metadata { offset })
+    };
+    for copy in CopyId::ALL {
+        let mut got = vec![0u8; HEADER_COPY_BYTES];
+        io.read_at(copy.offset_bytes(), &mut got)?;
+        let want = plain.encode(copy).map_err(StoreError::from)?;
+        for (i, (g, w)) in got.chunks(SECTOR).zip(want.chunks(SECTOR)).enumerate() {
+            if g.iter().all(|&x| x == 0) {
+                continue;
+            }
+            let differs = g.iter().zip(w.iter()).enumerate().find(|&(j, (a, b))| {
+                let off = i * SECTOR + j;
+                a != b && !STAMPS.contains(&off) && off < SUM
+            });
+            if let Some((j, _)) = differs {
+                return Err(refuse(copy.offset_bytes() + (i * SECTOR + j) as u64));
+            }
+        }
+    }
     let copy = HEADER_COPY_BYTES as u64;
     let (a, b) = (CopyId::A.offset_bytes(), CopyId::B.offset_bytes());
-    let must_be_zero = [
-        (a + 0x0C0, 0x460 - 0x0C0),
+    for (off, len) in [
         (a + copy, b - (a + copy)),
-        (b + 0x0C0, 0x460 - 0x0C0),
         (b + copy, METADATA_REGION_BYTES - (b + copy)),
-    ];
-    for (off, len) in must_be_zero {
+    ] {
         if let Some(offset) = store::first_nonzero(|o, buf| io.read_at(o, buf), off, len)? {
-            tracing::warn!(
-                offset,
-                "refusing to write a header for encrypt: the metadata region is not blank"
-            );
-            return Err(ConvertError::NotBlank(NotBlank::Metadata { offset }));
+            return Err(refuse(offset));
         }
     }
     Ok(())
@@ -564,8 +588,8 @@ fn check_region_for_plain_format<I: HeaderIo + ?Sized>(io: &mut I) -> Result<(),
 /// Starts encrypting a plain namespace that has no header yet but whose config reserved the
 /// metadata region (or a new detached header file): writes a retired header for `frame` (no
 /// key, so a write cut short exposes nothing), then [`begin_encrypt`]. The region must read as
-/// zeros — except a copy A left by an earlier call cut short, recognised by holding no key
-/// material — or nothing is written ([`ConvertError::NotBlank`]).
+/// zeros — except what an earlier call for the same `frame` cut short may have left in the
+/// header copies — or nothing is written ([`ConvertError::NotBlank`]).
 pub fn begin_encrypt_blank<I: HeaderIo + ?Sized>(
     io: &mut I,
     frame: &PlainHeader,
@@ -585,7 +609,7 @@ pub fn begin_encrypt_blank<I: HeaderIo + ?Sized>(
         Ok(_) => return Err(ConvertError::AlreadyConverting),
         Err(e) => return Err(e.into()),
     }
-    check_region_for_plain_format(io)?;
+    check_region_for_plain_format(io, &plain)?;
     let a = plain.encode(CopyId::A).map_err(StoreError::from)?;
     let b = plain.encode(CopyId::B).map_err(StoreError::from)?;
     io.write_at(CopyId::A.offset_bytes(), &a[..])?;

@@ -559,6 +559,30 @@ fn a_blank_encrypt_refuses_a_region_that_may_hold_a_key() {
         );
         assert_eq!(s.dev.borrow().image(), &before[..]);
     }
+    // Half of another namespace's retired header (not what this encrypt would have written).
+    let s = setup(DataUnit::Bytes512, 8, Place::Front, Start::Blank);
+    let mut other = s.frame.clone();
+    other.namespace_uuid = Uuid::from_bytes([0x33; 16]);
+    let b = other.encode(CopyId::A).unwrap();
+    s.dev.borrow_mut().write_at(0, &b[..2048]).unwrap();
+    let before = s.dev.borrow().image().to_vec();
+    let got = with_dev(&s, |d| {
+        begin_encrypt_blank(d, &s.frame, slot("dek-kek", 6), SEG, NOW)
+    });
+    assert!(
+        matches!(
+            got,
+            Err(ConvertError::NotBlank(NotBlank::Metadata { offset: 0x30 }))
+        ),
+        "{got:?}"
+    );
+    assert_eq!(s.dev.borrow().image(), &before[..]);
+    // The same half of its own retired header is what an interrupted call leaves: accepted.
+    let own = s.frame.encode(CopyId::A).unwrap();
+    s.dev.borrow_mut().write_at(0, &own[..2048]).unwrap();
+    with_dev(&s, |d| {
+        begin_encrypt_blank(d, &s.frame, slot("dek-kek", 6), SEG, NOW + 5).unwrap();
+    });
     // Anything in the journal area or the gaps.
     let s = setup(DataUnit::Bytes512, 8, Place::Front, Start::Blank);
     s.dev
