@@ -160,6 +160,7 @@ fn main() {
         updated_unix_s: now(),
         active: slot(1),
         rekey: RekeyState::None,
+        detached: None,
     };
     let mut meta = BdevHeaderIo::new(base.clone(), CoreId(0), METADATA_REGION_BYTES).expect("meta");
     let stored = store::format(&mut meta, &header).expect("format");

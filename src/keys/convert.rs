@@ -1,5 +1,6 @@
 //! Re-encrypting a namespace's data area in place, crash-safe at every instant: the durable side
-//! of a deep rekey (docs/lifecycle.md §2–§4 and docs/on-disk-format.md §7).
+//! of a deep rekey, and of encrypting or decrypting a namespace that holds data
+//! (docs/lifecycle.md §2–§4, §7 and docs/on-disk-format.md §7–§8).
 //!
 //! The data area is keyed in two parts split at the header's watermark: data units below it
 //! under the new key, the others under the old one. The pass moves the watermark one segment at
@@ -22,6 +23,7 @@
 //! step 5. Blocking (header and journal writes with flush); control threads only.
 
 use std::io;
+use std::path::Path;
 
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -29,11 +31,12 @@ use uuid::Uuid;
 
 use super::crashpoint;
 use super::header::{
-    DeepRekeyState, Header, KeySlot, RekeyState, METADATA_REGION_BYTES, REKEY_AREA_BYTES,
+    AnyHeader, BindingError, Conversion, CopyId, DeepRekeyState, Direction, Header, KeySlot,
+    PlainHeader, RekeyState, HEADER_COPY_BYTES, METADATA_REGION_BYTES, REKEY_AREA_BYTES,
     REKEY_AREA_OFFSET_BYTES,
 };
-use super::store::{self, HeaderIo, StoreError, Stored};
-use super::wrap::KekFingerprint;
+use super::header_io::FileHeaderIo;
+use super::store::{self, HeaderIo, NotBlank, StoreError, Stored, StoredAny};
 use crate::crypto::xts::Xts;
 
 /// Magic of a journal record header.
@@ -57,6 +60,10 @@ pub const JOURNAL_DATA_BYTES: u64 = REKEY_AREA_BYTES - RECORD_HEADER_BYTES as u6
 pub const DEFAULT_SEGMENT_BYTES: u32 = 512 * 1024;
 /// Journal record kind: a deep rekey segment.
 const KIND_DEEP_REKEY: u8 = 1;
+/// Journal record kind: a decrypt segment (the journaled bytes are ciphertext).
+const KIND_DECRYPT: u8 = 2;
+/// Journal record kind: an encrypt segment (the journaled bytes are plaintext).
+const KIND_ENCRYPT: u8 = 3;
 
 /// Byte offsets inside the journal record header (little-endian). Keep in sync with
 /// docs/on-disk-format.md §7.
@@ -67,7 +74,7 @@ mod rec {
     pub const UNIT: usize = 0x00C;
     pub const DEVICE_UUID: usize = 0x010;
     pub const STARTED: usize = 0x020;
-    pub const NEW_FINGERPRINT: usize = 0x028;
+    pub const KEY_TAG: usize = 0x028;
     pub const START: usize = 0x048;
     pub const LEN: usize = 0x050;
     pub const DATA_SHA: usize = 0x058;
@@ -83,7 +90,7 @@ pub enum ConvertError {
     Io(#[from] io::Error),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("no deep rekey in progress on this namespace")]
+    #[error("no deep rekey, encrypt or decrypt in progress on this namespace")]
     NotConverting,
     #[error("a rekey is already in progress on this namespace")]
     AlreadyConverting,
@@ -93,15 +100,38 @@ pub enum ConvertError {
     NotFinished { watermark: u64, data_blocks: u64 },
     #[error("the new key slot names the KEK of the active slot with the same wrapped DEK")]
     SameSlot,
+    #[error("the pass in progress is a {found}; this call is for a {wanted}")]
+    WrongPass {
+        found: &'static str,
+        wanted: &'static str,
+    },
+    #[error("the keys given do not match the pass: {0}")]
+    WrongKeys(&'static str),
+    #[error("the namespace is already plain (its header is retired)")]
+    AlreadyPlain,
+    #[error("refusing to write a header: {0}; nothing was changed")]
+    NotBlank(NotBlank),
+    #[error("detached header {path}: {why}; nothing was changed")]
+    DetachedHeader { path: String, why: String },
+    #[error("detached header {path}: {source}; nothing was changed")]
+    Binding {
+        path: String,
+        #[source]
+        source: BindingError,
+    },
 }
 
-/// Which conversion a journal record belongs to: the device, and the deep rekey's start time and
-/// new KEK fingerprint (a record left by an earlier conversion never matches a later one).
+/// Which conversion a journal record belongs to: the kind of pass, the device, the pass's start
+/// time and a tag of its key (a record left by an earlier conversion never matches a later one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConversionId {
+    /// The record kind: 1 deep rekey, 2 decrypt, 3 encrypt.
+    pub kind: u8,
     pub device_uuid: Uuid,
     pub started_unix_s: u64,
-    pub new_fingerprint: KekFingerprint,
+    /// Deep rekey: the pending slot's KEK fingerprint. Encrypt/decrypt (no pending slot): the
+    /// SHA-256 of the active slot's wrapped DEK, which names the DEK itself.
+    pub key_tag: [u8; 32],
 }
 
 impl ConversionId {
@@ -109,11 +139,21 @@ impl ConversionId {
     pub fn of(h: &Header) -> Option<ConversionId> {
         match &h.rekey {
             RekeyState::Deep(d) => Some(ConversionId {
+                kind: KIND_DEEP_REKEY,
                 device_uuid: h.device_uuid,
                 started_unix_s: d.started_unix_s,
-                new_fingerprint: d.new.fingerprint,
+                key_tag: d.new.fingerprint.0,
             }),
-            _ => None,
+            RekeyState::Convert(c) => Some(ConversionId {
+                kind: match c.direction {
+                    Direction::Decrypt => KIND_DECRYPT,
+                    Direction::Encrypt => KIND_ENCRYPT,
+                },
+                device_uuid: h.device_uuid,
+                started_unix_s: c.started_unix_s,
+                key_tag: Sha256::digest(h.active.wrapped_dek.as_bytes()).into(),
+            }),
+            RekeyState::None | RekeyState::Shallow { .. } => None,
         }
     }
 }
@@ -166,12 +206,11 @@ impl Record {
             DataCheck::Crc32c(_) => JOURNAL_VERSION,
         };
         b[rec::VERSION..rec::VERSION + 2].copy_from_slice(&version.to_le_bytes());
-        b[rec::KIND] = KIND_DEEP_REKEY;
+        b[rec::KIND] = self.id.kind;
         b[rec::UNIT..rec::UNIT + 4].copy_from_slice(&self.data_unit_bytes.to_le_bytes());
         b[rec::DEVICE_UUID..rec::DEVICE_UUID + 16].copy_from_slice(self.id.device_uuid.as_bytes());
         b[rec::STARTED..rec::STARTED + 8].copy_from_slice(&self.id.started_unix_s.to_le_bytes());
-        b[rec::NEW_FINGERPRINT..rec::NEW_FINGERPRINT + 32]
-            .copy_from_slice(self.id.new_fingerprint.as_bytes());
+        b[rec::KEY_TAG..rec::KEY_TAG + 32].copy_from_slice(&self.id.key_tag);
         b[rec::START..rec::START + 8].copy_from_slice(&self.start_blocks.to_le_bytes());
         b[rec::LEN..rec::LEN + 4].copy_from_slice(&self.len_blocks.to_le_bytes());
         match self.data_check {
@@ -218,7 +257,7 @@ impl Record {
             }
             v => return Err(format!("unknown version {v}")),
         };
-        if b[rec::KIND] != KIND_DEEP_REKEY || b[rec::KIND + 1] != 0 {
+        if !(KIND_DEEP_REKEY..=KIND_ENCRYPT).contains(&b[rec::KIND]) || b[rec::KIND + 1] != 0 {
             return Err(format!("unknown kind {}", b[rec::KIND]));
         }
         if b[rec::RESERVED..rec::CHECKSUM].iter().any(|&x| x != 0) {
@@ -230,13 +269,14 @@ impl Record {
         }
         let r = Record {
             id: ConversionId {
+                kind: b[rec::KIND],
                 device_uuid: Uuid::from_bytes(
                     b[rec::DEVICE_UUID..rec::DEVICE_UUID + 16]
                         .try_into()
                         .unwrap_or([0; 16]),
                 ),
                 started_unix_s: u64_at(rec::STARTED),
-                new_fingerprint: KekFingerprint(arr32(rec::NEW_FINGERPRINT)),
+                key_tag: arr32(rec::KEY_TAG),
             },
             data_unit_bytes: unit,
             start_blocks: u64_at(rec::START),
@@ -312,6 +352,64 @@ impl<I: HeaderIo + ?Sized> DataIo for WholeDevice<'_, I> {
     }
 }
 
+/// A namespace whose header is **detached**: the header copies and the journal live in the
+/// metadata region of a header file of their own (`header`, e.g. a [`FileHeaderIo`]), and the
+/// data area is on the data device `data` from `data_offset_bytes` (0 for a device with no spare
+/// room). [`step`] and [`recover`] then journal into the header file.
+pub struct DetachedDevice<'a, H: HeaderIo + ?Sized, D: HeaderIo + ?Sized> {
+    pub header: &'a mut H,
+    pub data: &'a mut D,
+    pub data_offset_bytes: u64,
+    pub data_unit_bytes: u32,
+}
+
+impl<H: HeaderIo + ?Sized, D: HeaderIo + ?Sized> DetachedDevice<'_, H, D> {
+    fn data_offset(&self, lba: u64) -> io::Result<u64> {
+        lba.checked_mul(u64::from(self.data_unit_bytes))
+            .and_then(|o| o.checked_add(self.data_offset_bytes))
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "LBA out of range"))
+    }
+}
+
+fn check_metadata(off: u64, len: usize) -> io::Result<()> {
+    if off.saturating_add(len as u64) > METADATA_REGION_BYTES {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "metadata access outside the metadata region",
+        ));
+    }
+    Ok(())
+}
+
+impl<H: HeaderIo + ?Sized, D: HeaderIo + ?Sized> HeaderIo for DetachedDevice<'_, H, D> {
+    fn read_at(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+        check_metadata(off, buf.len())?;
+        self.header.read_at(off, buf)
+    }
+    fn write_at(&mut self, off: u64, buf: &[u8]) -> io::Result<()> {
+        check_metadata(off, buf.len())?;
+        self.header.write_at(off, buf)
+    }
+    /// Flushes the data device, then the header file: a header or journal write that follows a
+    /// data write is durable only after the data it describes.
+    fn flush(&mut self) -> io::Result<()> {
+        self.data.flush()?;
+        self.header.flush()
+    }
+}
+
+impl<H: HeaderIo + ?Sized, D: HeaderIo + ?Sized> DataIo for DetachedDevice<'_, H, D> {
+    fn read_blocks(&mut self, lba: u64, buf: &mut [u8]) -> io::Result<()> {
+        let off = self.data_offset(lba)?;
+        self.data.read_at(off, buf)
+    }
+    fn write_blocks_durable(&mut self, lba: u64, buf: &[u8]) -> io::Result<()> {
+        let off = self.data_offset(lba)?;
+        self.data.write_at(off, buf)?;
+        self.data.flush()
+    }
+}
+
 /// The two keys of a conversion: `below` for data units under the watermark, `above` for the
 /// others (`None` = plaintext, for encrypt/decrypt).
 pub struct Keys<'a> {
@@ -327,6 +425,32 @@ pub fn deep_state(h: &Header) -> Result<&DeepRekeyState, ConvertError> {
     }
 }
 
+/// The encrypt/decrypt state of a header, or [`ConvertError::NotConverting`].
+pub fn conversion_state(h: &Header) -> Result<&Conversion, ConvertError> {
+    match &h.rekey {
+        RekeyState::Convert(c) => Ok(c),
+        _ => Err(ConvertError::NotConverting),
+    }
+}
+
+/// Where any pass (deep rekey, encrypt, decrypt) stands: `(watermark, segment_blocks)`.
+pub fn progress(h: &Header) -> Result<(u64, u32), ConvertError> {
+    match &h.rekey {
+        RekeyState::Deep(d) => Ok((d.watermark_blocks, d.segment_blocks)),
+        RekeyState::Convert(c) => Ok((c.watermark_blocks, c.segment_blocks)),
+        RekeyState::None | RekeyState::Shallow { .. } => Err(ConvertError::NotConverting),
+    }
+}
+
+fn pass_name(h: &Header) -> &'static str {
+    match &h.rekey {
+        RekeyState::Deep(_) => "deep rekey",
+        RekeyState::Convert(c) => c.direction.as_str(),
+        RekeyState::Shallow { .. } => "shallow rekey",
+        RekeyState::None => "nothing",
+    }
+}
+
 /// Largest segment (in data units) the journal holds for a data unit size.
 pub fn max_segment_blocks(data_unit_bytes: u32) -> u64 {
     JOURNAL_DATA_BYTES / u64::from(data_unit_bytes.max(1))
@@ -335,6 +459,17 @@ pub fn max_segment_blocks(data_unit_bytes: u32) -> u64 {
 /// The default segment (512 KiB) in data units.
 pub fn default_segment_blocks(data_unit_bytes: u32) -> u32 {
     DEFAULT_SEGMENT_BYTES / data_unit_bytes.max(1)
+}
+
+fn check_segment(segment_blocks: u32, data_unit_bytes: u32) -> Result<(), ConvertError> {
+    let max = max_segment_blocks(data_unit_bytes);
+    if segment_blocks == 0 || u64::from(segment_blocks) > max {
+        return Err(ConvertError::BadSegment {
+            blocks: segment_blocks,
+            max,
+        });
+    }
+    Ok(())
 }
 
 /// Zeroes the journal record header and the journaled bytes, then flushes: no record, and no
@@ -372,13 +507,7 @@ pub fn begin<I: HeaderIo + ?Sized>(
     if !matches!(h.rekey, RekeyState::None) {
         return Err(ConvertError::AlreadyConverting);
     }
-    let max = max_segment_blocks(h.data_unit.bytes());
-    if segment_blocks == 0 || u64::from(segment_blocks) > max {
-        return Err(ConvertError::BadSegment {
-            blocks: segment_blocks,
-            max,
-        });
-    }
+    check_segment(segment_blocks, h.data_unit.bytes())?;
     if new.wrapped_dek == h.active.wrapped_dek && new.fingerprint == h.active.fingerprint {
         return Err(ConvertError::SameSlot);
     }
@@ -394,6 +523,156 @@ pub fn begin<I: HeaderIo + ?Sized>(
     Ok(store::update(io, current, &next)?)
 }
 
+/// Starts decrypting an encrypted namespace (docs/lifecycle.md §7): checks the request, clears
+/// the journal, and records a decrypt pass at watermark 0 (one durable header update; the header
+/// becomes format version 2). Steps then take `Keys { below: None, above: Some(DEK) }`. Nothing
+/// is written if a check fails.
+pub fn begin_decrypt<I: HeaderIo + ?Sized>(
+    io: &mut I,
+    current: &Stored,
+    segment_blocks: u32,
+    now_unix_s: u64,
+) -> Result<Stored, ConvertError> {
+    let h = &current.header;
+    if !matches!(h.rekey, RekeyState::None) {
+        return Err(ConvertError::AlreadyConverting);
+    }
+    check_segment(segment_blocks, h.data_unit.bytes())?;
+    clear_journal(io)?;
+    let mut next = h.clone();
+    next.updated_unix_s = now_unix_s;
+    next.rekey = RekeyState::Convert(Conversion {
+        direction: Direction::Decrypt,
+        watermark_blocks: 0,
+        started_unix_s: now_unix_s,
+        segment_blocks,
+    });
+    Ok(store::update(io, current, &next)?)
+}
+
+/// Starts encrypting a plain namespace whose metadata region holds a retired header (left by a
+/// decrypt, or by [`begin_encrypt_blank`]): `dek` (the new DEK wrapped under the KEK) becomes the
+/// active slot and an encrypt pass is recorded at watermark 0, in one durable header update,
+/// after the journal is cleared. Steps then take `Keys { below: Some(DEK), above: None }`.
+/// Nothing is written if a check fails.
+pub fn begin_encrypt<I: HeaderIo + ?Sized>(
+    io: &mut I,
+    current: &StoredAny,
+    dek: KeySlot,
+    segment_blocks: u32,
+    now_unix_s: u64,
+) -> Result<Stored, ConvertError> {
+    let AnyHeader::Plain(plain) = &current.header else {
+        return Err(ConvertError::AlreadyConverting);
+    };
+    check_segment(segment_blocks, plain.data_unit.bytes())?;
+    let mut frame = plain.clone();
+    frame.updated_unix_s = now_unix_s;
+    let next = Header::from_frame(
+        &frame,
+        dek,
+        RekeyState::Convert(Conversion {
+            direction: Direction::Encrypt,
+            watermark_blocks: 0,
+            started_unix_s: now_unix_s,
+            segment_blocks,
+        }),
+    );
+    next.validate().map_err(StoreError::from)?;
+    clear_journal(io)?;
+    let s = store::update_any(io, current, &AnyHeader::Keyed(next))?;
+    s.keyed().ok_or(ConvertError::NotConverting)
+}
+
+/// Checks the metadata region holds nothing but what an interrupted [`begin_encrypt_blank`] for
+/// `plain` may leave: the whole region is zero, except that a header copy may hold part of a
+/// write of that same retired header: each of its 512-byte sectors is either zero or equal to
+/// the same sector of `plain`'s encoding, the time stamps (`0x078..0x088`) and the checksum
+/// aside (they differ between two runs). A retired header holds no key, so writing over such a
+/// copy can lose nothing; anything else is refused. Reads only.
+fn check_region_for_plain_format<I: HeaderIo + ?Sized>(
+    io: &mut I,
+    plain: &PlainHeader,
+) -> Result<(), ConvertError> {
+    const SECTOR: usize = 512;
+    const STAMPS: std::ops::Range<usize> = 0x078..0x088;
+    const SUM: usize = 0xFE0;
+    let refuse = |offset: u64| {
+        tracing::warn!(
+            offset,
+            "refusing to write a header for encrypt: the metadata region is not blank"
+        );
+        ConvertError::NotBlank(NotBlank::Metadata { offset })
+    };
+    for copy in CopyId::ALL {
+        let mut got = vec![0u8; HEADER_COPY_BYTES];
+        io.read_at(copy.offset_bytes(), &mut got)?;
+        let want = plain.encode(copy).map_err(StoreError::from)?;
+        for (i, (g, w)) in got.chunks(SECTOR).zip(want.chunks(SECTOR)).enumerate() {
+            if g.iter().all(|&x| x == 0) {
+                continue;
+            }
+            let differs = g.iter().zip(w.iter()).enumerate().find(|&(j, (a, b))| {
+                let off = i * SECTOR + j;
+                a != b && !STAMPS.contains(&off) && off < SUM
+            });
+            if let Some((j, _)) = differs {
+                return Err(refuse(copy.offset_bytes() + (i * SECTOR + j) as u64));
+            }
+        }
+    }
+    let copy = HEADER_COPY_BYTES as u64;
+    let (a, b) = (CopyId::A.offset_bytes(), CopyId::B.offset_bytes());
+    for (off, len) in [
+        (a + copy, b - (a + copy)),
+        (b + copy, METADATA_REGION_BYTES - (b + copy)),
+    ] {
+        if let Some(offset) = store::first_nonzero(|o, buf| io.read_at(o, buf), off, len)? {
+            return Err(refuse(offset));
+        }
+    }
+    Ok(())
+}
+
+/// Starts encrypting a plain namespace that has no header yet but whose config reserved the
+/// metadata region (or a new detached header file): writes a retired header for `frame` (no
+/// key, so a write cut short exposes nothing), then [`begin_encrypt`]. The region must read as
+/// zeros — except what an earlier call for the same `frame` cut short may have left in the
+/// header copies — or nothing is written ([`ConvertError::NotBlank`]).
+pub fn begin_encrypt_blank<I: HeaderIo + ?Sized>(
+    io: &mut I,
+    frame: &PlainHeader,
+    dek: KeySlot,
+    segment_blocks: u32,
+    now_unix_s: u64,
+) -> Result<Stored, ConvertError> {
+    check_segment(segment_blocks, frame.data_unit.bytes())?;
+    let mut plain = frame.clone();
+    plain.generation = 1;
+    plain.created_unix_s = now_unix_s;
+    plain.updated_unix_s = now_unix_s;
+    plain.validate().map_err(StoreError::from)?;
+    // A valid header (of any kind) is never formatted over.
+    match store::read_any(io) {
+        Err(StoreError::NotFormatted | StoreError::NoValidCopy { .. }) => {}
+        Ok(_) => return Err(ConvertError::AlreadyConverting),
+        Err(e) => return Err(e.into()),
+    }
+    check_region_for_plain_format(io, &plain)?;
+    let a = plain.encode(CopyId::A).map_err(StoreError::from)?;
+    let b = plain.encode(CopyId::B).map_err(StoreError::from)?;
+    io.write_at(CopyId::A.offset_bytes(), &a[..])?;
+    crashpoint::hit("plain-copy-a");
+    io.write_at(CopyId::B.offset_bytes(), &b[..])?;
+    io.flush()?;
+    let current = StoredAny {
+        header: AnyHeader::Plain(plain),
+        copy: CopyId::A,
+        other: store::OtherCopy::Valid { generation: 1 },
+    };
+    begin_encrypt(io, &current, dek, segment_blocks, now_unix_s)
+}
+
 /// What [`step`] did.
 #[derive(Debug)]
 pub enum Step {
@@ -405,11 +684,39 @@ pub enum Step {
 
 /// The segment a step at `watermark` converts: `[watermark, watermark + len)`.
 pub fn segment_at(d: &DeepRekeyState, data_blocks: u64) -> (u64, u32) {
-    let left = data_blocks.saturating_sub(d.watermark_blocks);
-    (
-        d.watermark_blocks,
-        u64::from(d.segment_blocks).min(left) as u32,
-    )
+    segment_from(d.watermark_blocks, d.segment_blocks, data_blocks)
+}
+
+/// The segment a step at `watermark` converts, for any pass.
+pub fn segment_from(watermark: u64, segment_blocks: u32, data_blocks: u64) -> (u64, u32) {
+    let left = data_blocks.saturating_sub(watermark);
+    (watermark, u64::from(segment_blocks).min(left) as u32)
+}
+
+/// Refuses keys that do not fit the pass (a plaintext side given a key, or a keyed side none):
+/// transforming with them would write data no header describes.
+fn check_keys(h: &Header, keys: &Keys<'_>) -> Result<(), ConvertError> {
+    let (below, above) = (keys.below.is_some(), keys.above.is_some());
+    let ok = match &h.rekey {
+        RekeyState::Deep(_) => below && above,
+        RekeyState::Convert(c) => match c.direction {
+            Direction::Decrypt => !below && above,
+            Direction::Encrypt => below && !above,
+        },
+        RekeyState::None | RekeyState::Shallow { .. } => return Err(ConvertError::NotConverting),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ConvertError::WrongKeys(match &h.rekey {
+            RekeyState::Deep(_) => "a deep rekey needs both keys",
+            RekeyState::Convert(Conversion {
+                direction: Direction::Decrypt,
+                ..
+            }) => "a decrypt takes below = plaintext, above = the DEK",
+            _ => "an encrypt takes below = the DEK, above = plaintext",
+        }))
+    }
 }
 
 /// Converts the segment at the watermark (module docs, steps 1–5). `buf` is scratch, resized as
@@ -423,9 +730,10 @@ pub fn step<I: HeaderIo + DataIo + ?Sized>(
     now_unix_s: u64,
 ) -> Result<Step, ConvertError> {
     let h = &current.header;
-    let d = deep_state(h)?;
+    let (watermark, segment) = progress(h)?;
+    check_keys(h, keys)?;
     let id = ConversionId::of(h).ok_or(ConvertError::NotConverting)?;
-    let (start, len) = segment_at(d, h.data_blocks);
+    let (start, len) = segment_from(watermark, segment, h.data_blocks);
     if len == 0 {
         return Ok(Step::Complete);
     }
@@ -463,8 +771,10 @@ pub fn step<I: HeaderIo + DataIo + ?Sized>(
     // 5. Advance the watermark.
     let mut next = h.clone();
     next.updated_unix_s = now_unix_s;
-    if let RekeyState::Deep(nd) = &mut next.rekey {
-        nd.watermark_blocks = start + u64::from(len);
+    match &mut next.rekey {
+        RekeyState::Deep(nd) => nd.watermark_blocks = start + u64::from(len),
+        RekeyState::Convert(c) => c.watermark_blocks = start + u64::from(len),
+        RekeyState::None | RekeyState::Shallow { .. } => {}
     }
     let stored = store::update(io, current, &next)?;
     crashpoint::hit("header-updated");
@@ -504,8 +814,7 @@ pub fn recover<I: HeaderIo + DataIo + ?Sized>(
     let Some(id) = ConversionId::of(h) else {
         return Ok(Recovery::NotConverting);
     };
-    let d = deep_state(h)?;
-    let watermark = d.watermark_blocks;
+    let (watermark, _) = progress(h)?;
     let record = match read_record(io)? {
         Ok(Some(r)) => r,
         Ok(None) => return Ok(Recovery::Clean { watermark }),
@@ -554,32 +863,176 @@ pub fn recover<I: HeaderIo + DataIo + ?Sized>(
     })
 }
 
-/// Ends a deep rekey whose watermark reached the end: clears the journal, makes the new slot
-/// active with no rekey in progress, and writes the same header into the other copy too, so no
-/// copy still holds the old wrapped DEK (three durable writes; a crash between them leaves a
-/// header that opens with the new DEK everywhere, since the watermark covers every unit).
+/// Ends a deep rekey or an encrypt whose watermark reached the end: clears the journal (for an
+/// encrypt it held plaintext), makes the header an ordinary encrypted one (deep rekey: the new
+/// slot active), and writes the same header into the other copy too, so no copy still holds the
+/// old wrapped DEK or the pass (three durable writes; a crash between them leaves a header that
+/// opens with the final DEK everywhere, since the watermark covers every unit). A decrypt ends
+/// with [`finish_decrypt`].
 pub fn finish<I: HeaderIo + ?Sized>(
     io: &mut I,
     current: &Stored,
     now_unix_s: u64,
 ) -> Result<Stored, ConvertError> {
     let h = &current.header;
-    let d = deep_state(h)?;
-    if d.watermark_blocks != h.data_blocks {
+    let (watermark, _) = progress(h)?;
+    if let RekeyState::Convert(Conversion {
+        direction: Direction::Decrypt,
+        ..
+    }) = &h.rekey
+    {
+        return Err(ConvertError::WrongPass {
+            found: "decrypt",
+            wanted: "deep rekey or encrypt (finish a decrypt with finish_decrypt)",
+        });
+    }
+    if watermark != h.data_blocks {
         return Err(ConvertError::NotFinished {
-            watermark: d.watermark_blocks,
+            watermark,
             data_blocks: h.data_blocks,
         });
     }
     clear_journal(io)?;
     let mut next = h.clone();
     next.updated_unix_s = now_unix_s;
-    next.active = d.new.clone();
+    if let RekeyState::Deep(d) = &h.rekey {
+        next.active = d.new.clone();
+    }
     next.rekey = RekeyState::None;
     let s = store::update(io, current, &next)?;
     crashpoint::hit("finish-first-copy");
     let again = s.header.clone();
     Ok(store::update(io, &s, &again)?)
+}
+
+/// Ends a decrypt whose watermark reached the end: clears the journal, then retires the header
+/// (no key slot at all, format version 2 `FLAG_PLAIN`, same identity and geometry) in both
+/// copies, so that no copy still holds the wrapped DEK. A crash between the two writes leaves
+/// the retired header current and the other copy with the finished decrypt; both describe all
+/// plaintext, and [`scrub_other_copy_any`] rewrites the other copy at the next open.
+pub fn finish_decrypt<I: HeaderIo + ?Sized>(
+    io: &mut I,
+    current: &Stored,
+    now_unix_s: u64,
+) -> Result<StoredAny, ConvertError> {
+    let h = &current.header;
+    let c = conversion_state(h)?;
+    if c.direction != Direction::Decrypt {
+        return Err(ConvertError::WrongPass {
+            found: pass_name(h),
+            wanted: "decrypt",
+        });
+    }
+    if c.watermark_blocks != h.data_blocks {
+        return Err(ConvertError::NotFinished {
+            watermark: c.watermark_blocks,
+            data_blocks: h.data_blocks,
+        });
+    }
+    clear_journal(io)?;
+    let mut plain = h.frame();
+    plain.updated_unix_s = now_unix_s;
+    let plain = AnyHeader::Plain(plain);
+    let s = store::update_any(io, &current.clone().into(), &plain)?;
+    crashpoint::hit("finish-first-copy");
+    let again = s.header.clone();
+    Ok(store::update_any(io, &s, &again)?)
+}
+
+/// [`scrub_other_copy`] for any current header, retired ones included: if the other copy is
+/// damaged or differs from the current one in anything but generation and update time (e.g. a
+/// retired header beside the decrypt that led to it, which still holds the wrapped DEK), the
+/// current header is written over it.
+pub fn scrub_other_copy_any<I: HeaderIo + ?Sized>(
+    io: &mut I,
+    current: &StoredAny,
+) -> Result<StoredAny, ConvertError> {
+    let stale = match store::read_copy_any(io, current.copy.other()) {
+        Ok(other) => {
+            let mut other = other;
+            other.set_generation(current.header.generation());
+            match (&mut other, &current.header) {
+                (AnyHeader::Keyed(o), AnyHeader::Keyed(c)) => o.updated_unix_s = c.updated_unix_s,
+                (AnyHeader::Plain(o), AnyHeader::Plain(c)) => o.updated_unix_s = c.updated_unix_s,
+                _ => {}
+            }
+            other != current.header
+        }
+        Err(_) => true,
+    };
+    if !stale {
+        return Ok(current.clone());
+    }
+    let same = current.header.clone();
+    Ok(store::update_any(io, current, &same)?)
+}
+
+/// Creates a new, empty detached header file at `path`: exactly one metadata region of zeros,
+/// made durable (file and directory). Refuses an existing path (nothing is overwritten) and a
+/// missing directory.
+pub fn create_detached_header(path: &Path) -> Result<(), ConvertError> {
+    let shown = path.display().to_string();
+    let fail = |why: String| ConvertError::DetachedHeader {
+        path: shown.clone(),
+        why,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(|e| fail(format!("cannot create it: {e}")))?;
+    file.set_len(METADATA_REGION_BYTES)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| fail(format!("cannot size it: {e}")))?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| fail(format!("cannot sync its directory: {e}")))?;
+    Ok(())
+}
+
+/// Opens an existing detached header file and checks it belongs to the namespace `label` whose
+/// data device has `device_bytes`: the file must exist, be a regular file of at least one
+/// metadata region, hold a valid detached header (keyed or retired) labelled `label` whose data
+/// area is exactly what the device holds. Reads only; on any refusal nothing was written.
+pub fn open_detached(
+    path: &Path,
+    label: &str,
+    device_bytes: u64,
+) -> Result<(FileHeaderIo, StoredAny), ConvertError> {
+    let shown = path.display().to_string();
+    let fail = |why: String| ConvertError::DetachedHeader {
+        path: shown.clone(),
+        why,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => fail("the file does not exist".into()),
+        _ => fail(format!("cannot stat it: {e}")),
+    })?;
+    if !meta.is_file() {
+        return Err(fail("not a regular file".into()));
+    }
+    if meta.len() < METADATA_REGION_BYTES {
+        return Err(fail(format!(
+            "{} bytes, smaller than the {METADATA_REGION_BYTES}-byte metadata region",
+            meta.len()
+        )));
+    }
+    let mut io = FileHeaderIo::open(path, METADATA_REGION_BYTES)
+        .map_err(|e| fail(format!("cannot open it: {e}")))?;
+    let stored = store::read_any(&mut io).map_err(|e| fail(e.to_string()))?;
+    stored
+        .header
+        .frame()
+        .check_binding(Some(label), device_bytes)
+        .map_err(|source| ConvertError::Binding {
+            path: shown.clone(),
+            source,
+        })?;
+    Ok((io, stored))
 }
 
 /// Makes sure the copy that is not current holds no other key material than the current one:
@@ -603,3 +1056,6 @@ pub fn scrub_other_copy<I: HeaderIo + ?Sized>(
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod encdec_tests;

@@ -190,6 +190,9 @@ pub enum OpenError {
     /// A deep rekey is in progress; opening it is the deep-rekey code's job.
     #[error("a deep rekey is in progress on this namespace")]
     DeepRekeyInProgress,
+    /// An encrypt or decrypt pass is in progress; opening it is the conversion code's job.
+    #[error("an encrypt/decrypt pass is in progress on this namespace")]
+    ConversionInProgress,
     /// During an interrupted shallow rekey neither slot opened.
     #[error("neither key slot opened: active: {active}; pending: {pending}")]
     NoSlotOpened {
@@ -323,6 +326,7 @@ where
         updated_unix_s: now,
         active: rekey::slot_for(provider, &params.kek_id, &kek, &dek),
         rekey: RekeyState::None,
+        detached: None,
     };
     let stored = store::format(io, &header)?;
     tracing::info!(
@@ -377,6 +381,7 @@ fn open_stored<P: KeyProvider + ?Sized>(
         RekeyState::None => None,
         RekeyState::Shallow { new } => Some(new.clone()),
         RekeyState::Deep(_) => return Err(OpenError::DeepRekeyInProgress),
+        RekeyState::Convert(_) => return Err(OpenError::ConversionInProgress),
     };
     match open_slot(provider, &stored.header.active) {
         Ok(dek) => Ok(Opened {

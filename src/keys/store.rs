@@ -22,8 +22,8 @@ use std::os::unix::fs::FileExt;
 use thiserror::Error;
 
 use super::header::{
-    decode, CopyId, Header, HeaderError, HEADER_COPY_BYTES, METADATA_REGION_BYTES,
-    REKEY_AREA_OFFSET_BYTES,
+    decode_any, AnyHeader, CopyId, Header, HeaderError, PlainHeader, HEADER_COPY_BYTES,
+    METADATA_REGION_BYTES, REKEY_AREA_OFFSET_BYTES,
 };
 
 /// Blocking positioned I/O on the backing device for header reads and writes.
@@ -112,9 +112,48 @@ impl Stored {
     }
 }
 
+/// The current header, with or without a key, and where it came from ([`read_any`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAny {
+    /// The current header.
+    pub header: AnyHeader,
+    /// The copy it was read from (or last written to).
+    pub copy: CopyId,
+    /// The state of the other copy.
+    pub other: OtherCopy,
+}
+
+impl StoredAny {
+    /// The keyed header as a [`Stored`], or `None` for a retired (plain) header.
+    pub fn keyed(&self) -> Option<Stored> {
+        match &self.header {
+            AnyHeader::Keyed(h) => Some(Stored {
+                header: h.clone(),
+                copy: self.copy,
+                other: self.other.clone(),
+            }),
+            AnyHeader::Plain(_) => None,
+        }
+    }
+}
+
+impl From<Stored> for StoredAny {
+    fn from(s: Stored) -> StoredAny {
+        StoredAny {
+            header: AnyHeader::Keyed(s.header),
+            copy: s.copy,
+            other: s.other,
+        }
+    }
+}
+
 /// Errors of the header store.
 #[derive(Debug, Error)]
 pub enum StoreError {
+    /// The current header is retired (a finished decrypt): the device holds plaintext and no
+    /// key; [`read_any`] returns it.
+    #[error("the nvseal header on this device is retired: it holds plaintext and no key")]
+    Plain,
     /// Both copies are blank: the device was never formatted (or was wiped).
     #[error("no nvseal header on this device (both copies blank)")]
     NotFormatted,
@@ -224,61 +263,82 @@ fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> StoreError {
     move |source| StoreError::Io { op, source }
 }
 
-/// Reads and decodes one copy (for inspection; [`read_header`] chooses the current one).
+/// Reads and decodes one copy (for inspection; [`read_header`] chooses the current one). A
+/// retired copy is [`HeaderError::Plain`] here; [`read_copy_any`] accepts it.
 pub fn read_copy<I: HeaderIo + ?Sized>(io: &mut I, copy: CopyId) -> Result<Header, CopyFault> {
+    match read_copy_any(io, copy)? {
+        AnyHeader::Keyed(h) => Ok(h),
+        AnyHeader::Plain(_) => Err(CopyFault::Decode(HeaderError::Plain)),
+    }
+}
+
+/// Reads and decodes one copy, keyed or retired.
+pub fn read_copy_any<I: HeaderIo + ?Sized>(
+    io: &mut I,
+    copy: CopyId,
+) -> Result<AnyHeader, CopyFault> {
     let mut buf = vec![0u8; HEADER_COPY_BYTES];
     io.read_at(copy.offset_bytes(), &mut buf)
         .map_err(|e| CopyFault::Io {
             kind: e.kind(),
             detail: e.to_string(),
         })?;
-    Ok(decode(&buf, copy)?)
+    Ok(decode_any(&buf, copy)?)
 }
 
-/// Reads both copies and returns the valid one with the highest generation. Writes nothing.
+/// Reads both copies and returns the valid one with the highest generation, which must carry a
+/// key: a current retired header is [`StoreError::Plain`] (an older retired copy beside a
+/// newer keyed one is simply the other copy). Writes nothing.
 pub fn read_header<I: HeaderIo + ?Sized>(io: &mut I) -> Result<Stored, StoreError> {
-    let a = read_copy(io, CopyId::A);
-    let b = read_copy(io, CopyId::B);
+    read_any(io)?.keyed().ok_or(StoreError::Plain)
+}
+
+/// Reads both copies and returns the valid one with the highest generation, keyed or retired.
+/// Writes nothing.
+pub fn read_any<I: HeaderIo + ?Sized>(io: &mut I) -> Result<StoredAny, StoreError> {
+    let a = read_copy_any(io, CopyId::A);
+    let b = read_copy_any(io, CopyId::B);
     match (a, b) {
         (Ok(a), Ok(b)) => {
-            if a.device_uuid != b.device_uuid
-                || a.namespace_uuid != b.namespace_uuid
-                || a.created_unix_s != b.created_unix_s
+            let (fa, fb) = (a.frame(), b.frame());
+            if fa.device_uuid != fb.device_uuid
+                || fa.namespace_uuid != fb.namespace_uuid
+                || fa.created_unix_s != fb.created_unix_s
             {
                 return Err(StoreError::CopiesDisagree);
             }
-            if a.generation == b.generation {
+            if a.generation() == b.generation() {
                 if a != b {
                     return Err(StoreError::GenerationConflict {
-                        generation: a.generation,
+                        generation: a.generation(),
                     });
                 }
-                let generation = b.generation;
-                return Ok(Stored {
+                let generation = b.generation();
+                return Ok(StoredAny {
                     header: a,
                     copy: CopyId::A,
                     other: OtherCopy::Valid { generation },
                 });
             }
-            let (newer, copy, older) = if a.generation > b.generation {
+            let (newer, copy, older) = if a.generation() > b.generation() {
                 (a, CopyId::A, b)
             } else {
                 (b, CopyId::B, a)
             };
-            Ok(Stored {
+            Ok(StoredAny {
                 header: newer,
                 copy,
                 other: OtherCopy::Valid {
-                    generation: older.generation,
+                    generation: older.generation(),
                 },
             })
         }
-        (Ok(a), Err(fault)) => Ok(Stored {
+        (Ok(a), Err(fault)) => Ok(StoredAny {
             header: a,
             copy: CopyId::A,
             other: OtherCopy::Invalid(fault),
         }),
-        (Err(fault), Ok(b)) => Ok(Stored {
+        (Err(fault), Ok(b)) => Ok(StoredAny {
             header: b,
             copy: CopyId::B,
             other: OtherCopy::Invalid(fault),
@@ -324,6 +384,11 @@ pub fn format<I: HeaderIo + ?Sized>(io: &mut I, header: &Header) -> Result<Store
 
 /// Fields an update may not change; returns the first that differs.
 fn changed_identity(old: &Header, new: &Header) -> Option<&'static str> {
+    changed_frame(&old.frame(), &new.frame())
+}
+
+/// [`changed_identity`] on the fields keyed and retired headers share.
+fn changed_frame(old: &PlainHeader, new: &PlainHeader) -> Option<&'static str> {
     if old.device_uuid != new.device_uuid {
         Some("device_uuid")
     } else if old.namespace_uuid != new.namespace_uuid {
@@ -336,6 +401,8 @@ fn changed_identity(old: &Header, new: &Header) -> Option<&'static str> {
         Some("data_offset_bytes")
     } else if old.data_blocks != new.data_blocks {
         Some("data_blocks")
+    } else if old.detached != new.detached {
+        Some("detached")
     } else {
         None
     }
@@ -403,6 +470,70 @@ pub fn update<I: HeaderIo + ?Sized>(
         copy: target,
         other: OtherCopy::Valid {
             generation: current.header.generation,
+        },
+    })
+}
+
+/// [`update`] for any header: replaces the current header (keyed or retired) with `new` (keyed
+/// or retired), with the same protocol and guarantees. Used where a conversion retires a header
+/// (decrypt) or puts a key on a retired one (encrypt). On a failed flush the error's
+/// [`UpdateState`] is `NewNotDurable` only for a keyed new header; a retired one that reads back
+/// as current is reported as `Unknown` (not known to be durable: re-read before acting).
+pub fn update_any<I: HeaderIo + ?Sized>(
+    io: &mut I,
+    current: &StoredAny,
+    new: &AnyHeader,
+) -> Result<StoredAny, StoreError> {
+    if let Some(field) = changed_frame(&current.header.frame(), &new.frame()) {
+        return Err(StoreError::IdentityChanged { field });
+    }
+    let generation = current
+        .header
+        .generation()
+        .checked_add(1)
+        .ok_or(StoreError::GenerationExhausted)?;
+    let on_disk = read_any(io)?;
+    if on_disk.header != current.header {
+        return Err(StoreError::Stale {
+            expected: current.header.generation(),
+            found: on_disk.header.generation(),
+        });
+    }
+    let mut header = new.clone();
+    header.set_generation(generation);
+    let target = on_disk.copy.other();
+    let bytes = header.encode(target)?;
+    io.write_at(target.offset_bytes(), &bytes[..])
+        .map_err(io_err("update: write"))?;
+    if let Err(source) = io.flush() {
+        let state = match read_any(io) {
+            Ok(found) if found.header == header => match found.keyed() {
+                Some(k) => UpdateState::NewNotDurable(Box::new(k)),
+                None => UpdateState::Unknown(format!(
+                    "the new retired header (generation {generation}) reads back as current but \
+                     is not known to be durable"
+                )),
+            },
+            Ok(found) if found.header == current.header => UpdateState::OldCurrent,
+            Ok(found) => UpdateState::Unknown(format!(
+                "found generation {} that is neither the old {} nor the new {generation}",
+                found.header.generation(),
+                current.header.generation()
+            )),
+            Err(e) => UpdateState::Unknown(format!("re-read failed: {e}")),
+        };
+        tracing::error!(
+            generation,
+            error = %source,
+            "header update flush failed; re-read: {state}"
+        );
+        return Err(StoreError::UpdateFlushFailed { source, state });
+    }
+    Ok(StoredAny {
+        header,
+        copy: target,
+        other: OtherCopy::Valid {
+            generation: current.header.generation(),
         },
     })
 }

@@ -187,9 +187,10 @@ fn check_done(s: &mut Setup, model: &Model) {
 fn record_round_trip_and_refusals() {
     let r = Record {
         id: ConversionId {
+            kind: KIND_DEEP_REKEY,
             device_uuid: Uuid::from_bytes([7; 16]),
             started_unix_s: NOW,
-            new_fingerprint: KekFingerprint([9; 32]),
+            key_tag: [9; 32],
         },
         data_unit_bytes: 4096,
         start_blocks: 96,
@@ -379,9 +380,10 @@ fn journal_record_versions_1_and_2() {
     let data = vec![0x5Au8; 8192];
     let mut r = Record {
         id: ConversionId {
+            kind: KIND_DEEP_REKEY,
             device_uuid: Uuid::from_bytes([7; 16]),
             started_unix_s: NOW,
-            new_fingerprint: KekFingerprint([9; 32]),
+            key_tag: [9; 32],
         },
         data_unit_bytes: 4096,
         start_blocks: 0,

@@ -381,6 +381,7 @@ impl Inner {
         match &stored.header.rekey {
             RekeyState::None => {}
             RekeyState::Deep(_) => return Err(busy("a deep rekey is already in progress")),
+            RekeyState::Convert(_) => return Err(busy("an encrypt/decrypt pass is in progress")),
             RekeyState::Shallow { .. } => {
                 return Err(busy(
                     "a shallow rekey was interrupted; rerun rekey.shallow to finish it first",

@@ -861,7 +861,7 @@ impl Inner {
         let pending = match &stored.header.rekey {
             RekeyState::Shallow { new } => Some(self.slot_ref(new)),
             RekeyState::Deep(d) => Some(self.slot_ref(&d.new)),
-            RekeyState::None => None,
+            RekeyState::None | RekeyState::Convert(_) => None,
         };
         let warning = stored.bad_copy().map(|(copy, fault)| {
             format!("header copy {copy:?} is invalid ({fault}); using the other")
