@@ -207,13 +207,17 @@ fn serve_default_config_starts_and_stops_on_sigterm() {
         }
         all
     });
-    // Wait until it says it is serving, then stop it the way an init system would.
+    // Wait until it says it is serving and the encrypted namespace is online (its unlock runs
+    // on its own thread and may finish after "serving"), then stop it the way an init system
+    // would.
     let t0 = Instant::now();
-    loop {
+    let (mut serving, mut online) = (false, false);
+    while !(serving && online) {
         match rx.recv_timeout(Duration::from_secs(30)) {
-            Ok(l) if l.contains("nvseal serving") => break,
+            Ok(l) if l.contains("nvseal serving") => serving = true,
+            Ok(l) if l.contains("encrypted namespace online") => online = true,
             Ok(_) => {}
-            Err(e) => panic!("serve never reported serving: {e}"),
+            Err(e) => panic!("serve never reported serving with its namespace online: {e}"),
         }
         assert!(t0.elapsed() < Duration::from_secs(30));
     }
