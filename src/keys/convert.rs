@@ -1,13 +1,16 @@
 //! Re-encrypting a namespace's data area in place, crash-safe at every instant: the durable side
 //! of a deep rekey, and of encrypting or decrypting a namespace that holds data
 //! (docs/lifecycle.md §2–§4, §7 and docs/on-disk-format.md §7–§8).
+//! This file stays whole (about 1,050 lines; tests in `convert/tests.rs` and
+//! `convert/encdec_tests.rs`): the steps, the journal record and the recovery form one
+//! crash-safety argument that must be checked in one place.
 //!
 //! The data area is keyed in two parts split at the header's watermark: data units below it
 //! under the new key, the others under the old one. The pass moves the watermark one segment at
 //! a time; each [`step`] is:
 //! 1. read the segment at the watermark (its current on-disk bytes);
 //! 2. write them to the journal in the metadata region with a record naming the segment and a
-//!    SHA-256 of the bytes, then flush;
+//!    CRC-32C of the bytes (record version 2; version 1 records carry a SHA-256), then flush;
 //! 3. transform them in memory (decrypt with the old key, encrypt with the new one);
 //! 4. write them back and make them durable;
 //! 5. advance the watermark with one durable header update.

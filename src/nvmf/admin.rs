@@ -1,6 +1,8 @@
 //! Fabrics (Connect, Property Get/Set) and admin command handlers of a target [`Connection`]:
 //! Identify, Get Log Page, Set/Get Features, Keep Alive, Asynchronous Event Request, Abort,
 //! Format NVM and Sanitize (crypto erase, run by [`crate::nvmf::erase`]'s thread).
+//! This file stays whole (about 1,100 lines): it is the one dispatch of the admin command set,
+//! each handler a short function over the same connection state.
 //!
 //! Runs on the reactor that owns the connection, on the admin path only: here taking the
 //! controller's `Mutex` and allocating scratch for a log page is fine; the I/O path never comes

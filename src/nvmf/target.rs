@@ -1,6 +1,8 @@
 //! The target's shared state: subsystems and their namespaces, the discovery subsystem, the
 //! controller registry (dynamic controller model). The TCP [`Listener`] lives in
 //! `nvmf::listener` and is re-exported here.
+//! This file stays whole (about 1,000 lines; tests in `target/tests.rs`, admission accounting
+//! in `target/admission.rs`): the subsystem table and its access rules are read together.
 //!
 //! A [`Target`] is built once on the control thread and shared by every reactor through an
 //! `Arc`. What the I/O path reads of it is immutable or atomic (namespace geometry, the
