@@ -974,6 +974,7 @@ pub fn scrub_other_copy_any<I: HeaderIo + ?Sized>(
 /// made durable (file and directory). Refuses an existing path (nothing is overwritten) and a
 /// missing directory.
 pub fn create_detached_header(path: &Path) -> Result<(), ConvertError> {
+    use std::os::unix::fs::OpenOptionsExt;
     let shown = path.display().to_string();
     let fail = |why: String| ConvertError::DetachedHeader {
         path: shown.clone(),
@@ -982,6 +983,7 @@ pub fn create_detached_header(path: &Path) -> Result<(), ConvertError> {
     let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .map_err(|e| fail(format!("cannot create it: {e}")))?;
     file.set_len(METADATA_REGION_BYTES)
@@ -1011,21 +1013,16 @@ pub fn open_detached(
         path: shown.clone(),
         why,
     };
-    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        io::ErrorKind::NotFound => fail("the file does not exist".into()),
-        _ => fail(format!("cannot stat it: {e}")),
+    // Opened without following a final symlink, and checked on the descriptor: a config path
+    // cannot be swapped for another file between the check and the use.
+    let mut io = FileHeaderIo::open_regular(path, METADATA_REGION_BYTES).map_err(|e| {
+        match (e.kind(), e.raw_os_error()) {
+            (io::ErrorKind::NotFound, _) => fail("the file does not exist".into()),
+            (_, Some(libc::ELOOP)) => fail("it is a symbolic link".into()),
+            (io::ErrorKind::InvalidInput, _) => fail(e.to_string()),
+            _ => fail(format!("cannot open it: {e}")),
+        }
     })?;
-    if !meta.is_file() {
-        return Err(fail("not a regular file".into()));
-    }
-    if meta.len() < METADATA_REGION_BYTES {
-        return Err(fail(format!(
-            "{} bytes, smaller than the {METADATA_REGION_BYTES}-byte metadata region",
-            meta.len()
-        )));
-    }
-    let mut io = FileHeaderIo::open(path, METADATA_REGION_BYTES)
-        .map_err(|e| fail(format!("cannot open it: {e}")))?;
     let stored = store::read_any(&mut io).map_err(|e| fail(e.to_string()))?;
     stored
         .header

@@ -62,6 +62,39 @@ impl FileHeaderIo {
         })
     }
 
+    /// Opens `path` read-write only if it is a regular file reached without following a final
+    /// symlink (O_NOFOLLOW; the type is checked on the opened descriptor, so the path cannot be
+    /// swapped between check and use). For header files a config names (detached headers).
+    pub fn open_regular(path: &Path, region_bytes: u64) -> io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
+        }
+        if meta.len() < region_bytes {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{} bytes, smaller than the {region_bytes}-byte metadata region",
+                    meta.len()
+                ),
+            ));
+        }
+        Ok(Self {
+            file,
+            path: path.to_owned(),
+            region_bytes,
+        })
+    }
+
     /// The device path.
     pub fn path(&self) -> &Path {
         &self.path

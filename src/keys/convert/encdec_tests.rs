@@ -649,6 +649,15 @@ fn a_detached_header_that_is_missing_or_belongs_elsewhere_is_refused_unchanged()
         .to_string()
         .contains("smaller than"));
     assert!(open_detached(dir.path(), LABEL, device_bytes).is_err());
+    // A symlink to the right header is refused (a config path is never followed elsewhere),
+    // and creating a header over a symlink is refused too.
+    let link = dir.path().join("link.hdr");
+    std::os::unix::fs::symlink(&path, &link).unwrap();
+    let err = open_detached(&link, LABEL, device_bytes)
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("symbolic link"), "{err}");
+    assert!(create_detached_header(&link).is_err());
     assert_eq!(std::fs::read(&path).unwrap(), before, "nothing changed");
     assert_eq!(std::fs::read(&small).unwrap(), [0u8; 4096]);
 }
