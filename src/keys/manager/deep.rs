@@ -264,11 +264,7 @@ impl KeyManager {
     /// Pauses a running deep rekey after the segment in progress; waits until it stopped.
     pub fn pause_rekey(&self, who: &str, ns_id: &str) -> Result<DeepRekeyStatus, DeepRekeyError> {
         let r = self.inner.pause_rekey(ns_id);
-        let result = match &r {
-            Ok(_) => "ok".to_owned(),
-            Err(e) => format!("error: {e}"),
-        };
-        self.inner.audit(who, "rekey-pause", ns_id, &result);
+        self.inner.audit_result(who, "rekey-pause", ns_id, &r);
         r
     }
 
@@ -280,11 +276,7 @@ impl KeyManager {
         rate_mib_s: Option<u64>,
     ) -> Result<DeepRekeyStatus, DeepRekeyError> {
         let r = self.inner.resume_rekey(who, ns_id, rate_mib_s);
-        let result = match &r {
-            Ok(_) => "ok".to_owned(),
-            Err(e) => format!("error: {e}"),
-        };
-        self.inner.audit(who, "rekey-resume", ns_id, &result);
+        self.inner.audit_result(who, "rekey-resume", ns_id, &r);
         r
     }
 
@@ -466,12 +458,25 @@ impl Inner {
             data_blocks = begun.header.data_blocks, rate_mib_s = rate, "deep rekey started");
         self.start_pass(ns_id, who)
             .map_err(|e| failed(format!("starting the pass: {e}")))?;
+        self.deep_status(ns_id)
+    }
+
+    /// The deep-rekey status of `ns_id` as the manager tracks it now.
+    fn deep_status(&self, ns_id: &str) -> Result<DeepRekeyStatus, DeepRekeyError> {
         let table = lock(&self.namespaces);
         table
             .get(ns_id)
             .and_then(|e| e.deep.as_ref())
             .map(|d| d.status(ns_id))
             .ok_or_else(|| DeepRekeyError::UnknownNamespace(ns_id.to_owned()))
+    }
+
+    /// Audits a control call: `ok` or `error: <reason>`.
+    fn audit_result<T>(&self, who: &str, op: &str, ns_id: &str, r: &Result<T, DeepRekeyError>) {
+        match r {
+            Ok(_) => self.audit(who, op, ns_id, "ok"),
+            Err(e) => self.audit(who, op, ns_id, &format!("error: {e}")),
+        }
     }
 
     /// The header I/O and crypto bdev of an online namespace.
@@ -646,12 +651,7 @@ impl Inner {
         if let Some(h) = handle {
             let _ = h.join();
         }
-        let table = lock(&self.namespaces);
-        table
-            .get(ns_id)
-            .and_then(|e| e.deep.as_ref())
-            .map(|d| d.status(ns_id))
-            .ok_or_else(|| DeepRekeyError::UnknownNamespace(ns_id.to_owned()))
+        self.deep_status(ns_id)
     }
 
     fn resume_rekey(
@@ -692,12 +692,7 @@ impl Inner {
                 ns_id: ns_id.to_owned(),
                 reason: format!("starting the pass: {e}"),
             })?;
-        let table = lock(&self.namespaces);
-        table
-            .get(ns_id)
-            .and_then(|e| e.deep.as_ref())
-            .map(|d| d.status(ns_id))
-            .ok_or_else(|| DeepRekeyError::UnknownNamespace(ns_id.to_owned()))
+        self.deep_status(ns_id)
     }
 
     /// Stops every pass between segments and waits for the threads (shutdown, removal).
