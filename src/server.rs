@@ -740,10 +740,22 @@ fn subsystems_json(t: &Target, keys: Option<&KeyManager>) -> Value {
                 .namespaces()
                 .iter()
                 .map(|n| {
+                    // A managed namespace says what its header says (plaintext, converting,
+                    // encrypted; null while locked before its header was read).
+                    let data_state = match states.get(n.bdev.name()) {
+                        Some(st) => st.get("data_state").cloned().unwrap_or(Value::Null),
+                        None if n.encrypted => json!("encrypted"),
+                        None => json!("plaintext"),
+                    };
+                    let encrypted = match states.get(n.bdev.name()) {
+                        Some(_) => data_state != json!("plaintext"),
+                        None => n.encrypted,
+                    };
                     json!({
                         "nsid": n.nsid,
                         "bdev": n.bdev.name(),
-                        "encrypted": n.encrypted || states.contains_key(n.bdev.name()),
+                        "encrypted": encrypted,
+                        "data_state": data_state,
                         "online": n.is_online(),
                         "block_size": n.block_size,
                         "num_blocks": n.num_blocks,

@@ -197,7 +197,12 @@ impl Stacks {
                             what: format!("base bdev {} not found", c.base),
                         })?;
                     let bs = u64::from(base.block_size());
-                    let header_blocks = METADATA_REGION_BYTES / bs;
+                    // A detached header leaves the whole base to the data area.
+                    let header_blocks = if c.header_file.is_some() {
+                        0
+                    } else {
+                        METADATA_REGION_BYTES / bs
+                    };
                     if base.num_blocks() <= header_blocks {
                         return Err(BdevError::Invalid {
                             name: c.name.clone(),

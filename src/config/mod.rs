@@ -218,6 +218,54 @@ pub struct EncryptedBdevConfig {
     /// Format a blank header (fresh DEK) on first start. Never formats over anything non-blank.
     #[serde(default)]
     pub create: bool,
+    /// The device holds plaintext until `namespace.encrypt`: with no header (a blank reserved
+    /// 1 MiB region in front, or no `header_file` yet) its data area is served in the clear.
+    /// Never together with `create`.
+    #[serde(default)]
+    pub plaintext: bool,
+    /// A detached header file (absolute path): the header lives there and the data area is the
+    /// whole base device from offset 0, so a full device can be encrypted with no change of
+    /// size. Created by `namespace.encrypt` (never over an existing path); checked at each start
+    /// against this namespace's name and the device's size.
+    #[serde(default)]
+    pub header_file: Option<String>,
+}
+
+impl EncryptedBdevConfig {
+    /// Checks the fields that only make sense together: `(field, why)` on a refusal.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.create && self.plaintext {
+            return Err((
+                "plaintext",
+                "create (format a fresh encrypted namespace) and plaintext (serve the data in \
+                 the clear until namespace.encrypt) exclude each other"
+                    .into(),
+            ));
+        }
+        if let Some(p) = &self.header_file {
+            let path = std::path::Path::new(p);
+            if !path.is_absolute()
+                || path.components().any(|c| {
+                    !matches!(
+                        c,
+                        std::path::Component::RootDir | std::path::Component::Normal(_)
+                    )
+                })
+            {
+                return Err((
+                    "header_file",
+                    format!("{p:?} must be an absolute path without \".\" or \"..\""),
+                ));
+            }
+            if self.create {
+                return Err((
+                    "create",
+                    "a detached header file is written by namespace.encrypt, not by create".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A development DEK source (key management proper wraps DEKs with a KEK from a KMS).
@@ -325,6 +373,9 @@ impl Config {
                 ));
             }
             if let BdevConfig::Encrypted(c) = b {
+                if let Err((field, why)) = c.check() {
+                    return Err(err(format!("bdevs[{i}].{field}"), why));
+                }
                 if !seen.contains(&c.base.as_str()) {
                     return Err(err(
                         format!("bdevs[{i}].base"),

@@ -109,6 +109,30 @@ impl CryptoBdev {
             allow_discards,
         })
     }
+    /// A crypto bdev whose data area holds plaintext ([`Keying::plain`]): a managed namespace
+    /// that is not encrypted (yet, or any more). It passes data through unchanged until a
+    /// conversion installs a key; `tier` is the cipher tier its later keys will use.
+    pub fn plaintext(
+        name: &str,
+        base: Arc<dyn Bdev>,
+        tier: Tier,
+        allow_discards: bool,
+    ) -> Result<Self, BdevError> {
+        let bs = base.block_size();
+        if bs == 0 || !bs.is_multiple_of(16) {
+            return Err(BdevError::Invalid {
+                name: name.to_string(),
+                what: format!("base block size {bs} is not a multiple of the AES block (16 bytes)"),
+            });
+        }
+        Ok(CryptoBdev {
+            name: name.to_string(),
+            base,
+            tier,
+            ctl: Arc::new(KeyControl::new(Keying::plain())),
+            allow_discards,
+        })
+    }
     pub fn base(&self) -> &Arc<dyn Bdev> {
         &self.base
     }

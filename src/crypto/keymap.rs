@@ -33,8 +33,30 @@ use crate::crypto::bdev::DataKey;
 pub enum Keying {
     /// Every data unit under one key.
     Single(DataKey),
-    /// A conversion in progress: split at a watermark.
+    /// A conversion in progress: split at a watermark. With neither part keyed it is a plaintext
+    /// data area ([`Keying::plain`]): a namespace served in the clear that `namespace.encrypt`
+    /// can convert under live I/O (docs/lifecycle.md §7).
     Split(Arc<Split>),
+}
+
+impl Keying {
+    /// Every data unit stored in plaintext: a `Split` with no key on either side and no hot
+    /// segment, so an encrypt can start under live I/O by swapping in `Split { below: DEK,
+    /// above: None }` at watermark 0 (the two agree on every unit).
+    pub fn plain() -> Keying {
+        Keying::Split(Arc::new(Split {
+            below: None,
+            above: None,
+            watermark: AtomicU64::new(0),
+            segment_blocks: 1,
+            hot: AtomicBool::new(false),
+        }))
+    }
+
+    /// True if no data unit is encrypted (see [`Keying::plain`]).
+    pub fn is_plain(&self) -> bool {
+        matches!(self, Keying::Split(s) if s.is_plain())
+    }
 }
 
 /// A data area keyed in two parts (see the module docs).
@@ -62,6 +84,10 @@ impl Split {
         } else {
             None
         }
+    }
+    /// True if neither part is keyed: a plaintext data area ([`Keying::plain`]).
+    pub fn is_plain(&self) -> bool {
+        self.below.is_none() && self.above.is_none()
     }
     /// The key of data unit `lba`.
     pub fn key_of(&self, lba: u64) -> Option<&DataKey> {

@@ -676,6 +676,42 @@ pub fn begin_encrypt_blank<I: HeaderIo + ?Sized>(
     begin_encrypt(io, &current, dek, segment_blocks, now_unix_s)
 }
 
+/// The retired-header frame to use for a plain namespace with no valid header (a blank
+/// reserved region, or what an interrupted [`begin_encrypt_blank`] left in it): `fresh` (new
+/// identities, the geometry served), unless a header copy holds the first sector of a retired
+/// header written by such a call, whose identities are then kept, so that
+/// [`begin_encrypt_blank`] can finish writing that same header. Refuses (reads only,
+/// [`ConvertError::NotBlank`]) a region holding anything else: it may hold a key.
+pub fn plain_frame_for_region<I: HeaderIo + ?Sized>(
+    io: &mut I,
+    fresh: &PlainHeader,
+) -> Result<PlainHeader, ConvertError> {
+    use super::header::{layout, FLAG_PLAIN, MAGIC};
+    let mut frame = fresh.clone();
+    frame.generation = 1;
+    for copy in CopyId::ALL {
+        let mut b = vec![0u8; HEADER_COPY_BYTES];
+        io.read_at(copy.offset_bytes(), &mut b)?;
+        let flags = u32::from_le_bytes(
+            b[layout::FLAGS..layout::FLAGS + 4]
+                .try_into()
+                .unwrap_or([0; 4]),
+        );
+        if b[layout::MAGIC..layout::MAGIC + 8] == MAGIC && flags & FLAG_PLAIN != 0 {
+            let uuid = |at: usize| {
+                let mut u = [0u8; 16];
+                u.copy_from_slice(&b[at..at + 16]);
+                Uuid::from_bytes(u)
+            };
+            frame.device_uuid = uuid(layout::DEVICE_UUID);
+            frame.namespace_uuid = uuid(layout::NAMESPACE_UUID);
+            break;
+        }
+    }
+    check_region_for_plain_format(io, &frame)?;
+    Ok(frame)
+}
+
 /// What [`step`] did.
 #[derive(Debug)]
 pub enum Step {

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::convert::{self, ConvertError, DataIo, Keys, Step};
-use super::store::{HeaderIo, Stored};
+use super::store::{HeaderIo, Stored, StoredAny};
 use crate::bdev::{Bdev, BdevIo, IoBuf, IoStatus, IoType};
 use crate::crypto::bdev::DataKey;
 use crate::crypto::keymap::{KeyControl, KeyMapError, Keying};
@@ -93,10 +93,14 @@ impl PassControl {
 /// How [`run`] ended.
 #[derive(Debug)]
 pub enum PassEnd {
-    /// Every unit is under the new key; the header says so; the bdev is keyed `Single(new)`.
+    /// Every unit is under the new key (deep rekey) or the DEK (encrypt); the header says so;
+    /// the bdev is keyed `Single(new)`.
     Finished(Stored),
     /// Paused between segments; resume with another [`run`] on this header.
     Paused(Stored),
+    /// A decrypt finished: every unit is plaintext, the header is retired (no key on disk), the
+    /// bdev is keyed plaintext.
+    Decrypted(StoredAny),
 }
 
 /// The metadata region and the data area of one namespace, as one object for
@@ -132,29 +136,50 @@ impl DataIo for NamespaceIo<'_> {
 /// Blocking; control threads only.
 pub fn run(
     io: &mut NamespaceIo<'_>,
-    mut current: Stored,
+    current: Stored,
     ctl: &KeyControl,
     old: &DataKey,
     new: &DataKey,
     control: &PassControl,
     now_unix_s: &dyn Fn() -> u64,
 ) -> Result<PassEnd, PassError> {
-    let d = convert::deep_state(&current.header)?.clone();
-    if !matches!(ctl.keying(), Keying::Split(_)) {
+    convert::deep_state(&current.header)?;
+    run_any(io, current, ctl, Some(new), Some(old), control, now_unix_s)
+}
+
+/// Runs (or resumes) any pass `current` records (deep rekey, encrypt, decrypt) on `ctl`'s bdev
+/// keyed `Split { below, above }` at the header's watermark (installed here if the bdev is not
+/// split yet): `below` keys the units the pass has converted, `above` the rest, `None` is
+/// plaintext (encrypt: `below` = the DEK; decrypt: `above` = the DEK). At the end a deep rekey or
+/// an encrypt is finished with [`convert::finish`] and the bdev keyed `Single(below)`; a decrypt
+/// with [`convert::finish_decrypt`] and the bdev keyed plaintext. Blocking; control threads only.
+pub fn run_any(
+    io: &mut NamespaceIo<'_>,
+    mut current: Stored,
+    ctl: &KeyControl,
+    below: Option<&DataKey>,
+    above: Option<&DataKey>,
+    control: &PassControl,
+    now_unix_s: &dyn Fn() -> u64,
+) -> Result<PassEnd, PassError> {
+    let (watermark, segment) = convert::progress(&current.header)?;
+    let split_now = match ctl.keying() {
+        Keying::Split(s) => !s.is_plain(),
+        Keying::Single(_) => false,
+    };
+    if !split_now {
         ctl.begin_split(
-            Some(new.clone()),
-            Some(old.clone()),
-            d.watermark_blocks,
-            u64::from(d.segment_blocks),
+            below.cloned(),
+            above.cloned(),
+            watermark,
+            u64::from(segment),
         );
     }
-    control
-        .watermark
-        .store(d.watermark_blocks, Ordering::Relaxed);
+    control.watermark.store(watermark, Ordering::Relaxed);
     let unit = u64::from(current.header.data_unit.bytes());
     let keys = Keys {
-        below: Some(new.xts()),
-        above: Some(old.xts()),
+        below: below.map(DataKey::xts),
+        above: above.map(DataKey::xts),
     };
     let mut buf = Vec::new();
     let started = Instant::now();
@@ -163,9 +188,8 @@ pub fn run(
         if control.is_paused() {
             return Ok(PassEnd::Paused(current));
         }
-        let (_, len) = convert::segment_at(convert::deep_state(&current.header)?, {
-            current.header.data_blocks
-        });
+        let (w, seg) = convert::progress(&current.header)?;
+        let (_, len) = convert::segment_from(w, seg, current.header.data_blocks);
         if len == 0 {
             break;
         }
@@ -174,7 +198,7 @@ pub fn run(
         })?;
         match convert::step(io, &current, &keys, &mut buf, now_unix_s()) {
             Ok(Step::Advanced(next)) => {
-                let w = convert::deep_state(&next.header)?.watermark_blocks;
+                let (w, _) = convert::progress(&next.header)?;
                 ctl.advance(w)?;
                 control.watermark.store(w, Ordering::Relaxed);
                 current = *next;
@@ -192,7 +216,7 @@ pub fn run(
                     }
                     Err(rec) => {
                         tracing::error!(step = %step, recover = %rec,
-                            "deep rekey: segment could not be restored; it stays fenced off");
+                            "conversion pass: segment could not be restored; it stays fenced off");
                         Err(PassError::Fenced {
                             step: step.to_string(),
                             recover: rec.to_string(),
@@ -206,8 +230,18 @@ pub fn run(
         control.bytes_done.fetch_add(seg_bytes, Ordering::Relaxed);
         throttle(control, bytes, started);
     }
+    if convert::conversion_state(&current.header)
+        .is_ok_and(|c| c.direction == crate::keys::header::Direction::Decrypt)
+    {
+        let done = convert::finish_decrypt(io, &current, now_unix_s())?;
+        ctl.set_keying(Keying::plain());
+        return Ok(PassEnd::Decrypted(done));
+    }
     let done = convert::finish(io, &current, now_unix_s())?;
-    ctl.set_keying(Keying::Single(new.clone()));
+    match below {
+        Some(k) => ctl.set_keying(Keying::Single(k.clone())),
+        None => ctl.set_keying(Keying::plain()),
+    }
     Ok(PassEnd::Finished(done))
 }
 

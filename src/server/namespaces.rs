@@ -41,7 +41,12 @@ pub(super) fn register_encrypted(
         provider: ec.provider.clone(),
         kek_name: ec.kek_name.clone(),
     };
-    km.add_encrypted(who, name, base, header_io, &nk, ec.create)
+    let opts = crate::keys::manager::NamespaceOptions {
+        create: ec.create,
+        plaintext: ec.plaintext,
+        header_file: ec.header_file.as_ref().map(std::path::PathBuf::from),
+    };
+    km.add_namespace(who, name, base, header_io, &nk, &opts)
         .map_err(|e| e.to_string())
 }
 
@@ -181,6 +186,17 @@ impl Dynamic {
             BdevConfig::Encrypted(ec) => Some(ec.clone()),
             _ => None,
         };
+        if let Some(ec) = &managed {
+            if ec.header_file.is_some() {
+                // A path from a caller would let it create or read files anywhere nvseal can.
+                return Err(RpcError::invalid_params(
+                    "header_file: detached headers are configured in the config file only",
+                ));
+            }
+            if let Err((field, why)) = ec.check() {
+                return Err(RpcError::invalid_params(format!("{field}: {why}")));
+            }
+        }
         if p.bdevs[..p.bdevs.len() - 1]
             .iter()
             .any(|b| matches!(b, BdevConfig::Encrypted(_)))

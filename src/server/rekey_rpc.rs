@@ -1,6 +1,8 @@
-//! The deep-rekey RPC methods (`rekey.deep`, `rekey.pause`, `rekey.resume`, `rekey.status`):
-//! parameter parsing and the mapping of the key manager's errors to JSON-RPC errors. The work
-//! itself is `KeyManager::deep_rekey` and friends (src/keys/manager/deep.rs).
+//! The conversion-pass RPC methods (`rekey.deep`, `namespace.encrypt`, `namespace.decrypt`,
+//! and `rekey.pause`, `rekey.resume`, `rekey.status` for any of the three passes): parameter
+//! parsing and the mapping of the key manager's errors to JSON-RPC errors. The work itself is
+//! `KeyManager::deep_rekey`, `encrypt_namespace`, `decrypt_namespace` and friends
+//! (src/keys/manager/deep.rs, encdec.rs).
 
 use std::sync::Arc;
 
@@ -25,6 +27,7 @@ fn rpc_error(e: DeepRekeyError) -> RpcError {
             RpcError::unavailable(e.to_string())
         }
         DeepRekeyError::NothingToDo { .. }
+        | DeepRekeyError::WrongState { .. }
         | DeepRekeyError::BadRate(_)
         | DeepRekeyError::UnknownProvider(_) => RpcError::invalid_params(e.to_string()),
         DeepRekeyError::Failed { .. } => RpcError::internal(e.to_string()),
@@ -40,6 +43,16 @@ struct DeepParams {
     /// alias); absent = the namespace's current KEK.
     #[serde(default)]
     provider: Option<String>,
+    /// MiB/s limit of the pass; absent = unlimited.
+    #[serde(default)]
+    rate_mib_s: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConvertParams {
+    /// The managed namespace (bdev name of its `encrypted` entry).
+    namespace: String,
     /// MiB/s limit of the pass; absent = unlimited.
     #[serde(default)]
     rate_mib_s: Option<u64>,
@@ -68,11 +81,26 @@ struct StatusParams {
 
 /// Registers the methods (crypto-admin for changes, viewer for status).
 pub(super) fn register(b: RpcServerBuilder, km: Arc<KeyManager>) -> RpcServerBuilder {
-    let (k1, k2, k3, k4) = (km.clone(), km.clone(), km.clone(), km);
+    let (k1, k2, k3, k4) = (km.clone(), km.clone(), km.clone(), km.clone());
+    let (k5, k6) = (km.clone(), km);
     b.method("rekey.deep", Role::Crypto, move |ctx, p| {
         let p: DeepParams = parse_params(p)?;
         let s = k1
             .deep_rekey(&who(ctx), &p.namespace, p.provider.as_deref(), p.rate_mib_s)
+            .map_err(rpc_error)?;
+        Ok(serde_json::to_value(s).unwrap_or(Value::Null))
+    })
+    .method("namespace.encrypt", Role::Crypto, move |ctx, p| {
+        let p: ConvertParams = parse_params(p)?;
+        let s = k5
+            .encrypt_namespace(&who(ctx), &p.namespace, p.rate_mib_s)
+            .map_err(rpc_error)?;
+        Ok(serde_json::to_value(s).unwrap_or(Value::Null))
+    })
+    .method("namespace.decrypt", Role::Crypto, move |ctx, p| {
+        let p: ConvertParams = parse_params(p)?;
+        let s = k6
+            .decrypt_namespace(&who(ctx), &p.namespace, p.rate_mib_s)
             .map_err(rpc_error)?;
         Ok(serde_json::to_value(s).unwrap_or(Value::Null))
     })

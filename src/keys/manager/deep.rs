@@ -43,7 +43,37 @@ use crate::types::CoreId;
 /// Highest `rate_mib_s` accepted (above it the limit would mean nothing on any device).
 pub const MAX_RATE_MIB_S: u64 = 1_000_000;
 
-/// Where a deep rekey stands.
+/// Which pass a namespace runs: all three move a watermark over the data area with the same
+/// hot zone, journal and recovery (docs/lifecycle.md §1–§4, §7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PassOp {
+    /// `rekey.deep`: every unit from the old DEK to a new one.
+    DeepRekey,
+    /// `namespace.encrypt`: every unit from plaintext to the DEK.
+    Encrypt,
+    /// `namespace.decrypt`: every unit from the DEK to plaintext; the header is retired at the end.
+    Decrypt,
+}
+
+impl PassOp {
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            PassOp::DeepRekey => "deep rekey",
+            PassOp::Encrypt => "encrypt",
+            PassOp::Decrypt => "decrypt",
+        }
+    }
+    fn audit_op(self) -> &'static str {
+        match self {
+            PassOp::DeepRekey => "rekey-deep",
+            PassOp::Encrypt => "namespace-encrypt",
+            PassOp::Decrypt => "namespace-decrypt",
+        }
+    }
+}
+
+/// Where a deep rekey (or an encrypt/decrypt pass) stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DeepState {
@@ -62,6 +92,8 @@ pub enum DeepState {
 pub struct DeepRekeyStatus {
     /// Namespace (encrypted bdev) id.
     pub ns_id: String,
+    /// The pass: deep rekey, encrypt or decrypt.
+    pub operation: PassOp,
     /// State.
     pub state: DeepState,
     /// Data units below it are under the new DEK.
@@ -116,6 +148,15 @@ pub enum DeepRekeyError {
         /// Why.
         what: String,
     },
+    /// The namespace's data is not in the state the request needs (plaintext for an encrypt,
+    /// encrypted for a decrypt, a deep rekey or a crypto erase).
+    #[error("namespace {ns_id}: {what}")]
+    WrongState {
+        /// Namespace.
+        ns_id: String,
+        /// Why.
+        what: String,
+    },
     /// The rate is out of range.
     #[error("rate_mib_s {0} is out of range (1..={MAX_RATE_MIB_S}; omit it for unlimited)")]
     BadRate(u64),
@@ -142,6 +183,7 @@ pub enum DeepRekeyError {
 
 /// A namespace's deep rekey as the manager tracks it (in its [`super::NsEntry`]).
 pub(super) struct DeepRun {
+    pub(super) op: PassOp,
     pub(super) control: Arc<PassControl>,
     pub(super) state: DeepState,
     pub(super) error: Option<String>,
@@ -179,6 +221,7 @@ impl DeepRun {
             .then(|| (left as f64 / (mib_s * 1024.0 * 1024.0)).ceil() as u64);
         DeepRekeyStatus {
             ns_id: ns_id.to_owned(),
+            operation: self.op,
             state: self.state,
             watermark_blocks: watermark,
             data_blocks: self.data_blocks,
@@ -193,7 +236,7 @@ impl DeepRun {
         }
     }
 
-    fn active(&self) -> bool {
+    pub(super) fn active(&self) -> bool {
         matches!(self.state, DeepState::Running | DeepState::Paused)
     }
 }
@@ -223,7 +266,7 @@ impl HeaderIo for LockedIo {
     }
 }
 
-fn data_key(dek: &Dek, inner: &Inner) -> Result<DataKey, String> {
+pub(super) fn data_key(dek: &Dek, inner: &Inner) -> Result<DataKey, String> {
     let xts = XtsKey::from_bytes(dek.expose()).map_err(|e| format!("DEK unusable: {e}"))?;
     DataKey::new(&xts, inner.xts_max_tier).map_err(|e| format!("XTS engine: {e}"))
 }
@@ -298,7 +341,7 @@ impl KeyManager {
             }
             _ => Err(DeepRekeyError::NothingToDo {
                 ns_id: ns_id.to_owned(),
-                what: "no deep rekey is running or paused".into(),
+                what: "no pass is running or paused".into(),
             }),
         }
     }
@@ -366,6 +409,12 @@ impl Inner {
         };
         let old_key = match crypto.key_control().keying() {
             Keying::Single(k) => k,
+            k if k.is_plain() => {
+                return Err(DeepRekeyError::WrongState {
+                    ns_id: ns_id.to_owned(),
+                    what: "the namespace is plaintext; namespace.encrypt encrypts it".into(),
+                })
+            }
             Keying::Split(_) => return Err(busy("a conversion is already in progress")),
         };
         let mut g = lock(&io);
@@ -441,6 +490,7 @@ impl Inner {
             let mut table = lock(&self.namespaces);
             if let Some(e) = table.get_mut(ns_id) {
                 e.deep = Some(DeepRun {
+                    op: PassOp::DeepRekey,
                     control: control.clone(),
                     state: DeepState::Running,
                     error: None,
@@ -462,7 +512,7 @@ impl Inner {
     }
 
     /// The deep-rekey status of `ns_id` as the manager tracks it now.
-    fn deep_status(&self, ns_id: &str) -> Result<DeepRekeyStatus, DeepRekeyError> {
+    pub(super) fn deep_status(&self, ns_id: &str) -> Result<DeepRekeyStatus, DeepRekeyError> {
         let table = lock(&self.namespaces);
         table
             .get(ns_id)
@@ -480,7 +530,10 @@ impl Inner {
     }
 
     /// The header I/O and crypto bdev of an online namespace.
-    fn online_parts(&self, ns_id: &str) -> Result<(SharedIo, Arc<CryptoBdev>), DeepRekeyError> {
+    pub(super) fn online_parts(
+        &self,
+        ns_id: &str,
+    ) -> Result<(SharedIo, Arc<CryptoBdev>), DeepRekeyError> {
         let table = lock(&self.namespaces);
         let e = table
             .get(ns_id)
@@ -539,24 +592,26 @@ impl Inner {
         let parts = {
             let table = lock(&self.namespaces);
             table.get(ns_id).and_then(|e| {
-                Some((
-                    e.io.clone(),
-                    e.crypto.clone()?,
-                    e.deep.as_ref()?.control.clone(),
-                ))
+                let d = e.deep.as_ref()?;
+                Some((e.io.clone(), e.crypto.clone()?, d.control.clone(), d.op))
             })
         };
-        let Some((io, crypto, control)) = parts else {
+        let Some((io, crypto, control, op)) = parts else {
             return;
         };
         let outcome = self.run_pass(ns_id, io, &crypto, &control);
-        let (state, error, finished) = match outcome {
-            Ok(PassEnd::Finished(stored)) => (DeepState::Finished, None, Some(stored)),
-            Ok(PassEnd::Paused(_)) => (DeepState::Paused, None, None),
-            Err(reason) => (DeepState::Failed, Some(reason), None),
+        let (state, error) = match &outcome {
+            Ok(PassEnd::Finished(_) | PassEnd::Decrypted(_)) => (DeepState::Finished, None),
+            Ok(PassEnd::Paused(_)) => (DeepState::Paused, None),
+            Err(reason) => (DeepState::Failed, Some(reason.clone())),
         };
-        if let Some(stored) = &finished {
-            self.note_header(ns_id, stored);
+        match &outcome {
+            Ok(PassEnd::Finished(stored)) => self.note_header(ns_id, stored),
+            Ok(PassEnd::Decrypted(any)) => {
+                let frame = any.header.frame();
+                self.note_plain(ns_id, Some(&frame));
+            }
+            _ => {}
         }
         let (old_kek, new_kek) = {
             let mut table = lock(&self.namespaces);
@@ -568,25 +623,32 @@ impl Inner {
             (d.old_kek.clone(), d.new_kek.clone())
         };
         self.changed.notify_all();
+        let name = op.name();
         match state {
             DeepState::Finished => {
-                tracing::info!(namespace = %ns_id, new_kek = %new_kek.1,
-                    "deep rekey finished: every block is under the new DEK; the old DEK is gone from both header copies");
-                self.audit(who, "rekey-deep", ns_id, "ok: finished");
-                if old_kek != new_kek {
+                match op {
+                    PassOp::DeepRekey => tracing::info!(namespace = %ns_id, new_kek = %new_kek.1,
+                        "deep rekey finished: every block is under the new DEK; the old DEK is gone from both header copies"),
+                    PassOp::Encrypt => tracing::info!(namespace = %ns_id, kek = %new_kek.1,
+                        "encrypt finished: every block is under the DEK; the journal is zeroed"),
+                    PassOp::Decrypt => tracing::info!(namespace = %ns_id,
+                        "decrypt finished: every block is plaintext; the header is retired and holds no key"),
+                }
+                self.audit(who, op.audit_op(), ns_id, "ok: finished");
+                if op == PassOp::DeepRekey && old_kek != new_kek {
                     let _serial = lock(&self.rekey_lock);
                     let action = self.retire_kek(who, &old_kek.0, &old_kek.1);
                     tracing::info!(namespace = %ns_id, old_kek = %old_kek.1, ?action, "old KEK after deep rekey");
                 }
             }
             DeepState::Paused => {
-                tracing::info!(namespace = %ns_id, watermark = control.watermark(), "deep rekey paused");
-                self.audit(who, "rekey-deep", ns_id, "ok: paused");
+                tracing::info!(namespace = %ns_id, watermark = control.watermark(), "{name} paused");
+                self.audit(who, op.audit_op(), ns_id, "ok: paused");
             }
             DeepState::Failed | DeepState::Running => {
                 let reason = error.unwrap_or_default();
-                tracing::error!(namespace = %ns_id, %reason, "deep rekey stopped on an error; rekey.resume retries it");
-                self.audit(who, "rekey-deep", ns_id, &format!("error: {reason}"));
+                tracing::error!(namespace = %ns_id, %reason, "{name} stopped on an error; rekey.resume retries it");
+                self.audit(who, op.audit_op(), ns_id, &format!("error: {reason}"));
             }
         }
     }
@@ -599,12 +661,9 @@ impl Inner {
         control: &PassControl,
     ) -> Result<PassEnd, String> {
         let ctl = crypto.key_control();
-        let (new, old) = match ctl.keying() {
-            Keying::Split(s) => match (&s.below, &s.above) {
-                (Some(n), Some(o)) => (n.clone(), o.clone()),
-                _ => return Err("the crypto bdev is not keyed for a deep rekey".into()),
-            },
-            Keying::Single(_) => return Err("the crypto bdev is not keyed for a deep rekey".into()),
+        let (below, above) = match ctl.keying() {
+            Keying::Split(s) if !s.is_plain() => (s.below.clone(), s.above.clone()),
+            _ => return Err("the crypto bdev is not keyed for a conversion pass".into()),
         };
         let mut meta = LockedIo(io);
         let current = store::read_header(&mut meta).map_err(|e| e.to_string())?;
@@ -619,8 +678,16 @@ impl Inner {
             meta: &mut meta,
             data: data.as_mut(),
         };
-        deep::run(&mut nio, current, ctl, &old, &new, control, &now_unix_s)
-            .map_err(|e| e.to_string())
+        deep::run_any(
+            &mut nio,
+            current,
+            ctl,
+            below.as_ref(),
+            above.as_ref(),
+            control,
+            &now_unix_s,
+        )
+        .map_err(|e| e.to_string())
     }
 
     fn pause_rekey(&self, ns_id: &str) -> Result<DeepRekeyStatus, DeepRekeyError> {
@@ -637,13 +704,13 @@ impl Inner {
                 Some(d) => {
                     return Err(DeepRekeyError::NothingToDo {
                         ns_id: ns_id.to_owned(),
-                        what: format!("the deep rekey is not running ({:?})", d.state),
+                        what: format!("the pass is not running ({:?})", d.state),
                     })
                 }
                 None => {
                     return Err(DeepRekeyError::NothingToDo {
                         ns_id: ns_id.to_owned(),
-                        what: "no deep rekey to pause".into(),
+                        what: "no deep rekey, encrypt or decrypt pass to pause".into(),
                     })
                 }
             }
@@ -676,13 +743,13 @@ impl Inner {
                 Some(d) => {
                     return Err(DeepRekeyError::NothingToDo {
                         ns_id: ns_id.to_owned(),
-                        what: format!("the deep rekey is {:?}, not paused", d.state),
+                        what: format!("the pass is {:?}, not paused", d.state),
                     })
                 }
                 None => {
                     return Err(DeepRekeyError::NothingToDo {
                         ns_id: ns_id.to_owned(),
-                        what: "no deep rekey to resume".into(),
+                        what: "no deep rekey, encrypt or decrypt pass to resume".into(),
                     })
                 }
             }
@@ -716,4 +783,4 @@ impl Inner {
 }
 
 #[cfg(test)]
-mod tests;
+pub(super) mod tests;

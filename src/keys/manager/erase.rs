@@ -192,10 +192,20 @@ impl Inner {
                 }
             }
         };
+        if crypto.key_control().keying().is_plain() {
+            return Err(CryptoEraseError::NotEncrypted(ns_id.to_owned()));
+        }
         let mut io = lock(&io);
         let current = store::read_header(&mut **io).map_err(|e| failed(e.to_string()))?;
-        if matches!(current.header.rekey, RekeyState::Deep(_)) {
-            return Err(busy("a deep rekey is in progress".into()));
+        match &current.header.rekey {
+            RekeyState::Deep(_) => return Err(busy("a deep rekey is in progress".into())),
+            RekeyState::Convert(c) => {
+                return Err(busy(format!(
+                    "an {} pass is in progress",
+                    c.direction.as_str()
+                )))
+            }
+            RekeyState::None | RekeyState::Shallow { .. } => {}
         }
         let ctl = crypto.key_control();
         if matches!(ctl.keying(), Keying::Split(_)) {

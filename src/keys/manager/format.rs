@@ -239,7 +239,7 @@ impl Inner {
     }
 
     /// The KEK a new namespace is wrapped under (see [`NamespaceKeyConfig::kek_name`]).
-    fn format_kek(
+    pub(super) fn format_kek(
         &self,
         slot: &ProviderSlot,
         p: &mut ManagedProvider,

@@ -59,6 +59,7 @@ use crate::kms::{KmsCluster, ServerStatus};
 mod audit_log;
 mod config;
 mod deep;
+mod encdec;
 mod erase;
 mod format;
 mod rekey;
@@ -69,7 +70,7 @@ mod unlock;
 use audit_log::unix_ms;
 pub use audit_log::FileAuditSink;
 pub use config::{KeysConfig, LocalKeysConfig, NamespaceKeyConfig, RetryConfig, LOCAL_PROVIDER};
-pub use deep::{DeepRekeyError, DeepRekeyStatus, DeepState, MAX_RATE_MIB_S};
+pub use deep::{DeepRekeyError, DeepRekeyStatus, DeepState, PassOp, MAX_RATE_MIB_S};
 pub use erase::{CryptoEraseError, CryptoEraseReport, ERASE_QUIESCE_TIMEOUT};
 
 // ---------------------------------------------------------------------------------------------
@@ -107,6 +108,32 @@ pub enum NamespaceKeyState {
     },
 }
 
+/// What a managed namespace's data area holds, from its header (docs/lifecycle.md §7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataState {
+    /// Plaintext: a retired header, or no header where the config allows plaintext.
+    Plaintext,
+    /// An encrypt or decrypt pass runs (or is paused): split at its watermark.
+    Converting,
+    /// Every data unit under the DEK (a deep rekey may run: two DEKs, still all ciphertext).
+    Encrypted,
+}
+
+/// How a managed namespace's header is found and what its config allows (the `encrypted`
+/// bdev's `create`, `plaintext` and `header_file`).
+#[derive(Clone, Debug, Default)]
+pub struct NamespaceOptions {
+    /// Format a blank header with a fresh DEK (never over anything non-blank).
+    pub create: bool,
+    /// With no header (blank reserved region, or no detached header file), serve the data area
+    /// as plaintext until `namespace.encrypt`.
+    pub plaintext: bool,
+    /// The detached header file (LUKS2's `--header`): the header lives there and the data area
+    /// is the whole backing device from offset 0.
+    pub header_file: Option<PathBuf>,
+}
+
 /// One namespace as reported by [`KeyManager::states`]. Holds no secret.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct NamespaceStatus {
@@ -135,6 +162,12 @@ pub struct NamespaceStatus {
     pub retry_in_ms: Option<u64>,
     /// Its deep rekey (running, paused, failed or finished since start-up), if any.
     pub deep_rekey: Option<DeepRekeyStatus>,
+    /// Plaintext, converting or encrypted, per its header (None until the header was read).
+    pub data_state: Option<DataState>,
+    /// Its encrypt or decrypt pass (running, paused, failed or finished since start-up).
+    pub conversion: Option<DeepRekeyStatus>,
+    /// The detached header file, if the header lives in one.
+    pub header_file: Option<String>,
 }
 
 /// Which namespaces a shallow rekey covers.
@@ -410,6 +443,12 @@ struct NsEntry {
     provider: String,
     kek_name: Option<String>,
     create: bool,
+    /// With no header, serve plaintext (config `plaintext: true`).
+    plaintext_ok: bool,
+    /// Detached header file (config `header_file`).
+    header_file: Option<PathBuf>,
+    /// What the data area holds, per the header last read or written.
+    data_state: Option<DataState>,
     who: String,
     io: SharedIo,
     backing: Arc<dyn Bdev>,
@@ -591,6 +630,27 @@ impl KeyManager {
         key: &NamespaceKeyConfig,
         create: bool,
     ) -> Result<(), AddError> {
+        let opts = NamespaceOptions {
+            create,
+            ..NamespaceOptions::default()
+        };
+        self.add_namespace(who, ns_id, backing, header_io, key, &opts)
+    }
+
+    /// [`KeyManager::add_encrypted`] with every option: a namespace that may be served as
+    /// plaintext until `namespace.encrypt`, and a detached header file. With `header_file`,
+    /// `header_io` is not used (the file is opened, checked against the namespace's name and the
+    /// device's size, at each unlock attempt and by `namespace.encrypt`).
+    pub fn add_namespace(
+        &self,
+        who: &str,
+        ns_id: &str,
+        backing: Arc<dyn Bdev>,
+        header_io: Box<dyn HeaderIo + Send>,
+        key: &NamespaceKeyConfig,
+        opts: &NamespaceOptions,
+    ) -> Result<(), AddError> {
+        let create = opts.create;
         if !self.inner.providers.contains_key(&key.provider) {
             return Err(AddError::UnknownProvider {
                 ns_id: ns_id.to_owned(),
@@ -615,6 +675,9 @@ impl KeyManager {
                     provider: key.provider.clone(),
                     kek_name: key.kek_name.clone(),
                     create,
+                    plaintext_ok: opts.plaintext,
+                    header_file: opts.header_file.clone(),
+                    data_state: None,
                     who: who.to_owned(),
                     io: Arc::new(Mutex::new(header_io)),
                     backing,
@@ -785,7 +848,18 @@ fn status_of(ns_id: &str, e: &NsEntry) -> NamespaceStatus {
             u64::try_from(at.saturating_duration_since(Instant::now()).as_millis())
                 .unwrap_or(u64::MAX)
         }),
-        deep_rekey: e.deep.as_ref().map(|d| d.status(ns_id)),
+        deep_rekey: e
+            .deep
+            .as_ref()
+            .filter(|d| d.op == PassOp::DeepRekey)
+            .map(|d| d.status(ns_id)),
+        data_state: e.data_state,
+        conversion: e
+            .deep
+            .as_ref()
+            .filter(|d| d.op != PassOp::DeepRekey)
+            .map(|d| d.status(ns_id)),
+        header_file: e.header_file.as_ref().map(|p| p.display().to_string()),
     }
 }
 
@@ -877,6 +951,24 @@ impl Inner {
             e.namespace_uuid = Some(stored.header.namespace_uuid);
             e.generation = Some(stored.header.generation);
             e.header_warning = warning;
+            e.data_state = Some(match &stored.header.rekey {
+                RekeyState::Convert(_) => DataState::Converting,
+                _ => DataState::Encrypted,
+            });
+        }
+    }
+
+    /// Records a plaintext namespace: its retired header (identity, generation), or none.
+    fn note_plain(&self, ns_id: &str, header: Option<&super::header::PlainHeader>) {
+        let mut table = lock(&self.namespaces);
+        if let Some(e) = table.get_mut(ns_id) {
+            lock(&self.retained).retain(|(_, ns)| ns != ns_id);
+            e.active = None;
+            e.pending = None;
+            e.namespace_uuid = header.map(|h| h.namespace_uuid);
+            e.generation = header.map(|h| h.generation);
+            e.header_warning = None;
+            e.data_state = Some(DataState::Plaintext);
         }
     }
 }

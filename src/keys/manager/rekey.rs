@@ -129,6 +129,12 @@ impl Inner {
                     };
                     return line;
                 }
+                Some(e) if e.data_state == Some(super::DataState::Plaintext) => {
+                    line.result = NamespaceRekeyResult::Skipped {
+                        reason: "plaintext: no DEK to re-wrap".into(),
+                    };
+                    return line;
+                }
                 Some(e) => e.io.clone(),
             }
         };

@@ -19,12 +19,15 @@ use crate::crypto::bdev::{CryptoBdev, DataKey};
 use crate::crypto::key::XtsKey;
 use crate::keys::convert::{self, ConvertError};
 use crate::keys::deep::{BdevDataIo, NamespaceIo, PassControl};
-use crate::keys::header::RekeyState;
-use crate::keys::store::{self, HeaderIo, StoreError, Stored};
+use crate::keys::header::{
+    DataUnit, Detached, Direction, PlainHeader, RekeyState, METADATA_REGION_BYTES,
+};
+use crate::keys::header_io::FileHeaderIo;
+use crate::keys::store::{self, HeaderIo, StoreError, Stored, StoredAny};
 use crate::keys::{open_encrypted, open_slot, Dek, OpenError, Opened};
 use crate::types::CoreId;
 
-use super::deep::{DeepRun, DeepState};
+use super::deep::{DeepRun, DeepState, PassOp};
 
 /// How a failed open is classified.
 fn classify_open(e: &OpenError) -> Fail {
@@ -103,10 +106,11 @@ impl Inner {
     }
 
     /// One unlock attempt: read the header (format it if blank and asked), open, build bdevs.
-    /// With a deep rekey in progress, also recovers its interrupted segment and returns the
-    /// pass to resume.
+    /// With a deep rekey, encrypt or decrypt in progress, also recovers its interrupted segment
+    /// and returns the pass to resume. A plaintext namespace (retired header, or none where the
+    /// config allows plaintext) comes online as a crypto bdev keyed plaintext.
     fn try_unlock(&self, ns_id: &str) -> Result<(Arc<CryptoBdev>, Option<DeepRun>), Fail> {
-        let (io, backing, provider, kek_name, create, who) = {
+        let (io, backing, provider, kek_name, create, who, plaintext_ok, header_file) = {
             let table = lock(&self.namespaces);
             let e = table
                 .get(ns_id)
@@ -118,21 +122,73 @@ impl Inner {
                 e.kek_name.clone(),
                 e.create,
                 e.who.clone(),
+                e.plaintext_ok,
+                e.header_file.clone(),
             )
         };
+        let device_bytes = backing
+            .num_blocks()
+            .saturating_mul(u64::from(backing.block_size()));
         let mut io = lock(&io);
-        let opened = match store::read_header(&mut **io) {
-            Ok(stored) if matches!(stored.header.rekey, RekeyState::Deep(_)) => {
-                self.note_header(ns_id, &stored);
-                let (crypto, run) = self.open_deep(ns_id, &mut **io, &backing, &stored)?;
-                return Ok((crypto, Some(run)));
+        if let Some(path) = &header_file {
+            match std::fs::symlink_metadata(path) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if !plaintext_ok {
+                        return Err(Fail::Permanent(format!(
+                            "detached header {}: the file does not exist, and without it the \
+                             data cannot be read (set plaintext: true only for a device that \
+                             holds plaintext and has never been encrypted)",
+                            path.display()
+                        )));
+                    }
+                    tracing::info!(namespace = %ns_id, header_file = %path.display(),
+                        "no detached header file: the whole device is served as plaintext");
+                    self.note_plain(ns_id, None);
+                    let bdev = self.plain_bdev(ns_id, backing.clone(), 0, backing.num_blocks())?;
+                    return Ok((bdev, None));
+                }
+                _ => {}
             }
-            Ok(stored) => {
-                self.note_header(ns_id, &stored);
-                let opened = self.open_stored(&mut **io, &stored)?;
-                self.finish_interrupted_deep(ns_id, &mut **io, opened)?
-            }
-            Err(StoreError::NotFormatted) if create => {
+            let file = FileHeaderIo::open_regular(path, METADATA_REGION_BYTES).map_err(|e| {
+                let why = match e.raw_os_error() {
+                    Some(libc::ELOOP) => "it is a symbolic link".to_owned(),
+                    _ => e.to_string(),
+                };
+                Fail::Permanent(format!("detached header {}: {why}", path.display()))
+            })?;
+            *io = Box::new(file);
+        }
+        let label = header_file.as_ref().map(|_| ns_id);
+        let read = store::read_any(&mut **io);
+        if let Ok(any) = &read {
+            any.header
+                .frame()
+                .check_binding(label, device_bytes)
+                .map_err(|e| match &header_file {
+                    Some(p) => Fail::Permanent(format!("detached header {}: {e}", p.display())),
+                    None => Fail::Permanent(format!("header: {e}")),
+                })?;
+        }
+        let opened = match read {
+            Ok(any) => match any.keyed() {
+                None => return self.open_retired(ns_id, &mut **io, &backing, &any),
+                Some(stored) if matches!(stored.header.rekey, RekeyState::Deep(_)) => {
+                    self.note_header(ns_id, &stored);
+                    let (crypto, run) = self.open_deep(ns_id, &mut **io, &backing, &stored)?;
+                    return Ok((crypto, Some(run)));
+                }
+                Some(stored) if matches!(stored.header.rekey, RekeyState::Convert(_)) => {
+                    self.note_header(ns_id, &stored);
+                    let (crypto, run) = self.open_convert(ns_id, &mut **io, &backing, &stored)?;
+                    return Ok((crypto, Some(run)));
+                }
+                Some(stored) => {
+                    self.note_header(ns_id, &stored);
+                    let opened = self.open_stored(&mut **io, &stored)?;
+                    self.finish_interrupted_deep(ns_id, &mut **io, opened)?
+                }
+            },
+            Err(StoreError::NotFormatted) if create && header_file.is_none() => {
                 self.refuse_unless_blank(&mut **io, ns_id, &who, &backing)?;
                 let opened = self.format(
                     &mut **io,
@@ -145,9 +201,14 @@ impl Inner {
                 self.note_header(ns_id, &opened.stored);
                 opened
             }
+            Err(StoreError::NotFormatted | StoreError::NoValidCopy { .. }) if plaintext_ok => {
+                return self.open_headerless(ns_id, &mut **io, &backing, header_file.is_some());
+            }
             Err(StoreError::NotFormatted) => {
                 return Err(Fail::Permanent(
-                    "no nvseal header on the device (both copies blank) and create is off".into(),
+                    "no nvseal header on the device (both copies blank), and neither create nor \
+                     plaintext is set"
+                        .into(),
                 ))
             }
             Err(e @ StoreError::Io { .. }) => return Err(Fail::Transient(e.to_string())),
@@ -155,6 +216,229 @@ impl Inner {
         };
         drop(io);
         Ok((self.build_bdev(ns_id, backing, opened)?, None))
+    }
+
+    /// A retired header (a decrypted namespace): the data area it describes, plaintext. If a
+    /// decrypt's last write was cut short, the other copy may still hold the wrapped DEK: it is
+    /// overwritten first.
+    fn open_retired(
+        &self,
+        ns_id: &str,
+        io: &mut dyn HeaderIo,
+        backing: &Arc<dyn Bdev>,
+        any: &StoredAny,
+    ) -> Result<(Arc<CryptoBdev>, Option<DeepRun>), Fail> {
+        let any = convert::scrub_other_copy_any(io, any).map_err(|e| match e {
+            ConvertError::Io(e) => Fail::Transient(format!("retired header: {e}")),
+            e => Fail::Permanent(format!("retired header: {e}")),
+        })?;
+        let frame = any.header.frame();
+        self.note_plain(ns_id, Some(&frame));
+        let bs = u64::from(frame.data_unit.bytes());
+        if u64::from(backing.block_size()) != bs {
+            return Err(Fail::Permanent(format!(
+                "retired header data unit {bs} bytes differs from the device block size {}",
+                backing.block_size()
+            )));
+        }
+        tracing::info!(namespace = %ns_id, data_blocks = frame.data_blocks,
+            "plaintext namespace (retired header): served in the clear");
+        let bdev = self.plain_bdev(
+            ns_id,
+            backing.clone(),
+            frame.data_offset_bytes / bs,
+            frame.data_blocks,
+        )?;
+        Ok((bdev, None))
+    }
+
+    /// No valid header, and the config allows plaintext: the data area after the reserved
+    /// metadata region (or, detached, the whole device) is served in the clear. The region must
+    /// hold nothing but what an interrupted start of an encrypt can leave (a retired header,
+    /// whole or torn): anything else may be a damaged header with a key, so it is refused and
+    /// nothing is served. Reads only.
+    fn open_headerless(
+        &self,
+        ns_id: &str,
+        io: &mut dyn HeaderIo,
+        backing: &Arc<dyn Bdev>,
+        detached: bool,
+    ) -> Result<(Arc<CryptoBdev>, Option<DeepRun>), Fail> {
+        let frame = self
+            .plain_frame(ns_id, backing, detached)
+            .map_err(Fail::Permanent)?;
+        convert::plain_frame_for_region(io, &frame).map_err(|e| match e {
+            ConvertError::Io(e) => Fail::Transient(format!("reading the metadata region: {e}")),
+            e => Fail::Permanent(format!(
+                "plaintext namespace: the metadata region holds no valid header but is not \
+                 blank either ({e}); it may be a damaged header with a key, so nothing is served"
+            )),
+        })?;
+        self.note_plain(ns_id, None);
+        tracing::info!(namespace = %ns_id, data_blocks = frame.data_blocks,
+            "plaintext namespace (no header yet): served in the clear; namespace.encrypt encrypts it");
+        let bs = u64::from(frame.data_unit.bytes());
+        let bdev = self.plain_bdev(
+            ns_id,
+            backing.clone(),
+            frame.data_offset_bytes / bs,
+            frame.data_blocks,
+        )?;
+        Ok((bdev, None))
+    }
+
+    /// The retired-header frame of a plaintext namespace with no header: fresh identities, the
+    /// data area after the metadata region (detached: the whole device, labelled `ns_id`).
+    pub(super) fn plain_frame(
+        &self,
+        ns_id: &str,
+        backing: &Arc<dyn Bdev>,
+        detached: bool,
+    ) -> Result<PlainHeader, String> {
+        let unit = DataUnit::from_bytes(backing.block_size())
+            .ok_or_else(|| format!("block size {} unsupported", backing.block_size()))?;
+        let bs = u64::from(backing.block_size());
+        let (offset, blocks) = if detached {
+            (0, backing.num_blocks())
+        } else {
+            let skip = METADATA_REGION_BYTES / bs;
+            (
+                METADATA_REGION_BYTES,
+                backing.num_blocks().saturating_sub(skip),
+            )
+        };
+        if blocks == 0 {
+            return Err(format!(
+                "the device ({} blocks) has no room for a data area after the 1 MiB metadata region",
+                backing.num_blocks()
+            ));
+        }
+        let now = crate::keys::now_unix_s();
+        Ok(PlainHeader {
+            generation: 1,
+            device_uuid: uuid::Uuid::new_v4(),
+            namespace_uuid: uuid::Uuid::new_v4(),
+            data_unit: unit,
+            data_offset_bytes: offset,
+            data_blocks: blocks,
+            created_unix_s: now,
+            updated_unix_s: now,
+            detached: detached.then(|| Detached {
+                label: ns_id.to_owned(),
+            }),
+        })
+    }
+
+    /// A crypto bdev keyed plaintext over `blocks` units of `backing` from `offset_blocks`.
+    fn plain_bdev(
+        &self,
+        ns_id: &str,
+        backing: Arc<dyn Bdev>,
+        offset_blocks: u64,
+        blocks: u64,
+    ) -> Result<Arc<CryptoBdev>, Fail> {
+        let fits = offset_blocks
+            .checked_add(blocks)
+            .is_some_and(|end| end <= backing.num_blocks());
+        if !fits || blocks == 0 {
+            return Err(Fail::Permanent(format!(
+                "data area ({blocks} blocks at block {offset_blocks}) does not fit the device ({} blocks)",
+                backing.num_blocks()
+            )));
+        }
+        let slice = SliceBdev::new(&format!("{ns_id}-data"), backing, offset_blocks, blocks)
+            .map_err(|e| Fail::Permanent(e.to_string()))?;
+        let tier = match self.xts_max_tier {
+            Some(cap) => crate::crypto::xts::Tier::best_at_most(cap),
+            None => crate::crypto::xts::Tier::best_available(),
+        };
+        let crypto = CryptoBdev::plaintext(&format!("{ns_id}-crypt"), Arc::new(slice), tier, false)
+            .map_err(|e| Fail::Permanent(e.to_string()))?;
+        Ok(Arc::new(crypto))
+    }
+
+    /// Opens a namespace whose header says an encrypt or decrypt runs: unwraps the DEK, restores
+    /// the segment a crash interrupted from the journal (before any host I/O can reach the data),
+    /// and builds the crypto bdev keyed `Split` at the header's watermark (encrypt: the DEK
+    /// below, plaintext above; decrypt: plaintext below, the DEK above).
+    fn open_convert(
+        &self,
+        ns_id: &str,
+        io: &mut dyn HeaderIo,
+        backing: &Arc<dyn Bdev>,
+        stored: &Stored,
+    ) -> Result<(Arc<CryptoBdev>, DeepRun), Fail> {
+        let c = convert::conversion_state(&stored.header)
+            .map_err(|e| Fail::Permanent(e.to_string()))?
+            .clone();
+        let op = match c.direction {
+            Direction::Encrypt => PassOp::Encrypt,
+            Direction::Decrypt => PassOp::Decrypt,
+        };
+        let dek = self.open_slot_dek(&stored.header.active, op.name())?;
+        let slice = self.data_slice(ns_id, backing.clone(), &stored.header)?;
+        let mut data = BdevDataIo::new(slice.clone(), CoreId(0));
+        let recovery = convert::recover(
+            &mut NamespaceIo {
+                meta: io,
+                data: &mut data,
+            },
+            stored,
+        )
+        .map_err(|e| match e {
+            ConvertError::Io(e) => Fail::Transient(format!("{} recovery: {e}", op.name())),
+            e => Fail::Permanent(format!("{} recovery: {e}", op.name())),
+        })?;
+        tracing::info!(namespace = %ns_id, operation = op.name(), watermark = c.watermark_blocks,
+            data_blocks = stored.header.data_blocks, ?recovery,
+            "conversion in progress: recovered; the pass resumes once the namespace is online");
+        let key = self.data_key(&dek)?;
+        drop(dek);
+        let crypto = CryptoBdev::plaintext(&format!("{ns_id}-crypt"), slice, key.tier(), false)
+            .map_err(|e| Fail::Permanent(e.to_string()))?;
+        let (below, above) = match c.direction {
+            Direction::Encrypt => (Some(key), None),
+            Direction::Decrypt => (None, Some(key)),
+        };
+        crypto.key_control().begin_split(
+            below,
+            above,
+            c.watermark_blocks,
+            u64::from(c.segment_blocks),
+        );
+        let kek = self.slot_ref(&stored.header.active);
+        let run = DeepRun {
+            op,
+            control: PassControl::new(0),
+            state: DeepState::Running,
+            error: None,
+            data_blocks: stored.header.data_blocks,
+            unit: stored.header.data_unit.bytes(),
+            new_kek: kek.clone(),
+            old_kek: kek,
+            run_started: Instant::now(),
+            run_bytes0: 0,
+            thread: None,
+        };
+        run.control.set_watermark(c.watermark_blocks);
+        Ok((Arc::new(crypto), run))
+    }
+
+    /// Unwraps the DEK of a header slot at the provider it names.
+    fn open_slot_dek(&self, slot: &crate::keys::KeySlot, which: &str) -> Result<Dek, Fail> {
+        let p = self
+            .provider_for_slot(slot)
+            .map_err(Fail::Permanent)?
+            .clone();
+        let r = open_slot(lock(&p.inner).as_dyn(), slot);
+        r.map_err(|e| {
+            let text = format!("{which}: KEK {}: {e}", slot.kek_id);
+            if e.is_transient() {
+                Fail::Transient(text)
+            } else {
+                Fail::Permanent(text)
+            }
+        })
     }
 
     /// Opens a namespace whose header says a deep rekey runs: unwraps both DEKs (the old KEK
@@ -172,23 +456,11 @@ impl Inner {
         let RekeyState::Deep(d) = &stored.header.rekey else {
             return Err(Fail::Permanent("no deep rekey in the header".into()));
         };
-        let open = |slot: &crate::keys::KeySlot, which: &str| -> Result<Dek, Fail> {
-            let p = self
-                .provider_for_slot(slot)
-                .map_err(Fail::Permanent)?
-                .clone();
-            let r = open_slot(lock(&p.inner).as_dyn(), slot);
-            r.map_err(|e| {
-                let text = format!("deep rekey in progress: {which} KEK {}: {e}", slot.kek_id);
-                if e.is_transient() {
-                    Fail::Transient(text)
-                } else {
-                    Fail::Permanent(text)
-                }
-            })
-        };
-        let old = open(&stored.header.active, "old (active)")?;
-        let new = open(&d.new, "new (pending)")?;
+        let old = self.open_slot_dek(
+            &stored.header.active,
+            "deep rekey in progress: old (active)",
+        )?;
+        let new = self.open_slot_dek(&d.new, "deep rekey in progress: new (pending)")?;
         let slice = self.data_slice(ns_id, backing.clone(), &stored.header)?;
         let mut data = BdevDataIo::new(slice.clone(), CoreId(0));
         let recovery = convert::recover(
@@ -217,6 +489,7 @@ impl Inner {
             u64::from(d.segment_blocks),
         );
         let run = DeepRun {
+            op: PassOp::DeepRekey,
             control: PassControl::new(0),
             // Started as soon as the namespace is online (unlock_loop).
             state: DeepState::Running,
@@ -243,8 +516,18 @@ impl Inner {
         opened: Opened,
     ) -> Result<Opened, Fail> {
         let stale = match store::read_copy(io, opened.stored.copy.other()) {
-            Ok(other) => matches!(&other.rekey, RekeyState::Deep(d)
-                if d.new == opened.stored.header.active && opened.stored.header.rekey == RekeyState::None),
+            Ok(other) => {
+                let cur = &opened.stored.header;
+                cur.rekey == RekeyState::None
+                    && match &other.rekey {
+                        RekeyState::Deep(d) => d.new == cur.active,
+                        // An encrypt's finish cut between its two copies.
+                        RekeyState::Convert(c) => {
+                            c.direction == Direction::Encrypt && other.active == cur.active
+                        }
+                        _ => false,
+                    }
+            }
             Err(_) => false,
         };
         if !stale {

@@ -17,11 +17,11 @@ use crate::keys::CopyId;
 use crate::sys::buf::AlignedBuf;
 use crate::types::CoreId;
 
-const BS: u32 = 4096;
+pub(in crate::keys::manager) const BS: u32 = 4096;
 /// 8 MiB of data: 16 segments of 512 KiB.
-const DATA_BLOCKS: u64 = 2048;
+pub(in crate::keys::manager) const DATA_BLOCKS: u64 = 2048;
 
-fn keys_cfg(dir: &std::path::Path) -> KeysConfig {
+pub(in crate::keys::manager) fn keys_cfg(dir: &std::path::Path) -> KeysConfig {
     KeysConfig {
         local: Some(LocalKeysConfig {
             path: dir.join("keys"),
@@ -31,7 +31,7 @@ fn keys_cfg(dir: &std::path::Path) -> KeysConfig {
     }
 }
 
-fn dev() -> Arc<dyn Bdev> {
+pub(in crate::keys::manager) fn dev() -> Arc<dyn Bdev> {
     malloc::open(&MallocConfig {
         name: "deep".into(),
         num_blocks: None,
@@ -61,7 +61,13 @@ fn add(m: &KeyManager, d: &Arc<dyn Bdev>) {
     assert_eq!(st.state, NamespaceKeyState::Online, "{st:?}");
 }
 
-fn io(b: &Arc<dyn Bdev>, t: IoType, lba: u64, data: Option<&[u8]>, n: u32) -> Vec<u8> {
+pub(in crate::keys::manager) fn io(
+    b: &Arc<dyn Bdev>,
+    t: IoType,
+    lba: u64,
+    data: Option<&[u8]>,
+    n: u32,
+) -> Vec<u8> {
     let len = n as usize * BS as usize;
     let mut mem = AlignedBuf::zeroed(len, 4096).expect("buf");
     if let Some(d) = data {
@@ -78,14 +84,14 @@ fn io(b: &Arc<dyn Bdev>, t: IoType, lba: u64, data: Option<&[u8]>, n: u32) -> Ve
     done.buf.expect("buf").as_slice().to_vec()
 }
 
-fn pattern(lba: u64, gen: u8) -> Vec<u8> {
+pub(in crate::keys::manager) fn pattern(lba: u64, gen: u8) -> Vec<u8> {
     (0..BS as usize)
         .map(|i| (lba as u8) ^ (i as u8).wrapping_mul(7) ^ gen)
         .collect()
 }
 
 /// Writes a distinct pattern to every block through the crypto bdev.
-fn fill(b: &Arc<dyn Bdev>, gen: u8) -> BTreeMap<u64, Vec<u8>> {
+pub(in crate::keys::manager) fn fill(b: &Arc<dyn Bdev>, gen: u8) -> BTreeMap<u64, Vec<u8>> {
     let mut m = BTreeMap::new();
     for lba in 0..DATA_BLOCKS {
         let p = pattern(lba, gen);
@@ -95,7 +101,7 @@ fn fill(b: &Arc<dyn Bdev>, gen: u8) -> BTreeMap<u64, Vec<u8>> {
     m
 }
 
-fn check(b: &Arc<dyn Bdev>, want: &BTreeMap<u64, Vec<u8>>) {
+pub(in crate::keys::manager) fn check(b: &Arc<dyn Bdev>, want: &BTreeMap<u64, Vec<u8>>) {
     let all = io(b, IoType::Read, 0, None, DATA_BLOCKS as u32);
     for (lba, p) in want {
         let off = *lba as usize * BS as usize;
@@ -104,7 +110,7 @@ fn check(b: &Arc<dyn Bdev>, want: &BTreeMap<u64, Vec<u8>>) {
 }
 
 /// The raw (ciphertext) data area of the backing device.
-fn raw_data(d: &Arc<dyn Bdev>) -> Vec<u8> {
+pub(in crate::keys::manager) fn raw_data(d: &Arc<dyn Bdev>) -> Vec<u8> {
     let mut v = vec![0u8; (DATA_BLOCKS * u64::from(BS)) as usize];
     let bytes = d.num_blocks() * u64::from(d.block_size());
     BdevHeaderIo::new(d.clone(), CoreId(0), bytes)
@@ -122,7 +128,7 @@ fn header_copies(d: &Arc<dyn Bdev>) -> (crate::keys::Header, crate::keys::Header
     )
 }
 
-fn journal_is_zero(d: &Arc<dyn Bdev>) -> bool {
+pub(in crate::keys::manager) fn journal_is_zero(d: &Arc<dyn Bdev>) -> bool {
     let mut hio = BdevHeaderIo::new(d.clone(), CoreId(0), METADATA_REGION_BYTES).expect("hio");
     let mut b = vec![0u8; RECORD_HEADER_BYTES + 512 * 1024];
     hio.read_at(JOURNAL_OFFSET_BYTES, &mut b).expect("read");
