@@ -14,27 +14,24 @@
 
 mod common;
 
+use common::pass::{
+    check_all_blocks, check_perf, openssl_unwrap, python_decrypt, rpc, rpc_err, wait_pass, Area,
+    Perf,
+};
 use common::serve::{addr_of, Serve};
 use nvseal::keys::header::{CopyId, Header, RekeyState, METADATA_REGION_BYTES};
 use nvseal::keys::store;
-use nvseal::nvme::connect;
-use nvseal::nvmf::host::{HostConfig, HostQpair};
-use nvseal::rpc::client::{call, ClientError};
 use nvseal::tools::bdevperf::fill_pattern;
-use serde_json::{json, Value};
+use serde_json::json;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 const NQN: &str = "nqn.2026-12.io.nvseal:deep";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:dee9dee9-0000-4000-8000-000000000001";
 /// Size of the data area.
 const DATA_BYTES: u64 = 4 << 20;
-/// perf's I/O size, and its I/Os per pass over the namespace (its verify mode writes the
-/// namespace in order, each write read back and checked).
-const IO: u64 = 8192;
-const PASS_IOS: u64 = DATA_BYTES / IO;
 /// perf's pattern seed before the pass, and the one a second perf run writes during it (a host
 /// write lost to the pass leaves the first seed's data behind, which the final check sees).
 const SEED_A: u64 = 77;
@@ -44,17 +41,6 @@ const SEED_B: u64 = 78;
 enum Backing {
     File,
     Malloc,
-}
-
-fn rpc(sock: &Path, method: &str, p: Value) -> Value {
-    call(sock, method, Some(p)).unwrap_or_else(|e| panic!("{method}: {e}"))
-}
-
-fn rpc_err(sock: &Path, method: &str, p: Value) -> (i64, String) {
-    match call(sock, method, Some(p)) {
-        Err(ClientError::Rpc { code, message, .. }) => (code, message),
-        other => panic!("{method}: expected an error, got {other:?}"),
-    }
 }
 
 fn config(d: &Path, backing: Backing, bs: u32) -> PathBuf {
@@ -90,199 +76,6 @@ fn config(d: &Path, backing: Backing, bs: u32) -> PathBuf {
     cfg
 }
 
-fn status(sock: &Path) -> Value {
-    let v = rpc(sock, "rekey.status", json!({ "namespace": "vol" }));
-    v["rekeys"][0].clone()
-}
-
-fn wait_state(sock: &Path, want: &str) -> Value {
-    let t0 = Instant::now();
-    loop {
-        let s = status(sock);
-        if s["state"] == want {
-            return s;
-        }
-        assert!(s["state"] != "failed", "deep rekey failed: {s}");
-        assert!(
-            t0.elapsed() < Duration::from_secs(120),
-            "no {want} within 120 s: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// `nvseal perf --verify` for `passes` passes over the namespace (a count, not a time, so a
-/// slow machine still covers every block).
-fn perf(addr: &str, passes: u64, seed: u64, json_out: &Path) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_nvseal"))
-        .args([
-            "perf",
-            "--traddr",
-            addr,
-            "--subnqn",
-            NQN,
-            "--hostnqn",
-            HOST,
-            "--nsid",
-            "1",
-            "-w",
-            "randrw",
-            "-o",
-            "8k",
-            "-q",
-            "8",
-            "-n",
-        ])
-        .arg((passes * PASS_IOS).to_string())
-        .args(["--verify", "--no-pin", "--no-progress", "--seed"])
-        .arg(seed.to_string())
-        .arg("--json")
-        .arg(json_out)
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap()
-}
-
-fn check_perf(child: std::process::Child, json_out: &Path) {
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "perf --verify failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&fs::read(json_out).unwrap()).unwrap();
-    for j in report["jobs"].as_array().expect("jobs") {
-        assert_eq!(j["verify_mismatches"], 0, "{j}");
-        assert_eq!(j["io_errors"], 0, "{j}");
-        assert!(j["total"]["total_ios"].as_u64().unwrap() > 0, "{j}");
-        eprintln!(
-            "perf {}: {} I/Os",
-            json_out.display(),
-            j["total"]["total_ios"]
-        );
-    }
-}
-
-/// Reads every block over NVMe/TCP and compares it with perf's pattern.
-fn check_all_blocks(addr: std::net::SocketAddr, bs: u32, seed: u64) {
-    let cfg = HostConfig {
-        hostnqn: HOST.into(),
-        queue_depth: 8,
-        timeout: Duration::from_secs(20),
-        ..Default::default()
-    };
-    let mut admin = HostQpair::connect(addr, NQN, 0, connect::CNTLID_DYNAMIC, cfg.clone()).unwrap();
-    admin.enable().unwrap();
-    let mut q = HostQpair::connect(addr, NQN, 1, admin.cntlid(), cfg).unwrap();
-    let blocks = DATA_BYTES / u64::from(bs);
-    let per = (64 * 1024 / bs) as u64;
-    let mut want = vec![0u8; (per * u64::from(bs)) as usize];
-    let mut lba = 0;
-    while lba < blocks {
-        let n = per.min(blocks - lba);
-        let got = common::host::read_blocks(&mut q, 1, lba, n as u32, bs);
-        let w = &mut want[..(n * u64::from(bs)) as usize];
-        fill_pattern(w, lba, bs as usize, seed);
-        for k in 0..n as usize {
-            let r = k * bs as usize..(k + 1) * bs as usize;
-            if got[r.clone()] != w[r.clone()] {
-                let mut other = vec![0u8; bs as usize];
-                fill_pattern(&mut other, lba + k as u64, bs as usize, SEED_A);
-                let bad: Vec<u64> = (k..n as usize)
-                    .filter(|&j| {
-                        let rj = j * bs as usize..(j + 1) * bs as usize;
-                        got[rj.clone()] != w[rj]
-                    })
-                    .map(|j| lba + j as u64)
-                    .collect();
-                panic!(
-                    "block {} does not hold what perf acknowledged (holds the older seed's data: {}; {} bad in this read: {:?}...)",
-                    lba + k as u64,
-                    got[r] == other[..],
-                    bad.len(),
-                    &bad[..bad.len().min(8)]
-                );
-            }
-        }
-        lba += n;
-    }
-}
-
-fn run(cmd: &mut Command) -> Vec<u8> {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is it installed?)"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
-/// The DEK in `wrapped`, unwrapped by the OpenSSL CLI (RFC 3394) with the local key file's KEK.
-fn openssl_unwrap(d: &Path, wrapped: &[u8], kek_id: &str) -> PathBuf {
-    let text = fs::read_to_string(d.join("keys")).expect("key file");
-    let line = text
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(kek_id))
-        .expect("KEK line");
-    let kek_hex = line.split_whitespace().nth(2).expect("KEK hex").to_owned();
-    let n = fs::read_dir(d).unwrap().count();
-    let win = d.join(format!("wrapped{n}.bin"));
-    let out = d.join(format!("dek{n}.bin"));
-    fs::write(&win, wrapped).unwrap();
-    run(Command::new("openssl")
-        .args([
-            "enc",
-            "-d",
-            "-id-aes256-wrap",
-            "-iv",
-            "A6A6A6A6A6A6A6A6",
-            "-K",
-        ])
-        .arg(&kek_hex)
-        .arg("-in")
-        .arg(&win)
-        .arg("-out")
-        .arg(&out));
-    out
-}
-
-/// Decrypts the data area of the image with Python `cryptography`: units below `watermark`
-/// with `below`, the others with `above` (tweak = unit number, little endian).
-fn python_decrypt(img: &Path, bs: u32, watermark: u64, below: &Path, above: &Path) -> Vec<u8> {
-    let script = r#"
-import sys
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-img, unit, off, n, wm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-below = open(sys.argv[6], 'rb').read()
-above = open(sys.argv[7], 'rb').read()
-f = open(img, 'rb')
-f.seek(off)
-data = f.read(n * unit)
-out = bytearray()
-for lba in range(n):
-    tweak = lba.to_bytes(8, 'little') + bytes(8)
-    key = below if lba < wm else above
-    d = Cipher(algorithms.AES(key), modes.XTS(tweak)).decryptor()
-    out += d.update(data[lba * unit:(lba + 1) * unit]) + d.finalize()
-sys.stdout.buffer.write(out)
-"#;
-    run(Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(img)
-        .arg(bs.to_string())
-        .arg(METADATA_REGION_BYTES.to_string())
-        .arg((DATA_BYTES / u64::from(bs)).to_string())
-        .arg(watermark.to_string())
-        .arg(below)
-        .arg(above))
-}
-
 fn header_of(img: &Path) -> Header {
     let mut f = fs::File::open(img).unwrap();
     store::read_header(&mut f).expect("header").header
@@ -297,6 +90,13 @@ fn case(backing: Backing, bs: u32) {
     let addr = addr_of(&s.wait_for("NVMe/TCP listening"));
     s.wait_for("encrypted namespace online");
     s.wait_for("control socket listening");
+    let at = addr.to_string();
+    let pf = Perf {
+        addr: &at,
+        nqn: NQN,
+        host: HOST,
+        data_bytes: DATA_BYTES,
+    };
 
     // Bad requests first: nothing starts.
     let (code, msg) = rpc_err(
@@ -313,7 +113,7 @@ fn case(backing: Backing, bs: u32) {
     // Phase 1: verified workloads across a whole pass, paused and resumed; the second perf
     // run rewrites every block with other data while the pass is still going.
     let json1 = d.join("perf1.json");
-    let p = perf(&addr.to_string(), 1, SEED_A, &json1);
+    let p = pf.spawn(1, SEED_A, &json1);
     std::thread::sleep(Duration::from_millis(300));
     let st = rpc(
         &sock,
@@ -336,11 +136,11 @@ fn case(backing: Backing, bs: u32) {
     );
     check_perf(p, &json1);
     let json2 = d.join("perf2.json");
-    let p = perf(&addr.to_string(), 2, SEED_B, &json2);
-    let st = wait_state(&sock, "finished");
+    let p = pf.spawn(2, SEED_B, &json2);
+    let st = wait_pass(&sock, "vol", "finished");
     assert_eq!(st["percent"], 100.0, "{st}");
     check_perf(p, &json2);
-    check_all_blocks(addr, bs, SEED_B);
+    check_all_blocks(&pf, addr, bs, SEED_B, SEED_A);
     let ks = rpc(&sock, "keys.status", json!({}));
     assert_eq!(
         ks["namespaces"][0]["deep_rekey"]["state"], "finished",
@@ -383,7 +183,13 @@ fn case(backing: Backing, bs: u32) {
     assert_eq!(deep.watermark_blocks, w);
     let new_dek = openssl_unwrap(d, &deep.new.wrapped_dek.0, deep.new.kek_id.as_str());
     let old_dek = openssl_unwrap(d, &h.active.wrapped_dek.0, h.active.kek_id.as_str());
-    let plain = python_decrypt(&img, bs, w, &new_dek, &old_dek);
+    let area = Area {
+        img: &img,
+        unit: bs,
+        offset: METADATA_REGION_BYTES,
+        blocks: DATA_BYTES / u64::from(bs),
+    };
+    let plain = python_decrypt(&area, w, Some(&new_dek), Some(&old_dek));
     let mut want = vec![0u8; DATA_BYTES as usize];
     fill_pattern(&mut want, 0, bs as usize, SEED_B);
     let unit = bs as usize;
@@ -410,9 +216,9 @@ fn case(backing: Backing, bs: u32) {
     let addr = addr_of(&s.wait_for("NVMe/TCP listening"));
     s.wait_for("encrypted namespace online");
     s.wait_for("control socket listening");
-    let st = wait_state(&sock, "finished");
+    let st = wait_pass(&sock, "vol", "finished");
     assert_eq!(st["watermark_blocks"], DATA_BYTES / u64::from(bs));
-    check_all_blocks(addr, bs, SEED_B);
+    check_all_blocks(&pf, addr, bs, SEED_B, SEED_A);
     s.stop();
     let h2 = header_of(&img);
     assert_eq!(h2.rekey, RekeyState::None);

@@ -25,6 +25,7 @@ pub const POINTS: &[&str] = &[
     "segment-written",
     "header-updated",
     "finish-first-copy",
+    "plain-copy-a",
 ];
 
 struct Armed {

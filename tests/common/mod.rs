@@ -8,6 +8,7 @@
 pub mod host;
 pub mod kmip;
 pub mod nvmf;
+pub mod pass;
 pub mod qemu;
 pub mod serve;
 

@@ -1,9 +1,12 @@
-//! SIGKILL crash harness for deep rekey: the real `nvseal serve` on a file is killed over and
-//! over while a pass runs and a host writes, restarted, and checked.
+//! SIGKILL crash harness for the conversion passes (deep rekey, encrypt, decrypt): the real
+//! `nvseal serve` on a file is killed over and over while a pass runs and a host writes,
+//! restarted, and checked.
 //!
 //! Each round starts `nvseal serve`, waits until the namespace is online (the unlock recovers
 //! an interrupted segment and resumes the pass by itself), reads every block back and checks it
-//! against what the host had acknowledged, starts a new deep rekey if none runs, and lets a
+//! against what the host had acknowledged, starts a new pass if none runs (deep rekey; or, for
+//! the encrypt/decrypt harness, `namespace.encrypt` on a plaintext namespace and
+//! `namespace.decrypt` on an encrypted one, so the two alternate), and lets a
 //! host write random blocks (each write a new generation of the block's pattern) until the
 //! process dies. Half of the rounds arm a named crash point (`NVSEAL_CRASH_AT`, see
 //! `src/keys/crashpoint.rs`: journal data written, journal flushed, half a segment written,
@@ -11,9 +14,11 @@
 //! kill lands exactly at that step; the others kill at a random time. A write in flight at the
 //! kill may land or not; every acknowledged one must be there after the restart.
 //!
-//! Counts: `NVSEAL_CRASH_KILLS` kills per test (default 50 for 4096-byte blocks, 20 for 512);
-//! the summary line prints kills, crash points hit, recoveries that finished the pass, and
-//! acknowledged writes lost (asserted 0).
+//! Counts: `NVSEAL_CRASH_KILLS` kills per test (deep rekey: default 50 for 4096-byte blocks, 20
+//! for 512; encrypt/decrypt: 110 for 4096, 30 for 512); the summary line prints kills, kills per
+//! operation (the pass running, or just started, when the target died), crash points hit,
+//! recoveries that finished the pass, and acknowledged writes lost (asserted 0). The 4096-byte
+//! encrypt/decrypt run must kill each of the two at least 50 times.
 
 mod common;
 
@@ -64,7 +69,20 @@ struct Model {
     gen: u64,
 }
 
-fn config(d: &Path, bs: u32) -> PathBuf {
+/// Which passes a harness drives.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Ops {
+    /// `rekey.deep` on an encrypted namespace.
+    Deep,
+    /// `namespace.encrypt` / `namespace.decrypt` in turn on a namespace that starts plaintext.
+    EncDec,
+}
+
+fn config(d: &Path, bs: u32, ops: Ops) -> PathBuf {
+    let mode = match ops {
+        Ops::Deep => "create: true",
+        Ops::EncDec => "plaintext: true",
+    };
     let cfg = d.join("crash.yaml");
     std::fs::write(
         &cfg,
@@ -73,7 +91,7 @@ fn config(d: &Path, bs: u32) -> PathBuf {
              keys:\n  local:\n    path: {keys}\n    create: true\n  audit_log: {audit}\n\
              rpc:\n  socket_path: {sock}\n\
              bdevs:\n  - name: disk\n    type: uring\n    path: {img}\n    size_bytes: {size}\n    block_size: {bs}\n\
-             \x20 - name: vol\n    type: encrypted\n    base: disk\n    provider: local\n    create: true\n\
+             \x20 - name: vol\n    type: encrypted\n    base: disk\n    provider: local\n    {mode}\n\
              subsystems:\n  - nqn: {NQN}\n    serial: CRASH1\n    allowed_hosts: [\"{HOST}\"]\n\
              \x20   namespaces:\n      - nsid: 1\n        bdev: vol\n        encrypted: true\n\
              \x20   listen:\n      - addr: 127.0.0.1\n        port: 0\n",
@@ -188,18 +206,58 @@ fn write_until(q: &mut HostQpair, m: &mut Model, rng: &mut Rng, bs: u32, until: 
 }
 
 fn rekey_state(sock: &Path) -> Option<String> {
-    let v = call(sock, "rekey.status", Some(json!({ "namespace": "vol" }))).ok()?;
-    v["rekeys"][0]["state"].as_str().map(str::to_owned)
+    pass_of(sock).map(|(state, _)| state)
 }
 
-fn harness(bs: u32, default_kills: u64, seed: u64) {
+/// The namespace's pass (state, operation), if any.
+fn pass_of(sock: &Path) -> Option<(String, String)> {
+    let v = call(sock, "rekey.status", Some(json!({ "namespace": "vol" }))).ok()?;
+    let p = &v["rekeys"][0];
+    Some((
+        p["state"].as_str()?.to_owned(),
+        p["operation"].as_str()?.to_owned(),
+    ))
+}
+
+fn data_state(sock: &Path) -> Option<String> {
+    let v = call(sock, "keys.status", Some(json!({}))).ok()?;
+    v["namespaces"][0]["data_state"].as_str().map(str::to_owned)
+}
+
+/// Starts the next pass if none runs; returns the operation that runs now (if any) and whether
+/// this call started it.
+fn next_pass(sock: &Path, ops: Ops) -> (Option<String>, bool) {
+    let pass = pass_of(sock);
+    if let Some((state, op)) = &pass {
+        if state == "running" {
+            return (Some(op.clone()), false);
+        }
+    }
+    // Encrypt/decrypt slower, so that most random kills land inside a pass.
+    let rate = if ops == Ops::Deep { 8 } else { 2 };
+    let p = json!({ "namespace": "vol", "rate_mib_s": rate });
+    let (method, op) = match ops {
+        Ops::Deep => ("rekey.deep", "deep_rekey"),
+        Ops::EncDec => match data_state(sock).as_deref() {
+            Some("plaintext") => ("namespace.encrypt", "encrypt"),
+            Some("encrypted") => ("namespace.decrypt", "decrypt"),
+            _ => return (None, false),
+        },
+    };
+    match call(sock, method, Some(p)) {
+        Ok(_) => (Some(op.to_owned()), true),
+        Err(_) => (None, false),
+    }
+}
+
+fn harness(bs: u32, default_kills: u64, seed: u64, ops: Ops) {
     let kills: u64 = std::env::var("NVSEAL_CRASH_KILLS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default_kills);
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let d = dir.path();
-    let cfg = config(d, bs);
+    let cfg = config(d, bs, ops);
     let sock = d.join("rpc.sock");
     let blocks = DATA_BYTES / u64::from(bs);
     let mut rng = Rng(seed);
@@ -228,6 +286,10 @@ fn harness(bs: u32, default_kills: u64, seed: u64) {
         s.stop();
     }
     let mut points: BTreeMap<&str, u64> = BTreeMap::new();
+    // Kills per operation: the pass that ran (or had just been started) when the target died.
+    let mut by_op: BTreeMap<String, u64> = BTreeMap::new();
+    // The pass a crash point of a resumed pass interrupts before this round could look.
+    let mut last_op: Option<String> = None;
     let (mut done_kills, mut finished, mut lost, mut started) = (0u64, 0u64, 0usize, 0u64);
     for round in 0..=kills {
         // Odd rounds arm the crash points in turn (each at its 1st or 2nd hit).
@@ -275,6 +337,9 @@ fn harness(bs: u32, default_kills: u64, seed: u64) {
                     s.log.join("\n")
                 );
                 *points.entry(armed.map_or("?", |(p, _)| p)).or_default() += 1;
+                *by_op
+                    .entry(last_op.clone().unwrap_or_else(|| "?".into()))
+                    .or_default() += 1;
                 done_kills += 1;
                 s.kill9();
                 continue;
@@ -298,9 +363,8 @@ fn harness(bs: u32, default_kills: u64, seed: u64) {
         if state.as_deref() == Some("finished") {
             finished += 1;
         }
-        let new_pass = json!({ "namespace": "vol", "rate_mib_s": 8 });
-        if state.as_deref() != Some("running") && call(&sock, "rekey.deep", Some(new_pass)).is_ok()
-        {
+        let (op, new) = next_pass(&sock, ops);
+        if new {
             started += 1;
         }
         let budget = match armed {
@@ -325,30 +389,57 @@ fn harness(bs: u32, default_kills: u64, seed: u64) {
         }
         s.kill9();
         done_kills += 1;
+        // The pass that was running when it died: the one that ran or was started this round,
+        // or (a pass that finished) none.
+        let op = op.unwrap_or_else(|| "none".into());
+        *by_op.entry(op.clone()).or_default() += 1;
+        last_op = Some(op);
     }
     let summary: Value = json!({
         "block_size": bs,
         "kills": done_kills,
+        "kills_by_operation": by_op,
         "crash_points_hit": points,
         "passes_started": started,
         "passes_seen_finished_after_restart": finished,
         "acknowledged_writes_lost": lost,
     });
-    eprintln!("deep rekey crash harness: {summary}");
+    eprintln!("conversion crash harness ({ops:?}): {summary}");
     assert!(done_kills >= kills);
     assert!(
         points.values().sum::<u64>() > 0,
         "no crash point was ever hit: {summary}"
     );
     assert_eq!(lost, 0);
+    if ops == Ops::EncDec {
+        // Each operation type is killed about half the time; the default run must reach 50 each.
+        let need = (kills / 2).saturating_sub(5).min(50);
+        for op in ["encrypt", "decrypt"] {
+            let n = by_op.get(op).copied().unwrap_or(0);
+            assert!(
+                n >= need,
+                "only {n} kills during {op} (need {need}): {summary}"
+            );
+        }
+    }
 }
 
 #[test]
 fn sigkill_during_deep_rekey_loses_no_acknowledged_write_4096() {
-    harness(4096, 50, 0x5eed_4096);
+    harness(4096, 50, 0x5eed_4096, Ops::Deep);
 }
 
 #[test]
 fn sigkill_during_deep_rekey_loses_no_acknowledged_write_512() {
-    harness(512, 20, 0x5eed_0512);
+    harness(512, 20, 0x5eed_0512, Ops::Deep);
+}
+
+#[test]
+fn sigkill_during_encrypt_and_decrypt_loses_no_acknowledged_write_4096() {
+    harness(4096, 110, 0xe9cd_4096, Ops::EncDec);
+}
+
+#[test]
+fn sigkill_during_encrypt_and_decrypt_loses_no_acknowledged_write_512() {
+    harness(512, 30, 0xe9cd_0512, Ops::EncDec);
 }
