@@ -49,6 +49,7 @@ impl Keying {
             above: None,
             watermark: AtomicU64::new(0),
             segment_blocks: 1,
+            hot_blocks: AtomicU64::new(1),
             hot: AtomicBool::new(false),
         }))
     }
@@ -68,6 +69,8 @@ pub struct Split {
     pub above: Option<DataKey>,
     watermark: AtomicU64,
     segment_blocks: u64,
+    /// Length of the hot segment of the step in progress (≤ `segment_blocks`).
+    hot_blocks: AtomicU64,
     hot: AtomicBool,
 }
 
@@ -80,7 +83,8 @@ impl Split {
     pub fn hot_range(&self) -> Option<(u64, u64)> {
         if self.hot.load(Ordering::SeqCst) {
             let w = self.watermark.load(Ordering::SeqCst);
-            Some((w, w.saturating_add(self.segment_blocks)))
+            let len = self.hot_blocks.load(Ordering::SeqCst);
+            Some((w, w.saturating_add(len)))
         } else {
             None
         }
@@ -167,6 +171,7 @@ impl KeyControl {
             above,
             watermark: AtomicU64::new(watermark),
             segment_blocks: segment_blocks.max(1),
+            hot_blocks: AtomicU64::new(segment_blocks.max(1)),
             hot: AtomicBool::new(false),
         });
         self.set_keying(Keying::Split(s.clone()));
@@ -185,6 +190,15 @@ impl KeyControl {
     /// keeps being refused as Busy): call [`KeyControl::cool`] to give it back.
     pub fn make_hot(&self, timeout: Duration) -> Result<(), KeyMapError> {
         let s = self.split()?;
+        self.make_hot_for(s.segment_blocks, timeout)
+    }
+
+    /// [`KeyControl::make_hot`] for a step of `blocks` units (at most the split's segment): only
+    /// `[watermark, watermark + blocks)` is fenced off from host I/O.
+    pub fn make_hot_for(&self, blocks: u64, timeout: Duration) -> Result<(), KeyMapError> {
+        let s = self.split()?;
+        s.hot_blocks
+            .store(blocks.clamp(1, s.segment_blocks), Ordering::SeqCst);
         s.hot.store(true, Ordering::SeqCst);
         self.grace_period(timeout)
     }
@@ -213,6 +227,7 @@ impl KeyControl {
             above: Some(key),
             watermark: AtomicU64::new(0),
             segment_blocks: u64::MAX,
+            hot_blocks: AtomicU64::new(u64::MAX),
             hot: AtomicBool::new(true),
         });
         self.set_keying(Keying::Split(s));

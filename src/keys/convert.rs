@@ -34,8 +34,8 @@ use uuid::Uuid;
 
 use super::crashpoint;
 use super::header::{
-    AnyHeader, BindingError, Conversion, CopyId, DeepRekeyState, Direction, Header, KeySlot,
-    PlainHeader, RekeyState, HEADER_COPY_BYTES, METADATA_REGION_BYTES, REKEY_AREA_BYTES,
+    AnyHeader, BindingError, Conversion, CopyId, DataUnit, DeepRekeyState, Direction, Header,
+    KeySlot, PlainHeader, RekeyState, HEADER_COPY_BYTES, METADATA_REGION_BYTES, REKEY_AREA_BYTES,
     REKEY_AREA_OFFSET_BYTES,
 };
 use super::header_io::FileHeaderIo;
@@ -51,6 +51,12 @@ pub const JOURNAL_MAGIC: [u8; 8] = *b"NVSEALJR";
 pub const JOURNAL_VERSION: u16 = 2;
 /// The first journal record version (SHA-256 of the journaled bytes); read, never written.
 pub const JOURNAL_VERSION_SHA256: u16 = 1;
+/// The journal record version of a hot zone journaled by checksums (LUKS2's "checksum"
+/// resilience): the journal holds, per data unit, the CRC-32C of its bytes before and after
+/// the step (8 bytes), not the bytes themselves; the record checks that table with CRC-32C.
+pub const JOURNAL_VERSION_CHECKSUMS: u16 = 3;
+/// Bytes per data unit in a checksum table: CRC-32C before, CRC-32C after (little endian).
+pub const CHECKSUM_PAIR_BYTES: u64 = 8;
 /// Size of the journal record header (one 4 KiB sector).
 pub const RECORD_HEADER_BYTES: usize = 4096;
 /// Device offset of the journal record header: the start of the reserved area.
@@ -59,8 +65,8 @@ pub const JOURNAL_OFFSET_BYTES: u64 = REKEY_AREA_OFFSET_BYTES;
 pub const JOURNAL_DATA_OFFSET_BYTES: u64 = REKEY_AREA_OFFSET_BYTES + RECORD_HEADER_BYTES as u64;
 /// Room for one segment's bytes (892 KiB).
 pub const JOURNAL_DATA_BYTES: u64 = REKEY_AREA_BYTES - RECORD_HEADER_BYTES as u64;
-/// Default segment size: 512 KiB of data (128 units of 4 KiB, 1024 of 512 B).
-pub const DEFAULT_SEGMENT_BYTES: u32 = 512 * 1024;
+/// Default segment (hot zone bound) size: 64 MiB of data.
+pub const DEFAULT_SEGMENT_BYTES: u32 = 64 << 20;
 /// Journal record kind: a deep rekey segment.
 const KIND_DEEP_REKEY: u8 = 1;
 /// Journal record kind: a decrypt segment (the journaled bytes are ciphertext).
@@ -112,6 +118,8 @@ pub enum ConvertError {
     WrongKeys(&'static str),
     #[error("the namespace is already plain (its header is retired)")]
     AlreadyPlain,
+    #[error("data unit {lba} of the interrupted step reads back as neither its old nor its new form (a torn unit write); the namespace cannot be recovered automatically")]
+    TornUnit { lba: u64 },
     #[error("refusing to write a header: {0}; nothing was changed")]
     NotBlank(NotBlank),
     #[error("detached header {path}: {why}; nothing was changed")]
@@ -178,6 +186,8 @@ pub enum DataCheck {
     Sha256([u8; 32]),
     /// Version 2: CRC-32C (Castagnoli), in the first 4 bytes of the field, the rest zero.
     Crc32c(u32),
+    /// Version 3: the journaled bytes are a checksum table, whose CRC-32C this is.
+    Table(u32),
 }
 
 impl DataCheck {
@@ -190,14 +200,18 @@ impl DataCheck {
     pub fn matches(&self, data: &[u8]) -> bool {
         match self {
             DataCheck::Sha256(d) => Sha256::digest(data)[..] == d[..],
-            DataCheck::Crc32c(c) => crc32c::crc32c(data) == *c,
+            DataCheck::Crc32c(c) | DataCheck::Table(c) => crc32c::crc32c(data) == *c,
         }
     }
 }
 
 impl Record {
+    /// The bytes the record journals: the segment's data, or its checksum table.
     fn data_bytes(&self) -> u64 {
-        u64::from(self.len_blocks) * u64::from(self.data_unit_bytes)
+        match self.data_check {
+            DataCheck::Table(_) => u64::from(self.len_blocks) * CHECKSUM_PAIR_BYTES,
+            _ => u64::from(self.len_blocks) * u64::from(self.data_unit_bytes),
+        }
     }
 
     /// The record header, checksummed.
@@ -207,6 +221,7 @@ impl Record {
         let version = match self.data_check {
             DataCheck::Sha256(_) => JOURNAL_VERSION_SHA256,
             DataCheck::Crc32c(_) => JOURNAL_VERSION,
+            DataCheck::Table(_) => JOURNAL_VERSION_CHECKSUMS,
         };
         b[rec::VERSION..rec::VERSION + 2].copy_from_slice(&version.to_le_bytes());
         b[rec::KIND] = self.id.kind;
@@ -218,7 +233,7 @@ impl Record {
         b[rec::LEN..rec::LEN + 4].copy_from_slice(&self.len_blocks.to_le_bytes());
         match self.data_check {
             DataCheck::Sha256(d) => b[rec::DATA_SHA..rec::DATA_SHA + 32].copy_from_slice(&d),
-            DataCheck::Crc32c(c) => {
+            DataCheck::Crc32c(c) | DataCheck::Table(c) => {
                 b[rec::DATA_SHA..rec::DATA_SHA + 4].copy_from_slice(&c.to_le_bytes())
             }
         }
@@ -249,14 +264,19 @@ impl Record {
         let version = u16_at(rec::VERSION);
         let data_check = match version {
             JOURNAL_VERSION_SHA256 => DataCheck::Sha256(arr32(rec::DATA_SHA)),
-            JOURNAL_VERSION => {
+            JOURNAL_VERSION | JOURNAL_VERSION_CHECKSUMS => {
                 if b[rec::DATA_SHA + 4..rec::DATA_SHA + 32]
                     .iter()
                     .any(|&x| x != 0)
                 {
                     return Err("bytes after the CRC-32C are not zero".into());
                 }
-                DataCheck::Crc32c(u32_at(rec::DATA_SHA))
+                let c = u32_at(rec::DATA_SHA);
+                if version == JOURNAL_VERSION {
+                    DataCheck::Crc32c(c)
+                } else {
+                    DataCheck::Table(c)
+                }
             }
             v => return Err(format!("unknown version {v}")),
         };
@@ -459,13 +479,22 @@ pub fn max_segment_blocks(data_unit_bytes: u32) -> u64 {
     JOURNAL_DATA_BYTES / u64::from(data_unit_bytes.max(1))
 }
 
-/// The default segment (512 KiB) in data units.
+/// The default segment in data units: the largest hot zone ([`max_zone_blocks`], 64 MiB or what
+/// the journal holds checksums for); each step of the online pass takes a part of it sized by
+/// its rate (`crate::keys::deep::step_units`).
 pub fn default_segment_blocks(data_unit_bytes: u32) -> u32 {
-    DEFAULT_SEGMENT_BYTES / data_unit_bytes.max(1)
+    let want = u64::from(DEFAULT_SEGMENT_BYTES / data_unit_bytes.max(1));
+    want.min(max_zone_blocks(data_unit_bytes)) as u32
+}
+
+/// Largest hot zone (in data units) a pass may use: 64 MiB, within what the journal holds
+/// checksum pairs for (steps journaled by data are cut to [`max_segment_blocks`]).
+pub fn max_zone_blocks(data_unit_bytes: u32) -> u64 {
+    DataUnit::from_bytes(data_unit_bytes).map_or(0, super::header::max_conversion_segment_blocks)
 }
 
 fn check_segment(segment_blocks: u32, data_unit_bytes: u32) -> Result<(), ConvertError> {
-    let max = max_segment_blocks(data_unit_bytes);
+    let max = max_zone_blocks(data_unit_bytes);
     if segment_blocks == 0 || u64::from(segment_blocks) > max {
         return Err(ConvertError::BadSegment {
             blocks: segment_blocks,
@@ -768,40 +797,91 @@ pub fn step<I: HeaderIo + DataIo + ?Sized>(
     buf: &mut Vec<u8>,
     now_unix_s: u64,
 ) -> Result<Step, ConvertError> {
+    step_limited(io, current, keys, buf, now_unix_s, u64::MAX)
+}
+
+/// [`step`] over at most `max_units` data units (the caller fences off only that much; a rate
+/// limited pass takes short steps so hosts wait less for the hot zone).
+///
+/// The step is journaled by **checksums** (record version 3): per unit the CRC-32C of its bytes
+/// before and after the transform, written with the record and flushed before any unit is
+/// written back. After a crash each unit of the zone reads back as one or the other (a data unit
+/// is written atomically by the device, as for LUKS2's checksum mode), so [`recover`] can put
+/// every unit back in its pre-step form with the keys. In the (2^-32 per unit) case that a unit's
+/// two forms share a CRC, the step journals the bytes themselves instead (version 2), cut to what
+/// the journal holds.
+pub fn step_limited<I: HeaderIo + DataIo + ?Sized>(
+    io: &mut I,
+    current: &Stored,
+    keys: &Keys<'_>,
+    buf: &mut Vec<u8>,
+    now_unix_s: u64,
+    max_units: u64,
+) -> Result<Step, ConvertError> {
     let h = &current.header;
     let (watermark, segment) = progress(h)?;
     check_keys(h, keys)?;
     let id = ConversionId::of(h).ok_or(ConvertError::NotConverting)?;
     let (start, len) = segment_from(watermark, segment, h.data_blocks);
+    let len = u64::from(len).min(max_units.max(1)) as u32;
     if len == 0 {
         return Ok(Step::Complete);
     }
     let unit = h.data_unit.bytes();
-    let bytes = len as usize * unit as usize;
+    let u = unit as usize;
+    let bytes = len as usize * u;
     buf.resize(bytes, 0);
     let seg = &mut buf[..bytes];
-    // 1. The segment's current bytes.
+    // 1. The segment's current bytes, and their checksums.
     io.read_blocks(start, seg)?;
-    // 2. Journal them: bytes first, then the record naming them; one flush covers both (a torn
-    //    write of either fails the record's checksums, and recovery then ignores it).
-    let record = Record {
-        id,
-        data_unit_bytes: unit,
-        start_blocks: start,
-        len_blocks: len,
-        data_check: DataCheck::of(seg),
+    let before: Vec<u32> = seg.chunks(u).map(crc32c::crc32c).collect();
+    // 2. Transform: old keying → new keying, per data unit with tweak = LBA.
+    transform(seg, u, start, keys);
+    let after: Vec<u32> = seg.chunks(u).map(crc32c::crc32c).collect();
+    let len = if before.iter().zip(&after).any(|(a, b)| a == b) || force_data_journal() {
+        // A unit whose two forms share a CRC: journal the bytes (they are still on the device).
+        let n = (u64::from(len).min(max_segment_blocks(unit))) as u32;
+        let mut orig = vec![0u8; n as usize * u];
+        io.read_blocks(start, &mut orig)?;
+        let record = Record {
+            id,
+            data_unit_bytes: unit,
+            start_blocks: start,
+            len_blocks: n,
+            data_check: DataCheck::of(&orig),
+        };
+        io.write_at(JOURNAL_DATA_OFFSET_BYTES, &orig)?;
+        crashpoint::hit("journal-data");
+        io.write_at(JOURNAL_OFFSET_BYTES, &record.encode()[..])?;
+        n
+    } else {
+        // 3. Journal the checksum table, then the record naming it; one flush covers both (a
+        //    torn write of either fails the record's checks, and recovery then ignores it).
+        let mut table = Vec::with_capacity(padded(len as usize * CHECKSUM_PAIR_BYTES as usize));
+        for (a, b) in before.iter().zip(&after) {
+            table.extend_from_slice(&a.to_le_bytes());
+            table.extend_from_slice(&b.to_le_bytes());
+        }
+        let record = Record {
+            id,
+            data_unit_bytes: unit,
+            start_blocks: start,
+            len_blocks: len,
+            data_check: DataCheck::Table(crc32c::crc32c(&table)),
+        };
+        table.resize(padded(table.len()), 0);
+        io.write_at(JOURNAL_DATA_OFFSET_BYTES, &table)?;
+        crashpoint::hit("journal-data");
+        io.write_at(JOURNAL_OFFSET_BYTES, &record.encode()[..])?;
+        len
     };
-    io.write_at(JOURNAL_DATA_OFFSET_BYTES, seg)?;
-    crashpoint::hit("journal-data");
-    io.write_at(JOURNAL_OFFSET_BYTES, &record.encode()[..])?;
     io.flush()?;
     crashpoint::hit("journal-flushed");
-    // 3. Transform: old keying → new keying, per data unit with tweak = LBA.
-    transform(seg, unit as usize, start, keys);
+    let seg = &buf[..len as usize * u];
     // 4. Write back, durable.
     if crashpoint::is_armed("segment-half") && len > 1 {
         // Crash tests: half the segment on the device, then the crash point.
-        let half = (len / 2) as usize * unit as usize;
+        let half = (len / 2) as usize * u;
         io.write_blocks_durable(start, &seg[..half])?;
         crashpoint::hit("segment-half");
     }
@@ -820,6 +900,27 @@ pub fn step<I: HeaderIo + DataIo + ?Sized>(
     Ok(Step::Advanced(Box::new(stored)))
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Tests: journal every step by data, as a CRC collision would.
+    pub(crate) static FORCE_DATA_JOURNAL: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+#[cfg(test)]
+fn force_data_journal() -> bool {
+    FORCE_DATA_JOURNAL.with(std::cell::Cell::get)
+}
+
+#[cfg(not(test))]
+fn force_data_journal() -> bool {
+    false
+}
+
+/// `n` rounded up to whole 4 KiB sectors (the journal is written in sectors).
+fn padded(n: usize) -> usize {
+    n.div_ceil(RECORD_HEADER_BYTES) * RECORD_HEADER_BYTES
+}
+
 /// Decrypts `seg` (units starting at `lba`) with `keys.above`, then encrypts it with
 /// `keys.below`.
 fn transform(seg: &mut [u8], unit: usize, lba: u64, keys: &Keys<'_>) {
@@ -828,6 +929,16 @@ fn transform(seg: &mut [u8], unit: usize, lba: u64, keys: &Keys<'_>) {
         let _ = k.decrypt_units(seg, unit, lba);
     }
     if let Some(k) = keys.below {
+        let _ = k.encrypt_units(seg, unit, lba);
+    }
+}
+
+/// The inverse of [`transform`]: back from the new keying to the old one.
+fn untransform(seg: &mut [u8], unit: usize, lba: u64, keys: &Keys<'_>) {
+    if let Some(k) = keys.below {
+        let _ = k.decrypt_units(seg, unit, lba);
+    }
+    if let Some(k) = keys.above {
         let _ = k.encrypt_units(seg, unit, lba);
     }
 }
@@ -844,10 +955,12 @@ pub enum Recovery {
 }
 
 /// Brings a converting namespace back to the state its header describes (module docs). Run
-/// before any I/O reaches the namespace after an open.
+/// before any I/O reaches the namespace after an open. `keys` are the pass's keys (as for
+/// [`step`]): a zone journaled by checksums is put back by transforming its converted units back.
 pub fn recover<I: HeaderIo + DataIo + ?Sized>(
     io: &mut I,
     current: &Stored,
+    keys: &Keys<'_>,
 ) -> Result<Recovery, ConvertError> {
     let h = &current.header;
     let Some(id) = ConversionId::of(h) else {
@@ -858,7 +971,7 @@ pub fn recover<I: HeaderIo + DataIo + ?Sized>(
         Ok(Some(r)) => r,
         Ok(None) => return Ok(Recovery::Clean { watermark }),
         Err(why) => {
-            tracing::info!(watermark, "deep rekey journal record ignored: {why}");
+            tracing::info!(watermark, "conversion journal record ignored: {why}");
             return Ok(Recovery::Clean { watermark });
         }
     };
@@ -871,7 +984,7 @@ pub fn recover<I: HeaderIo + DataIo + ?Sized>(
         tracing::warn!(
             watermark,
             start = record.start_blocks,
-            "deep rekey journal record belongs to another conversion or does not fit this namespace; ignored"
+            "conversion journal record belongs to another conversion or does not fit this namespace; ignored"
         );
         return Ok(Recovery::Clean { watermark });
     }
@@ -882,19 +995,53 @@ pub fn recover<I: HeaderIo + DataIo + ?Sized>(
     let mut data = vec![0u8; record.data_bytes() as usize];
     io.read_at(JOURNAL_DATA_OFFSET_BYTES, &mut data)?;
     if !record.data_check.matches(&data) {
-        // Torn journal data: the step never got past its journal flush, so the segment is
-        // untouched.
+        // Torn journal: the step never got past its journal flush, so the segment is untouched.
         tracing::info!(
             watermark,
-            "deep rekey journal data incomplete; segment untouched"
+            "conversion journal incomplete; segment untouched"
         );
         return Ok(Recovery::Clean { watermark });
+    }
+    if let DataCheck::Table(_) = record.data_check {
+        check_keys(h, keys)?;
+        let u = unit as usize;
+        let mut seg = vec![0u8; record.len_blocks as usize * u];
+        io.read_blocks(record.start_blocks, &mut seg)?;
+        let mut converted = 0usize;
+        for (i, (chunk, pair)) in seg.chunks_mut(u).zip(data.chunks(8)).enumerate() {
+            let before = u32::from_le_bytes([pair[0], pair[1], pair[2], pair[3]]);
+            let after = u32::from_le_bytes([pair[4], pair[5], pair[6], pair[7]]);
+            let now = crc32c::crc32c(chunk);
+            if now == before {
+                continue;
+            }
+            if now != after {
+                let lba = record.start_blocks + i as u64;
+                tracing::error!(lba, "conversion recovery: a data unit of the interrupted step reads back as neither its old nor its new form (the device tore a unit write)");
+                return Err(ConvertError::TornUnit { lba });
+            }
+            untransform(chunk, u, record.start_blocks + i as u64, keys);
+            converted += 1;
+        }
+        if converted > 0 {
+            io.write_blocks_durable(record.start_blocks, &seg)?;
+        }
+        tracing::info!(
+            start = record.start_blocks,
+            len = record.len_blocks,
+            converted,
+            "conversion: put the interrupted zone back in its pre-step form (checksum journal)"
+        );
+        return Ok(Recovery::Restored {
+            start: record.start_blocks,
+            len: record.len_blocks,
+        });
     }
     io.write_blocks_durable(record.start_blocks, &data)?;
     tracing::info!(
         start = record.start_blocks,
         len = record.len_blocks,
-        "deep rekey: restored the interrupted segment from the journal"
+        "conversion: restored the interrupted segment from the journal"
     );
     Ok(Recovery::Restored {
         start: record.start_blocks,

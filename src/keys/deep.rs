@@ -193,10 +193,11 @@ pub fn run_any(
         if len == 0 {
             break;
         }
-        ctl.make_hot(GRACE_TIMEOUT).inspect_err(|_| {
+        let units = step_units(control.rate_mib_s(), unit).min(u64::from(len));
+        ctl.make_hot_for(units, GRACE_TIMEOUT).inspect_err(|_| {
             let _ = ctl.cool();
         })?;
-        match convert::step(io, &current, &keys, &mut buf, now_unix_s()) {
+        match convert::step_limited(io, &current, &keys, &mut buf, now_unix_s(), units) {
             Ok(Step::Advanced(next)) => {
                 let (w, _) = convert::progress(&next.header)?;
                 ctl.advance(w)?;
@@ -209,7 +210,7 @@ pub fn run_any(
             }
             Err(step) => {
                 // The segment may be half rewritten: put it back before the host sees it.
-                return match convert::recover(io, &current) {
+                return match convert::recover(io, &current, &keys) {
                     Ok(_) => {
                         ctl.cool()?;
                         Err(step.into())
@@ -225,7 +226,7 @@ pub fn run_any(
                 };
             }
         }
-        let seg_bytes = u64::from(len) * unit;
+        let seg_bytes = units * unit;
         bytes += seg_bytes;
         control.bytes_done.fetch_add(seg_bytes, Ordering::Relaxed);
         throttle(control, bytes, started);
@@ -243,6 +244,24 @@ pub fn run_any(
         None => ctl.set_keying(Keying::plain()),
     }
     Ok(PassEnd::Finished(done))
+}
+
+/// Largest step of an unlimited pass: 16 MiB (one checksum-journal flush group; host I/O to
+/// these units waits while they are converted).
+pub const MAX_STEP_BYTES: u64 = 16 << 20;
+/// Smallest step: 512 KiB.
+pub const MIN_STEP_BYTES: u64 = 512 << 10;
+
+/// The units one step converts: unlimited → [`MAX_STEP_BYTES`]; at a rate limit, what the rate
+/// moves in 10 ms (so a host waits at most about that long for a hot unit), within
+/// [`MIN_STEP_BYTES`]..=[`MAX_STEP_BYTES`].
+pub fn step_units(rate_mib_s: u64, unit: u64) -> u64 {
+    let bytes = if rate_mib_s == 0 {
+        MAX_STEP_BYTES
+    } else {
+        (rate_mib_s << 20) / 100
+    };
+    bytes.clamp(MIN_STEP_BYTES, MAX_STEP_BYTES) / unit.max(1)
 }
 
 /// Sleeps so that the pass stays under its rate (if one is set).

@@ -826,10 +826,12 @@ fn check_label(label: &str) -> Result<(), HeaderError> {
     }
 }
 
-/// The largest step (in data units) an encrypt/decrypt pass may record: what the journal's data
-/// room holds (`REKEY_AREA_BYTES` minus the 4 KiB record header).
+/// The largest hot zone (in data units) a pass may record: 64 MiB, and no more units than the
+/// journal's data room (`REKEY_AREA_BYTES` minus the 4 KiB record header) holds checksum pairs
+/// for (8 bytes per unit, on-disk-format.md §7).
 pub fn max_conversion_segment_blocks(unit: DataUnit) -> u64 {
-    (REKEY_AREA_BYTES - HEADER_COPY_BYTES as u64) / u64::from(unit.bytes())
+    let table = (REKEY_AREA_BYTES - HEADER_COPY_BYTES as u64) / 8;
+    table.min((64 << 20) / u64::from(unit.bytes()))
 }
 
 fn check_binding(

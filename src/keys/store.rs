@@ -654,8 +654,8 @@ pub enum Fault {
         /// Which write.
         nth: u64,
     },
-    /// Write number `nth` (0-based) reaches the media only in its first half, then power is
-    /// lost: that write and every later operation fail until [`MemIo::crash`].
+    /// Write number `nth` (0-based) reaches the media only in its first half (whole atomic
+    /// pieces), then power is lost: that write and every later operation fail until [`MemIo::crash`].
     TearWrite {
         /// Which write.
         nth: u64,
@@ -688,6 +688,9 @@ pub struct MemIo {
     ops_since_armed: u64,
     ops_total: u64,
     powered: bool,
+    /// Write atomicity: a torn write keeps whole pieces of this size (the device's block; a
+    /// data unit is written atomically, as devices promise for one logical block).
+    atomic: usize,
 }
 
 fn power_lost() -> io::Error {
@@ -705,7 +708,14 @@ impl MemIo {
             ops_since_armed: 0,
             ops_total: 0,
             powered: true,
+            atomic: 512,
         }
+    }
+
+    /// Sets the write atomicity (default 512 bytes): a torn write keeps whole pieces of `bytes`.
+    pub fn with_atomic_bytes(mut self, bytes: usize) -> Self {
+        self.atomic = bytes.max(1);
+        self
     }
 
     /// Arms a fault and restarts its counters.
@@ -797,7 +807,7 @@ impl HeaderIo for MemIo {
                 return Err(io::Error::other("simulated write error"));
             }
             Fault::TearWrite { nth: n } if n == nth && self.powered => {
-                let half = buf.len() / 2;
+                let half = buf.len() / 2 / self.atomic * self.atomic;
                 let torn = r.start..r.start + half;
                 self.volatile[torn.clone()].copy_from_slice(&buf[..half]);
                 self.durable[torn].copy_from_slice(&buf[..half]);

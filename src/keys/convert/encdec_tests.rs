@@ -128,9 +128,9 @@ fn frame(unit: DataUnit, blocks: u64, place: Place) -> PlainHeader {
 
 fn setup(unit: DataUnit, blocks: u64, place: Place, start: Start) -> Setup {
     let u = unit.bytes() as usize;
-    let dev = Rc::new(RefCell::new(MemIo::new(
-        METADATA_REGION_BYTES as usize + blocks as usize * u,
-    )));
+    let dev = Rc::new(RefCell::new(
+        MemIo::new(METADATA_REGION_BYTES as usize + blocks as usize * u).with_atomic_bytes(u),
+    ));
     let f = frame(unit, blocks, place);
     let mut header = View {
         dev: dev.clone(),
@@ -269,7 +269,6 @@ fn drive(s: &Setup, model: &mut Model, writes: &mut u32) -> Result<(), ConvertEr
             },
             (_, Err(e)) => return Err(e.into()),
         };
-        recover(d, &cur)?;
         let k = dek();
         let keys = match s.direction {
             Direction::Decrypt => Keys {
@@ -281,6 +280,7 @@ fn drive(s: &Setup, model: &mut Model, writes: &mut u32) -> Result<(), ConvertEr
                 above: None,
             },
         };
+        recover(d, &cur, &keys)?;
         let mut cur = cur;
         let mut buf = Vec::new();
         loop {

@@ -354,7 +354,7 @@ fn v2_typed_errors_for_each_defect() {
     );
     assert_eq!(
         reseal(&conv, &|b| b[0x458..0x45C]
-            .copy_from_slice(&224u32.to_le_bytes())),
+            .copy_from_slice(&16_385u32.to_le_bytes())),
         field("deep.segment_blocks")
     );
     assert_eq!(

@@ -376,14 +376,27 @@ impl Inner {
             Direction::Decrypt => PassOp::Decrypt,
         };
         let dek = self.open_slot_dek(&stored.header.active, op.name())?;
+        let key = self.data_key(&dek)?;
+        drop(dek);
         let slice = self.data_slice(ns_id, backing.clone(), &stored.header)?;
         let mut data = BdevDataIo::new(slice.clone(), CoreId(0));
+        let keys = match c.direction {
+            Direction::Encrypt => convert::Keys {
+                below: Some(key.xts()),
+                above: None,
+            },
+            Direction::Decrypt => convert::Keys {
+                below: None,
+                above: Some(key.xts()),
+            },
+        };
         let recovery = convert::recover(
             &mut NamespaceIo {
                 meta: io,
                 data: &mut data,
             },
             stored,
+            &keys,
         )
         .map_err(|e| match e {
             ConvertError::Io(e) => Fail::Transient(format!("{} recovery: {e}", op.name())),
@@ -392,8 +405,6 @@ impl Inner {
         tracing::info!(namespace = %ns_id, operation = op.name(), watermark = c.watermark_blocks,
             data_blocks = stored.header.data_blocks, ?recovery,
             "conversion in progress: recovered; the pass resumes once the namespace is online");
-        let key = self.data_key(&dek)?;
-        drop(dek);
         let crypto = CryptoBdev::plaintext(&format!("{ns_id}-crypt"), slice, key.tier(), false)
             .map_err(|e| Fail::Permanent(e.to_string()))?;
         let (below, above) = match c.direction {
@@ -461,6 +472,9 @@ impl Inner {
             "deep rekey in progress: old (active)",
         )?;
         let new = self.open_slot_dek(&d.new, "deep rekey in progress: new (pending)")?;
+        let old_key = self.data_key(&old)?;
+        let new_key = self.data_key(&new)?;
+        drop((old, new));
         let slice = self.data_slice(ns_id, backing.clone(), &stored.header)?;
         let mut data = BdevDataIo::new(slice.clone(), CoreId(0));
         let recovery = convert::recover(
@@ -469,6 +483,10 @@ impl Inner {
                 data: &mut data,
             },
             stored,
+            &convert::Keys {
+                below: Some(new_key.xts()),
+                above: Some(old_key.xts()),
+            },
         )
         .map_err(|e| match e {
             ConvertError::Io(e) => Fail::Transient(format!("deep rekey recovery: {e}")),
@@ -477,9 +495,6 @@ impl Inner {
         tracing::info!(namespace = %ns_id, watermark = d.watermark_blocks,
             data_blocks = stored.header.data_blocks, ?recovery,
             "deep rekey in progress: recovered; the pass resumes once the namespace is online");
-        let old_key = self.data_key(&old)?;
-        let new_key = self.data_key(&new)?;
-        drop((old, new));
         let crypto = CryptoBdev::new(&format!("{ns_id}-crypt"), slice, old_key.clone(), false)
             .map_err(|e| Fail::Permanent(e.to_string()))?;
         crypto.key_control().begin_split(
