@@ -80,10 +80,20 @@ pub struct Config {
 }
 
 /// A config's file name and text.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Source {
     pub file: String,
+    /// As read: it may hold secrets, so it is never printed (see `bundle::redact_config`).
     pub text: String,
+}
+
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Source")
+            .field("file", &self.file)
+            .field("text_bytes", &self.text.len())
+            .finish()
+    }
 }
 
 /// A finding that does not stop start-up (a subsystem no host can reach), with its place in

@@ -302,3 +302,12 @@ fn subsystems_without_listeners_are_warned_about() {
     );
     assert!(Config::builtin_default().warnings().is_empty());
 }
+
+#[test]
+fn debug_output_leaves_the_config_text_out() {
+    let c = Config::from_yaml("reactor:\n  cores: 1 # psk: 0123456789abcdef\n", "t.yaml").unwrap();
+    assert_eq!(c.source.file, "t.yaml");
+    assert!(c.source.text.contains("0123456789abcdef"));
+    let d = format!("{c:?}");
+    assert!(!d.contains("0123456789abcdef"), "{d}");
+}
