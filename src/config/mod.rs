@@ -349,8 +349,8 @@ impl Config {
 
     /// The one validation `nvseal config check` and `nvseal serve` both run, before anything
     /// is opened, allocated or bound: what [`Config::from_yaml`] checks, plus what depends on
-    /// this machine (the reactor cores exist and may be used, the key file and the
-    /// directories of the audit log and of `uring` files exist). Returns the warnings (a
+    /// this machine (the reactor cores exist and may be used; the key file, the KMS TLS files
+    /// and the directories of the audit log and of `uring` files exist). Returns the warnings (a
     /// subsystem without a listener, a config without any); an error names the key, line and
     /// column.
     pub fn preflight(&self) -> Result<Vec<ConfigWarning>, ConfigError> {
@@ -421,6 +421,22 @@ impl Config {
             }
             if let Some(a) = &k.audit_log {
                 need_dir("keys.audit_log", a)?;
+            }
+            // Read when the key manager starts, after the listeners: a missing one is refused
+            // here instead.
+            for (i, c) in k.kms_clusters.iter().enumerate() {
+                for (field, p) in [
+                    ("ca_file", &c.ca_file),
+                    ("client_cert_file", &c.client_cert_file),
+                    ("client_key_file", &c.client_key_file),
+                ] {
+                    if !p.is_file() {
+                        return Err(err(
+                            &format!("keys.kms_clusters[{i}].{field}"),
+                            format!("{} does not exist or is not a file", p.display()),
+                        ));
+                    }
+                }
             }
         }
         if let Some(a) = self.rpc.as_ref().and_then(|r| r.audit_log.as_ref()) {

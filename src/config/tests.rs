@@ -258,6 +258,19 @@ fn machine_checks_refuse_missing_cores_and_paths() {
         ("keys.local.path", Some(3)),
         "{e}"
     );
+    std::fs::write(dir.join("ca.pem"), "x").unwrap();
+    let kms = |key: &str| {
+        format!("keys:\n  kms_clusters:\n    - alias: kms-a\n      servers: [\"127.0.0.1:5696\"]\n      ca_file: {d}/ca.pem\n      client_cert_file: {d}/ca.pem\n      client_key_file: {key}\n")
+    };
+    let e = load(&kms(&format!("{d}/no-key.pem")))
+        .check_host(&two)
+        .unwrap_err();
+    assert_eq!(
+        (e.path.as_str(), e.line),
+        ("keys.kms_clusters[0].client_key_file", Some(7)),
+        "{e}"
+    );
+    load(&kms(&format!("{d}/ca.pem"))).check_host(&two).unwrap();
     load(&format!(
         "keys:\n  local:\n    path: {d}/sub/new.keys\n    create: true\n"
     ))
