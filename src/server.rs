@@ -77,6 +77,9 @@ pub fn fds_needed(cfg: &Config) -> u64 {
 /// Errors starting the server.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The config fails [`Config::preflight`] (callers normally run it first, for exit 2).
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("reactor.cores: {0}")]
     Cores(String),
     #[error(transparent)]
@@ -263,6 +266,9 @@ impl Server {
     /// Starts everything `cfg` describes. Encrypted namespaces start locked (offline) and come
     /// online on their own as their keys arrive.
     pub fn start(cfg: &Config) -> Result<Server, ServerError> {
+        // Everything a config can be refused for is refused here, before a RAM disk is
+        // allocated, a file created or a port bound (`nvseal serve` has run it already).
+        cfg.preflight()?;
         let allowed = crate::sys::affinity::allowed_cpus();
         let cores = cfg
             .reactor
@@ -518,6 +524,7 @@ impl Server {
             since: std::sync::Mutex::new(std::time::Instant::now()),
         });
         let (st1, st2, st3) = (stats.clone(), stats.clone(), stats);
+        let source = self.dynamic.template.source.clone();
         let mut b = RpcServer::builder(rc)
             .method("subsystems.list", Role::Viewer, move |_ctx, _p| {
                 Ok(subsystems_json(&t, k1.as_deref()))
@@ -565,6 +572,14 @@ impl Server {
             .method("stats.namespaces", Role::Viewer, move |_ctx, _p| {
                 let (all, elapsed) = st1.collect()?;
                 Ok(ns_stats::namespaces_json(&all, elapsed))
+            })
+            .method("config.get", Role::Viewer, move |_ctx, _p| {
+                // The file the target started from, secrets redacted as in a support bundle
+                // (namespaces created over RPC since are in subsystems.list, not here).
+                Ok(json!({
+                    "file": source.file,
+                    "text": crate::bundle::redact_config(&source.text),
+                }))
             })
             .method("stats.prometheus", Role::Viewer, move |_ctx, _p| {
                 let (all, _) = st2.collect()?;

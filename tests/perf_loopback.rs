@@ -579,12 +579,14 @@ fn binary_wrong_subnqn_and_host_not_allowed_exit_3() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("is not allowed on subsystem"), "{err}");
 
-    // Nothing listening: also a start-up failure.
+    // Nothing listening: also a start-up failure (once the connect timeout has passed: perf
+    // retries a refused connection until then).
     drop(h);
     let o = Command::new(env!("CARGO_BIN_EXE_nvseal"))
         .args([
             "perf", "--traddr", &addr, "--subnqn", NQN, "-n", "10", "--no-pin",
         ])
+        .args(["--connect-timeout", "300ms"])
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(3));

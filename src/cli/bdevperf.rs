@@ -227,6 +227,14 @@ fn run_inner(a: &BdevperfArgs) -> Result<ExitCode, (u8, String)> {
         }
         (base_name, enc)
     };
+    // A null bdev stores nothing: a read-back "passes" only because nothing is compared with
+    // what was written, and under --encrypted the zeroes it returns decrypt to garbage that
+    // looks like a leak. Refuse instead of reporting either.
+    if a.verify && matches!(cfg.bdev(&base_name), Some(BdevConfig::Null(_))) {
+        return Err(usage(format!(
+            "--verify needs a bdev that stores data; {base_name} is a null bdev (writes are discarded, reads return zeroes): use --malloc or --uring"
+        )));
+    }
     let allowed = nvseal::sys::affinity::allowed_cpus();
     let cores = cfg
         .reactor

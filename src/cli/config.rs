@@ -7,7 +7,9 @@ use std::process::ExitCode;
 
 #[derive(Subcommand)]
 pub enum ConfigCmd {
-    /// Parse and validate a config file; errors name the key, line and column.
+    /// Validate a config file as `nvseal serve` does before it opens anything (syntax, values,
+    /// and what this machine must have: CPUs, key file, directories); errors and warnings
+    /// name the key, line and column. Exit 0 valid (warnings on stderr), 2 invalid.
     Check {
         /// The YAML file.
         path: PathBuf,
@@ -18,9 +20,18 @@ pub enum ConfigCmd {
 
 pub fn run(cmd: ConfigCmd) -> ExitCode {
     match cmd {
-        ConfigCmd::Check { path } => match nvseal::config::Config::load(&path) {
-            Ok(c) => {
-                println!("{}: ok ({} bdevs)", path.display(), c.bdevs.len());
+        ConfigCmd::Check { path } => match super::load_checked(Some(&path)) {
+            Ok((c, warnings)) => {
+                for w in &warnings {
+                    eprintln!("nvseal: warning: {w}");
+                }
+                println!(
+                    "{}: ok ({} bdevs, {} subsystems, {} warnings)",
+                    path.display(),
+                    c.bdevs.len(),
+                    c.subsystems.len(),
+                    warnings.len()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => fail(EXIT_USAGE, e),

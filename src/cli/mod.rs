@@ -72,6 +72,18 @@ pub fn load_config(
     }
 }
 
+/// Loads `-c PATH` (or the built-in default) and runs the one validation `nvseal config check`
+/// and `nvseal serve` share ([`nvseal::config::Config::preflight`]), before anything is
+/// opened: the config and its warnings, or the first error with its line and column.
+pub fn load_checked(
+    path: Option<&std::path::Path>,
+) -> Result<(nvseal::config::Config, Vec<nvseal::config::ConfigWarning>), nvseal::config::ConfigError>
+{
+    let cfg = load_config(path)?;
+    let warnings = cfg.preflight()?;
+    Ok((cfg, warnings))
+}
+
 #[cfg(test)]
 mod tests {
     use super::colour_allowed;

@@ -9,6 +9,7 @@ use nvseal::reactor::placement::{parse_cpu_list, Placement};
 use nvseal::reactor::ReactorOptions;
 use nvseal::tools::bdevperf::{JobSpec, Workload};
 use nvseal::tools::nvmeperf::{self, PerfConfig, PerfError, TargetSpec};
+use nvseal::types::CoreId;
 use std::io::{IsTerminal, Write};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
@@ -74,7 +75,8 @@ pub struct PerfArgs {
     /// Reactor cores as a CPU list ("1", "2-3"): one pinned reactor each.
     #[arg(long, conflicts_with = "reactors")]
     pub cores: Option<String>,
-    /// Number of reactors, on the first CPUs this process may use.
+    /// Number of reactors, on the last CPUs this process may use (a local `nvseal serve`
+    /// polls on the first by default; sharing its CPU would measure the two competing).
     #[arg(short = 'r', long, default_value_t = 1)]
     pub reactors: usize,
     /// I/O queue pairs (TCP connections) per reactor.
@@ -172,13 +174,12 @@ fn config(a: &PerfArgs) -> Result<PerfConfig, String> {
         None => default_id,
     };
     let allowed = nvseal::sys::affinity::allowed_cpus();
-    let placement = match &a.cores {
-        Some(c) => Placement::Fixed(parse_cpu_list(c).map_err(|e| format!("--cores: {e}"))?),
-        None => Placement::Count(a.reactors),
+    let cores = match &a.cores {
+        Some(c) => Placement::Fixed(parse_cpu_list(c).map_err(|e| format!("--cores: {e}"))?)
+            .resolve(&allowed)
+            .map_err(|e| format!("cores: {e}"))?,
+        None => default_cores(a.reactors, &allowed).map_err(|e| format!("--reactors: {e}"))?,
     };
-    let cores = placement
-        .resolve(&allowed)
-        .map_err(|e| format!("cores: {e}"))?;
     Ok(PerfConfig {
         target: TargetSpec {
             addr,
@@ -220,6 +221,21 @@ fn config(a: &PerfArgs) -> Result<PerfConfig, String> {
         fua: a.fua,
         idle_connections: a.idle_connections as usize,
     })
+}
+
+/// Reactor cores when `--cores` is not given: the last `n` CPUs this process may use. A local
+/// target's default reactor polls on the first one (`reactor.cores: 1`); a load generator
+/// spinning on that CPU too would halve both and measure the contention.
+fn default_cores(n: usize, allowed: &[CoreId]) -> Result<Vec<CoreId>, String> {
+    let cores = Placement::Count(n).resolve(allowed)?;
+    let last = allowed[allowed.len() - cores.len()..].to_vec();
+    if last.len() == allowed.len() {
+        tracing::warn!(
+            cpus = %nvseal::reactor::placement::format_cpu_list(allowed),
+            "perf takes every CPU this process may use: a target on this machine shares them (pick --cores apart from its reactor.cores)"
+        );
+    }
+    Ok(last)
 }
 
 pub fn run(a: PerfArgs) -> ExitCode {
@@ -329,5 +345,18 @@ mod tests {
             "[::1]:4420".parse().unwrap()
         );
         assert!(resolve_addr("no such host.invalid", 4420).is_err());
+    }
+
+    #[test]
+    fn default_reactors_avoid_the_first_cpu_a_local_target_polls_on() {
+        let allowed = [0, 1, 2, 3].map(CoreId);
+        assert_eq!(default_cores(1, &allowed).unwrap(), vec![CoreId(3)]);
+        assert_eq!(
+            default_cores(2, &allowed).unwrap(),
+            vec![CoreId(2), CoreId(3)]
+        );
+        assert_eq!(default_cores(4, &allowed).unwrap(), allowed.to_vec());
+        assert!(default_cores(5, &allowed).is_err());
+        assert!(default_cores(0, &allowed).is_err());
     }
 }

@@ -1,6 +1,6 @@
 //! `nvseal serve`: the main job.
 
-use super::{fail, load_config, EXIT_STARTUP, EXIT_USAGE};
+use super::{fail, load_checked, EXIT_STARTUP, EXIT_USAGE};
 use clap::Args;
 use nvseal::server::Server;
 use std::path::PathBuf;
@@ -33,8 +33,14 @@ pub fn run(args: ServeArgs) -> ExitCode {
             tracing::warn!("could not mark the process non-dumpable: {e}");
         }
     }
-    let cfg = match load_config(args.config.as_deref()) {
-        Ok(c) => c,
+    // The same validation as `nvseal config check`, before anything is opened or bound.
+    let cfg = match load_checked(args.config.as_deref()) {
+        Ok((c, warnings)) => {
+            for w in warnings {
+                tracing::warn!("config: {w}");
+            }
+            c
+        }
         Err(e) => return fail(EXIT_USAGE, e),
     };
     // Every queue pair is a socket: raise the open-file limit as far as allowed, and refuse to

@@ -73,7 +73,32 @@ pub struct Config {
     /// The JSON-RPC control socket; absent = no socket.
     #[serde(default)]
     pub rpc: Option<crate::rpc::config::RpcConfig>,
+    /// Where the config came from and its text, as read (set by [`Config::from_yaml`]): for
+    /// the positions of errors found later ([`Config::preflight`]) and for `config.get`.
+    #[serde(skip)]
+    pub source: Source,
 }
+
+/// A config's file name and text.
+#[derive(Clone, Default)]
+pub struct Source {
+    pub file: String,
+    /// As read: it may hold secrets, so it is never printed (see `bundle::redact_config`).
+    pub text: String,
+}
+
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Source")
+            .field("file", &self.file)
+            .field("text_bytes", &self.text.len())
+            .finish()
+    }
+}
+
+/// A finding that does not stop start-up (a subsystem no host can reach), with its place in
+/// the file; printed by `nvseal config check` and logged by `nvseal serve`.
+pub type ConfigWarning = ConfigError;
 
 /// `reactor:` — where reactors run and how they poll.
 #[derive(Debug, Clone, Deserialize)]
@@ -173,6 +198,36 @@ pub enum BdevConfig {
 }
 
 impl BdevConfig {
+    /// Checks block size and size of a backend as its `open` would, without opening it:
+    /// the field at fault (`block_size`, `size_bytes`, `num_blocks`) and why.
+    fn check_geometry(&self) -> Result<(), (&'static str, String)> {
+        let (bs, num_blocks, size_bytes, sized) = match self {
+            BdevConfig::Malloc(c) => (c.block_size, c.num_blocks, c.size_bytes, true),
+            BdevConfig::Null(c) => (c.block_size, c.num_blocks, c.size_bytes, true),
+            BdevConfig::Uring(c) => (c.block_size, None, c.size_bytes, false),
+            BdevConfig::Crypto(_) | BdevConfig::Encrypted(_) => return Ok(()),
+        };
+        if bs != 512 && bs != 4096 {
+            return Err(("block_size", format!("block_size {bs} must be 512 or 4096")));
+        }
+        match (num_blocks, size_bytes) {
+            (Some(_), Some(_)) => Err((
+                "size_bytes",
+                "give exactly one of num_blocks and size_bytes".into(),
+            )),
+            (None, None) if sized => Err((
+                "size_bytes",
+                "give the size: num_blocks or size_bytes".into(),
+            )),
+            (Some(0), None) => Err(("num_blocks", "size must be at least one block".into())),
+            (None, Some(s)) if s < u64::from(bs) || !s.is_multiple_of(u64::from(bs)) => Err((
+                "size_bytes",
+                format!("size_bytes {s} is not a positive multiple of block_size {bs}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     pub fn name(&self) -> &str {
         match self {
             BdevConfig::Malloc(c) => &c.name,
@@ -282,7 +337,7 @@ impl Config {
     /// Parses and validates `text`; `file` names it in errors.
     pub fn from_yaml(text: &str, file: &str) -> Result<Config, ConfigError> {
         let de = serde_yaml_ng::Deserializer::from_str(text);
-        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+        let mut cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
             let inner = e.into_inner();
             let (line, column) = match inner.location() {
@@ -301,7 +356,11 @@ impl Config {
                 message: strip_location(&inner.to_string()),
             }
         })?;
-        cfg.validate(text, file)?;
+        cfg.source = Source {
+            file: file.to_string(),
+            text: text.to_string(),
+        };
+        cfg.validate()?;
         Ok(cfg)
     }
 
@@ -324,17 +383,161 @@ impl Config {
             .expect("built-in default config is valid")
     }
 
-    fn validate(&self, text: &str, file: &str) -> Result<(), ConfigError> {
-        let err = |path: String, message: String| {
-            let pos = locate::locate(text, &path);
-            ConfigError {
-                file: file.to_string(),
-                path,
-                line: pos.map(|p| p.line),
-                column: pos.map(|p| p.column),
-                message,
+    /// A located error (or warning) about the key at `path`.
+    fn located(&self, path: String, message: String) -> ConfigError {
+        let pos = locate::locate(&self.source.text, &path);
+        ConfigError {
+            file: self.source.file.clone(),
+            path,
+            line: pos.map(|p| p.line),
+            column: pos.map(|p| p.column),
+            message,
+        }
+    }
+
+    /// The one validation `nvseal config check` and `nvseal serve` both run, before anything
+    /// is opened, allocated or bound: what [`Config::from_yaml`] checks, plus what depends on
+    /// this machine (the reactor cores exist and may be used; the key file, the KMS TLS files
+    /// and the directories of the audit log and of `uring` files exist). Returns the warnings (a
+    /// subsystem without a listener, a config without any); an error names the key, line and
+    /// column.
+    pub fn preflight(&self) -> Result<Vec<ConfigWarning>, ConfigError> {
+        self.validate()?;
+        self.check_host(&crate::sys::affinity::allowed_cpus())?;
+        Ok(self.warnings())
+    }
+
+    /// The checks of [`Config::preflight`] that depend on the machine: `allowed` are the CPUs
+    /// this process may run on.
+    fn check_host(&self, allowed: &[crate::types::CoreId]) -> Result<(), ConfigError> {
+        let err = |path: &str, message: String| self.located(path.to_string(), message);
+        let placement = self
+            .reactor
+            .cores
+            .placement()
+            .map_err(|m| err("reactor.cores", m))?;
+        let cores = placement
+            .resolve(allowed)
+            .map_err(|m| err("reactor.cores", m))?;
+        // Unpinned reactors (oversubscribed test machines) may name any core.
+        for c in cores.iter().filter(|_| self.reactor.pin) {
+            if !allowed.contains(c) {
+                return Err(err(
+                    "reactor.cores",
+                    format!(
+                        "CPU {} is not one this process may run on (allowed: {})",
+                        c.0,
+                        crate::reactor::placement::format_cpu_list(allowed)
+                    ),
+                ));
+            }
+        }
+        let dir_of = |p: &Path| -> Option<std::path::PathBuf> {
+            match p.parent() {
+                Some(d) if d.as_os_str().is_empty() => Some(".".into()),
+                Some(d) => Some(d.to_path_buf()),
+                None => None,
             }
         };
+        let need_dir = |key: &str, p: &Path| -> Result<(), ConfigError> {
+            let Some(d) = dir_of(p) else {
+                return Err(err(key, format!("{} is not a file path", p.display())));
+            };
+            if !d.is_dir() {
+                return Err(err(
+                    key,
+                    format!(
+                        "the directory {} of {} does not exist (create it first)",
+                        d.display(),
+                        p.display()
+                    ),
+                ));
+            }
+            Ok(())
+        };
+        if let Some(k) = &self.keys {
+            if let Some(l) = k.local.as_ref().filter(|l| !l.create) {
+                if !l.path.is_file() {
+                    return Err(err(
+                        "keys.local.path",
+                        format!(
+                            "key file {} does not exist (set create: true to make a new one)",
+                            l.path.display()
+                        ),
+                    ));
+                }
+            }
+            if let Some(a) = &k.audit_log {
+                need_dir("keys.audit_log", a)?;
+            }
+            // Read when the key manager starts, after the listeners: a missing one is refused
+            // here instead.
+            for (i, c) in k.kms_clusters.iter().enumerate() {
+                for (field, p) in [
+                    ("ca_file", &c.ca_file),
+                    ("client_cert_file", &c.client_cert_file),
+                    ("client_key_file", &c.client_key_file),
+                ] {
+                    if !p.is_file() {
+                        return Err(err(
+                            &format!("keys.kms_clusters[{i}].{field}"),
+                            format!("{} does not exist or is not a file", p.display()),
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(a) = self.rpc.as_ref().and_then(|r| r.audit_log.as_ref()) {
+            need_dir("rpc.audit_log", a)?;
+        }
+        for (i, b) in self.bdevs.iter().enumerate() {
+            let BdevConfig::Uring(u) = b else { continue };
+            let key = format!("bdevs[{i}].path");
+            if u.size_bytes.is_some() {
+                if !u.path.exists() {
+                    need_dir(&key, &u.path)?;
+                }
+            } else if !u.path.exists() {
+                return Err(err(
+                    &key,
+                    format!(
+                        "{} does not exist (give size_bytes to create a file)",
+                        u.path.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Findings that do not stop start-up.
+    fn warnings(&self) -> Vec<ConfigWarning> {
+        let mut w = Vec::new();
+        for (i, s) in self.subsystems.iter().enumerate() {
+            if s.listen.is_empty() {
+                w.push(self.located(
+                    format!("subsystems[{i}]"),
+                    format!(
+                        "subsystem {} has no listen address: no host can reach it",
+                        s.nqn
+                    ),
+                ));
+            }
+        }
+        if self.subsystems.iter().all(|s| s.listen.is_empty()) {
+            w.push(ConfigError {
+                file: self.source.file.clone(),
+                path: String::new(),
+                line: None,
+                column: None,
+                message: "no subsystem has a listen address: nvseal serve will accept no NVMe/TCP connection".into(),
+            });
+        }
+        w
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let err = |path: String, message: String| self.located(path, message);
         if let Err(m) = self.reactor.cores.placement() {
             return Err(err("reactor.cores".into(), m));
         }
@@ -371,6 +574,9 @@ impl Config {
                     format!("bdevs[{i}].name"),
                     format!("bdev name {name:?} is used twice"),
                 ));
+            }
+            if let Err((field, m)) = b.check_geometry() {
+                return Err(err(format!("bdevs[{i}].{field}"), m));
             }
             if let BdevConfig::Encrypted(c) = b {
                 if let Err((field, why)) = c.check() {
@@ -422,6 +628,18 @@ impl Config {
         }
         let mut nqns: Vec<&str> = Vec::new();
         for (i, sub) in self.subsystems.iter().enumerate() {
+            use crate::nvmf::config::{
+                is_valid_nqn, DISCOVERY_NQN, MAX_NAMESPACE_SLOTS, NQN_MAX_LEN,
+            };
+            if !is_valid_nqn(&sub.nqn) || sub.nqn == DISCOVERY_NQN {
+                return Err(err(
+                    format!("subsystems[{i}].nqn"),
+                    format!(
+                        "not a subsystem NQN: {:?} (\"nqn.\" prefix, at most {NQN_MAX_LEN} bytes, no spaces or control characters, not the discovery NQN)",
+                        sub.nqn
+                    ),
+                ));
+            }
             if nqns.contains(&sub.nqn.as_str()) {
                 return Err(err(
                     format!("subsystems[{i}].nqn"),
@@ -429,7 +647,33 @@ impl Config {
                 ));
             }
             nqns.push(&sub.nqn);
+            // Identify Controller carries them in fixed ASCII fields (SN 20 bytes, MN 40).
+            for (field, v, max) in [("serial", &sub.serial, 20), ("model", &sub.model, 40)] {
+                if v.is_empty() || v.len() > max || !v.bytes().all(|c| (0x20..0x7f).contains(&c)) {
+                    return Err(err(
+                        format!("subsystems[{i}].{field}"),
+                        format!("{field} {v:?} must be 1-{max} printable ASCII characters"),
+                    ));
+                }
+            }
+            let mut nsids: Vec<u32> = Vec::new();
             for (j, ns) in sub.namespaces.iter().enumerate() {
+                if ns.nsid == 0 || ns.nsid > MAX_NAMESPACE_SLOTS {
+                    return Err(err(
+                        format!("subsystems[{i}].namespaces[{j}].nsid"),
+                        format!(
+                            "nsid {} is outside 1..={MAX_NAMESPACE_SLOTS} (0 is reserved)",
+                            ns.nsid
+                        ),
+                    ));
+                }
+                if nsids.contains(&ns.nsid) {
+                    return Err(err(
+                        format!("subsystems[{i}].namespaces[{j}].nsid"),
+                        format!("nsid {} is used twice in this subsystem", ns.nsid),
+                    ));
+                }
+                nsids.push(ns.nsid);
                 if !seen.contains(&ns.bdev.as_str()) {
                     return Err(err(
                         format!("subsystems[{i}].namespaces[{j}].bdev"),
@@ -443,6 +687,27 @@ impl Config {
         }
         if let Err(e) = self.nvmf.validate() {
             return Err(err("nvmf".into(), e.to_string()));
+        }
+        if let Some(k) = &self.keys {
+            if let Err(e) = k.unlock_retry.validate() {
+                return Err(err("keys.unlock_retry".into(), e.to_string()));
+            }
+            for (i, c) in k.kms_clusters.iter().enumerate() {
+                if c.alias == crate::keys::manager::LOCAL_PROVIDER
+                    || k.kms_clusters[..i].iter().any(|o| o.alias == c.alias)
+                {
+                    return Err(err(
+                        format!("keys.kms_clusters[{i}].alias"),
+                        format!(
+                            "KMS cluster alias {:?} is used twice (\"local\" is reserved)",
+                            c.alias
+                        ),
+                    ));
+                }
+                if let Err(e) = c.validate() {
+                    return Err(err(format!("keys.kms_clusters[{i}]"), e.to_string()));
+                }
+            }
         }
         if let Some(r) = &self.rpc {
             if let Err(e) = r.validate() {

@@ -150,3 +150,177 @@ fn rpc_namespace_policy_errors_are_located() {
     )
     .unwrap();
 }
+
+/// Issue 18 item 7: what `serve` used to refuse only late (exit 3, no position) is refused by
+/// the validation `config check` runs too, with the key, line and column.
+#[test]
+fn serve_refusals_are_config_errors_with_position() {
+    let sub = |ns: &str| {
+        format!("bdevs:\n  - name: m\n    type: null\n    num_blocks: 8\nsubsystems:\n  - nqn: nqn.2026-01.io.x:a\n    serial: S1\n    allow_any_host: true\n    namespaces:\n{ns}")
+    };
+    let e = err(&sub(
+        "      - {nsid: 1, bdev: m}\n      - {nsid: 1, bdev: m}\n",
+    ));
+    assert_eq!(
+        (e.path.as_str(), e.line),
+        ("subsystems[0].namespaces[1].nsid", Some(11)),
+        "{e}"
+    );
+    let e = err(&sub("      - nsid: 0\n        bdev: m\n"));
+    assert_eq!(
+        (e.path.as_str(), e.line, e.column),
+        ("subsystems[0].namespaces[0].nsid", Some(10), Some(15)),
+        "{e}"
+    );
+    let e = err("subsystems:\n  - nqn: vol0\n    serial: S1\n    namespaces: []\n");
+    assert_eq!(
+        (e.path.as_str(), e.line),
+        ("subsystems[0].nqn", Some(2)),
+        "{e}"
+    );
+    let e = err("subsystems:\n  - nqn: nqn.2014-08.org.nvmexpress.discovery\n    serial: S1\n    namespaces: []\n");
+    assert_eq!(e.path, "subsystems[0].nqn", "{e}");
+    let e = err("subsystems:\n  - nqn: nqn.2026-01.io.x:a\n    serial: S123456789012345678901\n    namespaces: []\n");
+    assert_eq!(
+        (e.path.as_str(), e.line),
+        ("subsystems[0].serial", Some(3)),
+        "{e}"
+    );
+    let e = err("bdevs:\n  - name: m\n    type: malloc\n    num_blocks: 8\n    block_size: 1000\n");
+    assert_eq!(
+        (e.path.as_str(), e.line),
+        ("bdevs[0].block_size", Some(5)),
+        "{e}"
+    );
+    let e = err("bdevs:\n  - name: m\n    type: null\n    size_bytes: 10000\n");
+    assert_eq!(
+        (e.path.as_str(), e.line),
+        ("bdevs[0].size_bytes", Some(4)),
+        "{e}"
+    );
+    let e =
+        err("bdevs:\n  - name: f\n    type: uring\n    path: /tmp/x.img\n    size_bytes: 4097\n");
+    assert_eq!(
+        (e.path.as_str(), e.line),
+        ("bdevs[0].size_bytes", Some(5)),
+        "{e}"
+    );
+    let e =
+        err("bdevs:\n  - name: f\n    type: uring\n    path: /tmp/x.img\n    block_size: 520\n");
+    assert_eq!(e.path, "bdevs[0].block_size", "{e}");
+    let e = err("bdevs:\n  - name: m\n    type: malloc\n");
+    assert!(e.path.starts_with("bdevs[0]"), "{e}");
+}
+
+#[test]
+fn machine_checks_refuse_missing_cores_and_paths() {
+    use crate::types::CoreId;
+    let two = [CoreId(0), CoreId(1)];
+    let load = |y: &str| Config::from_yaml(y, "t.yaml").unwrap();
+    let c = load("reactor:\n  cores: \"1,5\"\n");
+    let e = c.check_host(&two).unwrap_err();
+    assert_eq!((e.path.as_str(), e.line), ("reactor.cores", Some(2)), "{e}");
+    assert!(e.message.contains("CPU 5"), "{e}");
+    assert!(load("reactor:\n  cores: 3\n").check_host(&two).is_err());
+    load("reactor:\n  cores: \"0-1\"\n")
+        .check_host(&two)
+        .unwrap();
+    // Unpinned reactors may name any core (oversubscribed test machines).
+    load("reactor:\n  cores: \"0-5\"\n  pin: false\n")
+        .check_host(&two)
+        .unwrap();
+
+    let dir = std::env::temp_dir().join(format!("nvseal-cfg-host-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let d = dir.display();
+    let e = load(&format!("keys:\n  audit_log: {d}/no/such/audit.jsonl\n"))
+        .check_host(&two)
+        .unwrap_err();
+    assert_eq!(
+        (e.path.as_str(), e.line),
+        ("keys.audit_log", Some(2)),
+        "{e}"
+    );
+    load(&format!("keys:\n  audit_log: {d}/audit.jsonl\n"))
+        .check_host(&two)
+        .unwrap();
+    let e = load(&format!(
+        "rpc:\n  socket_path: {d}/s.sock\n  audit_log: {d}/gone/a.jsonl\n"
+    ))
+    .check_host(&two)
+    .unwrap_err();
+    assert_eq!(e.path, "rpc.audit_log", "{e}");
+    let e = load(&format!("keys:\n  local:\n    path: {d}/none.keys\n"))
+        .check_host(&two)
+        .unwrap_err();
+    assert_eq!(
+        (e.path.as_str(), e.line),
+        ("keys.local.path", Some(3)),
+        "{e}"
+    );
+    std::fs::write(dir.join("ca.pem"), "x").unwrap();
+    let kms = |key: &str| {
+        format!("keys:\n  kms_clusters:\n    - alias: kms-a\n      servers: [\"127.0.0.1:5696\"]\n      ca_file: {d}/ca.pem\n      client_cert_file: {d}/ca.pem\n      client_key_file: {key}\n")
+    };
+    let e = load(&kms(&format!("{d}/no-key.pem")))
+        .check_host(&two)
+        .unwrap_err();
+    assert_eq!(
+        (e.path.as_str(), e.line),
+        ("keys.kms_clusters[0].client_key_file", Some(7)),
+        "{e}"
+    );
+    load(&kms(&format!("{d}/ca.pem"))).check_host(&two).unwrap();
+    load(&format!(
+        "keys:\n  local:\n    path: {d}/sub/new.keys\n    create: true\n"
+    ))
+    .check_host(&two)
+    .unwrap();
+    let e = load(&format!(
+        "bdevs:\n  - name: f\n    type: uring\n    path: {d}/missing/f.img\n    size_bytes: 1048576\n"
+    ))
+    .check_host(&two)
+    .unwrap_err();
+    assert_eq!((e.path.as_str(), e.line), ("bdevs[0].path", Some(4)), "{e}");
+    assert!(!dir.join("missing").exists(), "nothing is created");
+    let e = load(&format!(
+        "bdevs:\n  - name: f\n    type: uring\n    path: {d}/absent.img\n"
+    ))
+    .check_host(&two)
+    .unwrap_err();
+    assert_eq!(e.path, "bdevs[0].path", "{e}");
+    assert!(!dir.join("absent.img").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn subsystems_without_listeners_are_warned_about() {
+    let w = Config::from_yaml("reactor:\n  cores: 1\n", "t.yaml")
+        .unwrap()
+        .warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].message.contains("no subsystem has a listen address"),
+        "{}",
+        w[0]
+    );
+    let y = "subsystems:\n  - nqn: nqn.2026-01.io.x:a\n    serial: S1\n    namespaces: []\n    allow_any_host: true\n  - nqn: nqn.2026-01.io.x:b\n    serial: S2\n    namespaces: []\n    allow_any_host: true\n    listen:\n      - addr: 127.0.0.1\n";
+    let w = Config::from_yaml(y, "t.yaml").unwrap().warnings();
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert_eq!(
+        (w[0].path.as_str(), w[0].line),
+        ("subsystems[0]", Some(2)),
+        "{}",
+        w[0]
+    );
+    assert!(Config::builtin_default().warnings().is_empty());
+}
+
+#[test]
+fn debug_output_leaves_the_config_text_out() {
+    let c = Config::from_yaml("reactor:\n  cores: 1 # psk: 0123456789abcdef\n", "t.yaml").unwrap();
+    assert_eq!(c.source.file, "t.yaml");
+    assert!(c.source.text.contains("0123456789abcdef"));
+    let d = format!("{c:?}");
+    assert!(!d.contains("0123456789abcdef"), "{d}");
+}

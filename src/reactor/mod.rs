@@ -10,7 +10,8 @@
 //! account the iteration's ticks as *busy* if anything did work, else *idle*. The ratio is the
 //! reactor's CPU busy % (a spinning reactor is always 100 % on `top`; this is the useful number).
 //! With `idle_backoff_us > 0`, a reactor that found no work for [`IDLE_SPINS_BEFORE_BACKOFF`]
-//! iterations in a row sleeps that long between polls (laptops, CI), at a latency cost.
+//! iterations in a row sleeps that long between polls (laptops, CI), at a latency cost; the
+//! sleep counts as idle.
 //!
 //! Stop: [`ReactorSet::shutdown`] asks every reactor to drain: each poller is told to start no
 //! new work ([`Poller::drain`]), the reactor keeps polling until no poller has I/O in flight (or the
@@ -257,6 +258,12 @@ impl Reactor {
                 idle_spins = idle_spins.saturating_add(1);
                 if !backoff.is_zero() && idle_spins >= IDLE_SPINS_BEFORE_BACKOFF {
                     std::thread::sleep(backoff);
+                    // The back-off sleep is idle time: left out, an idle target that wakes now
+                    // and then for a little work reads as mostly busy.
+                    c.idle_ticks.store(
+                        c.idle_ticks.load(Ordering::Relaxed) + clock::ticks().saturating_sub(t1),
+                        Ordering::Relaxed,
+                    );
                 }
             }
             c.iterations
@@ -634,6 +641,61 @@ mod tests {
         assert!(
             busy_pct(s0, s1) > 50.0,
             "a reactor whose poller always works is busy"
+        );
+    }
+
+    /// Works for `work` on one poll in `every`, doing nothing on the others.
+    struct Sporadic {
+        polls: u32,
+        every: u32,
+        work: Duration,
+    }
+    impl Poller for Sporadic {
+        fn name(&self) -> &str {
+            "sporadic"
+        }
+        fn poll(&mut self) -> usize {
+            self.polls += 1;
+            if self.polls.is_multiple_of(self.every) {
+                let t = Instant::now();
+                while t.elapsed() < self.work {
+                    std::hint::spin_loop();
+                }
+                1
+            } else {
+                0
+            }
+        }
+    }
+
+    #[test]
+    fn idle_backoff_sleep_counts_as_idle() {
+        // Each cycle: 2 ms of work, the spins before a back-off, then 50 sleeps of 1 ms. The
+        // reactor is busy a few % of the time; counting only polling time as idle (the sleeps
+        // nowhere) would put it near 80 %.
+        let o = ReactorOptions {
+            pin: false,
+            idle_backoff_us: 1000,
+            ..Default::default()
+        };
+        let set = ReactorSet::start(&[CoreId(0)], &o).unwrap();
+        set.call(0, |r| {
+            r.add_poller(Box::new(Sporadic {
+                polls: 0,
+                every: IDLE_SPINS_BEFORE_BACKOFF + 50,
+                work: Duration::from_millis(2),
+            }));
+        })
+        .unwrap();
+        let s0 = set.snapshots()[0];
+        std::thread::sleep(Duration::from_millis(400));
+        let s1 = set.snapshots()[0];
+        set.shutdown();
+        assert!(s1.0 > s0.0, "the poller worked at least once");
+        let pct = busy_pct(s0, s1);
+        assert!(
+            pct < 30.0,
+            "a reactor that mostly sleeps is mostly idle: {pct:.1} % busy"
         );
     }
 

@@ -90,13 +90,56 @@ fn describe_connect(e: HostError, t: &TargetSpec, qid: u16) -> PerfError {
         ),
         HostError::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
             format!(
-                "{}: connection refused (is a target listening there?)",
-                t.addr
+                "{}: connection refused, also on every retry within the connect timeout of {} ms (is a target listening there?)",
+                t.addr,
+                t.timeout.as_millis()
             )
         }
         other => format!("{}: {what}: {other}", t.addr),
     };
     PerfError::Connect(msg)
+}
+
+/// First wait after a refused connection; doubled after each refusal up to
+/// [`CONNECT_RETRY_MAX`]. A target that is starting (`nvseal serve &` allocates its RAM disks
+/// before it listens) is usually up within a second or two.
+const CONNECT_RETRY_FIRST: Duration = Duration::from_millis(50);
+/// Longest wait between two tries: how late perf may notice the listener.
+const CONNECT_RETRY_MAX: Duration = Duration::from_millis(500);
+
+/// Connects the admin queue, retrying while the TCP connection is refused (nothing listens
+/// yet) until `t.timeout` (`--connect-timeout`) has passed since the first try. Any other
+/// failure (a Connect refused by the target, a timeout) is final at once.
+fn connect_admin_retrying(t: &TargetSpec, cfg: HostConfig) -> Result<HostQpair, PerfError> {
+    let deadline = Instant::now() + t.timeout;
+    let mut wait = CONNECT_RETRY_FIRST;
+    let mut refusals = 0u32;
+    loop {
+        match HostQpair::connect(t.addr, &t.subnqn, 0, connect::CNTLID_DYNAMIC, cfg.clone()) {
+            Ok(q) => {
+                if refusals > 0 {
+                    tracing::info!(addr = %t.addr, refusals, "target is listening now");
+                }
+                return Ok(q);
+            }
+            Err(HostError::Io(e))
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() + wait < deadline =>
+            {
+                if refusals == 0 {
+                    tracing::info!(
+                        addr = %t.addr,
+                        timeout_ms = t.timeout.as_millis() as u64,
+                        "connection refused; retrying until the connect timeout (is the target still starting?)"
+                    );
+                }
+                refusals += 1;
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(CONNECT_RETRY_MAX);
+            }
+            Err(e) => return Err(describe_connect(e, t, 0)),
+        }
+    }
 }
 
 fn le(d: &[u8], off: usize, n: usize) -> Option<u64> {
@@ -170,8 +213,7 @@ impl Controller {
             disable_sqflow: true,
             timeout: t.timeout,
         };
-        let mut admin = HostQpair::connect(t.addr, &t.subnqn, 0, connect::CNTLID_DYNAMIC, cfg)
-            .map_err(|e| describe_connect(e, t, 0))?;
+        let mut admin = connect_admin_retrying(t, cfg)?;
         let setup = |e: HostError| PerfError::Connect(format!("{}: controller setup: {e}", t.addr));
         let cap = admin.property_get(prop::CAP, true).map_err(setup)?;
         admin.enable().map_err(setup)?;

@@ -427,7 +427,9 @@ impl Poller for PhaseJob {
             if st.dead {
                 continue;
             }
-            match qp.poll(&mut |c| st.complete(c, ctx, sh, now)) {
+            // Each completion is stamped when the socket has delivered it, not with a time
+            // read before the receive: that would leave the receive out of every latency.
+            match qp.poll(&mut |c| st.complete(c, ctx, sh, clock::ticks())) {
                 Ok(n) => {
                     if n > 0 {
                         work += n;
