@@ -165,8 +165,8 @@ impl Poller for AcceptPoller {
 
 /// Logs a warning for every encrypted namespace of a subsystem that admits any host: any
 /// initiator that reaches one of its listeners reads the plaintext, which defeats most of the
-/// point of encrypting it. A namespace counts as encrypted if it says so or its bdev is a crypto
-/// or encrypted bdev.
+/// point of encrypting it. A namespace counts as encrypted if its bdev is a crypto or encrypted
+/// bdev (a label cannot say otherwise: config validation refuses one that disagrees).
 fn warn_open_encrypted(cfg: &Config) {
     for s in cfg.subsystems.iter().filter(|s| s.allow_any_host) {
         for n in &s.namespaces {
@@ -174,7 +174,7 @@ fn warn_open_encrypted(cfg: &Config) {
                 cfg.bdev(&n.bdev),
                 Some(BdevConfig::Crypto(_) | BdevConfig::Encrypted(_))
             );
-            if n.encrypted || crypto {
+            if crypto {
                 tracing::warn!(
                     nqn = %s.nqn,
                     nsid = n.nsid,

@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::serve::Serve;
+
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
@@ -460,4 +462,230 @@ fn rekey_shallow_checks_its_scope_before_creating_a_kek() {
         }
         other => panic!("expected CreateKek, got {other:?}"),
     }
+}
+
+/// Item 6: `encrypted` used to be a label. A plain RAM disk marked `encrypted: true` was
+/// reported encrypted, and a crypto bdev exported without it plaintext. Now it follows from the
+/// bdev stack, and a config whose label disagrees is refused with line and column.
+#[test]
+fn encrypted_follows_the_bdev_stack_and_a_wrong_label_is_refused() {
+    use nvseal::config::Config;
+    use nvseal::nvmf::config::NamespaceConfig;
+    use nvseal::nvmf::target::Target;
+    let yaml = |plain: &str, crypto: &str| {
+        format!(
+            "bdevs:\n  - {{ name: n0, type: null, size_bytes: 1048576 }}\n\
+             \x20 - {{ name: n1, type: null, size_bytes: 1048576 }}\n\
+             \x20 - {{ name: n1c, type: crypto, base: n1, key: ephemeral }}\n\
+             subsystems:\n  - nqn: nqn.2026-12.io.nvseal:trust\n    serial: TRUST1\n\
+             \x20   allowed_hosts: [\"nqn.2014-08.org.nvmexpress:uuid:trust-host\"]\n\
+             \x20   namespaces:\n      - {{ nsid: 1, bdev: n0{plain} }}\n\
+             \x20     - {{ nsid: 2, bdev: n1c{crypto} }}\n\
+             \x20   listen:\n      - addr: 127.0.0.1\n        port: 0\n"
+        )
+    };
+    // No labels, or labels that agree: accepted; the target reports what the stack is.
+    for (plain, crypto) in [("", ""), (", encrypted: false", ", encrypted: true")] {
+        let cfg = Config::from_yaml(&yaml(plain, crypto), "t.yaml").unwrap();
+        let stacks = nvseal::stack::Stacks::open(&cfg).unwrap();
+        let bdevs: std::collections::HashMap<String, Arc<dyn Bdev>> = stacks
+            .bdevs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let t = Target::new(&cfg.subsystems, cfg.nvmf, &bdevs).unwrap();
+        let s = t.subsystem("nqn.2026-12.io.nvseal:trust").unwrap();
+        let enc: Vec<(u32, bool)> = s
+            .namespaces()
+            .iter()
+            .map(|n| (n.nsid, n.encrypted))
+            .collect();
+        assert_eq!(enc, [(1, false), (2, true)], "labels {plain:?} {crypto:?}");
+
+        // The target refuses a label that disagrees even when handed a config that skipped
+        // validation.
+        let mut subs = cfg.subsystems.clone();
+        subs[0].namespaces[0] = NamespaceConfig {
+            nsid: 1,
+            bdev: "n0".into(),
+            encrypted: Some(true),
+        };
+        let e = Target::new(&subs, cfg.nvmf, &bdevs).err().expect("refused");
+        assert!(e.to_string().contains("plaintext"), "{e}");
+    }
+    // A plain null bdev said to be encrypted, a crypto bdev said to be plaintext: refused,
+    // pointing at the field.
+    for (plain, crypto, j, line) in [
+        (", encrypted: true", "", 0, 10),
+        ("", ", encrypted: false", 1, 11),
+    ] {
+        let Err(e) = Config::from_yaml(&yaml(plain, crypto), "t.yaml") else {
+            panic!("labels {plain:?} {crypto:?} accepted");
+        };
+        assert_eq!(
+            e.path,
+            format!("subsystems[0].namespaces[{j}].encrypted"),
+            "{e}"
+        );
+        assert_eq!(e.line, Some(line), "{e}");
+        assert!(e.column.is_some(), "{e}");
+        assert!(e.message.contains("bdev stack"), "{e}");
+    }
+}
+
+fn rpc(sock: &Path, method: &str, params: serde_json::Value) -> serde_json::Value {
+    nvseal::rpc::client::call(sock, method, Some(params))
+        .unwrap_or_else(|e| panic!("{method}: {e}"))
+}
+
+/// The JSON-RPC error code and data of a call that must fail.
+fn rpc_err(sock: &Path, method: &str, params: serde_json::Value) -> (i64, serde_json::Value) {
+    match nvseal::rpc::client::call(sock, method, Some(params)) {
+        Err(nvseal::rpc::client::ClientError::Rpc { code, data, .. }) => {
+            (code, data.unwrap_or_default())
+        }
+        other => panic!("{method}: expected an RPC error, got {other:?}"),
+    }
+}
+
+/// Waits until `keys.status` shows `ns` in state `want`; returns its status object.
+fn wait_state(sock: &Path, ns: &str, want: &str) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = rpc(sock, "keys.status", serde_json::json!({}));
+        let found = st["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["ns_id"] == ns)
+            .cloned();
+        if let Some(n) = found.filter(|n| n["state"]["state"] == want) {
+            return n;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{ns} never {want}: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Items 1, 3 and 4 over the control socket of a real `nvseal serve` (local key provider):
+/// `rekey.shallow` refuses an unknown namespace with -32002 and keeps the old KEK,
+/// `keys.revoke_kek` refuses a KEK in use with -32003 naming who uses it, and
+/// `namespace.retry_unlock` restarts a namespace in `error` (audited) and refuses an online one.
+#[test]
+fn key_rpcs_over_the_control_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cfg = d.join("trust.yaml");
+    let sock = d.join("rpc.sock");
+    let audit = d.join("audit.jsonl");
+    std::fs::write(
+        &cfg,
+        format!(
+            "reactor:\n  cores: 1\n  pin: false\n  idle_backoff_us: 20\n\
+             keys:\n  local:\n    path: {keys}\n    create: true\n  audit_log: {audit}\n\
+             \x20 unlock_retry: {{ initial_ms: 50, max_ms: 200 }}\n\
+             rpc:\n  socket_path: {sock}\n\
+             bdevs:\n  - {{ name: m1, type: malloc, size_bytes: 4194304 }}\n\
+             \x20 - {{ name: m2, type: malloc, size_bytes: 4194304 }}\n\
+             \x20 - {{ name: vol1, type: encrypted, base: m1, provider: local, create: true }}\n\
+             \x20 - {{ name: vol2, type: encrypted, base: m2, provider: local, kek_name: no-such-kek, create: true }}\n\
+             subsystems:\n  - nqn: nqn.2026-12.io.nvseal:trustrpc\n    serial: TRPC1\n\
+             \x20   allowed_hosts: [\"nqn.2014-08.org.nvmexpress:uuid:trust-host\"]\n\
+             \x20   namespaces:\n      - {{ nsid: 1, bdev: vol1 }}\n      - {{ nsid: 2, bdev: vol2 }}\n\
+             \x20   listen:\n      - addr: 127.0.0.1\n        port: 0\n",
+            keys = d.join("keys").display(),
+            audit = audit.display(),
+            sock = sock.display(),
+        ),
+    )
+    .unwrap();
+    let mut s = Serve::start(&cfg);
+    s.wait_for("control socket listening");
+    let vol1 = wait_state(&sock, "vol1", "online");
+    let err = wait_state(&sock, "vol2", "error");
+    assert!(
+        err["state"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no-such-kek"),
+        "{err}"
+    );
+    // Both namespaces are reported encrypted (derived from the stack, no label in the config).
+    let subs = rpc(&sock, "subsystems.list", serde_json::json!({}));
+    for n in subs["subsystems"][0]["namespaces"].as_array().unwrap() {
+        assert_eq!(n["encrypted"], true, "{subs}");
+    }
+
+    // rekey.shallow: an unknown namespace is -32002 and creates nothing.
+    let (code, _) = rpc_err(
+        &sock,
+        "rekey.shallow",
+        serde_json::json!({ "provider": "local", "namespaces": ["vol1", "nope"] }),
+    );
+    assert_eq!(code, -32002);
+    // A rekey keeps the old KEK.
+    let rep = rpc(
+        &sock,
+        "rekey.shallow",
+        serde_json::json!({ "provider": "local", "namespaces": ["vol1"] }),
+    );
+    assert_eq!(rep["old_keks"][0]["kek_id"], vol1["kek_id"], "{rep}");
+    assert_eq!(rep["old_keks"][0]["action"], "kept", "{rep}");
+    // keys.revoke_kek: the new KEK is in use by vol1; the old one is refused while vol2's header
+    // (never read: it is in error) might name it.
+    let new_kek = rep["new_kek_id"].clone();
+    let (code, data) = rpc_err(
+        &sock,
+        "keys.revoke_kek",
+        serde_json::json!({ "provider": "local", "kek_id": new_kek }),
+    );
+    assert_eq!(code, -32003);
+    assert!(data["used_by"].to_string().contains("vol1"), "{data}");
+    let (code, data) = rpc_err(
+        &sock,
+        "keys.revoke_kek",
+        serde_json::json!({ "provider": "local", "kek_id": vol1["kek_id"] }),
+    );
+    assert_eq!(code, -32003);
+    assert!(data["used_by"].to_string().contains("vol2"), "{data}");
+
+    // namespace.retry_unlock: restarts vol2 (which fails again: its KEK does not exist),
+    // refuses vol1 (online) and an unknown name.
+    let r = rpc(
+        &sock,
+        "namespace.retry_unlock",
+        serde_json::json!({ "namespace": "vol2" }),
+    );
+    assert_eq!(r["action"], "restarted", "{r}");
+    wait_state(&sock, "vol2", "error");
+    let (code, _) = rpc_err(
+        &sock,
+        "namespace.retry_unlock",
+        serde_json::json!({ "namespace": "vol1" }),
+    );
+    assert_eq!(code, -32003);
+    let (code, _) = rpc_err(
+        &sock,
+        "namespace.retry_unlock",
+        serde_json::json!({ "namespace": "nope" }),
+    );
+    assert_eq!(code, -32002);
+    s.assert_running("after the key RPCs");
+    s.stop();
+    let trail = std::fs::read_to_string(&audit).unwrap();
+    assert!(
+        trail
+            .lines()
+            .any(|l| l.contains("retry-unlock") && l.contains("vol2") && l.contains("restarted")),
+        "{trail}"
+    );
+    assert!(
+        trail
+            .lines()
+            .any(|l| l.contains("revoke") && l.contains("refused")),
+        "{trail}"
+    );
 }
