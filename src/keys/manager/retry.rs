@@ -58,6 +58,14 @@ impl KeyManager {
                 .get_mut(ns_id)
                 .ok_or_else(|| RetryUnlockError::UnknownNamespace(ns_id.to_owned()))?;
             match &entry.state {
+                // An unlock loop only ever ends in `error` before a crypto bdev exists; one
+                // that holds a key is never unlocked twice.
+                NamespaceKeyState::Error { .. } if entry.crypto.is_some() => {
+                    return Err(RetryUnlockError::NotFailed {
+                        ns_id: ns_id.to_owned(),
+                        state: "in error with its key held",
+                    })
+                }
                 NamespaceKeyState::Error { reason } => {
                     let reason = reason.clone();
                     entry.state = NamespaceKeyState::Locked;
