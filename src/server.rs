@@ -22,7 +22,7 @@ use crate::bdev::uring::BackingId;
 use crate::bdev::Bdev;
 use crate::config::{BdevConfig, Config, EncryptedBdevConfig};
 use crate::keys::header::METADATA_REGION_BYTES;
-use crate::keys::manager::{KeyManager, ManagerOptions, NamespaceKeyConfig, RekeyScope};
+use crate::keys::manager::{KeyManager, ManagerOptions, NamespaceKeyConfig};
 use crate::nvmf::conn::{ConnError, Connection};
 use crate::nvmf::poll_group::{GroupStats, PollGroup};
 use crate::nvmf::target::{Listener, PortId, Target};
@@ -40,6 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 mod erase;
+mod keys_rpc;
 mod namespaces;
 mod rekey_rpc;
 use namespaces::register_encrypted;
@@ -167,8 +168,8 @@ impl Poller for AcceptPoller {
 
 /// Logs a warning for every encrypted namespace of a subsystem that admits any host: any
 /// initiator that reaches one of its listeners reads the plaintext, which defeats most of the
-/// point of encrypting it. A namespace counts as encrypted if it says so or its bdev is a crypto
-/// or encrypted bdev.
+/// point of encrypting it. A namespace counts as encrypted if its bdev is a crypto or encrypted
+/// bdev (a label cannot say otherwise: config validation refuses one that disagrees).
 fn warn_open_encrypted(cfg: &Config) {
     for s in cfg.subsystems.iter().filter(|s| s.allow_any_host) {
         for n in &s.namespaces {
@@ -176,7 +177,7 @@ fn warn_open_encrypted(cfg: &Config) {
                 cfg.bdev(&n.bdev),
                 Some(BdevConfig::Crypto(_) | BdevConfig::Encrypted(_))
             );
-            if n.encrypted || crypto {
+            if crypto {
                 tracing::warn!(
                     nqn = %s.nqn,
                     nsid = n.nsid,
@@ -593,30 +594,7 @@ impl Server {
         // required by the config check).
         if let Some(km) = k4 {
             b = rekey_rpc::register(b, km.clone());
-            b = b.method("rekey.shallow", Role::Crypto, move |ctx, p| {
-                #[derive(Deserialize)]
-                #[serde(deny_unknown_fields)]
-                struct P {
-                    /// Namespaces (bdev names) to rekey; absent = all.
-                    #[serde(default)]
-                    namespaces: Option<Vec<String>>,
-                    /// Provider of the new KEK: "local" or a KMS cluster alias (a different
-                    /// cluster = change of KMS cluster).
-                    provider: String,
-                }
-                let p: P = parse_params(p)?;
-                let scope = match p.namespaces {
-                    Some(v) => RekeyScope::Namespaces(v),
-                    None => RekeyScope::All,
-                };
-                let who = format!(
-                    "uid={} gid={} pid={}",
-                    ctx.caller.uid, ctx.caller.gid, ctx.caller.pid
-                );
-                km.shallow_rekey(&who, &scope, &p.provider)
-                    .map(|r| serde_json::to_value(r).unwrap_or(Value::Null))
-                    .map_err(|e| RpcError::invalid_params(e.to_string()))
-            });
+            b = keys_rpc::register(b, km.clone());
         }
         if let Some((km, t)) = self.keys.clone().map(|k| (k, self.target.clone())) {
             b = b.method("namespace.crypto_erase", Role::Crypto, move |ctx, p| {

@@ -103,7 +103,7 @@ fn start(bdevs: Vec<Arc<dyn Bdev>>) -> Harness {
         namespaces.push(NamespaceConfig {
             nsid: i as u32 + 1,
             bdev: b.name().to_string(),
-            encrypted: false,
+            encrypted: None,
         });
         map.insert(b.name().to_string(), b);
     }
@@ -320,7 +320,7 @@ fn vwc_is_reported_before_any_namespace_exists_and_a_later_namespace_flushes() {
     // cache: the host that identified earlier flushes it, and the flush is real.
     let dev = sim("sim-late", 3);
     h.target
-        .add_namespace(NQN, Some(1), dev.clone(), false, true)
+        .add_namespace(NQN, Some(1), dev.clone(), true)
         .unwrap();
     let mut q = io_queue(&h, &a);
     write(&mut q, 1, 4, &pattern(7, 4), false);

@@ -381,7 +381,7 @@ fn shallow_rekey_and_cluster_change_under_running_io() {
 
     // Rekey everything onto a new KEK of the same cluster while I/O runs.
     let report = m
-        .shallow_rekey("uid:1000", &RekeyScope::All, "kms-a")
+        .shallow_rekey_with("uid:1000", &RekeyScope::All, "kms-a", true)
         .unwrap();
     let k2 = report.new_kek_id.clone();
     assert_ne!(k2, k1);
@@ -417,10 +417,11 @@ fn shallow_rekey_and_cluster_change_under_running_io() {
 
     // Change of KMS cluster for rk2 only: its KEK moves to kms-b; k2 stays for rk1.
     let report = m
-        .shallow_rekey(
+        .shallow_rekey_with(
             "uid:1000",
             &RekeyScope::Namespaces(vec!["rk2".into()]),
             "kms-b",
+            true,
         )
         .unwrap();
     let k3 = report.new_kek_id.clone();
@@ -433,7 +434,10 @@ fn shallow_rekey_and_cluster_change_under_running_io() {
             provider: "kms-a".into(),
             kek_id: k2.clone(),
             action: OldKekAction::Kept {
-                used_by: vec!["rk1".into()]
+                used_by: vec![
+                    "rk1".into(),
+                    "kms-a current KEK (new namespaces are wrapped under it)".into()
+                ]
             }
         }]
     );

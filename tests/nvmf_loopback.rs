@@ -1208,7 +1208,7 @@ fn namespaces_added_and_removed_at_run_time_on_a_live_connection() {
     let ram2 = ram_bdev("ram2", BS, &hold);
     let nsid = h
         .target
-        .add_namespace(NQN, None, ram2.clone() as Arc<dyn Bdev>, false, true)
+        .add_namespace(NQN, None, ram2.clone() as Arc<dyn Bdev>, true)
         .unwrap();
     assert_eq!(nsid, 3);
     write_read_verify(&mut q, 3, BS, 8, 8192, 3);
@@ -1220,23 +1220,16 @@ fn namespaces_added_and_removed_at_run_time_on_a_live_connection() {
     // Refusals: nsid in use, out of range, unknown subsystem, unknown namespace.
     let other: Arc<dyn Bdev> = ram_bdev("ramx", BS, &hold);
     assert!(matches!(
-        h.target
-            .add_namespace(NQN, Some(1), other.clone(), false, true),
+        h.target.add_namespace(NQN, Some(1), other.clone(), true),
         Err(nvseal::nvmf::target::TargetError::NsidInUse { nsid: 1, .. })
     ));
     assert!(matches!(
-        h.target
-            .add_namespace(NQN, Some(33), other.clone(), false, true),
+        h.target.add_namespace(NQN, Some(33), other.clone(), true),
         Err(nvseal::nvmf::target::TargetError::NsidOutOfRange { nsid: 33, .. })
     ));
     assert!(matches!(
-        h.target.add_namespace(
-            "nqn.2026-01.io.nvseal:nope",
-            None,
-            other.clone(),
-            false,
-            true
-        ),
+        h.target
+            .add_namespace("nqn.2026-01.io.nvseal:nope", None, other.clone(), true),
         Err(nvseal::nvmf::target::TargetError::NoSubsystem(_))
     ));
     assert!(matches!(
@@ -1295,7 +1288,7 @@ fn namespaces_added_and_removed_at_run_time_on_a_live_connection() {
     let ram3 = ram_bdev("ram3", 4096, &Arc::new(AtomicBool::new(false)));
     assert_eq!(
         h.target
-            .add_namespace(NQN, Some(3), ram3.clone() as Arc<dyn Bdev>, false, true)
+            .add_namespace(NQN, Some(3), ram3.clone() as Arc<dyn Bdev>, true)
             .unwrap(),
         3
     );

@@ -73,7 +73,7 @@ fn loopback_ab_plain_vs_encrypted() {
     let ns = |nsid, bdev: &str, encrypted| NamespaceConfig {
         nsid,
         bdev: bdev.into(),
-        encrypted,
+        encrypted: Some(encrypted),
     };
     let cfg = SubsystemConfig {
         nqn: NQN.into(),

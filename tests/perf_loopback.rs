@@ -130,7 +130,7 @@ fn start(allowed: Vec<String>) -> Harness {
     let ns = |nsid, bdev: &str, encrypted| NamespaceConfig {
         nsid,
         bdev: bdev.into(),
-        encrypted,
+        encrypted: Some(encrypted),
     };
     let cfg = SubsystemConfig {
         nqn: NQN.into(),

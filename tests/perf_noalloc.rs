@@ -86,7 +86,7 @@ fn steady_state_allocates_nothing() {
     let ns = |nsid, bdev: &str| NamespaceConfig {
         nsid,
         bdev: bdev.into(),
-        encrypted: nsid == 2,
+        encrypted: Some(nsid == 2),
     };
     let cfg = SubsystemConfig {
         nqn: NQN.into(),

@@ -117,6 +117,11 @@ impl Bdev for LateBdev {
     fn buf_align(&self) -> usize {
         self.buf_align
     }
+    /// A stand-in exists only for an encrypted (managed-key) namespace's crypto bdev (see the
+    /// module docs): encrypted before the bind, and whatever it is bound to says after.
+    fn encrypts_data(&self) -> bool {
+        bound(&self.inner).is_none_or(|b| b.encrypts_data())
+    }
     fn open_channel(
         &self,
         core: CoreId,

@@ -328,6 +328,12 @@ pub trait Bdev: Send + Sync {
     fn buf_align(&self) -> usize {
         64
     }
+    /// Whether the data written through this bdev is encrypted before it reaches the storage
+    /// below (a crypto bdev, or the stand-in for one). What the target reports as a
+    /// namespace's `encrypted` is derived from this, never taken from a label.
+    fn encrypts_data(&self) -> bool {
+        false
+    }
     /// Opens the calling reactor's channel, able to hold `queue_depth` I/Os in flight.
     fn open_channel(
         &self,

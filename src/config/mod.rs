@@ -680,6 +680,25 @@ impl Config {
                         format!("no bdev named {:?}", ns.bdev),
                     ));
                 }
+                // `encrypted` is derived from the bdev stack; a label that disagrees is refused.
+                let stack = matches!(
+                    self.bdev(&ns.bdev),
+                    Some(BdevConfig::Crypto(_) | BdevConfig::Encrypted(_))
+                );
+                if let Some(said) = ns.encrypted.filter(|&said| said != stack) {
+                    return Err(err(
+                        format!("subsystems[{i}].namespaces[{j}].encrypted"),
+                        format!(
+                            "encrypted: {said}, but bdev {:?} is {}; whether a namespace is encrypted follows from its bdev stack (remove the field, or export a crypto/encrypted bdev)",
+                            ns.bdev,
+                            if stack {
+                                "a crypto/encrypted bdev"
+                            } else {
+                                "not a crypto or encrypted bdev (plaintext)"
+                            }
+                        ),
+                    ));
+                }
             }
             if let Err(e) = sub.check_access() {
                 return Err(err(format!("subsystems[{i}].{}", e.field()), e.to_string()));

@@ -151,6 +151,9 @@ impl Bdev for CryptoBdev {
     fn name(&self) -> &str {
         &self.name
     }
+    fn encrypts_data(&self) -> bool {
+        true
+    }
     fn block_size(&self) -> u32 {
         self.base.block_size()
     }

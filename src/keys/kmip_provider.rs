@@ -8,13 +8,25 @@
 //! call is one or more blocking TLS round trips, each bounded by the cluster's connect and
 //! response timeouts per server.
 //!
+//! Key state: [`KeyProvider::get_kek`] asks for the key's State (Get Attributes) before Get, on
+//! the same connection, and refuses anything but Active with [`ProviderError::InvalidState`].
+//! Strict servers (Cosmian) refuse Get of a Deactivated key themselves (Wrong Key Lifecycle
+//! State); PyKMIP hands it out. With the check nvseal behaves the same on both, so what works in
+//! a PyKMIP test works against a strict server. [`KmipKeyProvider::locate`] finds Active keys
+//! only (a revoked key keeps its Name).
+//!
 //! Error mapping (what is transient decides whether a locked namespace keeps retrying):
 //! * every server failed at transport level (refused, timed out, I/O, closed, garbled reply)
-//!   → [`ProviderError::Unavailable`] (transient: boot retries with back-off);
-//! * every server rejected the TLS handshake (certificate refused by either side, no shared
-//!   cipher) → [`ProviderError::Denied`]: retrying cannot help until the configuration changes;
-//! * a KMIP failure reply: Item Not Found → [`ProviderError::NotFound`]; Permission Denied and
-//!   Authentication Not Successful → [`ProviderError::Denied`]; anything else →
+//!   → [`ProviderError::Unavailable`] (transient: boot retries with back-off). That includes a
+//!   connection closed during the TLS handshake: a load balancer with no healthy backend, or a
+//!   server killed mid-handshake, does that, and it says nothing about our certificate;
+//! * every server rejected the TLS handshake with a TLS alert about the certificate or the
+//!   protocol (bad/unknown/expired certificate, unknown CA, access denied, handshake failure,
+//!   no shared version or cipher), or we rejected the server's certificate →
+//!   [`ProviderError::Denied`]: retrying cannot help until the configuration changes;
+//! * a KMIP failure reply: Item Not Found (1.x) or Object Not Found (2.x) →
+//!   [`ProviderError::NotFound`]; Object Destroyed → [`ProviderError::InvalidState`];
+//!   anything else (Permission Denied, Wrong Key Lifecycle State, ...) →
 //!   [`ProviderError::Denied`] with the server's reason (the server answered and said no);
 //! * a reply that cannot be used (wrong key length, fingerprint mismatch) →
 //!   [`ProviderError::Protocol`].
@@ -25,9 +37,10 @@
 
 use std::sync::Arc;
 
+use super::provider::KekState;
 use super::provider::{KekId, KeyProvider, ProviderError, ProviderInfo, ProviderKind};
 use super::wrap::Kek;
-use crate::kms::{self, KmsCluster, KmsError, Phase, ResultReason, RevocationReason};
+use crate::kms::{self, KeyState, KmsCluster, KmsError, ResultReason, RevocationReason};
 
 /// KEKs held by a KMIP cluster. Cheap to clone; clones share the cluster's connection.
 #[derive(Clone)]
@@ -55,9 +68,13 @@ impl KmipKeyProvider {
         &self.cluster
     }
 
-    /// Ids of the KEKs named `name` on the cluster (KMIP Locate).
+    /// Ids of the Active KEKs named `name` on the cluster (KMIP Locate with State = Active; a
+    /// revoked or not yet activated key of that name is not returned).
     pub fn locate(&self, name: &str) -> Result<Vec<KekId>, ProviderError> {
-        let ids = self.cluster.locate_by_name(name).map_err(map_error)?;
+        let ids = self
+            .cluster
+            .locate_active_by_name(name)
+            .map_err(map_error)?;
         ids.into_iter()
             .map(|id| KekId::new(id.as_str()).map_err(ProviderError::from))
             .collect()
@@ -68,17 +85,38 @@ fn kms_id(id: &KekId) -> kms::KeyId {
     kms::KeyId::new(id.as_str())
 }
 
-/// True when a transport failure means "the TLS peer refused us" (configuration), not "the
-/// server is not there" (availability).
+/// True when a transport failure means "the TLS peer refused us, or we refused it"
+/// (configuration), not "the server is not there" (availability). Only a TLS alert about the
+/// certificate or the protocol, or our own verdict on the server's certificate, says that: a
+/// connection closed or reset during the handshake, a garbled record, or an alert such as
+/// internal_error are what an unhealthy server or a load balancer without a backend produce.
 fn is_tls_rejection(e: &KmsError) -> bool {
-    matches!(
-        e,
-        KmsError::Tls { .. }
-            | KmsError::Closed {
-                phase: Phase::Handshake,
-                ..
-            }
-    )
+    use rustls::AlertDescription as A;
+    let KmsError::Tls { source, .. } = e else {
+        return false;
+    };
+    match source {
+        rustls::Error::AlertReceived(alert) => matches!(
+            alert,
+            A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                | A::HandshakeFailure
+                | A::ProtocolVersion
+                | A::InsufficientSecurity
+                | A::CertificateRequired
+                | A::IllegalParameter
+        ),
+        rustls::Error::InvalidCertificate(_)
+        | rustls::Error::NoCertificatesPresented
+        | rustls::Error::PeerIncompatible(_)
+        | rustls::Error::InconsistentKeys(_) => true,
+        _ => false,
+    }
 }
 
 /// Maps a KMS error onto the provider error space (see the module docs).
@@ -88,7 +126,7 @@ pub fn map_error(e: KmsError) -> ProviderError {
             if !attempts.is_empty() && attempts.iter().all(is_tls_rejection) =>
         {
             ProviderError::Denied {
-                detail: format!("TLS handshake rejected by every server (check the client certificate, key and CA bundle): {e}"),
+                detail: format!("TLS handshake rejected by every server (check the client certificate, key and CA bundle; namespace.retry_unlock retries once fixed): {e}"),
             }
         }
         KmsError::AllServersFailed { .. } => ProviderError::Unavailable {
@@ -108,12 +146,30 @@ pub fn map_error(e: KmsError) -> ProviderError {
     }
 }
 
-/// Like [`map_error`], but an Item Not Found reply becomes [`ProviderError::NotFound`] for `id`.
-fn map_error_for(id: &KekId, e: KmsError) -> ProviderError {
-    if e.result_reason() == Some(ResultReason::ITEM_NOT_FOUND) {
-        return ProviderError::NotFound { id: id.clone() };
+/// Like [`map_error`], but a not-found reply (1.x Item Not Found, 2.x Object Not Found)
+/// becomes [`ProviderError::NotFound`] for `id`, and 2.x Object Destroyed an
+/// [`ProviderError::InvalidState`] for operation `op`.
+fn map_error_for(id: &KekId, op: &'static str, e: KmsError) -> ProviderError {
+    match e.result_reason() {
+        Some(r) if r.is_not_found() => ProviderError::NotFound { id: id.clone() },
+        Some(ResultReason::OBJECT_DESTROYED) => ProviderError::InvalidState {
+            id: id.clone(),
+            state: KekState::Destroyed,
+            op,
+        },
+        _ => map_error(e),
     }
-    map_error(e)
+}
+
+/// nvseal's view of a KMIP key state; None for a value outside the enumeration.
+fn kek_state(s: KeyState) -> Option<KekState> {
+    match s {
+        KeyState::PreActive => Some(KekState::PreActive),
+        KeyState::Active => Some(KekState::Active),
+        KeyState::Deactivated | KeyState::Compromised => Some(KekState::Revoked),
+        KeyState::Destroyed | KeyState::DestroyedCompromised => Some(KekState::Destroyed),
+        KeyState::Other(_) => None,
+    }
 }
 
 impl KeyProvider for KmipKeyProvider {
@@ -143,20 +199,45 @@ impl KeyProvider for KmipKeyProvider {
         Ok((id, kek))
     }
 
+    /// Get Attributes (State), then Get only if the key is Active, on one connection.
     fn get_kek(&mut self, id: &KekId) -> Result<Kek, ProviderError> {
         let served = self
             .cluster
-            .execute(|c| c.get_key(&kms_id(id)))
-            .map_err(|e| map_error_for(id, e))?;
-        tracing::debug!(cluster = %self.cluster.alias(), server = %served.server, kek_id = %id,
-            "fetched KEK");
-        Ok(served.value)
+            .execute(|c| {
+                let kid = kms_id(id);
+                match c.get_state(&kid)? {
+                    KeyState::Active => c.get_key(&kid).map(Ok),
+                    other => Ok(Err(other)),
+                }
+            })
+            .map_err(|e| map_error_for(id, "get", e))?;
+        match served.value {
+            Ok(kek) => {
+                tracing::debug!(cluster = %self.cluster.alias(), server = %served.server,
+                    kek_id = %id, "fetched KEK");
+                Ok(kek)
+            }
+            Err(state) => {
+                tracing::warn!(cluster = %self.cluster.alias(), server = %served.server,
+                    kek_id = %id, %state, "KEK is not Active: refused to fetch it");
+                Err(match kek_state(state) {
+                    Some(state) => ProviderError::InvalidState {
+                        id: id.clone(),
+                        state,
+                        op: "get",
+                    },
+                    None => ProviderError::Protocol {
+                        detail: format!("{}: KEK {id} has unknown {state}", served.server),
+                    },
+                })
+            }
+        }
     }
 
     fn revoke_kek(&mut self, id: &KekId) -> Result<(), ProviderError> {
         self.cluster
             .revoke(&kms_id(id), RevocationReason::Superseded)
-            .map_err(|e| map_error_for(id, e))?;
+            .map_err(|e| map_error_for(id, "revoke", e))?;
         tracing::info!(cluster = %self.cluster.alias(), kek_id = %id, "revoked KEK (superseded)");
         Ok(())
     }
@@ -164,7 +245,7 @@ impl KeyProvider for KmipKeyProvider {
     fn destroy_kek(&mut self, id: &KekId) -> Result<(), ProviderError> {
         self.cluster
             .destroy(&kms_id(id))
-            .map_err(|e| map_error_for(id, e))?;
+            .map_err(|e| map_error_for(id, "destroy", e))?;
         tracing::info!(cluster = %self.cluster.alias(), kek_id = %id, "destroyed KEK");
         Ok(())
     }
@@ -191,10 +272,26 @@ impl KeyProvider for KmipKeyProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kms::Phase;
     use std::time::Duration;
 
     fn server(port: u16) -> String {
         format!("127.0.0.1:{port}")
+    }
+
+    fn all(attempts: Vec<KmsError>) -> KmsError {
+        KmsError::AllServersFailed {
+            alias: "c".into(),
+            attempts,
+        }
+    }
+
+    fn alert(port: u16, a: rustls::AlertDescription) -> KmsError {
+        KmsError::Tls {
+            server: server(port),
+            phase: Phase::Handshake,
+            source: rustls::Error::AlertReceived(a),
+        }
     }
 
     #[test]
@@ -205,30 +302,34 @@ mod tests {
             phase: Phase::Response,
             timeout: Duration::from_millis(10),
         };
-        let closed_hs = KmsError::Closed {
-            server: server(3),
-            phase: Phase::Handshake,
-        };
-        let all = |attempts| KmsError::AllServersFailed {
-            alias: "c".into(),
-            attempts,
-        };
         assert!(map_error(all(vec![refused])).is_transient());
         let mixed = map_error(all(vec![
             KmsError::Refused { server: server(1) },
             timeout,
-            KmsError::Closed {
-                server: server(3),
-                phase: Phase::Handshake,
-            },
+            alert(3, rustls::AlertDescription::UnknownCA),
         ]));
         assert!(mixed.is_transient(), "{mixed}");
-        let denied = map_error(all(vec![closed_hs]));
-        assert!(!denied.is_transient());
-        assert!(
-            denied.to_string().contains("client certificate"),
-            "{denied}"
-        );
+        // Every server sent a certificate alert: configuration, not availability.
+        for a in [
+            rustls::AlertDescription::BadCertificate,
+            rustls::AlertDescription::UnknownCA,
+            rustls::AlertDescription::HandshakeFailure,
+            rustls::AlertDescription::CertificateRequired,
+        ] {
+            let denied = map_error(all(vec![alert(3, a)]));
+            assert!(!denied.is_transient(), "{a:?}");
+            assert!(
+                denied.to_string().contains("client certificate"),
+                "{denied}"
+            );
+        }
+        // We rejected the server's certificate.
+        let ours = KmsError::Tls {
+            server: server(4),
+            phase: Phase::Handshake,
+            source: rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        };
+        assert!(!map_error(all(vec![ours])).is_transient());
         // A server answer is never transient.
         let answer = KmsError::Server {
             server: server(4),
@@ -239,8 +340,84 @@ mod tests {
         };
         let id = KekId::new("7").expect("id");
         assert!(matches!(
-            map_error_for(&id, answer),
+            map_error_for(&id, "get", answer),
             ProviderError::NotFound { ref id } if id.as_str() == "7"
         ));
+    }
+
+    /// Issue 18 item 3: a connection closed (or reset) during the handshake is what a load
+    /// balancer with no healthy backend, or a server killed mid-handshake, produces. It is an
+    /// availability problem: the namespace keeps retrying instead of going to `error`.
+    #[test]
+    fn a_connection_closed_in_the_handshake_is_transient() {
+        let closed = KmsError::Closed {
+            server: server(3),
+            phase: Phase::Handshake,
+        };
+        let e = map_error(all(vec![closed]));
+        assert!(e.is_transient(), "{e}");
+        let reset = KmsError::Io {
+            server: server(3),
+            phase: Phase::Handshake,
+            source: std::io::Error::from(std::io::ErrorKind::ConnectionReset),
+        };
+        assert!(map_error(all(vec![reset])).is_transient());
+        // Alerts that say nothing about the certificate, and garbage, retry too.
+        for source in [
+            rustls::Error::AlertReceived(rustls::AlertDescription::InternalError),
+            rustls::Error::AlertReceived(rustls::AlertDescription::CloseNotify),
+            rustls::Error::DecryptError,
+        ] {
+            let e = map_error(all(vec![KmsError::Tls {
+                server: server(5),
+                phase: Phase::Handshake,
+                source,
+            }]));
+            assert!(e.is_transient(), "{e}");
+        }
+    }
+
+    /// Issue 18 item 4: KMIP 2.x reasons. Object Not Found (0x37) is "not found" like 1.x Item
+    /// Not Found; Object Destroyed (0x36) is a state; Wrong Key Lifecycle State (0x43) is a
+    /// refusal that names itself.
+    #[test]
+    fn kmip_2_reasons_are_mapped() {
+        let reply = |code| KmsError::Server {
+            server: server(6),
+            operation: "Get",
+            result_status: kms::ResultStatus::OperationFailed,
+            reason: Some(ResultReason(code)),
+            message: String::new(),
+        };
+        let id = KekId::new("k").expect("id");
+        assert!(matches!(
+            map_error_for(&id, "get", reply(0x37)),
+            ProviderError::NotFound { .. }
+        ));
+        assert!(matches!(
+            map_error_for(&id, "get", reply(0x36)),
+            ProviderError::InvalidState {
+                state: KekState::Destroyed,
+                op: "get",
+                ..
+            }
+        ));
+        let wrong = map_error_for(&id, "get", reply(0x43));
+        assert!(matches!(wrong, ProviderError::Denied { .. }), "{wrong}");
+        assert!(
+            wrong.to_string().contains("Wrong Key Lifecycle State"),
+            "{wrong}"
+        );
+        assert!(!wrong.is_transient());
+    }
+
+    #[test]
+    fn kmip_states_map_onto_kek_states() {
+        assert_eq!(kek_state(KeyState::Active), Some(KekState::Active));
+        assert_eq!(kek_state(KeyState::PreActive), Some(KekState::PreActive));
+        assert_eq!(kek_state(KeyState::Deactivated), Some(KekState::Revoked));
+        assert_eq!(kek_state(KeyState::Compromised), Some(KekState::Revoked));
+        assert_eq!(kek_state(KeyState::Destroyed), Some(KekState::Destroyed));
+        assert_eq!(kek_state(KeyState::Other(9)), None);
     }
 }

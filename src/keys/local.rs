@@ -682,7 +682,7 @@ impl KeyProvider for LocalKeyProvider {
 
     fn revoke_kek(&mut self, id: &KekId) -> Result<(), ProviderError> {
         match self.entry_mut(id)?.state {
-            KekState::Active => self.set_state(id, KekState::Revoked, false),
+            KekState::Active | KekState::PreActive => self.set_state(id, KekState::Revoked, false),
             KekState::Revoked => Ok(()),
             KekState::Destroyed => Err(ProviderError::InvalidState {
                 id: id.clone(),
@@ -696,9 +696,9 @@ impl KeyProvider for LocalKeyProvider {
         match self.entry_mut(id)?.state {
             KekState::Revoked => self.set_state(id, KekState::Destroyed, true),
             KekState::Destroyed => Ok(()),
-            KekState::Active => Err(ProviderError::InvalidState {
+            state @ (KekState::Active | KekState::PreActive) => Err(ProviderError::InvalidState {
                 id: id.clone(),
-                state: KekState::Active,
+                state,
                 op: "destroy (revoke it first)",
             }),
         }

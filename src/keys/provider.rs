@@ -112,6 +112,8 @@ pub fn check_kms_alias(alias: &str) -> Result<(), InvalidName> {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KekState {
+    /// Created but not activated yet (KMIP Pre-Active): not usable.
+    PreActive,
     /// Usable for wrap and unwrap.
     Active,
     /// Revoked (KMIP: deactivated): kept, but a provider refuses to hand it out for new use.
@@ -123,6 +125,7 @@ pub enum KekState {
 impl fmt::Display for KekState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
+            Self::PreActive => "pre-active",
             Self::Active => "active",
             Self::Revoked => "revoked",
             Self::Destroyed => "destroyed",
@@ -229,7 +232,10 @@ pub trait KeyProvider {
     fn cluster_alias(&self) -> &str;
     /// Creates a new active AES-256 KEK named `name` and returns its id and the key.
     fn create_kek(&mut self, name: &str) -> Result<(KekId, Kek), ProviderError>;
-    /// Fetches an active KEK.
+    /// Fetches an active KEK. A KEK in any other state (revoked, destroyed, pre-active) is
+    /// refused with [`ProviderError::InvalidState`] by every provider, whatever the server
+    /// behind it would allow: strict KMIP servers refuse Get of a Deactivated key, PyKMIP
+    /// serves it, and nvseal must behave the same on both.
     fn get_kek(&mut self, id: &KekId) -> Result<Kek, ProviderError>;
     /// Revokes a KEK: it stays known but is no longer handed out.
     fn revoke_kek(&mut self, id: &KekId) -> Result<(), ProviderError>;

@@ -19,7 +19,7 @@ use zeroize::Zeroizing;
 use super::error::{KmsConfigError, KmsError, Phase};
 use super::key::{Kek, KeyId};
 use super::message::{
-    self, Operation, Outcome, ProtocolError, ProtocolVersion, Request, RevocationReason,
+    self, KeyState, Operation, Outcome, ProtocolError, ProtocolVersion, Request, RevocationReason,
     ServerInfo, KEK_USAGE_MASK,
 };
 use super::tls::TlsMaterial;
@@ -274,8 +274,23 @@ impl KmipClient {
         self.decode(Operation::Locate, message::located_ids(reply))
     }
 
-    /// Revokes a key; it can no longer be used to protect data, but can still be fetched to
-    /// unwrap existing DEKs (PyKMIP's behaviour, and KMIP's for Superseded keys).
+    /// Ids of the symmetric keys carrying Name `name` that are Active (a revoked key keeps its
+    /// Name; this never returns it).
+    pub fn locate_active_by_name(&mut self, name: &str) -> Result<Vec<KeyId>, KmsError> {
+        let reply = self.call(message::locate_active_by_name(name), Operation::Locate)?;
+        self.decode(Operation::Locate, message::located_ids(reply))
+    }
+
+    /// The key's lifecycle state (Get Attributes "State").
+    pub fn get_state(&mut self, id: &KeyId) -> Result<KeyState, KmsError> {
+        let reply = self.call(message::get_state(id), Operation::GetAttributes)?;
+        self.decode(Operation::GetAttributes, message::key_state(reply))
+    }
+
+    /// Revokes a key; it can no longer be used to protect data. Whether it can still be
+    /// fetched depends on the server: PyKMIP hands out a Deactivated key, strict servers
+    /// (Cosmian) refuse with Wrong Key Lifecycle State. nvseal's KMIP provider checks the state
+    /// itself, so it behaves like a strict server everywhere.
     pub fn revoke(&mut self, id: &KeyId, reason: RevocationReason) -> Result<(), KmsError> {
         let now_s = SystemTime::now()
             .duration_since(UNIX_EPOCH)

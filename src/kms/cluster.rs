@@ -32,7 +32,7 @@ use super::client::{
 };
 use super::error::{KmsConfigError, KmsError};
 use super::key::{Kek, KekFingerprint, KeyId};
-use super::message::{ProtocolVersion, RevocationReason, ServerInfo};
+use super::message::{KeyState, ProtocolVersion, RevocationReason, ServerInfo};
 use super::tls::TlsMaterial;
 
 /// Configuration of one KMS cluster (YAML/JSON).
@@ -372,6 +372,17 @@ impl KmsCluster {
 
     pub fn locate_by_name(&self, name: &str) -> Result<Vec<KeyId>, KmsError> {
         self.execute(|c| c.locate_by_name(name)).map(|s| s.value)
+    }
+
+    /// Ids of the Active keys named `name` (see [`KmipClient::locate_active_by_name`]).
+    pub fn locate_active_by_name(&self, name: &str) -> Result<Vec<KeyId>, KmsError> {
+        self.execute(|c| c.locate_active_by_name(name))
+            .map(|s| s.value)
+    }
+
+    /// A key's lifecycle state.
+    pub fn get_state(&self, id: &KeyId) -> Result<KeyState, KmsError> {
+        self.execute(|c| c.get_state(id)).map(|s| s.value)
     }
 
     pub fn activate(&self, id: &KeyId) -> Result<(), KmsError> {

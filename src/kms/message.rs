@@ -10,7 +10,7 @@
 
 use kmip_protocol::types::common::{
     AttributeName, AttributeValue, CompromiseOccurrenceDate, CryptographicAlgorithm, KeyFormatType,
-    ObjectType, RevocationMessage, RevocationReasonCode, UniqueIdentifier,
+    ObjectType, RevocationMessage, RevocationReasonCode, State, UniqueIdentifier,
 };
 use kmip_protocol::types::request::{
     Attribute, QueryFunction, RequestPayload, RevocationReason as KmipRevocationReason,
@@ -22,6 +22,9 @@ use super::ttlv::{self, Item, TtlvError};
 
 /// KMIP tags used when reading responses (KMIP 1.0 §9.1.3.1).
 pub mod tag {
+    pub const ATTRIBUTE: u32 = 0x420008;
+    pub const ATTRIBUTE_NAME: u32 = 0x42000A;
+    pub const ATTRIBUTE_VALUE: u32 = 0x42000B;
     pub const BATCH_COUNT: u32 = 0x42000D;
     pub const BATCH_ITEM: u32 = 0x42000F;
     pub const KEY_BLOCK: u32 = 0x420040;
@@ -99,6 +102,8 @@ pub enum ProtocolError {
     ResponseTooLarge { length: u32 },
     #[error("request could not be encoded: {0}")]
     Encode(String),
+    #[error("Get Attributes reply has no State attribute")]
+    NoState,
 }
 
 /// KMIP Result Status of a failed batch item.
@@ -135,7 +140,8 @@ impl std::fmt::Display for ResultStatus {
 }
 
 /// KMIP Result Reason, kept as the raw enumeration value so that reasons from newer protocol
-/// versions survive; [`ResultReason::name`] knows the KMIP 1.x and common 2.x names.
+/// versions survive; [`ResultReason::name`] knows the KMIP 1.x and 2.x names (others print as
+/// `result reason 0x..`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct ResultReason(pub u32);
 
@@ -145,6 +151,20 @@ impl ResultReason {
     pub const PERMISSION_DENIED: Self = Self(0x0C);
     pub const INVALID_FIELD: Self = Self(0x07);
     pub const ILLEGAL_OPERATION: Self = Self(0x0B);
+    /// KMIP 2.x: the object exists but its key material was destroyed.
+    pub const OBJECT_DESTROYED: Self = Self(0x36);
+    /// KMIP 2.x spelling of "no such object" (servers that speak 2.x answer it where 1.x
+    /// servers answer Item Not Found).
+    pub const OBJECT_NOT_FOUND: Self = Self(0x37);
+    /// KMIP 2.x: the object is not in a state that allows the operation (e.g. Get of a
+    /// Deactivated key on a strict server).
+    pub const WRONG_KEY_LIFECYCLE_STATE: Self = Self(0x43);
+
+    /// Whether the reason says the object does not exist (1.x Item Not Found or 2.x Object Not
+    /// Found).
+    pub fn is_not_found(self) -> bool {
+        self == Self::ITEM_NOT_FOUND || self == Self::OBJECT_NOT_FOUND
+    }
 
     pub fn name(self) -> Option<&'static str> {
         Some(match self.0 {
@@ -172,6 +192,52 @@ impl ResultReason {
             0x16 => "Sensitive",
             0x17 => "Not Extractable",
             0x18 => "Object Already Exists",
+            // KMIP 2.x (2.0 and 2.1 §11 Result Reason Enumeration).
+            0x19 => "Invalid Ticket",
+            0x1A => "Usage Limit Exceeded",
+            0x1B => "Numeric Range",
+            0x1C => "Invalid Data Type",
+            0x1D => "Read Only Attribute",
+            0x1E => "Multi Valued Attribute",
+            0x1F => "Unsupported Attribute",
+            0x20 => "Attribute Instance Not Found",
+            0x21 => "Attribute Not Found",
+            0x22 => "Attribute Read Only",
+            0x23 => "Attribute Single Valued",
+            0x24 => "Bad Cryptographic Parameters",
+            0x25 => "Bad Password",
+            0x26 => "Codec Error",
+            0x28 => "Illegal Object Type",
+            0x29 => "Incompatible Cryptographic Usage Mask",
+            0x2A => "Internal Server Error",
+            0x2B => "Invalid Asynchronous Correlation Value",
+            0x2C => "Invalid Attribute",
+            0x2D => "Invalid Attribute Value",
+            0x2E => "Invalid Correlation Value",
+            0x2F => "Invalid CSR",
+            0x30 => "Invalid Object Type",
+            0x32 => "Key Wrap Type Not Supported",
+            0x34 => "Missing Initialization Vector",
+            0x35 => "Non Unique Name Attribute",
+            0x36 => "Object Destroyed",
+            0x37 => "Object Not Found",
+            0x39 => "Not Authorised",
+            0x3A => "Server Limit Exceeded",
+            0x3B => "Unknown Enumeration",
+            0x3C => "Unknown Message Extension",
+            0x3D => "Unknown Tag",
+            0x3E => "Unsupported Cryptographic Parameters",
+            0x3F => "Unsupported Protocol Version",
+            0x40 => "Wrapping Object Archived",
+            0x41 => "Wrapping Object Destroyed",
+            0x42 => "Wrapping Object Not Found",
+            0x43 => "Wrong Key Lifecycle State",
+            0x44 => "Protection Storage Unavailable",
+            0x45 => "PKCS#11 Codec Error",
+            0x46 => "PKCS#11 Invalid Function",
+            0x47 => "PKCS#11 Invalid Interface",
+            0x48 => "Private Protection Storage Unavailable",
+            0x49 => "Public Protection Storage Unavailable",
             0x0100 => "General Failure",
             _ => return None,
         })
@@ -204,6 +270,7 @@ pub enum Operation {
     Create,
     Locate,
     Get,
+    GetAttributes,
     Activate,
     Revoke,
     Destroy,
@@ -217,6 +284,7 @@ impl Operation {
             Self::Create => 0x01,
             Self::Locate => 0x08,
             Self::Get => 0x0A,
+            Self::GetAttributes => 0x0B,
             Self::Activate => 0x12,
             Self::Revoke => 0x13,
             Self::Destroy => 0x14,
@@ -230,6 +298,7 @@ impl Operation {
             Self::Create => "Create",
             Self::Locate => "Locate",
             Self::Get => "Get",
+            Self::GetAttributes => "Get Attributes",
             Self::Activate => "Activate",
             Self::Revoke => "Revoke",
             Self::Destroy => "Destroy",
@@ -305,6 +374,31 @@ pub fn locate_by_name(name: &str) -> Result<Request, ProtocolError> {
     )
 }
 
+/// Locate symmetric keys carrying Name `name` that are in the Active state (a Name stays on a
+/// key after it is revoked, so a name alone may find a Deactivated or Pre-Active key).
+pub fn locate_active_by_name(name: &str) -> Result<Request, ProtocolError> {
+    encode(
+        Operation::Locate,
+        RequestPayload::Locate(vec![
+            Attribute::ObjectType(ObjectType::SymmetricKey),
+            Attribute::Name(name.to_owned()),
+            Attribute(
+                AttributeName("State".into()),
+                None,
+                AttributeValue::State(State::Active),
+            ),
+        ]),
+    )
+}
+
+/// Get Attributes asking for the State attribute only.
+pub fn get_state(id: &KeyId) -> Result<Request, ProtocolError> {
+    encode(
+        Operation::GetAttributes,
+        RequestPayload::GetAttributes(uid(id), Some(vec![AttributeName("State".into())])),
+    )
+}
+
 /// Revoke with `reason`; `now_unix_s` is the compromise date for [`RevocationReason::KeyCompromise`].
 pub fn revoke(
     id: &KeyId,
@@ -348,6 +442,47 @@ pub fn discover_versions() -> Result<Request, ProtocolError> {
         Operation::DiscoverVersions,
         RequestPayload::DiscoverVersions(Vec::new()),
     )
+}
+
+/// The KMIP lifecycle state of a managed object (KMIP 1.0 §9.1.3.2.17).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum KeyState {
+    PreActive,
+    Active,
+    Deactivated,
+    Compromised,
+    Destroyed,
+    DestroyedCompromised,
+    /// A value outside the enumeration; kept as received (and never taken for Active).
+    Other(u32),
+}
+
+impl KeyState {
+    pub fn from_code(code: u32) -> Self {
+        match code {
+            1 => Self::PreActive,
+            2 => Self::Active,
+            3 => Self::Deactivated,
+            4 => Self::Compromised,
+            5 => Self::Destroyed,
+            6 => Self::DestroyedCompromised,
+            other => Self::Other(other),
+        }
+    }
+}
+
+impl std::fmt::Display for KeyState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::PreActive => f.write_str("Pre-Active"),
+            Self::Active => f.write_str("Active"),
+            Self::Deactivated => f.write_str("Deactivated"),
+            Self::Compromised => f.write_str("Compromised"),
+            Self::Destroyed => f.write_str("Destroyed"),
+            Self::DestroyedCompromised => f.write_str("Destroyed Compromised"),
+            Self::Other(code) => write!(f, "state {code:#x}"),
+        }
+    }
 }
 
 /// The decoded outcome of one single-item response.
@@ -465,6 +600,20 @@ pub fn located_ids(reply: Option<Item>) -> Result<Vec<KeyId>, ProtocolError> {
         .children_with(tag::UNIQUE_IDENTIFIER)
         .map(|id| text_of(id, "Unique Identifier").map(KeyId::new))
         .collect()
+}
+
+/// The State attribute of a Get Attributes reply (the first Attribute named "State"; any
+/// other attributes the server adds are ignored).
+pub fn key_state(reply: Option<Item>) -> Result<KeyState, ProtocolError> {
+    let payload = payload(reply)?;
+    let attr = payload
+        .children_with(tag::ATTRIBUTE)
+        .find(|a| a.child(tag::ATTRIBUTE_NAME).and_then(Item::as_text) == Some("State"))
+        .ok_or(ProtocolError::NoState)?;
+    let value = attr
+        .child(tag::ATTRIBUTE_VALUE)
+        .ok_or(ProtocolError::Missing("Attribute Value of State"))?;
+    Ok(KeyState::from_code(enumeration_of(value, "State")?))
 }
 
 /// The 32-byte AES key of a Get reply, checked for object type, algorithm and length.
@@ -679,10 +828,11 @@ mod tests {
 
     #[test]
     fn failure_reply_is_decoded_leniently() {
-        // A KMIP 2.x reason (0x1A) and no Operation field, as some servers send.
+        // A reason no KMIP version defines (0x38 is reserved in 2.x) and no Operation field,
+        // as some servers send: kept as a number.
         let bytes = reply(vec![
             T::E(tag::RESULT_STATUS, 1),
-            T::E(tag::RESULT_REASON, 0x1A),
+            T::E(tag::RESULT_REASON, 0x38),
             T::Txt(tag::RESULT_MESSAGE, "nope"),
         ]);
         let Outcome::Failure {
@@ -694,14 +844,81 @@ mod tests {
             panic!("expected failure");
         };
         assert_eq!(status, ResultStatus::OperationFailed);
-        assert_eq!(reason, Some(ResultReason(0x1A)));
-        assert_eq!(reason.unwrap().to_string(), "result reason 0x1a");
+        assert_eq!(reason, Some(ResultReason(0x38)));
+        assert_eq!(reason.unwrap().to_string(), "result reason 0x38");
         assert_eq!(message, "nope");
         let bare = reply(vec![T::E(tag::RESULT_STATUS, 1)]);
         assert!(matches!(
             parse_response(&bare, Operation::Get),
             Ok(Outcome::Failure { reason: None, .. })
         ));
+    }
+
+    fn state_reply(attrs: Vec<T>) -> Option<Item> {
+        let bytes = reply(vec![
+            T::E(tag::OPERATION, Operation::GetAttributes.code()),
+            T::E(tag::RESULT_STATUS, 0),
+            T::S(tag::RESPONSE_PAYLOAD, attrs),
+        ]);
+        match parse_response(&bytes, Operation::GetAttributes).unwrap() {
+            Outcome::Success(p) => p,
+            Outcome::Failure { .. } => panic!("expected success"),
+        }
+    }
+
+    #[test]
+    fn get_attributes_reply_yields_the_state() {
+        let attr = |name: &'static str, v: u32| {
+            T::S(
+                tag::ATTRIBUTE,
+                vec![
+                    T::Txt(tag::ATTRIBUTE_NAME, name),
+                    T::E(tag::ATTRIBUTE_VALUE, v),
+                ],
+            )
+        };
+        let p = state_reply(vec![
+            T::Txt(tag::UNIQUE_IDENTIFIER, "7"),
+            attr("Cryptographic Algorithm", 3),
+            attr("State", 3),
+        ]);
+        assert_eq!(key_state(p).unwrap(), KeyState::Deactivated);
+        let p = state_reply(vec![attr("State", 2)]);
+        assert_eq!(key_state(p).unwrap(), KeyState::Active);
+        let p = state_reply(vec![attr("State", 99)]);
+        assert_eq!(key_state(p).unwrap(), KeyState::Other(99));
+        // No State attribute, or one of the wrong type: refused, never taken for Active.
+        let p = state_reply(vec![T::Txt(tag::UNIQUE_IDENTIFIER, "7")]);
+        assert!(matches!(key_state(p), Err(ProtocolError::NoState)));
+        let p = state_reply(vec![T::S(
+            tag::ATTRIBUTE,
+            vec![
+                T::Txt(tag::ATTRIBUTE_NAME, "State"),
+                T::Txt(tag::ATTRIBUTE_VALUE, "Active"),
+            ],
+        )]);
+        assert!(matches!(key_state(p), Err(ProtocolError::WrongType { .. })));
+        assert!(get_state(&KeyId::new("7")).is_ok());
+        assert!(locate_active_by_name("kek").is_ok());
+    }
+
+    #[test]
+    fn kmip_2_result_reasons_have_names_and_object_not_found_is_not_found() {
+        // What a KMIP 2.x server (Cosmian) answers for a destroyed key, a missing key and a
+        // Get of a Deactivated key.
+        assert_eq!(ResultReason(0x36).to_string(), "Object Destroyed");
+        assert_eq!(ResultReason(0x37).to_string(), "Object Not Found");
+        assert_eq!(ResultReason(0x43).to_string(), "Wrong Key Lifecycle State");
+        assert_eq!(ResultReason::OBJECT_NOT_FOUND, ResultReason(0x37));
+        assert!(ResultReason(0x37).is_not_found());
+        assert!(ResultReason(0x01).is_not_found());
+        assert!(!ResultReason(0x36).is_not_found());
+        assert!(!ResultReason(0x43).is_not_found());
+        // Every defined 1.x / 2.x code below 0x4A has a name except the reserved ones.
+        for code in 0x01..0x4A {
+            let reserved = matches!(code, 0x27 | 0x31 | 0x33 | 0x38);
+            assert_eq!(ResultReason(code).name().is_none(), reserved, "{code:#x}");
+        }
     }
 
     #[test]

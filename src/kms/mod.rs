@@ -34,5 +34,7 @@ pub use cluster::{
 };
 pub use error::{KmsConfigError, KmsError, Phase};
 pub use key::{Kek, KekFingerprint, KeyId, KEK_BYTES};
-pub use message::{ProtocolVersion, ResultReason, ResultStatus, RevocationReason, ServerInfo};
+pub use message::{
+    KeyState, ProtocolVersion, ResultReason, ResultStatus, RevocationReason, ServerInfo,
+};
 pub use tls::TlsMaterial;

@@ -125,10 +125,12 @@ pub struct NamespaceConfig {
     pub nsid: u32,
     /// Name of the bdev that backs it.
     pub bdev: String,
-    /// Informational: whether the bdev is an encrypted one (the crypto layer owns encryption;
-    /// the target only shows it and keeps a locked namespace offline until it has its key).
+    /// Optional assertion that the bdev is (or is not) an encrypted one. The target derives
+    /// what it reports from the bdev stack (a `crypto` or `encrypted` bdev is encrypted); a
+    /// value here that disagrees with the stack is refused (config error with line and
+    /// column), so a label can neither make a plain RAM disk look encrypted nor hide one.
     #[serde(default)]
-    pub encrypted: bool,
+    pub encrypted: Option<bool>,
 }
 
 /// A transport address (TCP).
@@ -425,7 +427,7 @@ mod tests {
         let y = "nqn: nqn.2026-01.io.nvseal:a\nserial: S1\nnamespaces:\n  - {nsid: 1, bdev: m0, encrypted: true}\nlisten:\n  - {addr: 127.0.0.1}\n";
         let c: SubsystemConfig = serde_yaml_ng::from_str(y).unwrap();
         assert_eq!(c.namespaces[0].nsid, 1);
-        assert!(c.namespaces[0].encrypted);
+        assert_eq!(c.namespaces[0].encrypted, Some(true));
         assert_eq!(c.listen[0].port, 4420);
         assert!(c.allowed_hosts.is_empty());
         assert!(!c.allow_any_host, "deny by default");

@@ -523,7 +523,7 @@ impl Session {
                 .map(|nsid| NamespaceConfig {
                     nsid,
                     bdev: format!("ram{}", nsid - 1),
-                    encrypted: false,
+                    encrypted: None,
                 })
                 .collect(),
             allowed_hosts: vec![HOST.into()],
@@ -855,7 +855,6 @@ impl Session {
                         NQN,
                         Some(nsid),
                         ram_bdev(&format!("swap{nsid}"), bs),
-                        false,
                         true,
                     );
                 }

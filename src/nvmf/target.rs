@@ -646,6 +646,20 @@ impl Target {
                     .get(&n.bdev)
                     .ok_or_else(|| err(format!("no bdev named {}", n.bdev)))?;
                 check_block_size(bdev.as_ref()).map_err(err)?;
+                let encrypted = bdev.encrypts_data();
+                if n.encrypted.is_some_and(|said| said != encrypted) {
+                    return Err(err(format!(
+                        "namespace {} says encrypted: {}, but bdev {} is {}",
+                        n.nsid,
+                        !encrypted,
+                        n.bdev,
+                        if encrypted {
+                            "a crypto bdev (encrypted)"
+                        } else {
+                            "not a crypto bdev (plaintext)"
+                        }
+                    )));
+                }
                 let slot = &s.slots[(n.nsid - 1) as usize];
                 if slot.load().is_some() {
                     return Err(err("duplicate nsid".into()));
@@ -654,7 +668,7 @@ impl Target {
                     &c.nqn,
                     n.nsid,
                     Arc::clone(bdev),
-                    n.encrypted,
+                    encrypted,
                     true,
                 ))));
             }
@@ -757,7 +771,8 @@ impl Target {
 
     /// Adds a namespace at run time: `nsid` (or, if `None`, the lowest free one) in subsystem
     /// `subnqn`, exporting `bdev`. `online: false` adds it locked (an encrypted namespace whose
-    /// key has not arrived; [`Target::set_namespace_online`] brings it up). Connections pick it
+    /// key has not arrived; [`Target::set_namespace_online`] brings it up). Whether it is
+    /// encrypted is the bdev's to say ([`Bdev::encrypts_data`]). Connections pick it
     /// up on their next poll; hosts learn through the Changed Namespace List and, if enabled, a
     /// namespace attribute notice. Returns the nsid. Control thread only.
     pub fn add_namespace(
@@ -765,9 +780,9 @@ impl Target {
         subnqn: &str,
         nsid: Option<u32>,
         bdev: Arc<dyn Bdev>,
-        encrypted: bool,
         online: bool,
     ) -> Result<u32, TargetError> {
+        let encrypted = bdev.encrypts_data();
         let s = self
             .subsystem(subnqn)
             .filter(|s| s.kind == SubsystemKind::Nvm)

@@ -240,9 +240,11 @@ impl Dynamic {
         let dev = stacks
             .get(&exported)
             .ok_or_else(|| RpcError::internal(format!("bdev {exported} was not built")))?;
+        // What the result reports is the exported bdev's to say, not the request's.
+        let encrypted = dev.encrypts_data();
         let nsid = self
             .target
-            .add_namespace(&p.nqn, p.nsid, dev, keyed, managed.is_none())
+            .add_namespace(&p.nqn, p.nsid, dev, managed.is_none())
             .map_err(|e| match e {
                 crate::nvmf::target::TargetError::NsidInUse { .. }
                 | crate::nvmf::target::TargetError::NoFreeNsid { .. } => {
@@ -296,7 +298,7 @@ impl Dynamic {
             },
         );
         Ok(
-            json!({ "nqn": p.nqn, "nsid": nsid, "bdev": exported, "encrypted": keyed, "online": online }),
+            json!({ "nqn": p.nqn, "nsid": nsid, "bdev": exported, "encrypted": encrypted, "online": online }),
         )
     }
 

@@ -191,12 +191,12 @@ pub fn test_subsystem(
             NamespaceConfig {
                 nsid: 1,
                 bdev: "ram0".into(),
-                encrypted: false,
+                encrypted: None,
             },
             NamespaceConfig {
                 nsid: 2,
                 bdev: "ram1".into(),
-                encrypted: true,
+                encrypted: None,
             },
         ],
         allowed_hosts: allowed,

@@ -63,6 +63,7 @@ mod encdec;
 mod erase;
 mod format;
 mod rekey;
+mod retry;
 #[cfg(test)]
 mod tests;
 mod unlock;
@@ -72,6 +73,8 @@ pub use audit_log::FileAuditSink;
 pub use config::{KeysConfig, LocalKeysConfig, NamespaceKeyConfig, RetryConfig, LOCAL_PROVIDER};
 pub use deep::{DeepRekeyError, DeepRekeyStatus, DeepState, PassOp, MAX_RATE_MIB_S};
 pub use erase::{CryptoEraseError, CryptoEraseReport, ERASE_QUIESCE_TIMEOUT};
+pub use rekey::RevokeKekError;
+pub use retry::{RetryUnlock, RetryUnlockError};
 
 // ---------------------------------------------------------------------------------------------
 // Audit
@@ -216,12 +219,19 @@ pub struct NamespaceRekey {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "action", rename_all = "snake_case")]
 pub enum OldKekAction {
-    /// Revoked at its provider (no namespace uses it any more).
+    /// Revoked at its provider (asked for, and nothing this target knows of uses it).
     Revoked,
-    /// Kept: these namespaces still reference it.
+    /// Kept: these namespaces (or the provider's current-KEK slot) still reference it.
     Kept {
         /// The namespaces.
         used_by: Vec<String>,
+    },
+    /// Kept because revocation was not asked for (the default): nothing this target knows of
+    /// uses it, but another target or a disk not exported now may (`keys.revoke_kek`).
+    #[serde(rename = "kept")]
+    NotRevoked {
+        /// What to do about it.
+        note: String,
     },
     /// Revoking failed; revoke it by hand.
     RevokeFailed {
@@ -368,6 +378,15 @@ pub enum RekeyRequestError {
     /// No provider of that name is configured.
     #[error("no key provider named {0:?} is configured")]
     UnknownProvider(String),
+    /// The scope names namespaces that are not registered (nothing was created or changed).
+    #[error("no encrypted namespace named {}", .0.join(", "))]
+    UnknownNamespaces(Vec<String>),
+    /// The scope is an empty list.
+    #[error("namespaces: empty list (omit it to rekey every namespace)")]
+    EmptyScope,
+    /// No namespace in scope is online, so no header could be re-wrapped (nothing was created).
+    #[error("no namespace in scope is online (locked or in error): {}", .0.join(", "))]
+    NothingOnline(Vec<String>),
     /// Creating the new KEK failed.
     #[error("creating the new KEK at {provider}: {source}")]
     CreateKek {
@@ -808,7 +827,9 @@ impl KeyManager {
     /// Shallow rekey: creates and activates a new KEK at provider `target`, re-wraps the DEK of
     /// every online namespace in `scope` under it (three durable header updates each, see
     /// [`super::shallow_rekey`]; the DEK and the crypto bdev are untouched, so I/O keeps
-    /// flowing), then revokes each replaced KEK that no registered namespace references any more.
+    /// flowing). Replaced KEKs are kept (see [`Self::shallow_rekey_with`] to revoke them).
+    /// The scope is checked first (unknown namespaces, an empty list, nothing online: refused
+    /// before any KEK is created).
     /// A `target` other than a namespace's current provider is a change of KMS cluster.
     pub fn shallow_rekey(
         &self,
@@ -816,7 +837,19 @@ impl KeyManager {
         scope: &RekeyScope,
         target: &str,
     ) -> Result<RekeyReport, RekeyRequestError> {
-        self.inner.shallow_rekey(who, scope, target)
+        self.inner.shallow_rekey(who, scope, target, false)
+    }
+
+    /// [`Self::shallow_rekey`], and with `revoke_old` also revokes each replaced KEK that
+    /// nothing this target knows of references (see [`Self::revoke_kek`]).
+    pub fn shallow_rekey_with(
+        &self,
+        who: &str,
+        scope: &RekeyScope,
+        target: &str,
+        revoke_old: bool,
+    ) -> Result<RekeyReport, RekeyRequestError> {
+        self.inner.shallow_rekey(who, scope, target, revoke_old)
     }
 }
 

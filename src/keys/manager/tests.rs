@@ -322,13 +322,14 @@ fn removed_namespace_lets_go_of_its_key_and_keeps_its_kek() {
     assert_eq!(st.kek_id.as_ref().map(KekId::as_str), Some(DEFAULT_KEK_ID));
     assert_eq!(st.header_generation, Some(1));
     // Back, it names its KEK through its live entry: the retained reference is gone, so
-    // once ns1 moves to a new KEK too, the old one is revoked.
+    // once ns1 moves to a new KEK too, the old one is revoked when that is asked for.
     assert!(lock(&m.inner.retained).is_empty());
     let report = m
-        .shallow_rekey(
+        .shallow_rekey_with(
             "test",
             &RekeyScope::Namespaces(vec!["ns1".into()]),
             LOCAL_PROVIDER,
+            true,
         )
         .expect("rekey ns1");
     assert_eq!(report.namespaces[0].result, NamespaceRekeyResult::Rekeyed);
@@ -399,18 +400,35 @@ fn local_namespace_formats_unlocks_and_rekeys() {
         .expect("rekey");
     assert_eq!(report.namespaces.len(), 1);
     assert_eq!(report.namespaces[0].result, NamespaceRekeyResult::Rekeyed);
-    assert_eq!(
-        report.old_keks,
-        [OldKek {
-            provider: LOCAL_PROVIDER.into(),
-            kek_id: KekId::new(DEFAULT_KEK_ID).expect("id"),
-            action: OldKekAction::Revoked
-        }]
+    // The old KEK is kept by default (revocation is explicit).
+    assert_eq!(report.old_keks.len(), 1);
+    assert_eq!(report.old_keks[0].kek_id.as_str(), DEFAULT_KEK_ID);
+    assert!(
+        matches!(report.old_keks[0].action, OldKekAction::NotRevoked { .. }),
+        "{report:?}"
     );
     assert_eq!(
         m.state("ns1").expect("st").kek_id,
         Some(report.new_kek_id.clone())
     );
+    // Explicitly: the new KEK is refused (ns1 uses it, and it is the provider's current KEK),
+    // the old one is revoked.
+    match m.revoke_kek("test", LOCAL_PROVIDER, &report.new_kek_id) {
+        Err(RevokeKekError::InUse { used_by, .. }) => {
+            assert!(used_by.iter().any(|u| u == "ns1"), "{used_by:?}");
+            assert!(
+                used_by.iter().any(|u| u.contains("current KEK")),
+                "{used_by:?}"
+            );
+        }
+        other => panic!("expected InUse, got {other:?}"),
+    }
+    m.revoke_kek(
+        "test",
+        LOCAL_PROVIDER,
+        &KekId::new(DEFAULT_KEK_ID).expect("id"),
+    )
+    .expect("revoke the replaced KEK");
     drop(m);
 
     // Restart: the header names the new KEK; creating is a no-op on a formatted header.

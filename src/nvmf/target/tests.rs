@@ -128,7 +128,7 @@ fn namespace_slots_add_and_remove() {
         namespaces: vec![crate::nvmf::config::NamespaceConfig {
             nsid: 2,
             bdev: "n0".into(),
-            encrypted: false,
+            encrypted: None,
         }],
         allowed_hosts: vec![],
         allow_any_host: false,
@@ -144,38 +144,35 @@ fn namespace_slots_add_and_remove() {
     assert_eq!(s.max_nsid(), 4, "NN = slots");
     let g0 = s.ns_generation();
     // Lowest free nsid first, then the next; a locked one stays offline.
+    assert_eq!(t.add_namespace(NQN, None, null("a", 512), true).unwrap(), 1);
     assert_eq!(
-        t.add_namespace(NQN, None, null("a", 512), false, true)
-            .unwrap(),
-        1
-    );
-    assert_eq!(
-        t.add_namespace(NQN, None, null("b", 4096), true, false)
-            .unwrap(),
+        t.add_namespace(NQN, None, null("b", 4096), false).unwrap(),
         3
     );
     assert!(s.ns_generation() > g0, "every change moves the generation");
     assert!(!s.namespace(3).unwrap().is_online());
+    // Whether a namespace is encrypted is the bdev's to say (issue 18 item 6): a null bdev is
+    // plaintext, the stand-in for a crypto bdev is encrypted.
+    assert!(!s.namespace(1).unwrap().encrypted);
+    assert!(!s.namespace(3).unwrap().encrypted);
     assert_eq!(s.namespace(3).unwrap().block_size, 4096);
     assert!(matches!(
-        t.add_namespace(NQN, Some(3), null("c", 512), false, true),
+        t.add_namespace(NQN, Some(3), null("c", 512), true),
         Err(TargetError::NsidInUse { nsid: 3, .. })
     ));
     assert!(matches!(
-        t.add_namespace(NQN, Some(0), null("c", 512), false, true),
+        t.add_namespace(NQN, Some(0), null("c", 512), true),
         Err(TargetError::NsidOutOfRange { nsid: 0, .. })
     ));
-    assert_eq!(
-        t.add_namespace(NQN, None, null("d", 512), false, true)
-            .unwrap(),
-        4
-    );
+    let late: Arc<dyn Bdev> = Arc::new(crate::bdev::late::LateBdev::new("d", 512, 64, 64));
+    assert_eq!(t.add_namespace(NQN, None, late, false).unwrap(), 4);
+    assert!(s.namespace(4).unwrap().encrypted);
     assert!(matches!(
-        t.add_namespace(NQN, None, null("e", 512), false, true),
+        t.add_namespace(NQN, None, null("e", 512), true),
         Err(TargetError::NoFreeNsid { max: 4, .. })
     ));
     assert!(matches!(
-        t.add_namespace(DISCOVERY_NQN, None, null("f", 512), false, true),
+        t.add_namespace(DISCOVERY_NQN, None, null("f", 512), true),
         Err(TargetError::NoSubsystem(_))
     ));
     // Removal frees the slot at once when no queue holds the namespace.
