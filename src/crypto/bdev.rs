@@ -152,7 +152,9 @@ impl Bdev for CryptoBdev {
         &self.name
     }
     fn encrypts_data(&self) -> bool {
-        true
+        // A managed namespace served in the clear (not encrypted yet, or decrypted) is keyed
+        // plaintext: say so. Control plane only (takes the keying lock).
+        !self.ctl.keying().is_plain()
     }
     fn block_size(&self) -> u32 {
         self.base.block_size()
