@@ -230,6 +230,34 @@ fn namespaces_created_and_deleted_over_the_control_socket() {
     assert_eq!(r["encrypted"], true, "{r}");
     s.wait_for("encrypted namespace online");
 
+    // A detached header path from a caller is refused (config file only), as is plaintext with
+    // create; nothing is created.
+    let hdr = d.join("caller.hdr");
+    let (code, msg) = rpc_err(
+        &sock,
+        "namespace.create",
+        json!({ "nqn": NQN, "nsid": 6, "bdevs": [
+            { "name": "raw6", "type": "malloc", "size_bytes": 6291456 },
+            { "name": "vol6", "type": "encrypted", "base": "raw6", "provider": "local",
+              "plaintext": true, "header_file": hdr }
+        ] }),
+    );
+    assert!(code == -32602 && msg.contains("header_file"), "{msg}");
+    assert!(!hdr.exists());
+    let (code, msg) = rpc_err(
+        &sock,
+        "namespace.create",
+        json!({ "nqn": NQN, "nsid": 6, "bdevs": [
+            { "name": "raw6", "type": "malloc", "size_bytes": 6291456 },
+            { "name": "vol6", "type": "encrypted", "base": "raw6", "provider": "local",
+              "plaintext": true, "create": true }
+        ] }),
+    );
+    assert!(
+        code == -32602 && msg.contains("exclude each other"),
+        "{msg}"
+    );
+
     // Errors: unknown subsystem, nsid in use, bad bdev config (names the field), name clash.
     let (code, msg) = rpc_err(
         &sock,

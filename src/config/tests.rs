@@ -324,3 +324,41 @@ fn debug_output_leaves_the_config_text_out() {
     let d = format!("{c:?}");
     assert!(!d.contains("0123456789abcdef"), "{d}");
 }
+
+#[test]
+fn plaintext_and_detached_header_options_are_checked_with_position() {
+    let head = "keys:\n  local:\n    path: /var/tmp/nvseal-t/keys\n    create: true\nbdevs:\n  - name: m\n    type: malloc\n    num_blocks: 1024\n  - name: v\n    type: encrypted\n    base: m\n    provider: local\n";
+    let e = err(&format!("{head}    create: true\n    plaintext: true\n"));
+    assert_eq!(
+        (e.path.as_str(), e.line),
+        ("bdevs[1].plaintext", Some(14)),
+        "{e}"
+    );
+    assert!(e.message.contains("exclude each other"), "{e}");
+    let e = err(&format!(
+        "{head}    plaintext: true\n    header_file: rel/v.hdr\n"
+    ));
+    assert_eq!(
+        (e.path.as_str(), e.line),
+        ("bdevs[1].header_file", Some(14)),
+        "{e}"
+    );
+    let e = err(&format!(
+        "{head}    plaintext: true\n    header_file: /var/lib/../v.hdr\n"
+    ));
+    assert_eq!(e.path, "bdevs[1].header_file", "{e}");
+    let e = err(&format!(
+        "{head}    create: true\n    header_file: /var/lib/nvseal/v.hdr\n"
+    ));
+    assert_eq!(
+        (e.path.as_str(), e.line),
+        ("bdevs[1].create", Some(13)),
+        "{e}"
+    );
+    let ok = format!("{head}    plaintext: true\n    header_file: /var/lib/nvseal/v.hdr\n");
+    let c = Config::from_yaml(&ok, "t").expect("plaintext + detached header");
+    let Some(BdevConfig::Encrypted(v)) = c.bdev("v") else {
+        panic!("no encrypted bdev")
+    };
+    assert!(v.plaintext && v.header_file.as_deref() == Some("/var/lib/nvseal/v.hdr"));
+}

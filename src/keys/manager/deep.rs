@@ -17,8 +17,8 @@
 //! When the pass completes, the new slot is active in both header copies, the journal is
 //! zeroed, the crypto bdev is keyed by the new DEK alone (the old one is wiped from memory once
 //! the pass thread and the channels have let go of it: each channel drops its cached keying on
-//! its next poll) and the old KEK, if the rekey moved to another, is revoked unless another
-//! namespace still uses it (as after a shallow rekey).
+//! its next poll) and the old KEK, if the rekey moved to another, is kept and reported: it is
+//! revoked only on request (`keys.revoke_kek`, refused while anything references it).
 
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -190,7 +190,7 @@ pub(super) struct DeepRun {
     pub(super) data_blocks: u64,
     pub(super) unit: u32,
     pub(super) new_kek: KekRef,
-    /// The KEK of the data above the watermark (revoked at the end if no one else uses it).
+    /// The KEK of the data above the watermark (reported at the end; revoked only on request).
     pub(super) old_kek: KekRef,
     /// When this run of the pass started, and `bytes_done` then.
     pub(super) run_started: Instant,
