@@ -54,7 +54,14 @@ impl BdevChannel for CountingChannel {
                 std::hint::spin_loop();
             }
         }
-        self.inner.poll(done)
+        // Hand over only what completed before the spin: an I/O the caller submits from `done`
+        // must wait for the next poll (and its spin), not complete within this one.
+        let mut got = Vec::new();
+        let n = self.inner.poll(&mut |io| got.push(io));
+        for io in got {
+            done(io);
+        }
+        n
     }
     fn in_flight(&self) -> usize {
         self.inner.in_flight()
