@@ -46,7 +46,8 @@ pub struct BundleContents {
     /// Log files to include (their newest `max_log_bytes` each). A missing or unreadable
     /// file is noted in the manifest instead of failing the bundle.
     pub logs: Vec<PathBuf>,
-    /// A stats snapshot (as `nvseal rpc stats` returns it).
+    /// What the running target answered, by method (`nvseal bundle --socket`: health, running
+    /// config, subsystems, key and KMS state, every `stats.*` family).
     pub stats: Value,
     /// Versions of the software and the machine.
     pub versions: Versions,

@@ -16,7 +16,7 @@ use serde::Serialize;
 use super::{lock, AuditSink};
 
 /// Appends one JSON object per line to a file, made durable with `fdatasync` per record:
-/// `{"time":"2026-11-28T01:02:03.456Z","unix_ms":…,"who":…,"op":…,"target":…,"result":…}`.
+/// `{"ts":"2026-11-28T01:02:03.456Z","ts_unix_ms":…,"who":…,"op":…,"target":…,"result":…}`.
 pub struct FileAuditSink {
     path: PathBuf,
     file: Mutex<File>,
@@ -40,8 +40,10 @@ impl FileAuditSink {
 
 #[derive(Serialize)]
 struct AuditLine<'a> {
-    time: String,
-    unix_ms: u64,
+    /// Same field names as the control socket's audit log (`crate::audit::JsonlAuditSink`):
+    /// one record format whichever sink writes it.
+    ts: String,
+    ts_unix_ms: u64,
     who: &'a str,
     op: &'a str,
     target: &'a str,
@@ -52,8 +54,8 @@ impl AuditSink for FileAuditSink {
     fn record(&self, who: &str, op: &str, target: &str, result: &str) {
         let unix_ms = unix_ms();
         let line = AuditLine {
-            time: rfc3339_utc(unix_ms),
-            unix_ms,
+            ts: rfc3339_utc(unix_ms),
+            ts_unix_ms: unix_ms,
             who,
             op,
             target,

@@ -81,8 +81,8 @@ fn file_audit_sink_writes_one_json_line_per_event() {
     assert_eq!(lines[0]["who"], "uid:1000");
     assert_eq!(lines[0]["op"], "rekey");
     assert_eq!(lines[1]["target"], "ns\"2");
-    assert!(lines[1]["time"].as_str().expect("time").ends_with('Z'));
-    assert!(lines[1]["unix_ms"].as_u64().expect("ms") > 0);
+    assert!(lines[1]["ts"].as_str().expect("ts").ends_with('Z'));
+    assert!(lines[1]["ts_unix_ms"].as_u64().expect("ms") > 0);
 }
 
 /// Keys config with only the local provider, its key file in `dir`.
