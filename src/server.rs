@@ -401,6 +401,7 @@ impl Server {
                     let Some((l, exports)) = lock(&late).get(ns_id).cloned() else {
                         return;
                     };
+                    let bdev_encrypts = bdev.encrypts_data();
                     if !l.is_bound() {
                         if let Err(e) = l.bind(bdev) {
                             tracing::error!(bdev = ns_id, "cannot bring the namespace online: {e}");
@@ -412,7 +413,13 @@ impl Server {
                             tracing::error!(bdev = ns_id, nqn, nsid, "{e}");
                         }
                     }
-                    tracing::info!(bdev = ns_id, "encrypted namespace online");
+                    if bdev_encrypts {
+                        tracing::info!(bdev = ns_id, "encrypted namespace online");
+                    } else {
+                        // A managed namespace served in the clear (`plaintext: true`, or
+                        // decrypted): never logged as encrypted.
+                        tracing::info!(bdev = ns_id, "plaintext managed namespace online");
+                    }
                 });
             let max_tier = cfg.crypto.max_tier.as_deref().and_then(|t| t.parse().ok());
             // A deep-rekey pass does its data I/O on a reactor (the one a stable hash of the

@@ -270,7 +270,7 @@ fn harness(bs: u32, default_kills: u64, seed: u64, ops: Ops) {
     {
         let mut s = Serve::start(&cfg);
         let addr = addr_of(&s.wait_for("NVMe/TCP listening"));
-        s.wait_for("encrypted namespace online");
+        s.wait_for("namespace online");
         let (_a, mut q) = connect_io(addr).expect("connect");
         for lba in 0..blocks {
             m.gen += 1;
@@ -309,7 +309,7 @@ fn harness(bs: u32, default_kills: u64, seed: u64, ops: Ops) {
         let up = s
             .try_wait_for("NVMe/TCP listening", t)
             .map(|l| addr_of(&l))
-            .filter(|_| s.try_wait_for("encrypted namespace online", t).is_some());
+            .filter(|_| s.try_wait_for("namespace online", t).is_some());
         let conn = up.and_then(connect_io);
         let checked = conn.map(|(a, mut q)| {
             let l = verify(&mut q, &mut m, bs);

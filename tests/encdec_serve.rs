@@ -91,7 +91,7 @@ fn config(d: &Path, backing: Backing, bs: u32) -> PathBuf {
 fn start(cfg: &Path) -> (Serve, std::net::SocketAddr) {
     let mut s = Serve::start(cfg);
     let addr = addr_of(&s.wait_for("NVMe/TCP listening"));
-    s.wait_for("encrypted namespace online");
+    s.wait_for("namespace online");
     s.wait_for("control socket listening");
     common::pass::wait_online(&cfg.parent().unwrap().join("rpc.sock"), "vol");
     (s, addr)
@@ -157,6 +157,13 @@ fn case(backing: Backing, bs: u32) {
         data_bytes: DATA_BYTES,
     };
     assert_eq!(data_state(&sock), "plaintext");
+    assert!(
+        s.log
+            .iter()
+            .any(|l| l.contains("plaintext managed namespace online")),
+        "a plaintext namespace must not be logged as encrypted:\n{}",
+        s.log.join("\n")
+    );
 
     // Bad requests first: nothing starts, nothing is written.
     let (code, msg) = rpc_err(&sock, "namespace.decrypt", json!({ "namespace": "vol" }));
