@@ -133,8 +133,11 @@ fn completions_are_stamped_when_delivered() {
     set.shutdown();
     assert_eq!(res.stats.total_ios(), 20);
     let min_ns = res.stats.data_latency().min();
+    // Half the spin: latencies come from the cycle counter, whose calibration on a loaded
+    // machine may be off by a few percent; a completion stamped before the poll would read as
+    // microseconds, far below either bound.
     assert!(
-        min_ns >= spin.as_nanos() as u64,
+        min_ns >= spin.as_nanos() as u64 / 2,
         "every I/O waited {spin:?} in the poll that delivered it, yet the fastest took {min_ns} ns"
     );
 }
