@@ -87,6 +87,18 @@ pub struct CryptoBdev {
     allow_discards: bool,
 }
 
+/// A crypto bdev's data unit is its base's block: a whole number of AES blocks.
+fn check_block_size(name: &str, base: &dyn Bdev) -> Result<(), BdevError> {
+    let bs = base.block_size();
+    if bs == 0 || !bs.is_multiple_of(16) {
+        return Err(BdevError::Invalid {
+            name: name.to_string(),
+            what: format!("base block size {bs} is not a multiple of the AES block (16 bytes)"),
+        });
+    }
+    Ok(())
+}
+
 impl CryptoBdev {
     pub fn new(
         name: &str,
@@ -94,13 +106,7 @@ impl CryptoBdev {
         key: DataKey,
         allow_discards: bool,
     ) -> Result<Self, BdevError> {
-        let bs = base.block_size();
-        if bs == 0 || !bs.is_multiple_of(16) {
-            return Err(BdevError::Invalid {
-                name: name.to_string(),
-                what: format!("base block size {bs} is not a multiple of the AES block (16 bytes)"),
-            });
-        }
+        check_block_size(name, base.as_ref())?;
         Ok(CryptoBdev {
             name: name.to_string(),
             base,
@@ -118,13 +124,7 @@ impl CryptoBdev {
         tier: Tier,
         allow_discards: bool,
     ) -> Result<Self, BdevError> {
-        let bs = base.block_size();
-        if bs == 0 || !bs.is_multiple_of(16) {
-            return Err(BdevError::Invalid {
-                name: name.to_string(),
-                what: format!("base block size {bs} is not a multiple of the AES block (16 bytes)"),
-            });
-        }
+        check_block_size(name, base.as_ref())?;
         Ok(CryptoBdev {
             name: name.to_string(),
             base,

@@ -241,6 +241,23 @@ impl DeepRun {
     }
 }
 
+/// Refuses to start a pass over a header that records one (or an unfinished shallow rekey):
+/// what deep rekey and decrypt both start from is a header with no rekey in progress.
+pub(super) fn refuse_unless_settled(ns_id: &str, rekey: &RekeyState) -> Result<(), DeepRekeyError> {
+    let what = match rekey {
+        RekeyState::None => return Ok(()),
+        RekeyState::Deep(_) => "a deep rekey is already in progress",
+        RekeyState::Convert(_) => "an encrypt/decrypt pass is in progress",
+        RekeyState::Shallow { .. } => {
+            "a shallow rekey was interrupted; rerun rekey.shallow to finish it first"
+        }
+    };
+    Err(DeepRekeyError::Busy {
+        ns_id: ns_id.to_owned(),
+        what: what.to_owned(),
+    })
+}
+
 /// Checks a requested rate: absent = unlimited (0).
 pub(super) fn check_rate(rate: Option<u64>) -> Result<u64, DeepRekeyError> {
     match rate {
@@ -419,16 +436,7 @@ impl Inner {
         };
         let mut g = lock(&io);
         let stored = store::read_header(&mut **g).map_err(|e| failed(e.to_string()))?;
-        match &stored.header.rekey {
-            RekeyState::None => {}
-            RekeyState::Deep(_) => return Err(busy("a deep rekey is already in progress")),
-            RekeyState::Convert(_) => return Err(busy("an encrypt/decrypt pass is in progress")),
-            RekeyState::Shallow { .. } => {
-                return Err(busy(
-                    "a shallow rekey was interrupted; rerun rekey.shallow to finish it first",
-                ))
-            }
-        }
+        refuse_unless_settled(ns_id, &stored.header.rekey)?;
         let old_slot = self
             .provider_for_slot(&stored.header.active)
             .map_err(failed)?

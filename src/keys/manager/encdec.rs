@@ -18,13 +18,16 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::deep::{check_rate, data_key, DeepRekeyError, DeepRekeyStatus, DeepRun, DeepState};
+use super::deep::{
+    check_rate, data_key, refuse_unless_settled, DeepRekeyError, DeepRekeyStatus, DeepRun,
+    DeepState,
+};
 use super::{lock, Inner, KeyManager, PassOp};
 use crate::bdev::Bdev;
 use crate::crypto::keymap::Keying;
 use crate::keys::convert;
 use crate::keys::deep::PassControl;
-use crate::keys::header::{AnyHeader, KeySlot, RekeyState, METADATA_REGION_BYTES};
+use crate::keys::header::{AnyHeader, KeySlot, METADATA_REGION_BYTES};
 use crate::keys::header_io::FileHeaderIo;
 use crate::keys::store::{self, HeaderIo, StoreError, Stored};
 use crate::keys::wrap::Dek;
@@ -301,16 +304,7 @@ impl Inner {
         };
         let mut g = lock(&io);
         let stored = store::read_header(&mut **g).map_err(|e| failed(e.to_string()))?;
-        match &stored.header.rekey {
-            RekeyState::None => {}
-            RekeyState::Deep(_) => return Err(busy("a deep rekey is in progress")),
-            RekeyState::Convert(_) => return Err(busy("an encrypt/decrypt pass is in progress")),
-            RekeyState::Shallow { .. } => {
-                return Err(busy(
-                    "a shallow rekey was interrupted; rerun rekey.shallow to finish it first",
-                ))
-            }
-        }
+        refuse_unless_settled(ns_id, &stored.header.rekey)?;
         let seg = convert::default_segment_blocks(stored.header.data_unit.bytes());
         let begun = convert::begin_decrypt(&mut **g, &stored, seg, now_unix_s())
             .map_err(|e| failed(e.to_string()))?;
