@@ -1,25 +1,31 @@
 //! Re-encrypting a namespace's data area in place, crash-safe at every instant: the durable side
 //! of a deep rekey, and of encrypting or decrypting a namespace that holds data
 //! (docs/lifecycle.md §2–§4, §7 and docs/on-disk-format.md §7–§8).
-//! This file stays whole (about 1,050 lines; tests in `convert/tests.rs` and
+//! This file stays whole (about 1,350 lines; tests in `convert/tests.rs` and
 //! `convert/encdec_tests.rs`): the steps, the journal record and the recovery form one
 //! crash-safety argument that must be checked in one place.
 //!
 //! The data area is keyed in two parts split at the header's watermark: data units below it
-//! under the new key, the others under the old one. The pass moves the watermark one segment at
-//! a time; each [`step`] is:
-//! 1. read the segment at the watermark (its current on-disk bytes);
-//! 2. write them to the journal in the metadata region with a record naming the segment and a
-//!    CRC-32C of the bytes (record version 2; version 1 records carry a SHA-256), then flush;
-//! 3. transform them in memory (decrypt with the old key, encrypt with the new one);
-//! 4. write them back and make them durable;
+//! under the new key, the others under the old one. The pass moves the watermark one step at a
+//! time (at most a segment); each [`step`] is:
+//! 1. read the step's data units at the watermark (their current on-disk bytes);
+//! 2. convert them in memory (decrypt with the old key, encrypt with the new one), noting each
+//!    unit's CRC-32C before and after ([`DataIo::read_converted`]: online, on the reactor that
+//!    read them, in the I/O's own buffers);
+//! 3. write the table of checksum pairs to the journal in the metadata region with a record
+//!    naming the step's units and a CRC-32C of the table (record version 3), then flush; if a
+//!    unit's two forms share a CRC, journal the bytes themselves instead (version 2);
+//! 4. write the converted units back and make them durable;
 //! 5. advance the watermark with one durable header update.
 //!
 //! [`recover`] runs before a converting namespace is used again: a valid journal record for the
-//! segment at the header's watermark means step 4 may have been cut short, so the journaled bytes
-//! are written back, and the segment is again entirely in its pre-step state; any other record
-//! (torn, or for a segment the watermark has already passed) is ignored, because the segment it
-//! names was either never touched or is now owned by the new key and may hold newer host writes.
+//! step at the header's watermark means step 4 may have been cut short; each unit then reads back
+//! as its old or its new form (the device writes a data unit atomically), told apart by the
+//! checksums, and the converted ones are converted back (version 3), or the journaled bytes are
+//! written back (versions 1–2), so the zone is again entirely in its pre-step state. Any other
+//! record (torn, or for units the watermark has already passed) is ignored, because the units it
+//! names were either never touched or are now owned by the new key and may hold newer host
+//! writes.
 //!
 //! Host I/O to the segment being converted (the *hot zone*) is kept out by the caller (the
 //! online pass, docs/lifecycle.md §1) from before step 1 until the watermark is published after
@@ -40,7 +46,9 @@ use super::header::{
 };
 use super::header_io::FileHeaderIo;
 use super::store::{self, HeaderIo, NotBlank, StoreError, Stored, StoredAny};
-use crate::crypto::xts::Xts;
+use crate::bdev::IoBuf;
+use crate::crypto::bdev::DataKey;
+use crate::sys::buf::AlignedBuf;
 
 /// Magic of a journal record header.
 pub const JOURNAL_MAGIC: [u8; 8] = *b"NVSEALJR";
@@ -320,6 +328,147 @@ pub trait DataIo {
     fn read_blocks(&mut self, lba: u64, buf: &mut [u8]) -> io::Result<()>;
     /// Writes whole data units at `lba` and returns once they are durable.
     fn write_blocks_durable(&mut self, lba: u64, buf: &[u8]) -> io::Result<()>;
+
+    /// Steps 1–2 of a [`step`]: reads `units` data units of `unit` bytes at `lba` and converts
+    /// them with `keys` ([`convert_units`]), returning the converted bytes and each unit's
+    /// checksums. The default reads into one buffer and converts on the calling thread; the
+    /// online pass's [`crate::keys::deep::ReactorDataIo`] converts each I/O's buffer on the
+    /// reactor that read it, as the crypto bdev does with host I/O, and hands back the buffers
+    /// themselves (no copy).
+    fn read_converted(
+        &mut self,
+        lba: u64,
+        units: u32,
+        unit: usize,
+        keys: &Keys,
+    ) -> io::Result<Converted> {
+        read_converted_here(self, lba, units, unit, keys)
+    }
+
+    /// Writes the first `len` bytes of `seg` (whole units; `seg` as [`DataIo::read_converted`]
+    /// returned it for `lba`) and returns once they are durable. `seg` keeps its bytes.
+    fn write_converted_durable(
+        &mut self,
+        lba: u64,
+        seg: &mut Converted,
+        len: usize,
+        unit: usize,
+    ) -> io::Result<()> {
+        write_converted_here(self, lba, seg, len, unit)
+    }
+
+    /// Takes back a segment's buffers once its step is done (for reuse).
+    fn recycle(&mut self, seg: Converted) {
+        drop(seg);
+    }
+}
+
+/// A step's segment after [`DataIo::read_converted`]: its bytes in the new keying, in the I/O
+/// path's buffers (in order, back to back), and per data unit the CRC-32C of its bytes before and
+/// after the conversion.
+pub struct Converted {
+    pub bufs: Vec<IoBuf>,
+    pub before: Vec<u32>,
+    pub after: Vec<u32>,
+}
+
+/// Sizes only: the bytes are a namespace's data.
+impl std::fmt::Debug for Converted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Converted")
+            .field("bufs", &self.bufs.len())
+            .field("bytes", &self.len())
+            .field("units", &self.before.len())
+            .finish()
+    }
+}
+
+impl Converted {
+    /// Bytes held.
+    pub fn len(&self) -> usize {
+        self.bufs.iter().map(IoBuf::len).sum()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The default [`DataIo::read_converted`]: one buffer, converted on the calling thread.
+pub fn read_converted_here<D: DataIo + ?Sized>(
+    d: &mut D,
+    lba: u64,
+    units: u32,
+    unit: usize,
+    keys: &Keys,
+) -> io::Result<Converted> {
+    let len = units as usize * unit;
+    let mem = AlignedBuf::zeroed(len.max(1), 64)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::OutOfMemory, "conversion step buffer"))?;
+    let mut b = IoBuf::new(mem, len);
+    d.read_blocks(lba, b.as_mut_slice())?;
+    let (mut before, mut after) = (Vec::new(), Vec::new());
+    convert_units(b.as_mut_slice(), unit, lba, keys, &mut before, &mut after);
+    Ok(Converted {
+        bufs: vec![b],
+        before,
+        after,
+    })
+}
+
+/// The default [`DataIo::write_converted_durable`]: each buffer with
+/// [`DataIo::write_blocks_durable`].
+pub fn write_converted_here<D: DataIo + ?Sized>(
+    d: &mut D,
+    lba: u64,
+    seg: &Converted,
+    len: usize,
+    unit: usize,
+) -> io::Result<()> {
+    if len > seg.len() || !len.is_multiple_of(unit.max(1)) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "write of more than the segment holds, or not whole units",
+        ));
+    }
+    let mut off = 0usize;
+    for b in &seg.bufs {
+        if off >= len {
+            break;
+        }
+        let n = b.len().min(len - off);
+        d.write_blocks_durable(lba + (off / unit.max(1)) as u64, &b.as_slice()[..n])?;
+        off += n;
+    }
+    Ok(())
+}
+
+/// Bytes [`convert_units`] checksums and converts at a time: small enough that they are still
+/// in the L1 cache for the second checksum.
+const CONVERT_SLICE_BYTES: usize = 16 << 10;
+
+/// Converts `seg` (whole data units of `unit` bytes, the first one at `lba`) from the old keying
+/// to the new one in place (decrypt with `keys.above`, encrypt with `keys.below`, tweak = the
+/// unit's LBA) and appends each unit's CRC-32C before and after to `before` and `after`. Works
+/// through the segment a few units at a time, so each byte is read from memory once.
+pub fn convert_units(
+    seg: &mut [u8],
+    unit: usize,
+    lba: u64,
+    keys: &Keys,
+    before: &mut Vec<u32>,
+    after: &mut Vec<u32>,
+) {
+    let unit = unit.max(1);
+    let slice = (CONVERT_SLICE_BYTES / unit).max(1) * unit;
+    before.reserve(seg.len() / unit);
+    after.reserve(seg.len() / unit);
+    let mut at = lba;
+    for part in seg.chunks_mut(slice) {
+        before.extend(part.chunks(unit).map(crc32c::crc32c));
+        transform(part, unit, at, keys);
+        after.extend(part.chunks(unit).map(crc32c::crc32c));
+        at += (part.len() / unit) as u64;
+    }
 }
 
 /// A whole device (metadata region and data area) behind one [`HeaderIo`]: the header and
@@ -435,9 +584,10 @@ impl<H: HeaderIo + ?Sized, D: HeaderIo + ?Sized> DataIo for DetachedDevice<'_, H
 
 /// The two keys of a conversion: `below` for data units under the watermark, `above` for the
 /// others (`None` = plaintext, for encrypt/decrypt).
-pub struct Keys<'a> {
-    pub below: Option<&'a Xts>,
-    pub above: Option<&'a Xts>,
+#[derive(Clone, Default)]
+pub struct Keys {
+    pub below: Option<DataKey>,
+    pub above: Option<DataKey>,
 }
 
 /// The deep rekey state of a header, or [`ConvertError::NotConverting`].
@@ -763,7 +913,7 @@ pub fn segment_from(watermark: u64, segment_blocks: u32, data_blocks: u64) -> (u
 
 /// Refuses keys that do not fit the pass (a plaintext side given a key, or a keyed side none):
 /// transforming with them would write data no header describes.
-fn check_keys(h: &Header, keys: &Keys<'_>) -> Result<(), ConvertError> {
+fn check_keys(h: &Header, keys: &Keys) -> Result<(), ConvertError> {
     let (below, above) = (keys.below.is_some(), keys.above.is_some());
     let ok = match &h.rekey {
         RekeyState::Deep(_) => below && above,
@@ -787,17 +937,15 @@ fn check_keys(h: &Header, keys: &Keys<'_>) -> Result<(), ConvertError> {
     }
 }
 
-/// Converts the segment at the watermark (module docs, steps 1–5). `buf` is scratch, resized as
-/// needed. On `Err` the header still describes the device correctly: rerun [`recover`] and step
-/// again.
+/// Converts the segment at the watermark (module docs, steps 1–5). On `Err` the header still
+/// describes the device correctly: rerun [`recover`] and step again.
 pub fn step<I: HeaderIo + DataIo + ?Sized>(
     io: &mut I,
     current: &Stored,
-    keys: &Keys<'_>,
-    buf: &mut Vec<u8>,
+    keys: &Keys,
     now_unix_s: u64,
 ) -> Result<Step, ConvertError> {
-    step_limited(io, current, keys, buf, now_unix_s, u64::MAX)
+    step_limited(io, current, keys, now_unix_s, u64::MAX)
 }
 
 /// [`step`] over at most `max_units` data units (the caller fences off only that much; a rate
@@ -813,8 +961,7 @@ pub fn step<I: HeaderIo + DataIo + ?Sized>(
 pub fn step_limited<I: HeaderIo + DataIo + ?Sized>(
     io: &mut I,
     current: &Stored,
-    keys: &Keys<'_>,
-    buf: &mut Vec<u8>,
+    keys: &Keys,
     now_unix_s: u64,
     max_units: u64,
 ) -> Result<Step, ConvertError> {
@@ -829,16 +976,15 @@ pub fn step_limited<I: HeaderIo + DataIo + ?Sized>(
     }
     let unit = h.data_unit.bytes();
     let u = unit as usize;
-    let bytes = len as usize * u;
-    buf.resize(bytes, 0);
-    let seg = &mut buf[..bytes];
-    // 1. The segment's current bytes, and their checksums.
-    io.read_blocks(start, seg)?;
-    let before: Vec<u32> = seg.chunks(u).map(crc32c::crc32c).collect();
-    // 2. Transform: old keying → new keying, per data unit with tweak = LBA.
-    transform(seg, u, start, keys);
-    let after: Vec<u32> = seg.chunks(u).map(crc32c::crc32c).collect();
-    let len = if before.iter().zip(&after).any(|(a, b)| a == b) || force_data_journal() {
+    // 1–2. The segment's current bytes, converted (old keying → new keying, per data unit with
+    //      tweak = LBA), and each unit's checksums before and after.
+    let mut seg = io.read_converted(start, len, u, keys)?;
+    if seg.len() != len as usize * u || seg.before.len() != len as usize {
+        return Err(ConvertError::Io(io::Error::other(
+            "the data I/O returned a segment of the wrong size",
+        )));
+    }
+    let len = if seg.before.iter().zip(&seg.after).any(|(a, b)| a == b) || force_data_journal() {
         // A unit whose two forms share a CRC: journal the bytes (they are still on the device).
         let n = (u64::from(len).min(max_segment_blocks(unit))) as u32;
         let mut orig = vec![0u8; n as usize * u];
@@ -858,7 +1004,7 @@ pub fn step_limited<I: HeaderIo + DataIo + ?Sized>(
         // 3. Journal the checksum table, then the record naming it; one flush covers both (a
         //    torn write of either fails the record's checks, and recovery then ignores it).
         let mut table = Vec::with_capacity(padded(len as usize * CHECKSUM_PAIR_BYTES as usize));
-        for (a, b) in before.iter().zip(&after) {
+        for (a, b) in seg.before.iter().zip(&seg.after) {
             table.extend_from_slice(&a.to_le_bytes());
             table.extend_from_slice(&b.to_le_bytes());
         }
@@ -877,15 +1023,16 @@ pub fn step_limited<I: HeaderIo + DataIo + ?Sized>(
     };
     io.flush()?;
     crashpoint::hit("journal-flushed");
-    let seg = &buf[..len as usize * u];
+    let bytes = len as usize * u;
     // 4. Write back, durable.
     if crashpoint::is_armed("segment-half") && len > 1 {
         // Crash tests: half the segment on the device, then the crash point.
         let half = (len / 2) as usize * u;
-        io.write_blocks_durable(start, &seg[..half])?;
+        io.write_converted_durable(start, &mut seg, half, u)?;
         crashpoint::hit("segment-half");
     }
-    io.write_blocks_durable(start, seg)?;
+    io.write_converted_durable(start, &mut seg, bytes, u)?;
+    io.recycle(seg);
     crashpoint::hit("segment-written");
     // 5. Advance the watermark.
     let mut next = h.clone();
@@ -923,23 +1070,23 @@ fn padded(n: usize) -> usize {
 
 /// Decrypts `seg` (units starting at `lba`) with `keys.above`, then encrypts it with
 /// `keys.below`.
-fn transform(seg: &mut [u8], unit: usize, lba: u64, keys: &Keys<'_>) {
+fn transform(seg: &mut [u8], unit: usize, lba: u64, keys: &Keys) {
     // Lengths are whole units by construction (len × unit), so these cannot fail.
-    if let Some(k) = keys.above {
-        let _ = k.decrypt_units(seg, unit, lba);
+    if let Some(k) = &keys.above {
+        let _ = k.xts().decrypt_units(seg, unit, lba);
     }
-    if let Some(k) = keys.below {
-        let _ = k.encrypt_units(seg, unit, lba);
+    if let Some(k) = &keys.below {
+        let _ = k.xts().encrypt_units(seg, unit, lba);
     }
 }
 
 /// The inverse of [`transform`]: back from the new keying to the old one.
-fn untransform(seg: &mut [u8], unit: usize, lba: u64, keys: &Keys<'_>) {
-    if let Some(k) = keys.below {
-        let _ = k.decrypt_units(seg, unit, lba);
+fn untransform(seg: &mut [u8], unit: usize, lba: u64, keys: &Keys) {
+    if let Some(k) = &keys.below {
+        let _ = k.xts().decrypt_units(seg, unit, lba);
     }
-    if let Some(k) = keys.above {
-        let _ = k.encrypt_units(seg, unit, lba);
+    if let Some(k) = &keys.above {
+        let _ = k.xts().encrypt_units(seg, unit, lba);
     }
 }
 
@@ -960,7 +1107,7 @@ pub enum Recovery {
 pub fn recover<I: HeaderIo + DataIo + ?Sized>(
     io: &mut I,
     current: &Stored,
-    keys: &Keys<'_>,
+    keys: &Keys,
 ) -> Result<Recovery, ConvertError> {
     let h = &current.header;
     let Some(id) = ConversionId::of(h) else {

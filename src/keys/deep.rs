@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::convert::{self, ConvertError, DataIo, Keys, Step};
+use super::convert::{self, ConvertError, Converted, DataIo, Keys, Step};
 use super::store::{HeaderIo, Stored, StoredAny};
 use crate::bdev::{Bdev, BdevIo, IoBuf, IoStatus, IoType};
 use crate::crypto::bdev::DataKey;
@@ -129,6 +129,27 @@ impl DataIo for NamespaceIo<'_> {
     fn write_blocks_durable(&mut self, lba: u64, buf: &[u8]) -> io::Result<()> {
         self.data.write_blocks_durable(lba, buf)
     }
+    fn read_converted(
+        &mut self,
+        lba: u64,
+        units: u32,
+        unit: usize,
+        keys: &Keys,
+    ) -> io::Result<Converted> {
+        self.data.read_converted(lba, units, unit, keys)
+    }
+    fn write_converted_durable(
+        &mut self,
+        lba: u64,
+        seg: &mut Converted,
+        len: usize,
+        unit: usize,
+    ) -> io::Result<()> {
+        self.data.write_converted_durable(lba, seg, len, unit)
+    }
+    fn recycle(&mut self, seg: Converted) {
+        self.data.recycle(seg);
+    }
 }
 
 /// Runs (or resumes) the deep rekey whose state `current` holds, on `ctl`'s bdev keyed
@@ -178,10 +199,9 @@ pub fn run_any(
     control.watermark.store(watermark, Ordering::Relaxed);
     let unit = u64::from(current.header.data_unit.bytes());
     let keys = Keys {
-        below: below.map(DataKey::xts),
-        above: above.map(DataKey::xts),
+        below: below.cloned(),
+        above: above.cloned(),
     };
-    let mut buf = Vec::new();
     let started = Instant::now();
     let mut bytes = 0u64;
     loop {
@@ -197,7 +217,7 @@ pub fn run_any(
         ctl.make_hot_for(units, GRACE_TIMEOUT).inspect_err(|_| {
             let _ = ctl.cool();
         })?;
-        match convert::step_limited(io, &current, &keys, &mut buf, now_unix_s(), units) {
+        match convert::step_limited(io, &current, &keys, now_unix_s(), units) {
             Ok(Step::Advanced(next)) => {
                 let (w, _) = convert::progress(&next.header)?;
                 ctl.advance(w)?;

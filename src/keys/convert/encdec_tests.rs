@@ -12,6 +12,7 @@ use std::rc::Rc;
 use openssl::symm::{Cipher, Crypter, Mode};
 
 use super::*;
+use crate::crypto::bdev::DataKey;
 use crate::crypto::key::XtsKey;
 use crate::keys::header::tests::{sample, slot};
 use crate::keys::header::{DataUnit, Detached};
@@ -31,8 +32,8 @@ fn dek_bytes() -> [u8; 64] {
     k
 }
 
-fn dek() -> Xts {
-    Xts::new(&XtsKey::from_bytes(&dek_bytes()).unwrap(), None).unwrap()
+fn dek() -> DataKey {
+    DataKey::new(&XtsKey::from_bytes(&dek_bytes()).unwrap(), None).unwrap()
 }
 
 /// dm-crypt aes-xts-plain64 with OpenSSL: tweak = LBA, 64-bit little endian.
@@ -153,7 +154,7 @@ fn setup(unit: DataUnit, blocks: u64, place: Place, start: Start) -> Setup {
     for lba in 0..blocks {
         let mut b = plain(lba, 0, u);
         if start == Start::Encrypted {
-            dek().encrypt_units(&mut b, u, lba).unwrap();
+            dek().xts().encrypt_units(&mut b, u, lba).unwrap();
         }
         data.extend_from_slice(&b);
     }
@@ -229,7 +230,7 @@ fn host_write(
     };
     let mut b = plain(lba, v, s.unit);
     if encrypted {
-        dek().encrypt_units(&mut b, s.unit, lba).unwrap();
+        dek().xts().encrypt_units(&mut b, s.unit, lba).unwrap();
     }
     if let Err(e) = d.write_blocks_durable(lba, &b) {
         model.0[lba as usize].clear();
@@ -273,21 +274,20 @@ fn drive(s: &Setup, model: &mut Model, writes: &mut u32) -> Result<(), ConvertEr
         let keys = match s.direction {
             Direction::Decrypt => Keys {
                 below: None,
-                above: Some(&k),
+                above: Some(k.clone()),
             },
             Direction::Encrypt => Keys {
-                below: Some(&k),
+                below: Some(k.clone()),
                 above: None,
             },
         };
         recover(d, &cur, &keys)?;
         let mut cur = cur;
-        let mut buf = Vec::new();
         loop {
             *writes += 1;
             let lba = u64::from(*writes).wrapping_mul(7) % s.blocks;
             host_write(d, s, &cur, lba, *writes, model)?;
-            match step(d, &cur, &keys, &mut buf, NOW)? {
+            match step(d, &cur, &keys, NOW)? {
                 Step::Advanced(next) => cur = *next,
                 Step::Complete => break,
             }
@@ -505,12 +505,12 @@ fn wrong_calls_are_refused_and_write_nothing() {
         let k = dek();
         for keys in [
             Keys {
-                below: Some(&k),
+                below: Some(k.clone()),
                 above: None,
             },
             Keys {
-                below: Some(&k),
-                above: Some(&k),
+                below: Some(k.clone()),
+                above: Some(k.clone()),
             },
             Keys {
                 below: None,
@@ -518,7 +518,7 @@ fn wrong_calls_are_refused_and_write_nothing() {
             },
         ] {
             assert!(matches!(
-                step(d, &cur, &keys, &mut Vec::new(), NOW),
+                step(d, &cur, &keys, NOW),
                 Err(ConvertError::WrongKeys(_))
             ));
         }
@@ -673,10 +673,10 @@ fn state_survives_a_restart_and_is_named() {
         let cur = begin_encrypt(d, &any, slot("dek-kek", 6), SEG, NOW).unwrap();
         let k = dek();
         let keys = Keys {
-            below: Some(&k),
+            below: Some(k.clone()),
             above: None,
         };
-        step(d, &cur, &keys, &mut Vec::new(), NOW).unwrap();
+        step(d, &cur, &keys, NOW).unwrap();
     });
     with_dev(&s, |d| {
         let any = store::read_any(d).unwrap();

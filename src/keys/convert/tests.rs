@@ -2,6 +2,7 @@
 //! (and a torn write) at every operation of a pass with host writes between its steps.
 
 use super::*;
+use crate::crypto::bdev::DataKey;
 use crate::crypto::key::XtsKey;
 use crate::keys::header::tests::{sample, slot};
 use crate::keys::header::DataUnit;
@@ -10,12 +11,12 @@ use std::collections::BTreeSet;
 
 const NOW: u64 = 1_800_000_000;
 
-fn xts(seed: u8) -> Xts {
+fn xts(seed: u8) -> DataKey {
     let mut k = [0u8; 64];
     for (i, b) in k.iter_mut().enumerate() {
         *b = seed.wrapping_mul(31).wrapping_add(i as u8);
     }
-    Xts::new(&XtsKey::from_bytes(&k).unwrap(), None).unwrap()
+    DataKey::new(&XtsKey::from_bytes(&k).unwrap(), None).unwrap()
 }
 
 /// Plaintext of data unit `lba` in version `v` (0 = as formatted).
@@ -28,8 +29,8 @@ fn plain(lba: u64, v: u32, unit: usize) -> Vec<u8> {
 struct Setup {
     io: MemIo,
     stored: Stored,
-    old: Xts,
-    new: Xts,
+    old: DataKey,
+    new: DataKey,
     unit: usize,
     blocks: u64,
 }
@@ -49,7 +50,7 @@ fn setup(unit: DataUnit, blocks: u64) -> Setup {
     let mut data = Vec::new();
     for lba in 0..blocks {
         let mut b = plain(lba, 0, u);
-        old.encrypt_units(&mut b, u, lba).unwrap();
+        old.xts().encrypt_units(&mut b, u, lba).unwrap();
         data.extend_from_slice(&b);
     }
     io.write_at(METADATA_REGION_BYTES, &data).unwrap();
@@ -99,7 +100,7 @@ fn host_write(
     };
     let mut b = plain(lba, v, s.unit);
     let k = if below { &s.new } else { &s.old };
-    k.encrypt_units(&mut b, s.unit, lba).unwrap();
+    k.xts().encrypt_units(&mut b, s.unit, lba).unwrap();
     if let Err(e) = d.write_blocks_durable(lba, &b) {
         // Never acknowledged: the unit may hold the old version, the new one, or (a torn
         // write) a mix of both; the host may not rely on any of them.
@@ -130,16 +131,15 @@ fn drive(s: &mut Setup, model: &mut Model, writes: &mut u32) -> Result<(), Conve
             cur = begin(&mut d, &cur, new_slot.clone(), 3, NOW)?;
         }
         let keys = Keys {
-            below: Some(&s.new),
-            above: Some(&s.old),
+            below: Some(s.new.clone()),
+            above: Some(s.old.clone()),
         };
         recover(&mut d, &cur, &keys)?;
-        let mut buf = Vec::new();
         loop {
             *writes += 1;
             let lba = u64::from(*writes).wrapping_mul(7) % blocks;
             host_write(&mut d, s, &cur, lba, *writes, model)?;
-            match step(&mut d, &cur, &keys, &mut buf, NOW)? {
+            match step(&mut d, &cur, &keys, NOW)? {
                 Step::Advanced(next) => cur = *next,
                 Step::Complete => break,
             }
@@ -162,7 +162,7 @@ fn check_done(s: &mut Setup, model: &Model) {
     for lba in 0..s.blocks {
         let off = METADATA_REGION_BYTES as usize + lba as usize * unit;
         let mut b = img[off..off + unit].to_vec();
-        s.new.decrypt_units(&mut b, unit, lba).unwrap();
+        s.new.xts().decrypt_units(&mut b, unit, lba).unwrap();
         let allowed = &model.0[lba as usize];
         let ok = allowed.is_empty() || allowed.iter().any(|&v| b == plain(lba, v, unit));
         assert!(
@@ -262,7 +262,6 @@ fn begin_refuses_bad_requests_and_writes_nothing() {
                 below: None,
                 above: None
             },
-            &mut Vec::new(),
             NOW
         ),
         Err(ConvertError::NotConverting)
@@ -366,15 +365,15 @@ fn a_record_for_a_passed_segment_is_never_written_back() {
     let mut d = whole(&mut s.io, unit);
     let cur = begin(&mut d, &cur, slot("new-kek", 9), 3, NOW).unwrap();
     let keys = Keys {
-        below: Some(&s.new),
-        above: Some(&s.old),
+        below: Some(s.new.clone()),
+        above: Some(s.old.clone()),
     };
-    let Step::Advanced(cur) = step(&mut d, &cur, &keys, &mut Vec::new(), NOW).unwrap() else {
+    let Step::Advanced(cur) = step(&mut d, &cur, &keys, NOW).unwrap() else {
         panic!("no step");
     };
     let cur = *cur;
     let mut b = plain(1, 77, unit);
-    s.new.encrypt_units(&mut b, unit, 1).unwrap();
+    s.new.xts().encrypt_units(&mut b, unit, 1).unwrap();
     d.write_blocks_durable(1, &b).unwrap();
     model.0[1] = BTreeSet::from([77]);
     assert_eq!(

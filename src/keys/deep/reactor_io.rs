@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender, TryRecvError, TrySendError};
 
+use super::convert::{self, Converted, Keys};
 use crate::bdev::{Bdev, BdevChannel, BdevIo, IoBuf, IoStatus, IoType, Submit};
 use crate::reactor::{Mailboxes, Msg, Poller, PollerId, Reactor, ReactorError};
 use crate::sys::buf::AlignedBuf;
@@ -61,6 +62,10 @@ impl Default for ReactorIoOptions {
     }
 }
 
+/// Most buffers one converted segment may hold (a step of [`super::MAX_STEP_BYTES`] in I/Os of
+/// the default 128 KiB is 16); a larger step is converted on the calling thread instead.
+const MAX_SEGMENT_BUFS: usize = 64;
+
 /// The status a draining reactor's poller answers requests it will not start with.
 const SHUTDOWN_ERRNO: i32 = libc::ESHUTDOWN;
 
@@ -73,19 +78,73 @@ pub struct ReactorDataIo {
     name: String,
     block_size: usize,
     flush: bool,
-    align: usize,
     opts: ReactorIoOptions,
     mailboxes: Mailboxes,
     reactor: usize,
     poller: PollerId,
-    requests: Sender<BdevIo>,
-    replies: Receiver<BdevIo>,
+    requests: Sender<Request>,
+    replies: Receiver<Reply>,
     /// I/Os sent and not answered yet (only after a timeout between calls).
     outstanding: usize,
     /// Numbers the calls, so an answer is matched to the call that asked.
     call: u32,
-    /// Buffers of `max_io_bytes`, reused from call to call.
+    pool: BufPool,
+}
+
+/// Buffers of `max_io_bytes`, reused from call to call (and from step to step: a converted
+/// segment's buffers come back with [`super::DataIo::recycle`]).
+struct BufPool {
+    /// Names the pass's I/O in errors.
+    what: String,
     free: Vec<IoBuf>,
+    size: usize,
+    align: usize,
+    keep: usize,
+}
+
+impl BufPool {
+    fn take(&mut self, len: usize) -> io::Result<IoBuf> {
+        if let Some(mut b) = self.free.pop() {
+            b.set_len(len);
+            return Ok(b);
+        }
+        let mem = AlignedBuf::zeroed(self.size, self.align).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                format!("{}: no memory for a buffer", self.what),
+            )
+        })?;
+        Ok(IoBuf::new(mem, len))
+    }
+
+    fn put(&mut self, b: IoBuf) {
+        if b.capacity() == self.size && self.free.len() < self.keep {
+            self.free.push(b);
+        }
+    }
+}
+
+/// What a read of a conversion step asks of the reactor once the data is in: convert the
+/// buffer's data units with these keys ([`convert::convert_units`]) and note their checksums.
+pub(crate) struct ConvertJob {
+    keys: Keys,
+    unit: usize,
+}
+
+/// A request to the poller: an I/O, and for a conversion read, the conversion.
+pub(crate) struct Request {
+    io: BdevIo,
+    convert: Option<Arc<ConvertJob>>,
+}
+
+/// Per data unit of a converted buffer: CRC-32C before, after.
+type Sums = (Vec<u32>, Vec<u32>);
+
+/// An answer: the completed I/O, and for a conversion read that succeeded, the checksums (the
+/// buffer then holds the converted bytes).
+pub(crate) struct Reply {
+    io: BdevIo,
+    sums: Option<Sums>,
 }
 
 impl ReactorDataIo {
@@ -114,8 +173,8 @@ impl ReactorDataIo {
         }
         let mut opts = opts;
         opts.max_io_bytes = (opts.max_io_bytes / block_size).max(1) * block_size;
-        let (req_tx, req_rx) = bounded::<BdevIo>(opts.queue_depth);
-        let (rep_tx, rep_rx) = bounded::<BdevIo>(opts.queue_depth);
+        let (req_tx, req_rx) = bounded::<Request>(opts.queue_depth);
+        let (rep_tx, rep_rx) = bounded::<Reply>(opts.queue_depth);
         let (ready_tx, ready_rx) = bounded::<Result<PollerId, String>>(1);
         let flush = bdev.io_type_supported(IoType::Flush);
         let align = bdev.buf_align().max(64);
@@ -135,6 +194,8 @@ impl ReactorDataIo {
                         requests: req_rx,
                         replies: rep_tx,
                         parked: None,
+                        jobs: Vec::with_capacity(qd),
+                        ready: std::collections::VecDeque::with_capacity(qd),
                         per_poll,
                         draining: false,
                         closing: false,
@@ -172,11 +233,11 @@ impl ReactorDataIo {
                 )))
             }
         };
+        let (max_io_bytes, queue_depth) = (opts.max_io_bytes, opts.queue_depth);
         Ok(ReactorDataIo {
-            name,
+            name: name.clone(),
             block_size,
             flush,
-            align,
             opts,
             mailboxes,
             reactor,
@@ -185,7 +246,13 @@ impl ReactorDataIo {
             replies: rep_rx,
             outstanding: 0,
             call: 0,
-            free: Vec::new(),
+            pool: BufPool {
+                what: format!("bdev {name} (reactor {reactor}): data I/O of the pass"),
+                free: Vec::new(),
+                size: max_io_bytes,
+                align,
+                keep: queue_depth + MAX_SEGMENT_BUFS,
+            },
         })
     }
 
@@ -211,36 +278,20 @@ impl ReactorDataIo {
         Ok((len / self.block_size) as u64)
     }
 
-    fn take_buf(&mut self, len: usize) -> io::Result<IoBuf> {
-        if let Some(mut b) = self.free.pop() {
-            b.set_len(len);
-            return Ok(b);
-        }
-        let mem = AlignedBuf::zeroed(self.opts.max_io_bytes, self.align)
-            .ok_or_else(|| self.err(io::ErrorKind::OutOfMemory, "no memory for a buffer"))?;
-        Ok(IoBuf::new(mem, len))
-    }
-
-    fn put_buf(&mut self, b: IoBuf) {
-        if b.capacity() == self.opts.max_io_bytes && self.free.len() < self.opts.queue_depth {
-            self.free.push(b);
-        }
-    }
-
     /// Waits for answers to I/Os of an earlier call that timed out (they are dropped): nothing of
     /// an earlier call may still be in flight when a new one starts.
     fn settle(&mut self) -> io::Result<()> {
         while self.outstanding > 0 {
-            let io = self.recv()?;
+            let rep = self.recv()?;
             self.outstanding -= 1;
-            if let Some(b) = io.buf {
-                self.put_buf(b);
+            if let Some(b) = rep.io.buf {
+                self.pool.put(b);
             }
         }
         Ok(())
     }
 
-    fn recv(&self) -> io::Result<BdevIo> {
+    fn recv(&self) -> io::Result<Reply> {
         // A reactor answers within microseconds: poll briefly before sleeping on the channel, so
         // each I/O does not pay a futex sleep and wake-up (which made the pass several times
         // slower than the I/O itself).
@@ -265,16 +316,19 @@ impl ReactorDataIo {
     }
 
     /// Runs one read or write of `len` bytes at `lba` as I/Os of at most `max_io_bytes`, up to
-    /// `queue_depth` in flight. `fill(off, buf)` fills a write's buffer from the caller's bytes at
-    /// `off`; `done(off, buf)` takes a read's data.
+    /// `queue_depth` in flight. `give(off, n, pool)` supplies the buffer of the I/O at byte `off`
+    /// (`n` bytes; a write's filled); `take(off, buf, sums, pool)` takes it back once the I/O
+    /// succeeded. A read with `convert` is converted on the reactor before it comes back.
+    #[allow(clippy::too_many_arguments)]
     fn transfer(
         &mut self,
         io_type: IoType,
         lba: u64,
         len: usize,
         fua: bool,
-        fill: &mut dyn FnMut(usize, &mut [u8]),
-        done: &mut dyn FnMut(usize, &[u8]),
+        convert: Option<&Arc<ConvertJob>>,
+        give: &mut dyn FnMut(usize, usize, &mut BufPool) -> io::Result<IoBuf>,
+        take: &mut dyn FnMut(usize, IoBuf, Option<Sums>, &mut BufPool),
     ) -> io::Result<()> {
         self.blocks_of(len)?;
         self.settle()?;
@@ -290,10 +344,13 @@ impl ReactorDataIo {
             while failure.is_none() && next < total && self.outstanding < self.opts.queue_depth {
                 let off = next * chunk;
                 let n = chunk.min(len - off);
-                let mut b = self.take_buf(n)?;
-                if io_type == IoType::Write {
-                    fill(off, b.as_mut_slice());
-                }
+                let b = match give(off, n, &mut self.pool) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                };
                 let blocks = (n / self.block_size) as u32;
                 let io = BdevIo::new(
                     io_type,
@@ -303,7 +360,11 @@ impl ReactorDataIo {
                     call | next as u64,
                 )
                 .with_fua(fua);
-                match self.requests.try_send(io) {
+                let req = Request {
+                    io,
+                    convert: convert.cloned(),
+                };
+                match self.requests.try_send(req) {
                     Ok(()) => {
                         self.outstanding += 1;
                         next += 1;
@@ -320,7 +381,7 @@ impl ReactorDataIo {
             if self.outstanding == 0 {
                 break;
             }
-            let io = self.recv()?;
+            let Reply { io, sums } = self.recv()?;
             self.outstanding -= 1;
             answered += 1;
             let idx = (io.ctx & 0xffff_ffff) as usize;
@@ -329,10 +390,11 @@ impl ReactorDataIo {
             }
             let status = io.status;
             if let Some(b) = io.buf {
-                if status == IoStatus::Success && io_type == IoType::Read {
-                    done(idx * chunk, b.as_slice());
+                if status == IoStatus::Success && (convert.is_none() || sums.is_some()) {
+                    take(idx * chunk, b, sums, &mut self.pool);
+                } else {
+                    self.pool.put(b);
                 }
-                self.put_buf(b);
             }
             if status != IoStatus::Success && failure.is_none() {
                 failure = Some(self.status_error(status));
@@ -365,14 +427,14 @@ impl ReactorDataIo {
         self.settle()?;
         self.call = self.call.wrapping_add(1);
         let call = u64::from(self.call) << 32;
-        match self
-            .requests
-            .try_send(BdevIo::new(IoType::Flush, 0, 0, None, call))
-        {
+        match self.requests.try_send(Request {
+            io: BdevIo::new(IoType::Flush, 0, 0, None, call),
+            convert: None,
+        }) {
             Ok(()) => self.outstanding += 1,
             Err(_) => return Err(self.err(io::ErrorKind::BrokenPipe, "the reactor has stopped")),
         }
-        let io = self.recv()?;
+        let io = self.recv()?.io;
         self.outstanding -= 1;
         if io.ctx != call {
             return Err(self.err(io::ErrorKind::Other, "an answer to another request"));
@@ -392,8 +454,12 @@ impl super::DataIo for ReactorDataIo {
             lba,
             len,
             false,
-            &mut |_, _| {},
-            &mut |off, data| buf[off..off + data.len()].copy_from_slice(data),
+            None,
+            &mut |_, n, pool| pool.take(n),
+            &mut |off, b, _, pool| {
+                buf[off..off + b.len()].copy_from_slice(b.as_slice());
+                pool.put(b);
+            },
         )
     }
     fn write_blocks_durable(&mut self, lba: u64, buf: &[u8]) -> io::Result<()> {
@@ -402,13 +468,137 @@ impl super::DataIo for ReactorDataIo {
             lba,
             buf.len(),
             true,
-            &mut |off, dst| dst.copy_from_slice(&buf[off..off + dst.len()]),
-            &mut |_, _| {},
+            None,
+            &mut |off, n, pool| {
+                let mut b = pool.take(n)?;
+                b.as_mut_slice().copy_from_slice(&buf[off..off + n]);
+                Ok(b)
+            },
+            &mut |_, b, _, pool| pool.put(b),
         )?;
         if self.flush {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// Reads the step's units in I/Os of `max_io_bytes`, each converted on the reactor when it
+    /// completes (one per poll, like a host I/O's encryption), and keeps their buffers.
+    fn read_converted(
+        &mut self,
+        lba: u64,
+        units: u32,
+        unit: usize,
+        keys: &Keys,
+    ) -> io::Result<Converted> {
+        let len = units as usize * unit;
+        if unit != self.block_size || len.div_ceil(self.opts.max_io_bytes) > MAX_SEGMENT_BUFS {
+            // Not this path's shape (a data unit is a block of the bdev; a step fits the
+            // pool): convert here.
+            return convert::read_converted_here(self, lba, units, unit, keys);
+        }
+        let job = Arc::new(ConvertJob {
+            keys: keys.clone(),
+            unit,
+        });
+        let chunk = self.opts.max_io_bytes;
+        let mut slots: Vec<Option<(IoBuf, Sums)>> = (0..len.div_ceil(chunk)).map(|_| None).collect();
+        let res = self.transfer(
+            IoType::Read,
+            lba,
+            len,
+            false,
+            Some(&job),
+            &mut |_, n, pool| pool.take(n),
+            &mut |off, b, sums, _| {
+                if let Some(s) = sums {
+                    slots[off / chunk] = Some((b, s));
+                }
+            },
+        );
+        let mut seg = Converted {
+            bufs: Vec::with_capacity(slots.len()),
+            before: Vec::with_capacity(units as usize),
+            after: Vec::with_capacity(units as usize),
+        };
+        let mut missing = false;
+        for slot in slots {
+            match slot {
+                Some((b, (before, after))) => {
+                    seg.bufs.push(b);
+                    seg.before.extend(before);
+                    seg.after.extend(after);
+                }
+                None => missing = true,
+            }
+        }
+        if let Err(e) = res {
+            self.recycle(seg);
+            return Err(e);
+        }
+        if missing {
+            self.recycle(seg);
+            return Err(self.err(io::ErrorKind::Other, "a converted read came back without its data"));
+        }
+        Ok(seg)
+    }
+
+    /// Writes the segment's own buffers back (FUA, then a Flush if the bdev has one).
+    fn write_converted_durable(
+        &mut self,
+        lba: u64,
+        seg: &mut Converted,
+        len: usize,
+        unit: usize,
+    ) -> io::Result<()> {
+        let chunk = self.opts.max_io_bytes;
+        let fits = seg.bufs.iter().enumerate().all(|(i, b)| {
+            b.len() == chunk || i + 1 == seg.bufs.len()
+        });
+        if unit != self.block_size || !fits || len > seg.len() {
+            return convert::write_converted_here(self, lba, seg, len, unit);
+        }
+        let lens: Vec<usize> = seg.bufs.iter().map(IoBuf::len).collect();
+        let mut slots: Vec<Option<IoBuf>> = seg.bufs.drain(..).map(Some).collect();
+        let res = {
+            let slots_cell = std::cell::RefCell::new(&mut slots);
+            self.transfer(
+                IoType::Write,
+                lba,
+                len,
+                true,
+                None,
+                &mut |off, n, _| {
+                    let mut b = slots_cell.borrow_mut()[off / chunk]
+                        .take()
+                        .ok_or_else(|| io::Error::other("segment buffer already in flight"))?;
+                    b.set_len(n);
+                    Ok(b)
+                },
+                &mut |off, mut b, _, _| {
+                    b.set_len(lens[off / chunk]);
+                    slots_cell.borrow_mut()[off / chunk] = Some(b);
+                },
+            )
+        };
+        // A buffer that did not come back (a failed write) leaves the segment short: the step
+        // fails and recovery rereads the device.
+        let complete = slots.iter().all(Option::is_some);
+        seg.bufs.extend(slots.into_iter().flatten());
+        res?;
+        if !complete {
+            return Err(self.err(io::ErrorKind::Other, "a segment write came back without its buffer"));
+        }
+        if self.flush {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn recycle(&mut self, seg: Converted) {
+        for b in seg.bufs {
+            self.pool.put(b);
+        }
     }
 }
 
@@ -460,20 +650,41 @@ fn send_msg(
 pub(crate) struct DataPoller {
     name: String,
     ch: Box<dyn BdevChannel>,
-    requests: Receiver<BdevIo>,
-    replies: Sender<BdevIo>,
+    requests: Receiver<Request>,
+    replies: Sender<Reply>,
     /// An I/O the channel refused as Busy, retried on the next poll.
-    parked: Option<BdevIo>,
+    parked: Option<Request>,
+    /// The conversion of each read in flight that has one, by the read's `ctx`.
+    jobs: Vec<(u64, Arc<ConvertJob>)>,
+    /// Reads that completed and wait for their conversion (one per poll).
+    ready: std::collections::VecDeque<(BdevIo, Arc<ConvertJob>)>,
     per_poll: usize,
     draining: bool,
     closing: bool,
 }
 
 impl DataPoller {
-    /// Answers `io` with a failure without starting it.
+    /// Answers `io` with a failure without starting (or converting) it.
     fn refuse(&self, mut io: BdevIo) {
         io.status = IoStatus::IoError(SHUTDOWN_ERRNO);
-        let _ = self.replies.try_send(io);
+        let _ = self.replies.try_send(Reply { io, sums: None });
+    }
+
+    /// Converts one completed read's buffer in place and answers it with the checksums.
+    fn convert(&self, mut io: BdevIo, job: &ConvertJob) {
+        let sums = io.buf.as_mut().map(|b| {
+            let (mut before, mut after) = (Vec::new(), Vec::new());
+            convert::convert_units(
+                b.as_mut_slice(),
+                job.unit,
+                io.offset_blocks,
+                &job.keys,
+                &mut before,
+                &mut after,
+            );
+            (before, after)
+        });
+        let _ = self.replies.try_send(Reply { io, sums });
     }
 }
 
@@ -484,33 +695,55 @@ impl Poller for DataPoller {
 
     fn poll(&mut self) -> usize {
         let mut work = 0;
-        let replies = &self.replies;
+        let (replies, jobs, ready) = (&self.replies, &mut self.jobs, &mut self.ready);
         // The answer channel holds as many as may be in flight, so this never drops one; if the
-        // control side is gone, the I/O (and its buffer) is simply dropped here.
+        // control side is gone, the I/O (and its buffer) is simply dropped here. A read with a
+        // conversion waits in `ready` for its turn.
         work += self.ch.poll(&mut |io| {
-            let _ = replies.try_send(io);
+            if let Some(i) = jobs.iter().position(|(ctx, _)| *ctx == io.ctx) {
+                let (_, job) = jobs.swap_remove(i);
+                if io.status == IoStatus::Success {
+                    ready.push_back((io, job));
+                    return;
+                }
+            }
+            let _ = replies.try_send(Reply { io, sums: None });
         });
         if self.closing {
             self.parked = None;
+            self.ready.clear();
             while self.requests.try_recv().is_ok() {}
             return work;
         }
         if self.draining {
-            if let Some(io) = self.parked.take() {
+            if let Some(req) = self.parked.take() {
+                self.refuse(req.io);
+                work += 1;
+            }
+            while let Some((io, _)) = self.ready.pop_front() {
                 self.refuse(io);
                 work += 1;
             }
-            while let Ok(io) = self.requests.try_recv() {
-                self.refuse(io);
+            while let Ok(req) = self.requests.try_recv() {
+                self.refuse(req.io);
                 work += 1;
             }
             return work;
         }
+        // Conversions: one buffer per poll each (as much CPU as encrypting one large host I/O),
+        // so host I/O on this reactor gets its turn between them.
         for _ in 0..self.per_poll {
-            let io = match self.parked.take() {
-                Some(io) => io,
+            let Some((io, job)) = self.ready.pop_front() else {
+                break;
+            };
+            self.convert(io, &job);
+            work += 1;
+        }
+        for _ in 0..self.per_poll {
+            let req = match self.parked.take() {
+                Some(req) => req,
                 None => match self.requests.try_recv() {
-                    Ok(io) => io,
+                    Ok(req) => req,
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
                         self.closing = true;
@@ -518,10 +751,18 @@ impl Poller for DataPoller {
                     }
                 },
             };
+            let Request { io, convert } = req;
+            let ctx = io.ctx;
+            if let Some(job) = &convert {
+                self.jobs.push((ctx, job.clone()));
+            }
             match self.ch.submit(io) {
                 Submit::Queued => work += 1,
                 Submit::Busy(io) => {
-                    self.parked = Some(io);
+                    if convert.is_some() {
+                        self.jobs.retain(|(c, _)| *c != ctx);
+                    }
+                    self.parked = Some(Request { io, convert });
                     break;
                 }
             }
@@ -530,7 +771,7 @@ impl Poller for DataPoller {
     }
 
     fn in_flight(&self) -> usize {
-        self.ch.in_flight()
+        self.ch.in_flight() + self.ready.len()
     }
 
     fn drain(&mut self) {

@@ -382,12 +382,12 @@ impl Inner {
         let mut data = BdevDataIo::new(slice.clone(), CoreId(0));
         let keys = match c.direction {
             Direction::Encrypt => convert::Keys {
-                below: Some(key.xts()),
+                below: Some(key.clone()),
                 above: None,
             },
             Direction::Decrypt => convert::Keys {
                 below: None,
-                above: Some(key.xts()),
+                above: Some(key.clone()),
             },
         };
         let recovery = convert::recover(
@@ -484,8 +484,8 @@ impl Inner {
             },
             stored,
             &convert::Keys {
-                below: Some(new_key.xts()),
-                above: Some(old_key.xts()),
+                below: Some(new_key.clone()),
+                above: Some(old_key.clone()),
             },
         )
         .map_err(|e| match e {

@@ -244,6 +244,67 @@ fn reads_and_durable_writes_run_on_the_reactor_within_the_per_poll_bound() {
 }
 
 #[test]
+fn converted_reads_run_on_the_reactor_and_write_back_their_own_buffers() {
+    let set = reactors(2);
+    let base = malloc(256);
+    // Every 4th submit refused as Busy: conversions must survive the retries.
+    let w = watched(&set, 1, base.clone(), 4);
+    let seen = w.seen.clone();
+    let mut io =
+        ReactorDataIo::with_options(mailboxes(&set), 1, Arc::new(w), opts(3 * BS, 1)).unwrap();
+    let data = bytes(37, 7);
+    io.write_blocks_durable(9, &data).unwrap();
+    let keys = convert::Keys {
+        below: Some(dk(2)),
+        above: Some(dk(1)),
+    };
+    // The same segment converted on this thread (one buffer) and on the reactor (I/O buffers).
+    let here = convert::read_converted_here(&mut io, 9, 37, BS, &keys).unwrap();
+    let mut there = io.read_converted(9, 37, BS, &keys).unwrap();
+    assert_eq!(there.bufs.len(), 13, "one buffer per I/O of 3 blocks");
+    assert_eq!(there.len(), 37 * BS);
+    let flat = |c: &convert::Converted| -> Vec<u8> {
+        c.bufs.iter().flat_map(|b| b.as_slice().to_vec()).collect()
+    };
+    assert!(flat(&here) == flat(&there), "reactor conversion differs");
+    assert_eq!(here.before, there.before);
+    assert_eq!(here.after, there.after);
+    assert_eq!(there.before.len(), 37);
+    // The checksums are of the bytes read and of the bytes converted.
+    assert_eq!(there.before[0], crc32c::crc32c(&data[..BS]));
+    assert_eq!(there.after[36], crc32c::crc32c(&flat(&there)[36 * BS..]));
+    assert_ne!(flat(&there), data);
+    // A prefix of 20 units (not a whole number of I/Os), then the whole segment.
+    let fua_before = seen.fua_writes.load(Ordering::Relaxed);
+    io.write_converted_durable(9, &mut there, 20 * BS, BS).unwrap();
+    assert_eq!(seen.fua_writes.load(Ordering::Relaxed) - fua_before, 7);
+    let mut back = vec![0u8; 37 * BS];
+    io.read_blocks(9, &mut back).unwrap();
+    let conv = flat(&there);
+    assert!(back[..20 * BS] == conv[..20 * BS], "prefix not written");
+    assert!(back[20 * BS..] == data[20 * BS..], "written past the prefix");
+    assert_eq!(there.len(), 37 * BS, "the segment keeps its buffers and lengths");
+    io.write_converted_durable(9, &mut there, 37 * BS, BS).unwrap();
+    io.read_blocks(9, &mut back).unwrap();
+    assert!(back == conv);
+    // Converting back with the keys swapped gives the original bytes.
+    let swapped = convert::Keys {
+        below: keys.above.clone(),
+        above: keys.below.clone(),
+    };
+    let undone = io.read_converted(9, 37, BS, &swapped).unwrap();
+    assert!(flat(&undone) == data);
+    io.recycle(there);
+    io.recycle(undone);
+    // A read past the end fails the call, with no segment.
+    let e = io.read_converted(250, 8, BS, &keys).unwrap_err();
+    assert!(e.to_string().contains("InvalidRange"), "{e}");
+    // A unit that is not a block of the bdev is converted on this thread instead.
+    let odd = io.read_converted(0, 2, 2 * BS, &keys).unwrap();
+    assert_eq!(odd.bufs.len(), 1);
+}
+
+#[test]
 fn durable_writes_on_a_uring_file_are_fua_and_flushed() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let u = Arc::new(
@@ -307,6 +368,8 @@ fn an_idle_poller_reports_no_work() {
         requests: rx,
         replies: rtx,
         parked: None,
+        jobs: Vec::new(),
+        ready: Default::default(),
         per_poll: 1,
         draining: false,
         closing: false,
