@@ -425,8 +425,17 @@ impl Server {
             // A deep-rekey pass does its data I/O on a reactor (the one a stable hash of the
             // namespace picks), through that reactor's own channel of the base bdev.
             let mailboxes = set.call(0, |r| r.mailboxes())?;
+            let reactor_cores: Vec<CoreId> = (0..set.len()).map(|i| set.core(i)).collect();
+            let pinned = cfg.reactor.options().pin;
             let pass_io: crate::keys::manager::PassIoFactory =
                 Arc::new(move |ns_id: &str, base: Arc<dyn Bdev>| {
+                    // This runs on the pass's control thread: keep it off the pinned reactors'
+                    // CPUs, so it never takes turns with a poll loop.
+                    if pinned {
+                        if let Err(e) = crate::sys::affinity::avoid_cores(&reactor_cores) {
+                            tracing::debug!(error = %e, "pass thread: CPU affinity unchanged");
+                        }
+                    }
                     let n = mailboxes.len().max(1);
                     let idx = ns_id.bytes().fold(0usize, |h, b| {
                         h.wrapping_mul(31).wrapping_add(usize::from(b))

@@ -426,3 +426,13 @@ fn journal_record_versions_1_and_2() {
     other[100] ^= 1;
     assert!(!back1.data_check.matches(&other));
 }
+
+#[test]
+fn the_unit_checksum_is_crc32c_as_journals_record_it() {
+    // Journals written by earlier builds (crc32c crate) must check under this one, and back.
+    assert_eq!(unit_crc(b"123456789"), 0xE306_9283);
+    for len in [0usize, 1, 15, 16, 63, 64, 255, 512, 4096, 4097, 65536] {
+        let data: Vec<u8> = (0..len).map(|i| (i * 131 + len) as u8).collect();
+        assert_eq!(unit_crc(&data), crc32c::crc32c(&data), "length {len}");
+    }
+}
