@@ -229,16 +229,19 @@ def work_impact(a, tmp, out):
                 t.rpc("rekey.resume", {"namespace": "vol", "rate_mib_s": a.rate})
             else:
                 t.rpc("rekey.deep", {"namespace": "vol", "rate_mib_s": a.rate})
-            before = t.status()["watermark_blocks"]
+            before, t0 = t.status()["watermark_blocks"], time.monotonic()
             iops, p99 = perf(a, t, a.time, tmp)
             s = t.status()
             moved = (s["watermark_blocks"] - before) * 4096 / MIB
+            achieved = moved / (time.monotonic() - t0)
+            out.setdefault("impact_pass_mib_s", []).append(achieved)
             if s["state"] == "running":
                 t.rpc("rekey.pause", {"namespace": "vol"})
             out.setdefault("impact_rekey_iops", []).append(iops)
             out.setdefault("impact_rekey_p99_us", []).append(p99)
             print(f"round {r + 1} randrw 70/30 rekey at {a.rate} MiB/s: {iops:10.0f} IOPS p99 "
-                  f"{p99:8.1f} us (pass moved {moved:.0f} MiB, {s['state']})", flush=True)
+                  f"{p99:8.1f} us (pass moved {moved:.0f} MiB = {achieved:.0f} MiB/s, {s['state']})",
+                  flush=True)
     finally:
         t.stop()
 
@@ -278,6 +281,10 @@ def main():
         print(f"randrw 70/30 4k QD32: {b:.0f} IOPS (p99 {med['impact_base_p99_us']:.1f} us) without; "
               f"{r:.0f} IOPS (p99 {med['impact_rekey_p99_us']:.1f} us) with a pass at {a.rate} MiB/s: "
               f"ratio {r / b:.3f}")
+        pairs = [x / y for x, y in zip(out["impact_rekey_iops"], out["impact_base_iops"])]
+        print(f"  per-round ratios {', '.join(f'{p:.3f}' for p in pairs)} (median "
+              f"{statistics.median(pairs):.3f}); the pass ran at {med['impact_pass_mib_s']:.0f} MiB/s "
+              f"of {a.rate} asked (median)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"samples": out, "medians": med}, f, indent=1)
