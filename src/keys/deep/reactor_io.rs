@@ -4,22 +4,31 @@
 //!
 //! On creation a [`DataPoller`] is installed on the chosen reactor (by a [`Msg`]); it opens its
 //! channel of the bdev there, with the reactor's core, and owns it for its whole life. The
-//! control side sends it I/Os through a bounded channel and gets each one back, completed, on a
-//! reply channel of the same bound. A read or write of a segment is split into I/Os of at most
-//! [`ReactorIoOptions::max_io_bytes`] and up to [`ReactorIoOptions::queue_depth`] of them are
-//! in flight at once, so the pass is not bound by one I/O's latency.
+//! control side hands it one *phase* at a time (a step's read, its write, a Flush) as one
+//! [`Request`] holding all of the phase's I/Os (each of at most
+//! [`ReactorIoOptions::max_io_bytes`]); the poller keeps up to
+//! [`ReactorIoOptions::queue_depth`] of them in flight, and answers the whole phase in one
+//! [`Reply`] when the last is back: one message each way per phase, not per I/O. The control
+//! thread waits for it spinning (then asleep, past [`REPLY_SPIN`]).
+//!
+//! A conversion step's read carries the conversion ([`ConvertJob`]): as each I/O completes, the
+//! poller converts its buffer in place ([`convert::convert_units`]: checksum, decrypt with the
+//! old key, encrypt with the new one, checksum) on the reactor, as the crypto bdev does a host
+//! I/O's data, and the buffers themselves go back to the control side and then, as the step's
+//! write, to the device (no copies).
 //!
 //! Sharing the reactor with host I/O: the poller submits at most
-//! [`ReactorIoOptions::per_poll`] new I/Os per poll of the reactor, so every loop iteration the
-//! host's pollers get their turn between two of the pass's I/Os (the pass "yields to host I/O each
-//! poll"; a `rate_mib_s` limit on top is [`super::PassControl`]'s). A parked `Busy` I/O is
-//! retried on the next poll, never in a loop. When it has nothing to do the poller reports no
-//! work, so the reactor's busy/idle accounting stays right.
+//! [`ReactorIoOptions::per_poll`] new I/Os and converts at most as many buffers per poll of the
+//! reactor, so every loop iteration the host's pollers get their turn between two of the pass's
+//! I/Os (the pass "yields to host I/O each poll"; a `rate_mib_s` limit on top is
+//! [`super::PassControl`]'s). A `Busy` I/O is retried on the next poll, never in a loop. When it
+//! has nothing to do the poller reports no work, so the reactor's busy/idle accounting stays
+//! right.
 //!
 //! Failure is an `io::Error`, never a hang or a panic: a reactor that is draining answers every
-//! request not yet started with an error; a reactor that is gone drops the poller and with it
-//! both channels, which the control side sees at once; an I/O that does not come back within
-//! [`ReactorIoOptions::timeout`] fails the call, and the next call first waits for the late ones
+//! I/O not yet started (or converted) as failed; a reactor that is gone drops the poller and with
+//! it both channels, which the control side sees at once; a phase that does not come back within
+//! [`ReactorIoOptions::timeout`] fails the call, and the next call first waits for the late one
 //! (so a late write can never land after a later one, e.g. recovery's write-back) or fails too.
 //!
 //! Dropping a [`ReactorDataIo`] closes its request channel and tells the poller (by a message) to
@@ -43,7 +52,7 @@ pub struct ReactorIoOptions {
     /// Largest single I/O (rounded down to whole blocks; at least one block). The `Bdev` trait
     /// has no transfer limit of its own: this is the split that gives the pass its queue depth.
     pub max_io_bytes: usize,
-    /// I/Os in flight at once (the channel's queue depth and both channels' bound).
+    /// I/Os in flight at once (the channel's queue depth).
     pub queue_depth: usize,
     /// New I/Os the poller submits per poll of its reactor (≥ 1).
     pub per_poll: usize,
@@ -66,11 +75,12 @@ impl Default for ReactorIoOptions {
 /// the default 128 KiB is 16); a larger step is converted on the calling thread instead.
 const MAX_SEGMENT_BUFS: usize = 64;
 
+/// How long the control thread spins for a phase's answer before it sleeps (a 2 MiB phase takes
+/// about 0.5 ms).
+const REPLY_SPIN: Duration = Duration::from_millis(5);
+
 /// The status a draining reactor's poller answers requests it will not start with.
 const SHUTDOWN_ERRNO: i32 = libc::ESHUTDOWN;
-
-/// How long the control side polls for a reply before it blocks.
-const REPLY_SPIN: std::time::Duration = std::time::Duration::from_micros(50);
 
 /// Data-area I/O of the pass through a poller on one reactor (module docs). Implements
 /// [`super::DataIo`]; "durable" = the writes with FUA, then a Flush if the bdev has one.
@@ -131,20 +141,24 @@ pub(crate) struct ConvertJob {
     unit: usize,
 }
 
-/// A request to the poller: an I/O, and for a conversion read, the conversion.
+/// A request to the poller: the I/Os of one phase of the pass (a read or write of up to a step,
+/// in I/Os of `max_io_bytes`; or one Flush), submitted by the poller with up to `queue_depth` in
+/// flight, converted after reading if `convert` is set, and answered together in one [`Reply`]:
+/// the control thread wakes once per phase, not once per I/O.
 pub(crate) struct Request {
-    io: BdevIo,
+    tag: u64,
+    ios: Vec<BdevIo>,
     convert: Option<Arc<ConvertJob>>,
 }
 
 /// Per data unit of a converted buffer: CRC-32C before, after.
 type Sums = (Vec<u32>, Vec<u32>);
 
-/// An answer: the completed I/O, and for a conversion read that succeeded, the checksums (the
-/// buffer then holds the converted bytes).
+/// The answer to a [`Request`]: each of its I/Os, completed (or refused), with the checksums of
+/// a converted read that succeeded (its buffer then holds the converted bytes).
 pub(crate) struct Reply {
-    io: BdevIo,
-    sums: Option<Sums>,
+    tag: u64,
+    done: Vec<(BdevIo, Option<Sums>)>,
 }
 
 impl ReactorDataIo {
@@ -173,8 +187,10 @@ impl ReactorDataIo {
         }
         let mut opts = opts;
         opts.max_io_bytes = (opts.max_io_bytes / block_size).max(1) * block_size;
-        let (req_tx, req_rx) = bounded::<Request>(opts.queue_depth);
-        let (rep_tx, rep_rx) = bounded::<Reply>(opts.queue_depth);
+        // One phase at a time is outstanding (a late one is waited for before the next); room
+        // for two keeps a send from ever finding the channel full.
+        let (req_tx, req_rx) = bounded::<Request>(2);
+        let (rep_tx, rep_rx) = bounded::<Reply>(2);
         let (ready_tx, ready_rx) = bounded::<Result<PollerId, String>>(1);
         let flush = bdev.io_type_supported(IoType::Flush);
         let align = bdev.buf_align().max(64);
@@ -193,9 +209,8 @@ impl ReactorDataIo {
                         ch,
                         requests: req_rx,
                         replies: rep_tx,
-                        parked: None,
-                        jobs: Vec::with_capacity(qd),
-                        ready: std::collections::VecDeque::with_capacity(qd),
+                        active: None,
+                        queue_depth: qd,
                         per_poll,
                         draining: false,
                         closing: false,
@@ -278,29 +293,33 @@ impl ReactorDataIo {
         Ok((len / self.block_size) as u64)
     }
 
-    /// Waits for answers to I/Os of an earlier call that timed out (they are dropped): nothing of
+    /// Waits for the answer to an earlier call that timed out (its I/Os are dropped): nothing of
     /// an earlier call may still be in flight when a new one starts.
     fn settle(&mut self) -> io::Result<()> {
         while self.outstanding > 0 {
             let rep = self.recv()?;
             self.outstanding -= 1;
-            if let Some(b) = rep.io.buf {
-                self.pool.put(b);
+            for (io, _) in rep.done {
+                if let Some(b) = io.buf {
+                    self.pool.put(b);
+                }
             }
         }
         Ok(())
     }
 
     fn recv(&self) -> io::Result<Reply> {
-        // A reactor answers within microseconds: poll briefly before sleeping on the channel, so
-        // each I/O does not pay a futex sleep and wake-up (which made the pass several times
-        // slower than the I/O itself).
-        let spin_until = std::time::Instant::now() + REPLY_SPIN;
-        while std::time::Instant::now() < spin_until {
-            if let Ok(io) = self.replies.try_recv() {
-                return Ok(io);
+        // Wait hot first: a sleeping control thread must be woken for each phase, and on a
+        // machine whose CPUs are all busy polling (a co-located load generator) the wake-up
+        // waits for a time slice: measured, a 500 MiB/s pass under a QD32 host then fell to
+        // ~170 MiB/s; spinning, it held 500.
+        let until = Instant::now() + REPLY_SPIN;
+        while Instant::now() < until {
+            match self.replies.try_recv() {
+                Ok(r) => return Ok(r),
+                Err(TryRecvError::Empty) => std::hint::spin_loop(),
+                Err(TryRecvError::Disconnected) => break,
             }
-            std::hint::spin_loop();
         }
         self.replies
             .recv_timeout(self.opts.timeout)
@@ -315,10 +334,43 @@ impl ReactorDataIo {
             })
     }
 
-    /// Runs one read or write of `len` bytes at `lba` as I/Os of at most `max_io_bytes`, up to
-    /// `queue_depth` in flight. `give(off, n, pool)` supplies the buffer of the I/O at byte `off`
-    /// (`n` bytes; a write's filled); `take(off, buf, sums, pool)` takes it back once the I/O
-    /// succeeded. A read with `convert` is converted on the reactor before it comes back.
+    /// Sends the phase `ios` (and its conversion) and waits for its answer.
+    fn exchange(
+        &mut self,
+        ios: Vec<BdevIo>,
+        convert: Option<Arc<ConvertJob>>,
+    ) -> io::Result<Vec<(BdevIo, Option<Sums>)>> {
+        self.call = self.call.wrapping_add(1);
+        let tag = u64::from(self.call);
+        match self.requests.try_send(Request { tag, ios, convert }) {
+            Ok(()) => self.outstanding += 1,
+            Err(TrySendError::Disconnected(r) | TrySendError::Full(r)) => {
+                for io in r.ios {
+                    if let Some(b) = io.buf {
+                        self.pool.put(b);
+                    }
+                }
+                return Err(self.err(io::ErrorKind::BrokenPipe, "the reactor has stopped"));
+            }
+        }
+        let rep = self.recv()?;
+        self.outstanding -= 1;
+        if rep.tag != tag {
+            for (io, _) in rep.done {
+                if let Some(b) = io.buf {
+                    self.pool.put(b);
+                }
+            }
+            return Err(self.err(io::ErrorKind::Other, "an answer to another request"));
+        }
+        Ok(rep.done)
+    }
+
+    /// Runs one read or write of `len` bytes at `lba` as one phase (I/Os of at most
+    /// `max_io_bytes`, the poller keeping up to `queue_depth` in flight). `give(off, n, pool)`
+    /// supplies the buffer of the I/O at byte `off` (`n` bytes; a write's filled); `take(off,
+    /// buf, sums, pool)` takes it back once the I/O succeeded. A read with `convert` is converted
+    /// on the reactor before it comes back.
     #[allow(clippy::too_many_arguments)]
     fn transfer(
         &mut self,
@@ -332,80 +384,67 @@ impl ReactorDataIo {
     ) -> io::Result<()> {
         self.blocks_of(len)?;
         self.settle()?;
-        self.call = self.call.wrapping_add(1);
-        let call = u64::from(self.call) << 32;
         let chunk = self.opts.max_io_bytes;
         let total = len.div_ceil(chunk);
-        let mut next = 0usize;
-        let mut answered = 0usize;
-        let mut failure: Option<io::Error> = None;
-        while answered < total {
-            // Fill the window (never past the bound: the send cannot block).
-            while failure.is_none() && next < total && self.outstanding < self.opts.queue_depth {
-                let off = next * chunk;
-                let n = chunk.min(len - off);
-                let b = match give(off, n, &mut self.pool) {
-                    Ok(b) => b,
-                    Err(e) => {
-                        failure = Some(e);
-                        break;
+        let mut ios = Vec::with_capacity(total);
+        for idx in 0..total {
+            let off = idx * chunk;
+            let n = chunk.min(len - off);
+            let b = match give(off, n, &mut self.pool) {
+                Ok(b) => b,
+                Err(e) => {
+                    for io in ios {
+                        let io: BdevIo = io;
+                        if let Some(b) = io.buf {
+                            take(io.ctx as usize * chunk, b, None, &mut self.pool);
+                        }
                     }
-                };
-                let blocks = (n / self.block_size) as u32;
-                let io = BdevIo::new(
+                    return Err(e);
+                }
+            };
+            let blocks = (n / self.block_size) as u32;
+            ios.push(
+                BdevIo::new(
                     io_type,
                     lba + (off / self.block_size) as u64,
                     blocks,
                     Some(b),
-                    call | next as u64,
+                    idx as u64,
                 )
-                .with_fua(fua);
-                let req = Request {
-                    io,
-                    convert: convert.cloned(),
-                };
-                match self.requests.try_send(req) {
-                    Ok(()) => {
-                        self.outstanding += 1;
-                        next += 1;
-                    }
-                    Err(TrySendError::Disconnected(_)) => {
-                        return Err(self.err(io::ErrorKind::BrokenPipe, "the reactor has stopped"))
-                    }
-                    // Cannot happen (outstanding < bound); treated as the poller being stuck.
-                    Err(TrySendError::Full(_)) => {
-                        return Err(self.err(io::ErrorKind::Other, "request channel full"))
-                    }
-                }
+                .with_fua(fua),
+            );
+        }
+        let done = self.exchange(ios, convert.cloned())?;
+        let mut failure: Option<io::Error> = None;
+        let mut seen = 0usize;
+        for (io, sums) in done {
+            let idx = io.ctx as usize;
+            if idx >= total {
+                failure.get_or_insert_with(|| {
+                    self.err(io::ErrorKind::Other, "an answer to another request")
+                });
+                continue;
             }
-            if self.outstanding == 0 {
-                break;
-            }
-            let Reply { io, sums } = self.recv()?;
-            self.outstanding -= 1;
-            answered += 1;
-            let idx = (io.ctx & 0xffff_ffff) as usize;
-            if io.ctx & !0xffff_ffff != call || idx >= total {
-                return Err(self.err(io::ErrorKind::Other, "an answer to another request"));
-            }
+            seen += 1;
             let status = io.status;
             if let Some(b) = io.buf {
                 if status == IoStatus::Success && (convert.is_none() || sums.is_some()) {
                     take(idx * chunk, b, sums, &mut self.pool);
                 } else {
-                    self.pool.put(b);
+                    // A failed I/O's buffer: the caller's `take` gets it back unchanged (a
+                    // segment write keeps its bytes), with no checksums.
+                    take(idx * chunk, b, None, &mut self.pool);
                 }
             }
             if status != IoStatus::Success && failure.is_none() {
                 failure = Some(self.status_error(status));
             }
         }
+        if seen != total && failure.is_none() {
+            failure = Some(self.err(io::ErrorKind::Other, "an answer is missing I/Os"));
+        }
         match failure {
-            Some(e) => {
-                // Let the rest of the call come back first, so nothing of it is left in flight.
-                self.settle()?;
-                Err(e)
-            }
+            Some(e) => Err(e),
             None => Ok(()),
         }
     }
@@ -425,23 +464,13 @@ impl ReactorDataIo {
 
     fn flush(&mut self) -> io::Result<()> {
         self.settle()?;
-        self.call = self.call.wrapping_add(1);
-        let call = u64::from(self.call) << 32;
-        match self.requests.try_send(Request {
-            io: BdevIo::new(IoType::Flush, 0, 0, None, call),
-            convert: None,
-        }) {
-            Ok(()) => self.outstanding += 1,
-            Err(_) => return Err(self.err(io::ErrorKind::BrokenPipe, "the reactor has stopped")),
-        }
-        let io = self.recv()?.io;
-        self.outstanding -= 1;
-        if io.ctx != call {
-            return Err(self.err(io::ErrorKind::Other, "an answer to another request"));
-        }
-        match io.status {
-            IoStatus::Success => Ok(()),
-            s => Err(self.status_error(s)),
+        let done = self.exchange(vec![BdevIo::new(IoType::Flush, 0, 0, None, 0)], None)?;
+        match done.as_slice() {
+            [(io, _)] => match io.status {
+                IoStatus::Success => Ok(()),
+                s => Err(self.status_error(s)),
+            },
+            _ => Err(self.err(io::ErrorKind::Other, "a flush answered with other I/Os")),
         }
     }
 }
@@ -502,7 +531,8 @@ impl super::DataIo for ReactorDataIo {
             unit,
         });
         let chunk = self.opts.max_io_bytes;
-        let mut slots: Vec<Option<(IoBuf, Sums)>> = (0..len.div_ceil(chunk)).map(|_| None).collect();
+        let mut slots: Vec<Option<(IoBuf, Sums)>> =
+            (0..len.div_ceil(chunk)).map(|_| None).collect();
         let res = self.transfer(
             IoType::Read,
             lba,
@@ -538,7 +568,10 @@ impl super::DataIo for ReactorDataIo {
         }
         if missing {
             self.recycle(seg);
-            return Err(self.err(io::ErrorKind::Other, "a converted read came back without its data"));
+            return Err(self.err(
+                io::ErrorKind::Other,
+                "a converted read came back without its data",
+            ));
         }
         Ok(seg)
     }
@@ -552,9 +585,11 @@ impl super::DataIo for ReactorDataIo {
         unit: usize,
     ) -> io::Result<()> {
         let chunk = self.opts.max_io_bytes;
-        let fits = seg.bufs.iter().enumerate().all(|(i, b)| {
-            b.len() == chunk || i + 1 == seg.bufs.len()
-        });
+        let fits = seg
+            .bufs
+            .iter()
+            .enumerate()
+            .all(|(i, b)| b.len() == chunk || i + 1 == seg.bufs.len());
         if unit != self.block_size || !fits || len > seg.len() {
             return convert::write_converted_here(self, lba, seg, len, unit);
         }
@@ -587,7 +622,10 @@ impl super::DataIo for ReactorDataIo {
         seg.bufs.extend(slots.into_iter().flatten());
         res?;
         if !complete {
-            return Err(self.err(io::ErrorKind::Other, "a segment write came back without its buffer"));
+            return Err(self.err(
+                io::ErrorKind::Other,
+                "a segment write came back without its buffer",
+            ));
         }
         if self.flush {
             self.flush()?;
@@ -646,45 +684,60 @@ fn send_msg(
     }
 }
 
-/// The reactor side: owns the channel, takes requests, answers each with its completed I/O.
+/// The phase a poller is working through.
+pub(crate) struct Active {
+    tag: u64,
+    /// I/Os not submitted yet (a Busy one goes back to the front).
+    pending: std::collections::VecDeque<BdevIo>,
+    /// Submitted and not completed.
+    in_flight: usize,
+    /// Reads that completed and wait for their conversion (one per poll).
+    ready: std::collections::VecDeque<BdevIo>,
+    convert: Option<Arc<ConvertJob>>,
+    done: Vec<(BdevIo, Option<Sums>)>,
+}
+
+impl Active {
+    fn finished(&self) -> bool {
+        self.pending.is_empty() && self.in_flight == 0 && self.ready.is_empty()
+    }
+}
+
+/// The reactor side: owns the channel, takes one phase at a time, answers it when all of its
+/// I/Os are back (and converted).
 pub(crate) struct DataPoller {
     name: String,
     ch: Box<dyn BdevChannel>,
     requests: Receiver<Request>,
     replies: Sender<Reply>,
-    /// An I/O the channel refused as Busy, retried on the next poll.
-    parked: Option<Request>,
-    /// The conversion of each read in flight that has one, by the read's `ctx`.
-    jobs: Vec<(u64, Arc<ConvertJob>)>,
-    /// Reads that completed and wait for their conversion (one per poll).
-    ready: std::collections::VecDeque<(BdevIo, Arc<ConvertJob>)>,
+    active: Option<Active>,
+    queue_depth: usize,
     per_poll: usize,
     draining: bool,
     closing: bool,
 }
 
-impl DataPoller {
-    /// Answers `io` with a failure without starting (or converting) it.
-    fn refuse(&self, mut io: BdevIo) {
-        io.status = IoStatus::IoError(SHUTDOWN_ERRNO);
-        let _ = self.replies.try_send(Reply { io, sums: None });
-    }
+/// Converts one completed read's buffer in place; returns its checksums.
+fn convert_io(io: &mut BdevIo, job: &ConvertJob) -> Option<Sums> {
+    io.buf.as_mut().map(|b| {
+        let (mut before, mut after) = (Vec::new(), Vec::new());
+        convert::convert_units(
+            b.as_mut_slice(),
+            job.unit,
+            io.offset_blocks,
+            &job.keys,
+            &mut before,
+            &mut after,
+        );
+        (before, after)
+    })
+}
 
-    /// Converts one completed read's buffer in place and answers it with the checksums.
-    fn convert(&self, mut io: BdevIo, job: &ConvertJob) {
-        let sums = io.buf.as_mut().map(|b| {
-            let (mut before, mut after) = (Vec::new(), Vec::new());
-            convert::convert_units(
-                b.as_mut_slice(),
-                job.unit,
-                io.offset_blocks,
-                &job.keys,
-                &mut before,
-                &mut after,
-            );
-            (before, after)
-        });
-        let _ = self.replies.try_send(Reply { io, sums });
+impl DataPoller {
+    /// Marks `io` failed without starting (or converting) it.
+    fn refused(mut io: BdevIo) -> (BdevIo, Option<Sums>) {
+        io.status = IoStatus::IoError(SHUTDOWN_ERRNO);
+        (io, None)
     }
 }
 
@@ -695,83 +748,110 @@ impl Poller for DataPoller {
 
     fn poll(&mut self) -> usize {
         let mut work = 0;
-        let (replies, jobs, ready) = (&self.replies, &mut self.jobs, &mut self.ready);
-        // The answer channel holds as many as may be in flight, so this never drops one; if the
-        // control side is gone, the I/O (and its buffer) is simply dropped here. A read with a
-        // conversion waits in `ready` for its turn.
-        work += self.ch.poll(&mut |io| {
-            if let Some(i) = jobs.iter().position(|(ctx, _)| *ctx == io.ctx) {
-                let (_, job) = jobs.swap_remove(i);
-                if io.status == IoStatus::Success {
-                    ready.push_back((io, job));
-                    return;
+        if let Some(a) = self.active.as_mut() {
+            // A completed read that has a conversion waits in `ready` for its turn.
+            work += self.ch.poll(&mut |io| {
+                a.in_flight = a.in_flight.saturating_sub(1);
+                if a.convert.is_some() && io.status == IoStatus::Success {
+                    a.ready.push_back(io);
+                } else {
+                    a.done.push((io, None));
                 }
-            }
-            let _ = replies.try_send(Reply { io, sums: None });
-        });
+            });
+        } else {
+            // Nothing of ours can be in flight without a phase; a backend may still report.
+            work += self.ch.poll(&mut |_| {});
+        }
         if self.closing {
-            self.parked = None;
-            self.ready.clear();
+            // The control side is gone: what comes back is dropped with its buffer.
+            if let Some(a) = self.active.as_mut() {
+                a.pending.clear();
+                a.ready.clear();
+                a.done.clear();
+            }
             while self.requests.try_recv().is_ok() {}
             return work;
         }
-        if self.draining {
-            if let Some(req) = self.parked.take() {
-                self.refuse(req.io);
-                work += 1;
+        if self.active.is_none() {
+            match self.requests.try_recv() {
+                Ok(r) => {
+                    self.active = Some(Active {
+                        tag: r.tag,
+                        pending: r.ios.into(),
+                        in_flight: 0,
+                        ready: Default::default(),
+                        convert: r.convert,
+                        done: Vec::new(),
+                    });
+                }
+                Err(TryRecvError::Empty) => return work,
+                Err(TryRecvError::Disconnected) => {
+                    self.closing = true;
+                    return work;
+                }
             }
-            while let Some((io, _)) = self.ready.pop_front() {
-                self.refuse(io);
-                work += 1;
-            }
-            while let Ok(req) = self.requests.try_recv() {
-                self.refuse(req.io);
-                work += 1;
-            }
+        }
+        let Some(a) = self.active.as_mut() else {
             return work;
-        }
-        // Conversions: one buffer per poll each (as much CPU as encrypting one large host I/O),
-        // so host I/O on this reactor gets its turn between them.
-        for _ in 0..self.per_poll {
-            let Some((io, job)) = self.ready.pop_front() else {
-                break;
-            };
-            self.convert(io, &job);
-            work += 1;
-        }
-        for _ in 0..self.per_poll {
-            let req = match self.parked.take() {
-                Some(req) => req,
-                None => match self.requests.try_recv() {
-                    Ok(req) => req,
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        self.closing = true;
-                        break;
-                    }
-                },
-            };
-            let Request { io, convert } = req;
-            let ctx = io.ctx;
-            if let Some(job) = &convert {
-                self.jobs.push((ctx, job.clone()));
+        };
+        if self.draining {
+            // Nothing new starts; what is in flight is waited for.
+            while let Some(io) = a.pending.pop_front() {
+                a.done.push(Self::refused(io));
+                work += 1;
             }
-            match self.ch.submit(io) {
-                Submit::Queued => work += 1,
-                Submit::Busy(io) => {
-                    if convert.is_some() {
-                        self.jobs.retain(|(c, _)| *c != ctx);
-                    }
-                    self.parked = Some(Request { io, convert });
+            while let Some(io) = a.ready.pop_front() {
+                a.done.push(Self::refused(io));
+                work += 1;
+            }
+        } else {
+            // Conversions: one buffer per poll each (as much CPU as encrypting one large host
+            // I/O), so host I/O on this reactor gets its turn between them.
+            for _ in 0..self.per_poll {
+                let Some(mut io) = a.ready.pop_front() else {
+                    break;
+                };
+                let sums = a.convert.as_deref().and_then(|j| convert_io(&mut io, j));
+                a.done.push((io, sums));
+                work += 1;
+            }
+            for _ in 0..self.per_poll {
+                if a.in_flight >= self.queue_depth {
                     break;
                 }
+                let Some(io) = a.pending.pop_front() else {
+                    break;
+                };
+                match self.ch.submit(io) {
+                    Submit::Queued => {
+                        a.in_flight += 1;
+                        work += 1;
+                    }
+                    Submit::Busy(io) => {
+                        a.pending.push_front(io);
+                        break;
+                    }
+                }
+            }
+        }
+        if a.finished() {
+            if let Some(a) = self.active.take() {
+                // The answer channel has room (one phase at a time); if the control side is
+                // gone, the I/Os and their buffers are dropped here.
+                let _ = self.replies.try_send(Reply {
+                    tag: a.tag,
+                    done: a.done,
+                });
+                work += 1;
             }
         }
         work
     }
 
     fn in_flight(&self) -> usize {
-        self.ch.in_flight() + self.ready.len()
+        self.active
+            .as_ref()
+            .map_or(0, |a| a.in_flight + a.ready.len())
     }
 
     fn drain(&mut self) {

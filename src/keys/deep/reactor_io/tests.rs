@@ -276,15 +276,24 @@ fn converted_reads_run_on_the_reactor_and_write_back_their_own_buffers() {
     assert_ne!(flat(&there), data);
     // A prefix of 20 units (not a whole number of I/Os), then the whole segment.
     let fua_before = seen.fua_writes.load(Ordering::Relaxed);
-    io.write_converted_durable(9, &mut there, 20 * BS, BS).unwrap();
+    io.write_converted_durable(9, &mut there, 20 * BS, BS)
+        .unwrap();
     assert_eq!(seen.fua_writes.load(Ordering::Relaxed) - fua_before, 7);
     let mut back = vec![0u8; 37 * BS];
     io.read_blocks(9, &mut back).unwrap();
     let conv = flat(&there);
     assert!(back[..20 * BS] == conv[..20 * BS], "prefix not written");
-    assert!(back[20 * BS..] == data[20 * BS..], "written past the prefix");
-    assert_eq!(there.len(), 37 * BS, "the segment keeps its buffers and lengths");
-    io.write_converted_durable(9, &mut there, 37 * BS, BS).unwrap();
+    assert!(
+        back[20 * BS..] == data[20 * BS..],
+        "written past the prefix"
+    );
+    assert_eq!(
+        there.len(),
+        37 * BS,
+        "the segment keeps its buffers and lengths"
+    );
+    io.write_converted_durable(9, &mut there, 37 * BS, BS)
+        .unwrap();
     io.read_blocks(9, &mut back).unwrap();
     assert!(back == conv);
     // Converting back with the keys swapped gives the original bytes.
@@ -367,9 +376,8 @@ fn an_idle_poller_reports_no_work() {
         ch,
         requests: rx,
         replies: rtx,
-        parked: None,
-        jobs: Vec::new(),
-        ready: Default::default(),
+        active: None,
+        queue_depth: 4,
         per_poll: 1,
         draining: false,
         closing: false,
