@@ -154,6 +154,10 @@ pub(crate) struct Request {
 /// Per data unit of a converted buffer: CRC-32C before, after.
 type Sums = (Vec<u32>, Vec<u32>);
 
+/// Takes back a phase's buffer: (its byte offset in the phase, the buffer, a converted read's
+/// checksums, the pool).
+type TakeBuf<'a> = dyn FnMut(usize, IoBuf, Option<Sums>, &mut BufPool) + 'a;
+
 /// The answer to a [`Request`]: each of its I/Os, completed (or refused), with the checksums of
 /// a converted read that succeeded (its buffer then holds the converted bytes).
 pub(crate) struct Reply {
@@ -380,7 +384,7 @@ impl ReactorDataIo {
         fua: bool,
         convert: Option<&Arc<ConvertJob>>,
         give: &mut dyn FnMut(usize, usize, &mut BufPool) -> io::Result<IoBuf>,
-        take: &mut dyn FnMut(usize, IoBuf, Option<Sums>, &mut BufPool),
+        take: &mut TakeBuf<'_>,
     ) -> io::Result<()> {
         self.blocks_of(len)?;
         self.settle()?;
