@@ -1,7 +1,7 @@
 //! Re-encrypting a namespace's data area in place, crash-safe at every instant: the durable side
 //! of a deep rekey, and of encrypting or decrypting a namespace that holds data
 //! (docs/lifecycle.md §2–§4, §7 and docs/on-disk-format.md §7–§8).
-//! This file stays whole (about 1,350 lines; tests in `convert/tests.rs` and
+//! This file stays whole (about 1,400 lines; tests in `convert/tests.rs` and
 //! `convert/encdec_tests.rs`): the steps, the journal record and the recovery form one
 //! crash-safety argument that must be checked in one place.
 //!
