@@ -49,7 +49,7 @@ struct Cosmian {
 
 impl Cosmian {
     /// Starts a server with `certs`' CA and server certificate, in `certs/<name>/`, on a free
-    /// port (its HTTP API on the next one).
+    /// port (its HTTP API on another).
     fn start(certs: &Certs, name: &str) -> Cosmian {
         let dir = certs.path(name);
         std::fs::create_dir_all(&dir).unwrap();
@@ -57,10 +57,14 @@ impl Cosmian {
             std::fs::copy(certs.path(f), dir.join(f)).unwrap();
         }
         let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/cosmian/start.sh");
-        let port = free_port();
+        let (port, http_port) = (free_port(), free_port());
         let out = Command::new("bash")
             .arg(&script)
-            .args([dir.to_str().unwrap(), &port.to_string()])
+            .args([
+                dir.to_str().unwrap(),
+                &port.to_string(),
+                &http_port.to_string(),
+            ])
             .output()
             .unwrap();
         assert!(

@@ -2,17 +2,18 @@
 # Starts one Cosmian KMS in its own process group, KMIP binary protocol over TLS (the socket
 # server, client certificates required) on 127.0.0.1:PORT, and prints that process group id.
 #
-#   start.sh DIR PORT
+#   start.sh DIR PORT [HTTP_PORT]
 #
 # DIR must hold ca.pem, server.pem and server.key (scripts/pykmip/gen-certs.sh makes them).
 # Writes DIR/kms.toml, keeps its SQLite database in DIR/db and logs to DIR/server.out. Its HTTP
-# API listens on 127.0.0.1:PORT+1 (unused by nvseal). Waits until PORT listens (timeout
-# NVSEAL_COSMIAN_START_TIMEOUT_S, default 60). Stop with `kill -- -PGID`. The binary comes from
-# setup.sh (NVSEAL_COSMIAN_ROOT).
+# API (unused by nvseal) listens on 127.0.0.1:HTTP_PORT (default PORT+1). Waits until PORT
+# listens (timeout NVSEAL_COSMIAN_START_TIMEOUT_S, default 60). Stop with `kill -- -PGID`. The
+# binary comes from setup.sh (NVSEAL_COSMIAN_ROOT).
 set -euo pipefail
 
-dir="$(cd "${1:?usage: start.sh DIR PORT}" && pwd)"
-port="${2:?usage: start.sh DIR PORT}"
+dir="$(cd "${1:?usage: start.sh DIR PORT [HTTP_PORT]}" && pwd)"
+port="${2:?usage: start.sh DIR PORT [HTTP_PORT]}"
+http_port="${3:-$((port + 1))}"
 root="${NVSEAL_COSMIAN_ROOT:-$HOME/.cache/nvseal/cosmian}"
 bin="$root/bin/cosmian_kms"
 timeout_s="${NVSEAL_COSMIAN_START_TIMEOUT_S:-60}"
@@ -41,7 +42,7 @@ socket_server_port = $port
 socket_server_hostname = "127.0.0.1"
 
 [http]
-port = $((port + 1))
+port = $http_port
 hostname = "127.0.0.1"
 
 [logging]
