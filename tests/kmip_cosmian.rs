@@ -21,10 +21,8 @@ use common::kmip::{cluster, free_port, Certs};
 use common::{kms_config, online, pattern, read_blocks, write_blocks};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use nvseal::bdev::malloc::{self, MallocConfig};
 use nvseal::bdev::Bdev;
 use nvseal::keys::header::METADATA_REGION_BYTES;
-use nvseal::keys::header_io::BdevHeaderIo;
 use nvseal::keys::kmip_provider::KmipKeyProvider;
 use nvseal::keys::manager::{
     KeyManager, KeysConfig, ManagerOptions, NamespaceKeyConfig, NamespaceRekeyResult, OldKekAction,
@@ -34,7 +32,6 @@ use nvseal::keys::provider::KekState;
 use nvseal::keys::store::HeaderIo;
 use nvseal::keys::{KekId, KeyProvider, ProviderError};
 use nvseal::kms::{KeyId, KeyState, RevocationReason, ServerAddr, Timeouts};
-use nvseal::types::CoreId;
 
 const BS: usize = 4096;
 const DATA_BLOCKS: u64 = 16;
@@ -116,18 +113,11 @@ fn keys_config(certs: &Certs, server: &Cosmian) -> KeysConfig {
 }
 
 fn malloc_dev(name: &str) -> Arc<dyn Bdev> {
-    malloc::open(&MallocConfig {
-        name: name.into(),
-        num_blocks: None,
-        size_bytes: Some(DEV_BYTES),
-        block_size: BS as u32,
-        hugepages: false,
-    })
-    .expect("malloc")
+    common::malloc_dev(name, DEV_BYTES, BS)
 }
 
 fn hio(dev: &Arc<dyn Bdev>) -> Box<dyn HeaderIo + Send> {
-    Box::new(BdevHeaderIo::new(dev.clone(), CoreId(0), METADATA_REGION_BYTES).expect("hio"))
+    common::header_io(dev)
 }
 
 fn key(kek_name: &str) -> NamespaceKeyConfig {
@@ -135,6 +125,24 @@ fn key(kek_name: &str) -> NamespaceKeyConfig {
         provider: "cosmian".into(),
         kek_name: Some(kek_name.into()),
     }
+}
+
+/// A new key manager (a restart) with namespace `cvol` on `dev`: it must come online under
+/// `kek` and read back `data`.
+fn reboot(cfg: &KeysConfig, dev: &Arc<dyn Bdev>, kek: &KekId, data: &[u8]) -> KeyManager {
+    let m = KeyManager::new(cfg, ManagerOptions::default()).unwrap();
+    m.add_encrypted(
+        "boot",
+        "cvol",
+        dev.clone(),
+        hio(dev),
+        &key("cosmian-ns"),
+        false,
+    )
+    .unwrap();
+    assert_eq!(online(&m, "cvol").kek_id.as_ref(), Some(kek));
+    assert!(read_blocks(&m.bdev("cvol").unwrap(), 0, DATA_BLOCKS as u32) == data);
+    m
 }
 
 /// A KEK's life through the provider: created Active and served; after Revoke, Cosmian itself
@@ -217,18 +225,7 @@ fn a_namespace_formats_unlocks_and_rekeys_against_cosmian() {
     drop(m);
 
     // Restart: unlocked with the KEK fetched from Cosmian.
-    let m = KeyManager::new(&cfg, ManagerOptions::default()).unwrap();
-    m.add_encrypted(
-        "boot",
-        "cvol",
-        dev.clone(),
-        hio(&dev),
-        &key("cosmian-ns"),
-        false,
-    )
-    .unwrap();
-    assert_eq!(online(&m, "cvol").kek_id.as_ref(), Some(&k1));
-    assert!(read_blocks(&m.bdev("cvol").unwrap(), 0, DATA_BLOCKS as u32) == data);
+    let m = reboot(&cfg, &dev, &k1, &data);
 
     // Shallow rekey: a new KEK, the old one kept (no revocation unless asked).
     let report = m
@@ -255,18 +252,7 @@ fn a_namespace_formats_unlocks_and_rekeys_against_cosmian() {
     drop(m);
 
     // Second restart: unlocked under k2, data intact.
-    let m = KeyManager::new(&cfg, ManagerOptions::default()).unwrap();
-    m.add_encrypted(
-        "boot",
-        "cvol",
-        dev.clone(),
-        hio(&dev),
-        &key("cosmian-ns"),
-        false,
-    )
-    .unwrap();
-    assert_eq!(online(&m, "cvol").kek_id.as_ref(), Some(&k2));
-    assert!(read_blocks(&m.bdev("cvol").unwrap(), 0, DATA_BLOCKS as u32) == data);
+    let m = reboot(&cfg, &dev, &k2, &data);
 
     // A KEK name whose only key is revoked: a new namespace gets a new Active KEK (Cosmian would
     // refuse the revoked one's Get; PyKMIP would have served it).

@@ -19,10 +19,8 @@ use std::time::Duration;
 
 use common::kmip::{cluster, free_port, kmip_state, Certs, PyKmip};
 use common::{kms_config, online, pattern, read_blocks, settle, write_blocks};
-use nvseal::bdev::malloc::{self, MallocConfig};
 use nvseal::bdev::Bdev;
 use nvseal::keys::header::METADATA_REGION_BYTES;
-use nvseal::keys::header_io::BdevHeaderIo;
 use nvseal::keys::kmip_provider::KmipKeyProvider;
 use nvseal::keys::manager::{
     KeyManager, KeysConfig, ManagerOptions, NamespaceKeyConfig, NamespaceKeyState,
@@ -33,7 +31,6 @@ use nvseal::keys::provider::KekState;
 use nvseal::keys::store::HeaderIo;
 use nvseal::keys::{KekId, KeyProvider, ProviderError};
 use nvseal::kms::{KeyId, RevocationReason, Timeouts};
-use nvseal::types::CoreId;
 
 const BS: usize = 4096;
 const DATA_BLOCKS: u64 = 16;
@@ -61,18 +58,11 @@ fn one_server(certs: &Certs, server: &PyKmip) -> KeysConfig {
 }
 
 fn malloc_dev(name: &str) -> Arc<dyn Bdev> {
-    malloc::open(&MallocConfig {
-        name: name.into(),
-        num_blocks: None,
-        size_bytes: Some(DEV_BYTES),
-        block_size: BS as u32,
-        hugepages: false,
-    })
-    .expect("malloc")
+    common::malloc_dev(name, DEV_BYTES, BS)
 }
 
 fn hio(dev: &Arc<dyn Bdev>) -> Box<dyn HeaderIo + Send> {
-    Box::new(BdevHeaderIo::new(dev.clone(), CoreId(0), METADATA_REGION_BYTES).expect("hio"))
+    common::header_io(dev)
 }
 
 fn key(kek_name: Option<&str>) -> NamespaceKeyConfig {

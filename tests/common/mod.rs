@@ -170,6 +170,30 @@ pub fn read_blocks(bdev: &Arc<dyn Bdev>, lba: u64, blocks: u32) -> Vec<u8> {
     read_on(ch.as_mut(), bdev, lba, blocks)
 }
 
+/// A RAM disk of `size_bytes` in `block_size` blocks (metadata region included by the caller).
+pub fn malloc_dev(name: &str, size_bytes: u64, block_size: usize) -> Arc<dyn Bdev> {
+    nvseal::bdev::malloc::open(&nvseal::bdev::malloc::MallocConfig {
+        name: name.into(),
+        num_blocks: None,
+        size_bytes: Some(size_bytes),
+        block_size: block_size as u32,
+        hugepages: false,
+    })
+    .expect("malloc")
+}
+
+/// Header I/O on `dev`'s metadata region, as the key manager takes it.
+pub fn header_io(dev: &Arc<dyn Bdev>) -> Box<dyn nvseal::keys::store::HeaderIo + Send> {
+    Box::new(
+        nvseal::keys::header_io::BdevHeaderIo::new(
+            dev.clone(),
+            nvseal::types::CoreId(0),
+            nvseal::keys::header::METADATA_REGION_BYTES,
+        )
+        .expect("header I/O"),
+    )
+}
+
 /// A KMS cluster configuration over `servers` with the certificates in `certs_dir`
 /// (`client`: `client`, `wrong-client`, ...).
 pub fn kms_config(
