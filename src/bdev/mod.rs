@@ -147,7 +147,7 @@ impl BufPool {
         let mut free = Vec::with_capacity(count);
         for _ in 0..count {
             free.push(
-                AlignedBuf::zeroed(buf_size, align).ok_or(BdevError::NoMemory {
+                AlignedBuf::for_io(buf_size, align).ok_or(BdevError::NoMemory {
                     bytes: buf_size * count,
                 })?,
             );

@@ -263,7 +263,7 @@ impl SharedBufs {
             if !t.reserve_buffers(bytes) {
                 break;
             }
-            let Some(mem) = AlignedBuf::zeroed(self.buf_size, SHARED_BUF_ALIGN) else {
+            let Some(mem) = AlignedBuf::for_io(self.buf_size, SHARED_BUF_ALIGN) else {
                 t.release_buffers(bytes);
                 break;
             };

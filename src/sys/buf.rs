@@ -1,13 +1,40 @@
 //! Aligned heap buffers. An [`AlignedBuf`] owns `capacity` bytes aligned to a power of two; it is
 //! `Send` (plain owned memory) so pools can be built on a control thread and moved to a reactor.
+//!
+//! Buffers that carry I/O data ([`AlignedBuf::for_io`]) come from the process's I/O allocator
+//! when one is installed ([`set_io_allocator`]: SPDK's DMA-able memory, once a `spdk_nvme` bdev
+//! has started SPDK's environment), so a PCIe drive can DMA straight into them; otherwise, and
+//! whenever that allocator is out of memory, from the heap.
 
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
+use std::sync::OnceLock;
+
+/// A source of I/O buffer memory other than the heap.
+pub trait IoAllocator: Sync {
+    /// `size` zeroed bytes aligned to `align` (a power of two), or `None`.
+    fn alloc_zeroed(&self, size: usize, align: usize) -> Option<*mut u8>;
+    /// Frees memory from [`IoAllocator::alloc_zeroed`].
+    ///
+    /// # Safety
+    /// `ptr` came from this allocator's `alloc_zeroed` and is not used or freed again.
+    unsafe fn free(&self, ptr: *mut u8);
+}
+
+static IO_ALLOCATOR: OnceLock<&'static dyn IoAllocator> = OnceLock::new();
+
+/// Installs the allocator [`AlignedBuf::for_io`] uses from now on (once per process; a second
+/// call is ignored).
+pub fn set_io_allocator(a: &'static dyn IoAllocator) {
+    let _ = IO_ALLOCATOR.set(a);
+}
 
 /// Owned, zero-initialised, aligned memory.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     layout: Layout,
+    /// Where the memory came from when not the heap.
+    from: Option<&'static dyn IoAllocator>,
 }
 
 // SAFETY: AlignedBuf uniquely owns its allocation (like Box<[u8]>); moving it between threads
@@ -23,7 +50,33 @@ impl AlignedBuf {
         let layout = Layout::from_size_align(capacity.max(align), align).ok()?;
         // SAFETY: the layout has a non-zero size (max with align ≥ 1).
         let raw = unsafe { alloc::alloc_zeroed(layout) };
-        NonNull::new(raw).map(|ptr| AlignedBuf { ptr, layout })
+        NonNull::new(raw).map(|ptr| AlignedBuf {
+            ptr,
+            layout,
+            from: None,
+        })
+    }
+    /// Like [`AlignedBuf::zeroed`], for a buffer that carries I/O data: from the installed
+    /// [`IoAllocator`] if there is one and it has room, else from the heap.
+    pub fn for_io(capacity: usize, align: usize) -> Option<Self> {
+        let layout = Layout::from_size_align(capacity.max(align), align).ok()?;
+        if let Some(a) = IO_ALLOCATOR.get() {
+            if let Some(ptr) = a
+                .alloc_zeroed(layout.size(), layout.align())
+                .and_then(NonNull::new)
+            {
+                return Some(AlignedBuf {
+                    ptr,
+                    layout,
+                    from: Some(*a),
+                });
+            }
+        }
+        Self::zeroed(capacity, align)
+    }
+    /// Whether the memory came from the installed [`IoAllocator`] (not the heap).
+    pub fn is_io_memory(&self) -> bool {
+        self.from.is_some()
     }
     pub fn capacity(&self) -> usize {
         self.layout.size()
@@ -46,8 +99,12 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        // SAFETY: ptr was returned by alloc_zeroed with exactly this layout and is freed once.
-        unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) }
+        match self.from {
+            // SAFETY: ptr came from this allocator's alloc_zeroed (`for_io`) and is freed once.
+            Some(a) => unsafe { a.free(self.ptr.as_ptr()) },
+            // SAFETY: ptr was returned by alloc_zeroed with exactly this layout and is freed once.
+            None => unsafe { alloc::dealloc(self.ptr.as_ptr(), self.layout) },
+        }
     }
 }
 
