@@ -36,3 +36,22 @@ log "cargo clippy (warnings denied)"
 cargo clippy --all-targets --locked -- -D warnings
 log "tests"
 cargo nextest run --locked --no-fail-fast "$@"
+
+# The `spdk` feature (docs/spdk.md) builds only against an installed SPDK, which no package
+# registry provides: run its clippy and tests when pkg-config finds SPDK, say loudly when not.
+spdk_prefix="${SPDK_PREFIX:-/opt/spdk}"
+if [ -d "$spdk_prefix/lib/pkgconfig" ]; then
+  export PKG_CONFIG_PATH="$spdk_prefix/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
+fi
+spdk_tests="tests/spdk_nvme.rs (fabrics path over SPDK's NVMe/TCP initiator, controller loss and reset, bad transport IDs) and clippy --features spdk"
+if pkg-config --exists spdk_nvme spdk_env_dpdk spdk_syslibs 2>/dev/null; then
+  log "SPDK $(pkg-config --modversion spdk_nvme) found: clippy and tests with --features spdk"
+  # bindgen loads libclang.
+  if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev
+  fi
+  cargo clippy --all-targets --locked --features spdk -- -D warnings
+  cargo nextest run --locked --no-fail-fast --features spdk -E 'binary(spdk_nvme) | test(spdk::)' "$@"
+else
+  printf '\nSKIPPED: SPDK not installed: %s\n' "$spdk_tests" >&2
+fi

@@ -12,6 +12,7 @@
 //! * [`config`] — the YAML schema and its validation (errors carry key, line and column).
 //! * [`leak`] — secret detection (field names, values, encodings), to redact and to test.
 //! * [`audit`] — the audit trail of changes, a service below both [`rpc`] and [`keys`].
+//! * [`spdk`] — the `spdk_nvme` bdev over SPDK's user-space NVMe driver (`spdk` feature).
 //! * [`stack`] — builds the bdev stacks a config (or a `namespace.create` call) describes.
 //! * [`server`] — `nvseal serve`: the target, the key manager and the control socket together.
 //! * [`tools`] — `bdevperf` and `perf`, engine-level tools driven from the CLI.
@@ -29,6 +30,7 @@ pub mod nvmf;
 pub mod reactor;
 pub mod rpc;
 pub mod server;
+pub mod spdk;
 pub mod stack;
 pub mod stats;
 pub mod sys;

@@ -260,7 +260,7 @@ pub struct Server {
     rpc: Option<RpcHandle>,
     listen_addrs: Vec<SocketAddr>,
     dynamic: Arc<Dynamic>,
-    _stacks: Stacks,
+    stacks: Stacks,
 }
 
 impl Server {
@@ -490,7 +490,7 @@ impl Server {
             rpc: None,
             listen_addrs,
             dynamic,
-            _stacks: stacks,
+            stacks,
         };
         if let Some(rc) = &cfg.rpc {
             server.rpc = Some(server.start_rpc(rc.clone(), audit)?);
@@ -525,6 +525,7 @@ impl Server {
         let k4 = self.keys.clone();
         let d1 = self.dynamic.clone();
         let d2 = self.dynamic.clone();
+        let spdk = self.stacks.spdk.clone();
         let reactors = self
             .reactors
             .as_ref()
@@ -570,6 +571,10 @@ impl Server {
                     })
                     .collect();
                 Ok(json!({ "reactors": v }))
+            })
+            .method("spdk.controllers", Role::Viewer, move |_ctx, _p| {
+                let v: Vec<Value> = spdk.values().map(|c| c.status()).collect();
+                Ok(json!({ "available": crate::spdk::AVAILABLE, "version": crate::spdk::version(), "controllers": v }))
             })
             .method("stats.nvmf", Role::Viewer, move |_ctx, _p| {
                 Ok(json!({
@@ -647,7 +652,7 @@ impl Server {
         if let Some(set) = self.reactors.take() {
             set.shutdown();
         }
-        let mut bdevs = flushable(&self._stacks);
+        let mut bdevs = flushable(&self.stacks);
         for d in lock(&self.dynamic.created).values() {
             bdevs.extend(flushable(&d.stacks));
         }

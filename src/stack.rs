@@ -35,6 +35,8 @@ pub struct Stacks {
     pub encrypted: BTreeMap<String, (Arc<LateBdev>, EncryptedBdevConfig)>,
     /// The `uring` bdevs, for their file identity and their own descriptor.
     pub uring: BTreeMap<String, Arc<UringBdev>>,
+    /// The `spdk_nvme` bdevs, for their controllers' state.
+    pub spdk: BTreeMap<String, Arc<dyn crate::spdk::ControllerStatus>>,
     /// RAM held by `malloc` bdevs: (regular pages, hugepages), in bytes.
     pub memory_bytes: (u64, u64),
 }
@@ -80,6 +82,19 @@ impl Stacks {
     /// Nothing is allocated or opened for a request that a budget refuses.
     pub fn open_rpc(cfg: &Config, limits: &RpcLimits<'_>) -> Result<Stacks, StackError> {
         let p = limits.policy;
+        // Attaching a drive or a remote controller (and starting SPDK's environment, which pins
+        // memory) is the operator's decision, made in the config file.
+        for (i, b) in cfg.bdevs.iter().enumerate() {
+            if let BdevConfig::SpdkNvme(c) = b {
+                return Err(StackError::Denied {
+                    field: format!("bdevs[{i}].type"),
+                    what: format!(
+                        "bdev {}: spdk_nvme bdevs come from the config file only, never from namespace.create",
+                        c.name
+                    ),
+                });
+            }
+        }
         let (mut pages, mut huge) = (limits.malloc_bytes_used, limits.hugepage_bytes_used);
         for (i, b) in cfg.bdevs.iter().enumerate() {
             let BdevConfig::Malloc(c) = b else { continue };
@@ -149,6 +164,7 @@ impl Stacks {
         let mut crypto_keys = BTreeMap::new();
         let mut encrypted = BTreeMap::new();
         let mut uring = BTreeMap::new();
+        let mut spdk = BTreeMap::new();
         let mut memory_bytes = (0u64, 0u64);
         for (i, b) in cfg.bdevs.iter().enumerate() {
             let dev: Arc<dyn Bdev> = match b {
@@ -163,6 +179,17 @@ impl Stacks {
                     dev
                 }
                 BdevConfig::Null(c) => bdev::null::open(c)?,
+                BdevConfig::SpdkNvme(c) => {
+                    let cores = cfg
+                        .reactor
+                        .cores
+                        .placement()
+                        .and_then(|p| p.resolve(&crate::sys::affinity::allowed_cpus()))
+                        .unwrap_or_default();
+                    let (dev, status) = crate::spdk::open(c, &cfg.spdk, &cores)?;
+                    spdk.insert(c.name.clone(), status);
+                    dev
+                }
                 BdevConfig::Uring(c) => {
                     let u = Arc::new(match rpc {
                         None => UringBdev::new(c)?,
@@ -232,6 +259,7 @@ impl Stacks {
             crypto_keys,
             encrypted,
             uring,
+            spdk,
             memory_bytes,
         })
     }

@@ -257,6 +257,15 @@ fn namespaces_created_and_deleted_over_the_control_socket() {
         code == -32602 && msg.contains("exclude each other"),
         "{msg}"
     );
+    // A caller cannot attach a drive or a remote controller (config file only).
+    let (code, msg) = rpc_err(
+        &sock,
+        "namespace.create",
+        json!({ "nqn": NQN, "nsid": 6, "bdevs": [
+            { "name": "ssd6", "type": "spdk_nvme", "trid": "trtype:PCIe traddr:0000:03:00.0" }
+        ] }),
+    );
+    assert!(code != 0 && msg.contains("spdk_nvme"), "{code} {msg}");
 
     // Errors: unknown subsystem, nsid in use, bad bdev config (names the field), name clash.
     let (code, msg) = rpc_err(

@@ -37,10 +37,11 @@ pub struct BundleArgs {
 
 /// What a bundle asks a running target for (`--socket`): its state, every stats family, and
 /// the config it runs (`config.get`, redacted by the target).
-const RPC_SOURCES: [&str; 9] = [
+const RPC_SOURCES: [&str; 10] = [
     "health",
     "config.get",
     "subsystems.list",
+    "spdk.controllers",
     "keys.status",
     "kms.status",
     "stats.reactors",

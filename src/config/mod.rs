@@ -61,6 +61,9 @@ pub struct Config {
     pub crypto: CryptoConfig,
     #[serde(default)]
     pub bdevs: Vec<BdevConfig>,
+    /// SPDK's environment, for `spdk_nvme` bdevs (`spdk` feature; docs/spdk.md).
+    #[serde(default)]
+    pub spdk: crate::spdk::SpdkEnvConfig,
     /// NVMe/TCP transport limits.
     #[serde(default)]
     pub nvmf: crate::nvmf::config::Limits,
@@ -193,6 +196,7 @@ pub enum BdevConfig {
     Malloc(MallocConfig),
     Null(NullConfig),
     Uring(UringConfig),
+    SpdkNvme(crate::spdk::SpdkNvmeConfig),
     Crypto(CryptoBdevConfig),
     Encrypted(EncryptedBdevConfig),
 }
@@ -205,7 +209,10 @@ impl BdevConfig {
             BdevConfig::Malloc(c) => (c.block_size, c.num_blocks, c.size_bytes, true),
             BdevConfig::Null(c) => (c.block_size, c.num_blocks, c.size_bytes, true),
             BdevConfig::Uring(c) => (c.block_size, None, c.size_bytes, false),
-            BdevConfig::Crypto(_) | BdevConfig::Encrypted(_) => return Ok(()),
+            // The namespace's own geometry, read when the controller is attached.
+            BdevConfig::SpdkNvme(_) | BdevConfig::Crypto(_) | BdevConfig::Encrypted(_) => {
+                return Ok(())
+            }
         };
         if bs != 512 && bs != 4096 {
             return Err(("block_size", format!("block_size {bs} must be 512 or 4096")));
@@ -233,6 +240,7 @@ impl BdevConfig {
             BdevConfig::Malloc(c) => &c.name,
             BdevConfig::Null(c) => &c.name,
             BdevConfig::Uring(c) => &c.name,
+            BdevConfig::SpdkNvme(c) => &c.name,
             BdevConfig::Crypto(c) => &c.name,
             BdevConfig::Encrypted(c) => &c.name,
         }
@@ -577,6 +585,20 @@ impl Config {
             }
             if let Err((field, m)) = b.check_geometry() {
                 return Err(err(format!("bdevs[{i}].{field}"), m));
+            }
+            if let BdevConfig::SpdkNvme(c) = b {
+                if !crate::spdk::AVAILABLE {
+                    return Err(err(
+                        format!("bdevs[{i}].type"),
+                        format!("bdev {}: type spdk_nvme needs a build with the `spdk` feature (cargo build --release --features spdk, against an installed SPDK: docs/spdk.md); this binary has none", c.name),
+                    ));
+                }
+                if c.trid.trim().is_empty() {
+                    return Err(err(
+                        format!("bdevs[{i}].trid"),
+                        "trid must not be empty".into(),
+                    ));
+                }
             }
             if let BdevConfig::Encrypted(c) = b {
                 if let Err((field, why)) = c.check() {

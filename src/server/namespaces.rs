@@ -397,6 +397,7 @@ fn bdev_summary(b: &BdevConfig) -> String {
         ),
         BdevConfig::Null(c) => format!("{}=null", c.name),
         BdevConfig::Uring(c) => format!("{}=uring({})", c.name, c.path.display()),
+        BdevConfig::SpdkNvme(c) => format!("{}=spdk_nvme({} nsid {})", c.name, c.trid, c.nsid),
         BdevConfig::Crypto(c) => format!("{}=crypto({})", c.name, c.base),
         BdevConfig::Encrypted(c) => format!("{}=encrypted({} {})", c.name, c.base, c.provider),
     }

@@ -1,0 +1,453 @@
+//! The `spdk_nvme` bdev (issue 15, docs/spdk.md).
+//!
+//! Without the `spdk` feature: a config naming `type: spdk_nvme` is refused at start-up with an
+//! error that says how to get the feature.
+//!
+//! With it (SPDK installed; `scripts/test.sh` runs these with `--features spdk` then), the
+//! fabrics path on the host: `nvseal serve` A exports a RAM namespace; `nvseal serve` B takes
+//! it as `spdk_nvme` over `trtype:TCP` (SPDK's NVMe/TCP initiator, no kernel) and exports it
+//! encrypted; `nvseal perf --verify` drives B; A's namespace must then hold ciphertext that an
+//! independent XTS (Python `cryptography`) decrypts to what perf wrote. Then A goes away: B's
+//! I/O fails cleanly and B says so; A comes back: B resets the controller and serves again.
+
+mod common;
+
+use std::fs;
+use std::process::Command;
+
+#[cfg(not(feature = "spdk"))]
+#[test]
+fn without_the_feature_a_spdk_nvme_bdev_is_refused_saying_how_to_get_it() {
+    let d = tempfile::tempdir().unwrap();
+    let cfg = d.path().join("b.yaml");
+    fs::write(
+        &cfg,
+        "reactor:\n  cores: 1\n  pin: false\n\
+         bdevs:\n  - name: remote\n    type: spdk_nvme\n    trid: \"trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:4420 subnqn:nqn.2026-12.io.nvseal:a\"\n\
+         subsystems:\n  - nqn: nqn.2026-12.io.nvseal:b\n    serial: B1\n    allowed_hosts: [\"nqn.2026-12.io.nvseal:host\"]\n\
+         \x20   namespaces:\n      - nsid: 1\n        bdev: remote\n\
+         \x20   listen:\n      - addr: 127.0.0.1\n        port: 0\n",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_nvseal"))
+        .args(["serve", "-c", cfg.to_str().unwrap()])
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "serve must refuse: {err}");
+    assert!(
+        err.contains("remote") && err.contains("`spdk` feature") && err.contains("docs/spdk.md"),
+        "the error names the bdev and the feature: {err}"
+    );
+}
+
+#[cfg(feature = "spdk")]
+mod with_spdk {
+    use super::*;
+    use common::pass::{check_all_blocks, check_perf, python_decrypt, Area, Perf};
+    use common::serve::{addr_of, Serve};
+    use nvseal::nvme::connect;
+    use nvseal::nvmf::host::{HostConfig, HostQpair};
+    use nvseal::tools::bdevperf::fill_pattern;
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::time::Duration;
+
+    const NQN_A: &str = "nqn.2026-12.io.nvseal:spdk-a";
+    const NQN_B: &str = "nqn.2026-12.io.nvseal:spdk-b";
+    /// The host NQN B connects to A as (A's allow-list names it).
+    const HOST_B: &str = "nqn.2026-12.io.nvseal:spdk-b-initiator";
+    /// The host NQN perf connects to B as.
+    const HOST_PERF: &str = "nqn.2026-12.io.nvseal:spdk-perf";
+    const DATA_BYTES: u64 = 8 << 20;
+    const SEED: u64 = 151;
+
+    fn config_a(d: &Path, bs: u32, port: u16) -> std::path::PathBuf {
+        let cfg = d.join("a.yaml");
+        fs::write(
+            &cfg,
+            format!(
+                "reactor:\n  cores: 1\n  pin: false\n  idle_backoff_us: 20\n\
+                 bdevs:\n  - name: ram\n    type: malloc\n    size_bytes: {DATA_BYTES}\n    block_size: {bs}\n\
+                 subsystems:\n  - nqn: {NQN_A}\n    serial: SPDKA\n    allowed_hosts: [\"{HOST_B}\", \"{HOST_PERF}\"]\n\
+                 \x20   namespaces:\n      - nsid: 1\n        bdev: ram\n\
+                 \x20   listen:\n      - addr: 127.0.0.1\n        port: {port}\n"
+            ),
+        )
+        .unwrap();
+        cfg
+    }
+
+    fn config_b(d: &Path, a: SocketAddr) -> std::path::PathBuf {
+        let cfg = d.join("b.yaml");
+        fs::write(
+            &cfg,
+            format!(
+                "reactor:\n  cores: 1\n  pin: false\n  idle_backoff_us: 20\n\
+                 spdk:\n  hugepages: false\n  mem_size_mib: 512\n\
+                 bdevs:\n  - name: remote\n    type: spdk_nvme\n    trid: \"trtype:TCP adrfam:IPv4 traddr:{ip} trsvcid:{port} subnqn:{NQN_A}\"\n    hostnqn: {HOST_B}\n    queue_depth: 64\n\
+                 \x20 - name: vol\n    type: crypto\n    base: remote\n    key:\n      file:\n        path: {key}\n\
+                 subsystems:\n  - nqn: {NQN_B}\n    serial: SPDKB\n    allowed_hosts: [\"{HOST_PERF}\"]\n\
+                 \x20   namespaces:\n      - nsid: 1\n        bdev: vol\n        encrypted: true\n\
+                 \x20   listen:\n      - addr: 127.0.0.1\n        port: 0\n",
+                ip = a.ip(),
+                port = a.port(),
+                key = d.join("xts.hex").display(),
+            ),
+        )
+        .unwrap();
+        cfg
+    }
+
+    /// A random 64-byte XTS key: as hex for nvseal (mode 0600), raw for the Python check.
+    fn write_key(d: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        let mut key = [0u8; 64];
+        getrandom::fill(&mut key).unwrap();
+        let hex = common::hex(&key);
+        let p = d.join("xts.hex");
+        fs::write(&p, hex).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(d.join("xts.bin"), key).unwrap();
+    }
+
+    /// Every byte of A's namespace, read over NVMe/TCP.
+    fn read_all(addr: SocketAddr, bs: u32) -> Vec<u8> {
+        let cfg = HostConfig {
+            hostnqn: HOST_PERF.into(),
+            queue_depth: 8,
+            timeout: Duration::from_secs(20),
+            ..Default::default()
+        };
+        let mut admin =
+            HostQpair::connect(addr, NQN_A, 0, connect::CNTLID_DYNAMIC, cfg.clone()).unwrap();
+        admin.enable().unwrap();
+        let mut q = HostQpair::connect(addr, NQN_A, 1, admin.cntlid(), cfg).unwrap();
+        let blocks = DATA_BYTES / u64::from(bs);
+        let per = u64::from(64 * 1024 / bs);
+        let mut out = Vec::with_capacity(DATA_BYTES as usize);
+        let mut lba = 0;
+        while lba < blocks {
+            let n = per.min(blocks - lba);
+            out.extend(common::host::read_blocks(&mut q, 1, lba, n as u32, bs));
+            lba += n;
+        }
+        out
+    }
+
+    fn fabrics_path(bs: u32) {
+        let d = tempfile::tempdir().unwrap();
+        write_key(d.path());
+        let port = common::kmip::free_port();
+        let cfg_a = config_a(d.path(), bs, port);
+        let mut a = Serve::start(&cfg_a);
+        let addr_a = addr_of(&a.wait_for("NVMe/TCP listening"));
+        let mut b = Serve::start_with_log(&config_b(d.path(), addr_a), "info,nvseal::spdk=debug");
+        b.wait_for("SPDK environment started");
+        b.wait_for("spdk_nvme: controller attached");
+        let addr_b = addr_of(&b.wait_for("NVMe/TCP listening"));
+        b.wait_for("nvseal serving");
+
+        let addr = addr_b.to_string();
+        let perf = Perf {
+            addr: &addr,
+            nqn: NQN_B,
+            host: HOST_PERF,
+            data_bytes: DATA_BYTES,
+        };
+        // Fill every block first (sequential), then the randrw verify run.
+        let json = d.path().join("perf.json");
+        check_perf(perf.spawn(2, SEED, &json), &json);
+        check_all_blocks(&perf, addr_b, bs, SEED, SEED);
+
+        // A holds ciphertext: not the pattern, and the independent XTS gets the pattern back.
+        let raw = read_all(addr_a, bs);
+        let mut want = vec![0u8; DATA_BYTES as usize];
+        fill_pattern(&mut want, 0, bs as usize, SEED);
+        let img = d.path().join("a.raw");
+        fs::write(&img, &raw).unwrap();
+        let written: Vec<usize> = (0..(DATA_BYTES / u64::from(bs)) as usize)
+            .filter(|&i| {
+                let r = i * bs as usize..(i + 1) * bs as usize;
+                raw[r.clone()] != vec![0u8; bs as usize][..]
+            })
+            .collect();
+        assert!(!written.is_empty(), "perf wrote nothing through to A");
+        assert!(
+            !common::leaks(&raw, &want[..bs as usize]),
+            "plaintext of the first block is on A"
+        );
+        let plain = python_decrypt(
+            &Area {
+                img: &img,
+                unit: bs,
+                offset: 0,
+                blocks: DATA_BYTES / u64::from(bs),
+            },
+            u64::MAX,
+            Some(&d.path().join("xts.bin")),
+            None,
+        );
+        for &i in &written {
+            let r = i * bs as usize..(i + 1) * bs as usize;
+            assert_eq!(
+                plain[r.clone()],
+                want[r],
+                "block {i} on A does not decrypt to what perf wrote through B"
+            );
+        }
+
+        // A goes away: B's I/O fails (an NVMe error, not a hang) and B says why.
+        a.kill9();
+        b.wait_for("spdk_nvme: controller failed");
+        let cfg = HostConfig {
+            hostnqn: HOST_PERF.into(),
+            queue_depth: 4,
+            timeout: Duration::from_secs(20),
+            ..Default::default()
+        };
+        let mut admin =
+            HostQpair::connect(addr_b, NQN_B, 0, connect::CNTLID_DYNAMIC, cfg.clone()).unwrap();
+        admin.enable().unwrap();
+        let mut q = HostQpair::connect(addr_b, NQN_B, 1, admin.cntlid(), cfg).unwrap();
+        let st = common::host::try_read_blocks(&mut q, 1, 0, 1, bs);
+        assert!(
+            st.is_err(),
+            "a read with the backing controller gone must fail"
+        );
+
+        // A comes back on the same port (empty RAM): B resets the controller and serves again.
+        let mut a = Serve::start(&cfg_a);
+        a.wait_for("NVMe/TCP listening");
+        b.wait_for("spdk_nvme: controller reset; namespace back online");
+        if let Err(st) = common::host::try_read_blocks(&mut q, 1, 0, 1, bs) {
+            let log = b.kill9();
+            panic!("read after the reset failed ({st:#x}):\n{}", log.join("\n"));
+        }
+        b.stop();
+        a.stop();
+    }
+
+    #[test]
+    fn serve_over_spdk_tcp_encrypts_onto_a_remote_namespace_4096() {
+        fabrics_path(4096);
+    }
+
+    #[test]
+    fn serve_over_spdk_tcp_encrypts_onto_a_remote_namespace_512() {
+        fabrics_path(512);
+    }
+
+    #[test]
+    fn bad_transport_ids_and_namespaces_are_clear_start_up_errors() {
+        let d = tempfile::tempdir().unwrap();
+        write_key(d.path());
+        let cases: [(&str, &str); 3] = [
+            ("trtype:TCP adrfam:IPv4 traddr:127.0.0.1", "subnqn"),
+            ("trtype:Bogus traddr:x", "trtype must be PCIe, TCP or RDMA"),
+            ("trtype:PCIe traddr:0000:7f:1f.7", "PCIe"),
+        ];
+        for (trid, want) in cases {
+            let cfg = d.path().join("bad.yaml");
+            fs::write(
+                &cfg,
+                format!(
+                    "reactor:\n  cores: 1\n  pin: false\n\
+                     spdk:\n  hugepages: false\n  mem_size_mib: 256\n\
+                     bdevs:\n  - name: remote\n    type: spdk_nvme\n    trid: \"{trid}\"\n"
+                ),
+            )
+            .unwrap();
+            let out = Command::new(env!("CARGO_BIN_EXE_nvseal"))
+                .args(["serve", "-c", cfg.to_str().unwrap()])
+                .env("NO_COLOR", "1")
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{trid}: serve must refuse");
+            assert!(
+                err.contains("remote") && err.contains(want),
+                "{trid}: the error names the bdev and says {want:?}: {err}"
+            );
+        }
+    }
+
+    // ---- SPDK's own tools as peers ----
+
+    /// Where SPDK's tools are: `$SPDK_PREFIX/bin` (default /opt/spdk/bin). Installed SPDK
+    /// without its tools is a failure here, not a skip: these tests run only when SPDK is.
+    fn spdk_tool(name: &str) -> Command {
+        let prefix = std::env::var("SPDK_PREFIX").unwrap_or_else(|_| "/opt/spdk".into());
+        let p = Path::new(&prefix).join("bin").join(name);
+        assert!(
+            p.is_file(),
+            "{} missing: SPDK is installed without its tools (set SPDK_PREFIX)",
+            p.display()
+        );
+        // An installed SPDK's tools find its libraries there (`make install` runs no ldconfig).
+        let mut c = Command::new(p);
+        c.env("LD_LIBRARY_PATH", Path::new(&prefix).join("lib"));
+        c
+    }
+
+    /// `nvseal serve` exporting a RAM namespace to any host (SPDK's tools connect with a random
+    /// host NQN), and its address.
+    fn serve_any_host(d: &Path, bs: u32) -> (Serve, SocketAddr) {
+        let cfg = d.join("peer.yaml");
+        fs::write(
+            &cfg,
+            format!(
+                "reactor:\n  cores: 1\n  pin: false\n  idle_backoff_us: 20\n\
+                 bdevs:\n  - name: ram\n    type: malloc\n    size_bytes: {DATA_BYTES}\n    block_size: {bs}\n\
+                 subsystems:\n  - nqn: {NQN_A}\n    serial: SPDKPEER42\n    model: nvseal-peer-test\n    allow_any_host: true\n\
+                 \x20   namespaces:\n      - nsid: 1\n        bdev: ram\n\
+                 \x20   listen:\n      - addr: 127.0.0.1\n        port: 0\n"
+            ),
+        )
+        .unwrap();
+        let mut s = Serve::start(&cfg);
+        let addr = addr_of(&s.wait_for("NVMe/TCP listening"));
+        (s, addr)
+    }
+
+    fn trid(addr: SocketAddr, nqn: &str) -> String {
+        format!(
+            "trtype:TCP adrfam:IPv4 traddr:{} trsvcid:{} subnqn:{nqn}",
+            addr.ip(),
+            addr.port()
+        )
+    }
+
+    fn run_ok(cmd: &mut Command) -> String {
+        let out = cmd.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+        text
+    }
+
+    #[test]
+    fn spdk_nvme_identify_reads_nvseals_controller_and_namespace() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, addr) = serve_any_host(d.path(), 4096);
+        let out = run_ok(
+            spdk_tool("spdk_nvme_identify")
+                .args(["--no-huge", "-s", "256", "-r"])
+                .arg(trid(addr, NQN_A)),
+        );
+        let field = |name: &str| -> String {
+            out.lines()
+                .find_map(|l| l.trim_start().strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_else(|| panic!("identify output lacks {name:?}:\n{out}"))
+        };
+        assert_eq!(field("Serial Number:"), "SPDKPEER42");
+        assert_eq!(field("Model Number:"), "nvseal-peer-test");
+        assert_eq!(field("Subsystem NQN:"), NQN_A);
+        assert_eq!(field("Namespace ID:"), "1");
+        assert!(
+            field("Size (in LBAs):").starts_with(&(DATA_BYTES / 4096).to_string()),
+            "{out}"
+        );
+        assert_eq!(field("Volatile Write Cache:"), "Present");
+        assert!(
+            out.contains("LBA Format #00: Data Size:  4096  Metadata Size:     0"),
+            "{out}"
+        );
+        s.stop();
+    }
+
+    #[test]
+    fn spdk_nvme_perf_runs_against_nvseal_and_nvseal_perf_verifies_what_it_left() {
+        let d = tempfile::tempdir().unwrap();
+        let (s, addr) = serve_any_host(d.path(), 4096);
+        let out = run_ok(
+            spdk_tool("spdk_nvme_perf")
+                .args(["--no-huge", "-s", "512", "-q", "32", "-o", "4096"])
+                .args(["-w", "randrw", "-M", "70", "-t", "3", "-r"])
+                .arg(trid(addr, NQN_A)),
+        );
+        let total = out
+            .lines()
+            .find(|l| l.trim_start().starts_with("Total"))
+            .unwrap_or_else(|| panic!("no Total line:\n{out}"));
+        let iops: f64 = total
+            .split_whitespace()
+            .nth(2)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no IOPS in {total:?}"));
+        assert!(iops > 0.0, "{total}");
+        // The target is intact after SPDK's load: nvseal's own verifying client on it.
+        let a = addr.to_string();
+        let perf = Perf {
+            addr: &a,
+            nqn: NQN_A,
+            host: HOST_PERF,
+            data_bytes: DATA_BYTES,
+        };
+        let json = d.path().join("after.json");
+        check_perf(perf.spawn(1, SEED, &json), &json);
+        s.stop();
+    }
+
+    #[test]
+    fn nvseal_perf_verifies_against_spdks_nvmf_tgt() {
+        let d = tempfile::tempdir().unwrap();
+        let port = common::kmip::free_port();
+        let conf = serde_json::json!({ "subsystems": [
+            { "subsystem": "bdev", "config": [
+                { "method": "bdev_malloc_create",
+                  "params": { "name": "Malloc0", "num_blocks": DATA_BYTES / 4096, "block_size": 4096 } }
+            ] },
+            { "subsystem": "nvmf", "config": [
+                { "method": "nvmf_create_transport", "params": { "trtype": "TCP" } },
+                { "method": "nvmf_create_subsystem",
+                  "params": { "nqn": NQN_A, "allow_any_host": true, "serial_number": "SPDKTGT1" } },
+                { "method": "nvmf_subsystem_add_ns",
+                  "params": { "nqn": NQN_A, "namespace": { "bdev_name": "Malloc0", "nsid": 1 } } },
+                { "method": "nvmf_subsystem_add_listener",
+                  "params": { "nqn": NQN_A, "listen_address":
+                      { "trtype": "TCP", "adrfam": "IPv4", "traddr": "127.0.0.1", "trsvcid": port.to_string() } } }
+            ] }
+        ] });
+        let cfg = d.path().join("nvmf_tgt.json");
+        fs::write(&cfg, conf.to_string()).unwrap();
+        let mut tgt = spdk_tool("nvmf_tgt")
+            .args(["--no-huge", "-s", "512", "-m", "0x1", "--json"])
+            .arg(&cfg)
+            .arg("-r")
+            .arg(d.path().join("spdk.sock"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let t0 = std::time::Instant::now();
+        while std::net::TcpStream::connect(addr).is_err() {
+            if let Some(st) = tgt.try_wait().unwrap() {
+                panic!("nvmf_tgt exited: {st}");
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "nvmf_tgt did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let a = addr.to_string();
+        let perf = Perf {
+            addr: &a,
+            nqn: NQN_A,
+            host: HOST_PERF,
+            data_bytes: DATA_BYTES,
+        };
+        let json = d.path().join("tgt.json");
+        check_perf(perf.spawn(2, SEED, &json), &json);
+        check_all_blocks(&perf, addr, 4096, SEED, SEED);
+        let _ = tgt.kill();
+        let _ = tgt.wait();
+    }
+}
