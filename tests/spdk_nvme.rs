@@ -198,6 +198,31 @@ mod with_spdk {
             );
         }
 
+        // A namespace the controller lacks is a start-up error naming the bdev.
+        let bad = d.path().join("b-nsid.yaml");
+        fs::write(
+            &bad,
+            fs::read_to_string(d.path().join("b.yaml"))
+                .unwrap()
+                .replace(
+                    "    queue_depth: 64\n",
+                    "    queue_depth: 64\n    nsid: 7\n",
+                ),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_nvseal"))
+            .args(["serve", "-c", bad.to_str().unwrap()])
+            .env("NO_COLOR", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.contains("remote")
+                && err.contains("no active namespace 7"),
+            "nsid 7: {err}"
+        );
+
         // A goes away: B's I/O fails (an NVMe error, not a hang) and B says why.
         a.kill9();
         b.wait_for("spdk_nvme: controller failed");

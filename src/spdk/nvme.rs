@@ -532,3 +532,52 @@ impl Drop for IoQpair {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_ids_are_checked_before_anything_is_attached() {
+        let tcp = "trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:4420 subnqn:nqn.2026-12.io.x:a";
+        let t = TransportId::parse(tcp).expect("a full TCP transport ID");
+        assert!(!t.is_pcie());
+        assert!(TransportId::parse("trtype:PCIe traddr:0000:03:00.0")
+            .expect("a PCIe transport ID")
+            .is_pcie());
+        for (bad, why) in [
+            (
+                "trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:4420",
+                "subnqn",
+            ),
+            ("trtype:Bogus traddr:x", "trtype must be"),
+            ("trtype:PCIe", "traddr"),
+            ("nonsense", "malformed"),
+            ("trtype:TCP\0 traddr:1", "NUL"),
+        ] {
+            let e = TransportId::parse(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} accepted"));
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_fenced_gate_keeps_the_reactor_out_and_waits_for_it_to_leave() {
+        let g = Arc::new(QpairGate {
+            inside: AtomicBool::new(false),
+            fenced: AtomicBool::new(false),
+            qpair: AtomicPtr::new(std::ptr::null_mut()),
+        });
+        assert!(g.enter());
+        // The reactor is inside: a fence times out (and is lifted again).
+        assert!(!g.fence(Duration::from_millis(20)));
+        assert!(!g.fenced.load(Ordering::SeqCst));
+        g.leave();
+        assert!(g.fence(Duration::from_millis(20)));
+        assert!(!g.enter(), "a fenced gate lets nobody in");
+        g.unfence();
+        assert!(g.enter());
+        g.leave();
+    }
+}
