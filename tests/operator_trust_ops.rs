@@ -279,7 +279,7 @@ fn bundle_reports_failed_sources_and_fetches_the_running_config() {
         );
     }
     assert!(err.contains("the bundle is incomplete"), "{err}");
-    assert!(text.contains("0 of 9 calls answered"), "{text}");
+    assert!(text.contains("0 of 10 calls answered"), "{text}");
     assert!(!text.contains("BundleSummary"), "no debug struct: {text}");
     assert!(out.exists(), "what could be gathered is still written");
 
@@ -299,7 +299,7 @@ fn bundle_reports_failed_sources_and_fetches_the_running_config() {
     serve.stop();
     let text = String::from_utf8_lossy(&o.stdout).into_owned();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
-    assert!(text.contains("9 of 9 calls answered"), "{text}");
+    assert!(text.contains("10 of 10 calls answered"), "{text}");
     assert!(text.contains("running config of the target"), "{text}");
     let entries = nvseal::bundle::read_bundle(
         &out,
