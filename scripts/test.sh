@@ -43,9 +43,14 @@ spdk_prefix="${SPDK_PREFIX:-/opt/spdk}"
 if [ -d "$spdk_prefix/lib/pkgconfig" ]; then
   export PKG_CONFIG_PATH="$spdk_prefix/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
 fi
-spdk_tests="tests/spdk_nvme.rs (fabrics path over SPDK's NVMe/TCP initiator, controller loss and reset, bad transport IDs) and clippy --features spdk"
+spdk_tests="tests/spdk_nvme.rs (fabrics path over SPDK's NVMe/TCP initiator, controller loss and reset, bad transport IDs, spdk_nvme_identify/spdk_nvme_perf/nvmf_tgt as peers), the spdk unit tests and clippy --features spdk"
 if pkg-config --exists spdk_nvme spdk_env_dpdk spdk_syslibs 2>/dev/null; then
-  log "SPDK $(pkg-config --modversion spdk_nvme) found: clippy and tests with --features spdk"
+  # The .pc files carry the libraries' ABI version; the release is in spdk/version.h.
+  spdk_inc=$(pkg-config --cflags-only-I spdk_nvme | tr ' ' '\n' | sed -n 's/^-I//p' | head -1 || true)
+  spdk_ver=$(awk '$1=="#define" && $2=="SPDK_VERSION_MAJOR"{M=$3}
+                  $1=="#define" && $2=="SPDK_VERSION_MINOR"{m=$3}
+                  END{if (M != "") printf "%s.%02d", M, m}' "$spdk_inc/spdk/version.h" 2>/dev/null || true)
+  log "SPDK ${spdk_ver:-(version unknown)} found: clippy and tests with --features spdk"
   # bindgen loads libclang.
   if ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libclang-dev
