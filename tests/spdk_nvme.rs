@@ -47,8 +47,6 @@ mod with_spdk {
     use super::*;
     use common::pass::{check_all_blocks, check_perf, python_decrypt, Area, Perf};
     use common::serve::{addr_of, Serve};
-    use nvseal::nvme::connect;
-    use nvseal::nvmf::host::{HostConfig, HostQpair};
     use nvseal::tools::bdevperf::fill_pattern;
     use std::net::SocketAddr;
     use std::path::Path;
@@ -114,16 +112,7 @@ mod with_spdk {
 
     /// Every byte of A's namespace, read over NVMe/TCP.
     fn read_all(addr: SocketAddr, bs: u32) -> Vec<u8> {
-        let cfg = HostConfig {
-            hostnqn: HOST_PERF.into(),
-            queue_depth: 8,
-            timeout: Duration::from_secs(20),
-            ..Default::default()
-        };
-        let mut admin =
-            HostQpair::connect(addr, NQN_A, 0, connect::CNTLID_DYNAMIC, cfg.clone()).unwrap();
-        admin.enable().unwrap();
-        let mut q = HostQpair::connect(addr, NQN_A, 1, admin.cntlid(), cfg).unwrap();
+        let (_admin, mut q) = common::host::connect_io(addr, NQN_A, HOST_PERF, 8);
         let blocks = DATA_BYTES / u64::from(bs);
         let per = u64::from(64 * 1024 / bs);
         let mut out = Vec::with_capacity(DATA_BYTES as usize);
@@ -226,16 +215,7 @@ mod with_spdk {
         // A goes away: B's I/O fails (an NVMe error, not a hang) and B says why.
         a.kill9();
         b.wait_for("spdk_nvme: controller failed");
-        let cfg = HostConfig {
-            hostnqn: HOST_PERF.into(),
-            queue_depth: 4,
-            timeout: Duration::from_secs(20),
-            ..Default::default()
-        };
-        let mut admin =
-            HostQpair::connect(addr_b, NQN_B, 0, connect::CNTLID_DYNAMIC, cfg.clone()).unwrap();
-        admin.enable().unwrap();
-        let mut q = HostQpair::connect(addr_b, NQN_B, 1, admin.cntlid(), cfg).unwrap();
+        let (_admin, mut q) = common::host::connect_io(addr_b, NQN_B, HOST_PERF, 4);
         let st = common::host::try_read_blocks(&mut q, 1, 0, 1, bs);
         assert!(
             st.is_err(),

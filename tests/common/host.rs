@@ -1,7 +1,32 @@
 //! Small synchronous helpers over nvseal's own NVMe/TCP host (`nvmf::host::HostQpair`).
 
-use nvseal::nvmf::host::HostQpair;
+use nvseal::nvme::connect;
+use nvseal::nvmf::host::{HostConfig, HostQpair};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+
+/// Connects as `hostnqn` to `subnqn` at `addr`: an enabled admin queue and I/O queue 1 of
+/// `queue_depth` entries (20 s command timeout). The admin queue must be kept alive with the
+/// I/O queue. Panics on any failure.
+#[allow(dead_code)]
+pub fn connect_io(
+    addr: SocketAddr,
+    subnqn: &str,
+    hostnqn: &str,
+    queue_depth: u16,
+) -> (HostQpair, HostQpair) {
+    let cfg = HostConfig {
+        hostnqn: hostnqn.into(),
+        queue_depth,
+        timeout: Duration::from_secs(20),
+        ..Default::default()
+    };
+    let mut admin =
+        HostQpair::connect(addr, subnqn, 0, connect::CNTLID_DYNAMIC, cfg.clone()).unwrap();
+    admin.enable().unwrap();
+    let q = HostQpair::connect(addr, subnqn, 1, admin.cntlid(), cfg).unwrap();
+    (admin, q)
+}
 
 /// Reads `nlb` blocks of `block_size` at `lba` of `nsid` (one command) and waits for it;
 /// panics on an error status or after 20 s.

@@ -9,8 +9,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nvseal::nvme::connect;
-use nvseal::nvmf::host::{HostConfig, HostQpair};
 use nvseal::rpc::client::{call, ClientError};
 use nvseal::tools::bdevperf::fill_pattern;
 use serde_json::{json, Value};
@@ -128,16 +126,7 @@ pub fn check_perf(child: Child, json_out: &Path) {
 /// Reads every block over NVMe/TCP and compares it with perf's pattern for `seed`; a mismatch
 /// says whether the block holds `older` seed's data instead (a host write lost).
 pub fn check_all_blocks(p: &Perf<'_>, addr: SocketAddr, bs: u32, seed: u64, older: u64) {
-    let cfg = HostConfig {
-        hostnqn: p.host.into(),
-        queue_depth: 8,
-        timeout: Duration::from_secs(20),
-        ..Default::default()
-    };
-    let mut admin =
-        HostQpair::connect(addr, p.nqn, 0, connect::CNTLID_DYNAMIC, cfg.clone()).unwrap();
-    admin.enable().unwrap();
-    let mut q = HostQpair::connect(addr, p.nqn, 1, admin.cntlid(), cfg).unwrap();
+    let (_admin, mut q) = super::host::connect_io(addr, p.nqn, p.host, 8);
     let blocks = p.data_bytes / u64::from(bs);
     let per = (64 * 1024 / bs) as u64;
     let mut want = vec![0u8; (per * u64::from(bs)) as usize];
