@@ -13,15 +13,10 @@
 
 mod common;
 
-use common::qemu::{harness_ready, repo};
+use common::qemu::{harness_ready, repo, Done, Guest};
 use sha2::{Digest, Sha256};
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
 
 const SUBNQN: &str = "nqn.2026-11.io.nvseal:linux-nvmet";
 const SERIAL: &str = "LNXNVMETPERF01";
@@ -35,64 +30,6 @@ const GUEST_WAIT_S: u32 = 480;
 const GUEST_TIMEOUT_S: u32 = 560;
 /// The runs whose data the guest hashes: (nsid, I/O size, I/Os, seed).
 const HASHED: [(u32, usize, usize, u64); 2] = [(1, 4096, 256, 11), (2, 128 << 10, 16, 22)];
-
-/// A one-route HTTP server on the host's loopback: `GET /done` answers 404 until [`Done::set`],
-/// then 200. The guest polls it (busybox wget via 10.0.2.2) to learn that the host is finished.
-struct Done {
-    port: u16,
-    flag: Arc<AtomicBool>,
-}
-
-impl Done {
-    fn start() -> Done {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let flag = Arc::new(AtomicBool::new(false));
-        let f = flag.clone();
-        std::thread::spawn(move || {
-            for s in l.incoming() {
-                let Ok(mut s) = s else { continue };
-                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut req = [0u8; 1024];
-                let _ = s.read(&mut req);
-                let reply = if f.load(Ordering::SeqCst) {
-                    "HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\ndone\n"
-                } else {
-                    "HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n"
-                };
-                let _ = s.write_all(reply.as_bytes());
-            }
-        });
-        Done { port, flag }
-    }
-    fn set(&self) {
-        self.flag.store(true, Ordering::SeqCst);
-    }
-}
-
-/// The guest; killed if the test ends early.
-struct Guest(Option<Child>);
-
-impl Drop for Guest {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn console(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
-}
 
 fn perf(fwd: u16, args: &[&str]) -> Output {
     let addr = format!("127.0.0.1:{fwd}");
@@ -143,7 +80,7 @@ fn perf_drives_the_linux_kernel_target_with_verify_digests_and_ab() {
     let dir = tempfile::tempdir_in("/var/tmp").unwrap();
     let d = dir.path();
     let log = d.join("console.log");
-    let fwd = free_port();
+    let fwd = common::kmip::free_port();
     let done = Done::start();
     let hostnqn = format!("nqn.2014-08.org.nvmexpress:uuid:{}", uuid::Uuid::new_v4());
     let hash_blocks: Vec<String> = HASHED
@@ -152,44 +89,23 @@ fn perf_drives_the_linux_kernel_target_with_verify_digests_and_ab() {
         .collect();
     let params = format!(
         "GUEST_PORT={GUEST_PORT} SUBNQN='{SUBNQN}' SERIAL='{SERIAL}' HOSTNQN='{hostnqn}' \
-         NS_MB={NS_MB} DONE_URL='http://10.0.2.2:{}/done' WAIT_S={GUEST_WAIT_S} \
+         NS_MB={NS_MB} DONE_URL='{}' WAIT_S={GUEST_WAIT_S} \
          HASH_BLOCKS='{}'\n",
-        done.port,
+        done.url(),
         hash_blocks.join(" ")
     );
     let body = std::fs::read_to_string(repo().join("scripts/qemu/guest/nvmet-target.sh")).unwrap();
     let script = d.join("guest.sh");
     std::fs::write(&script, params + &body).unwrap();
 
-    let t0 = Instant::now();
-    let mut guest = Guest(Some(
-        Command::new("bash")
-            .arg(repo().join("scripts/qemu/run-guest.sh"))
-            .arg(&script)
-            .arg(GUEST_TIMEOUT_S.to_string())
-            .env("NVSEAL_QEMU_LOG", &log)
-            .env("NVSEAL_QEMU_ECHO", "0")
-            .env("NVSEAL_QEMU_HOSTFWD", format!("{fwd}:{GUEST_PORT}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("cannot run scripts/qemu/run-guest.sh"),
-    ));
-    loop {
-        let c = console(&log);
-        if c.contains("NVMET-READY") {
-            break;
-        }
-        let exited = guest.0.as_mut().unwrap().try_wait().unwrap();
-        assert!(
-            exited.is_none() && !c.contains("NVMET-FAIL") && t0.elapsed().as_secs() < 300,
-            "the guest's nvmet target did not come up ({exited:?} after {:.0} s):\n{c}",
-            t0.elapsed().as_secs_f64()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    println!("nvmet up after {:.1} s", t0.elapsed().as_secs_f64());
+    let mut guest = Guest::start(
+        &script,
+        GUEST_TIMEOUT_S,
+        log,
+        &[("NVSEAL_QEMU_HOSTFWD", format!("{fwd}:{GUEST_PORT}"))],
+    );
+    guest.wait_for("NVMET-READY", "NVMET-FAIL", 300);
+    println!("nvmet up after {:.1} s", guest.elapsed_s());
 
     // Refusals carry the target's reason.
     let other_host = format!("nqn.2014-08.org.nvmexpress:uuid:{}", uuid::Uuid::new_v4());
@@ -362,14 +278,11 @@ fn perf_drives_the_linux_kernel_target_with_verify_digests_and_ab() {
     }
 
     done.set();
-    let out = guest.0.take().unwrap().wait_with_output().unwrap();
-    let c = console(&log);
-    println!("---- guest console ----\n{c}\n---- end of guest console ----");
+    let t0 = std::time::Instant::now();
+    let (status, c, err) = guest.finish();
     assert!(
-        out.status.success() && c.contains("NVMET-DONE"),
-        "guest failed: run-guest.sh {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
+        status.success() && c.contains("NVMET-DONE"),
+        "guest failed: run-guest.sh {status}\n{err}"
     );
     for &(nsid, bs, n, seed) in &HASHED {
         let mut want = vec![0u8; bs * n];
@@ -385,5 +298,5 @@ fn perf_drives_the_linux_kernel_target_with_verify_digests_and_ab() {
             "nsid {nsid}: the Linux target's RAM disk does not hold what perf wrote (want {line:?})"
         );
     }
-    println!("whole test {:.1} s", t0.elapsed().as_secs_f64());
+    println!("guest shut down in {:.1} s", t0.elapsed().as_secs_f64());
 }
