@@ -130,7 +130,7 @@ mod spdk {
             .allowlist_function("spdk_nvme_transport_id_(parse|compare)")
             .allowlist_function("spdk_nvme_(connect|detach)")
             .allowlist_function("spdk_nvme_ctrlr_(get_default_ctrlr_opts|get_default_io_qpair_opts|alloc_io_qpair|free_io_qpair|reconnect_io_qpair|disconnect_io_qpair|process_admin_completions|is_failed|reset|fail|get_ns|get_max_xfer_size|register_aer_callback|register_timeout_callback|get_num_ns)")
-            .allowlist_function("spdk_nvme_qpair_(process_completions|get_failure_reason)")
+            .allowlist_function("spdk_nvme_qpair_(process_completions|get_failure_reason|is_connected)")
             .allowlist_function("spdk_nvme_ns_(is_active|get_sector_size|get_num_sectors|get_flags|get_max_io_xfer_size|get_md_size|get_pi_type)")
             .allowlist_function("spdk_nvme_ns_cmd_(read|write|flush|write_zeroes|dataset_management)")
             .allowlist_type("spdk_nvme_(cpl|dsm_range|ctrlr_opts|io_qpair_opts|transport_id)")

@@ -46,6 +46,7 @@ fn without_the_feature_a_spdk_nvme_bdev_is_refused_saying_how_to_get_it() {
 mod with_spdk {
     use super::*;
     use common::pass::{check_all_blocks, check_perf, python_decrypt, Area, Perf};
+    use common::qemu::{harness_ready, repo, Done, Guest};
     use common::serve::{addr_of, Serve};
     use nvseal::tools::bdevperf::fill_pattern;
     use std::net::SocketAddr;
@@ -78,13 +79,19 @@ mod with_spdk {
     }
 
     fn config_b(d: &Path, a: SocketAddr) -> std::path::PathBuf {
+        config_b_on(d, a, NQN_A)
+    }
+
+    /// B: `spdk_nvme` over TCP to namespace 1 of `subnqn` at `a` (as [`HOST_B`]), exported
+    /// encrypted (key `d/xts.hex`) as [`NQN_B`] to [`HOST_PERF`] on a port of 127.0.0.1.
+    fn config_b_on(d: &Path, a: SocketAddr, subnqn: &str) -> std::path::PathBuf {
         let cfg = d.join("b.yaml");
         fs::write(
             &cfg,
             format!(
                 "reactor:\n  cores: 1\n  pin: false\n  idle_backoff_us: 20\n\
                  spdk:\n  hugepages: false\n  mem_size_mib: 512\n\
-                 bdevs:\n  - name: remote\n    type: spdk_nvme\n    trid: \"trtype:TCP adrfam:IPv4 traddr:{ip} trsvcid:{port} subnqn:{NQN_A}\"\n    hostnqn: {HOST_B}\n    queue_depth: 64\n\
+                 bdevs:\n  - name: remote\n    type: spdk_nvme\n    trid: \"trtype:TCP adrfam:IPv4 traddr:{ip} trsvcid:{port} subnqn:{subnqn}\"\n    hostnqn: {HOST_B}\n    queue_depth: 64\n\
                  \x20 - name: vol\n    type: crypto\n    base: remote\n    key:\n      file:\n        path: {key}\n\
                  subsystems:\n  - nqn: {NQN_B}\n    serial: SPDKB\n    allowed_hosts: [\"{HOST_PERF}\"]\n\
                  \x20   namespaces:\n      - nsid: 1\n        bdev: vol\n        encrypted: true\n\
@@ -110,9 +117,14 @@ mod with_spdk {
         fs::write(d.join("xts.bin"), key).unwrap();
     }
 
-    /// Every byte of A's namespace, read over NVMe/TCP.
-    fn read_all(addr: SocketAddr, bs: u32) -> Vec<u8> {
-        let (_admin, mut q) = common::host::connect_io(addr, NQN_A, HOST_PERF, 8);
+    /// The first [`DATA_BYTES`] of namespace 1 of `nqn` at `addr`, read over NVMe/TCP as
+    /// [`HOST_PERF`].
+    fn read_all(addr: SocketAddr, nqn: &str, bs: u32) -> Vec<u8> {
+        read_all_as(addr, nqn, HOST_PERF, bs)
+    }
+
+    fn read_all_as(addr: SocketAddr, nqn: &str, host: &str, bs: u32) -> Vec<u8> {
+        let (_admin, mut q) = common::host::connect_io(addr, nqn, host, 8);
         let blocks = DATA_BYTES / u64::from(bs);
         let per = u64::from(64 * 1024 / bs);
         let mut out = Vec::with_capacity(DATA_BYTES as usize);
@@ -123,6 +135,51 @@ mod with_spdk {
             lba += n;
         }
         out
+    }
+
+    /// `raw` (the first [`DATA_BYTES`] of the device under an encrypted namespace, key
+    /// `d/xts.bin`, data units of `bs` at offset 0) holds ciphertext: no block of perf's
+    /// pattern for [`SEED`] in the clear, and every block perf wrote decrypts, by an independent
+    /// XTS (Python `cryptography`), to that pattern.
+    fn assert_ciphertext_of_pattern(d: &Path, raw: &[u8], bs: u32) {
+        assert_eq!(raw.len() as u64, DATA_BYTES);
+        let mut want = vec![0u8; DATA_BYTES as usize];
+        fill_pattern(&mut want, 0, bs as usize, SEED);
+        let img = d.join("raw.img");
+        fs::write(&img, raw).unwrap();
+        let written: Vec<usize> = (0..(DATA_BYTES / u64::from(bs)) as usize)
+            .filter(|&i| {
+                let r = i * bs as usize..(i + 1) * bs as usize;
+                raw[r.clone()] != vec![0u8; bs as usize][..]
+            })
+            .collect();
+        assert!(
+            !written.is_empty(),
+            "perf wrote nothing through to the device"
+        );
+        assert!(
+            !common::leaks(raw, &want[..bs as usize]),
+            "plaintext of the first block is on the device"
+        );
+        let plain = python_decrypt(
+            &Area {
+                img: &img,
+                unit: bs,
+                offset: 0,
+                blocks: DATA_BYTES / u64::from(bs),
+            },
+            u64::MAX,
+            Some(&d.join("xts.bin")),
+            None,
+        );
+        for &i in &written {
+            let r = i * bs as usize..(i + 1) * bs as usize;
+            assert_eq!(
+                plain[r.clone()],
+                want[r],
+                "block {i} on the device does not decrypt to what perf wrote"
+            );
+        }
     }
 
     fn fabrics_path(bs: u32) {
@@ -151,41 +208,7 @@ mod with_spdk {
         check_all_blocks(&perf, addr_b, bs, SEED, SEED);
 
         // A holds ciphertext: not the pattern, and the independent XTS gets the pattern back.
-        let raw = read_all(addr_a, bs);
-        let mut want = vec![0u8; DATA_BYTES as usize];
-        fill_pattern(&mut want, 0, bs as usize, SEED);
-        let img = d.path().join("a.raw");
-        fs::write(&img, &raw).unwrap();
-        let written: Vec<usize> = (0..(DATA_BYTES / u64::from(bs)) as usize)
-            .filter(|&i| {
-                let r = i * bs as usize..(i + 1) * bs as usize;
-                raw[r.clone()] != vec![0u8; bs as usize][..]
-            })
-            .collect();
-        assert!(!written.is_empty(), "perf wrote nothing through to A");
-        assert!(
-            !common::leaks(&raw, &want[..bs as usize]),
-            "plaintext of the first block is on A"
-        );
-        let plain = python_decrypt(
-            &Area {
-                img: &img,
-                unit: bs,
-                offset: 0,
-                blocks: DATA_BYTES / u64::from(bs),
-            },
-            u64::MAX,
-            Some(&d.path().join("xts.bin")),
-            None,
-        );
-        for &i in &written {
-            let r = i * bs as usize..(i + 1) * bs as usize;
-            assert_eq!(
-                plain[r.clone()],
-                want[r],
-                "block {i} on A does not decrypt to what perf wrote through B"
-            );
-        }
+        assert_ciphertext_of_pattern(d.path(), &read_all(addr_a, NQN_A, bs), bs);
 
         // A namespace the controller lacks is a start-up error naming the bdev.
         let bad = d.path().join("b-nsid.yaml");
@@ -454,5 +477,218 @@ mod with_spdk {
         check_all_blocks(&perf, addr, 4096, SEED, SEED);
         let _ = tgt.kill();
         let _ = tgt.wait();
+    }
+
+    // ---- Linux and a PCIe drive, in the QEMU guest ----
+
+    /// B takes a namespace of Linux's own NVMe/TCP target (nvmet-tcp over a `brd` RAM disk in
+    /// the QEMU guest, scripts/qemu/guest/nvmet-target.sh) as `spdk_nvme` over TCP and exports
+    /// it encrypted; `nvseal perf --verify` drives B, and the RAM disk, read straight from
+    /// nvmet, holds ciphertext that an independent XTS decrypts to what perf wrote.
+    #[test]
+    fn serve_over_spdk_tcp_encrypts_onto_linux_nvmet_in_the_guest() {
+        if !harness_ready() {
+            return;
+        }
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let d = dir.path();
+        write_key(d);
+        let subnqn = "nqn.2026-12.io.nvseal:spdk-nvmet";
+        let fwd = common::kmip::free_port();
+        let done = Done::start();
+        // nvmet allows one host NQN: B's. The raw read at the end connects as B too.
+        let params = format!(
+            "GUEST_PORT=4420 SUBNQN='{subnqn}' SERIAL='SPDKNVMET' HOSTNQN='{HOST_B}' \
+             NS_MB={} DONE_URL='{}' WAIT_S=600 HASH_BLOCKS='1:1'\n",
+            DATA_BYTES >> 20,
+            done.url()
+        );
+        let body = fs::read_to_string(repo().join("scripts/qemu/guest/nvmet-target.sh")).unwrap();
+        let script = d.join("guest.sh");
+        fs::write(&script, params + &body).unwrap();
+        let mut guest = Guest::start(
+            &script,
+            700,
+            d.join("console.log"),
+            &[("NVSEAL_QEMU_HOSTFWD", format!("{fwd}:4420"))],
+        );
+        guest.wait_for("NVMET-READY", "NVMET-FAIL", 300);
+        let nvmet: SocketAddr = format!("127.0.0.1:{fwd}").parse().unwrap();
+
+        let mut b =
+            Serve::start_with_log(&config_b_on(d, nvmet, subnqn), "info,nvseal::spdk=debug");
+        b.wait_for("spdk_nvme: controller attached");
+        let addr_b = addr_of(&b.wait_for("NVMe/TCP listening"));
+        b.wait_for("nvseal serving");
+        let addr = addr_b.to_string();
+        let perf = Perf {
+            addr: &addr,
+            nqn: NQN_B,
+            host: HOST_PERF,
+            data_bytes: DATA_BYTES,
+        };
+        let json = d.join("perf.json");
+        check_perf(perf.spawn(2, SEED, &json), &json);
+        check_all_blocks(&perf, addr_b, 512, SEED, SEED);
+        // Shutdown Flushes every backend: it must succeed (stop() asserts a clean exit). The
+        // Flush rides a queue pair opened right after the hosts' went away, which nvmet may
+        // refuse while it tears the old queue down; B then asks again (src/spdk/bdev.rs).
+        let log = b.stop();
+        let refused = log
+            .iter()
+            .filter(|l| l.contains("Connect was refused"))
+            .count();
+        println!("B: {refused} queue pair Connect(s) refused by nvmet and asked again");
+
+        // brd has 512-byte blocks.
+        assert_ciphertext_of_pattern(d, &read_all_as(nvmet, subnqn, HOST_B, 512), 512);
+        done.set();
+        let (status, c, err) = guest.finish();
+        assert!(
+            status.success() && c.contains("NVMET-DONE"),
+            "guest failed: run-guest.sh {status}\n{err}"
+        );
+    }
+
+    /// Kernel bypass for real: in the QEMU guest, nvseal drives an emulated NVMe SSD (QEMU's
+    /// `nvme` device, backed by a file here) through SPDK's user-space PCIe driver (the device
+    /// bound to uio_pci_generic, hugepages reserved; scripts/qemu/guest/spdk-pcie.sh) and
+    /// exports an encrypted namespace on it over NVMe/TCP. `nvseal perf --verify` drives it
+    /// from here; then the SSD's backing file must hold ciphertext that an independent XTS
+    /// decrypts to what perf wrote.
+    #[test]
+    fn pcie_path_in_the_guest_encrypts_onto_an_emulated_nvme_ssd() {
+        use std::os::unix::fs::PermissionsExt;
+        if !harness_ready() {
+            return;
+        }
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        let d = dir.path();
+        write_key(d);
+        let nqn = "nqn.2026-12.io.nvseal:spdk-pcie";
+        let payload = d.join("payload");
+        fs::create_dir_all(payload.join("lib")).unwrap();
+        // The binary without its debug sections (the payload travels in the initramfs, in the
+        // guest's RAM), and what it loads that the guest's Debian root lacks.
+        let bin = Path::new(env!("CARGO_BIN_EXE_nvseal"));
+        run_ok(
+            Command::new("objcopy")
+                .arg("--strip-debug")
+                .arg(bin)
+                .arg(payload.join("nvseal")),
+        );
+        copy_libs(bin, &payload.join("lib"));
+        fs::copy(d.join("xts.hex"), payload.join("xts.hex")).unwrap();
+        // SPDK's environment refuses to start without an OpenSSL config file; an empty one is
+        // valid (OpenSSL's defaults).
+        fs::write(payload.join("openssl.cnf"), "# OpenSSL defaults\n").unwrap();
+        fs::set_permissions(payload.join("xts.hex"), fs::Permissions::from_mode(0o600)).unwrap();
+        fs::write(
+            payload.join("serve.yaml"),
+            format!(
+                "reactor:\n  cores: 1\n  pin: false\n  idle_backoff_us: 200\n\
+                 spdk:\n  hugepages: true\n  mem_size_mib: 256\n\
+                 bdevs:\n  - name: ssd\n    type: spdk_nvme\n    trid: \"trtype:PCIe traddr:@TRADDR@\"\n    queue_depth: 32\n\
+                 \x20 - name: vol\n    type: crypto\n    base: ssd\n    key:\n      file:\n        path: /payload/xts.hex\n\
+                 subsystems:\n  - nqn: {nqn}\n    serial: SPDKPCIE\n    allowed_hosts: [\"{HOST_PERF}\"]\n\
+                 \x20   namespaces:\n      - nsid: 1\n        bdev: vol\n        encrypted: true\n\
+                 \x20   listen:\n      - addr: 10.0.2.15\n        port: 4420\n"
+            ),
+        )
+        .unwrap();
+        let ssd = d.join("ssd.img");
+        fs::File::create(&ssd).unwrap().set_len(DATA_BYTES).unwrap();
+        let done = Done::start();
+        let params = format!(
+            "SSD_SERIAL=NVSEALSSD1 HUGEPAGES=192 DONE_URL='{}' WAIT_S=900\n",
+            done.url()
+        );
+        let body = fs::read_to_string(repo().join("scripts/qemu/guest/spdk-pcie.sh")).unwrap();
+        let script = d.join("guest.sh");
+        fs::write(&script, params + &body).unwrap();
+        let fwd = common::kmip::free_port();
+        let mut guest = Guest::start(
+            &script,
+            1000,
+            d.join("console.log"),
+            &[
+                ("NVSEAL_QEMU_HOSTFWD", format!("{fwd}:4420")),
+                ("NVSEAL_QEMU_NVME", format!("NVSEALSSD1={}", ssd.display())),
+                ("NVSEAL_QEMU_PAYLOAD", payload.display().to_string()),
+                ("NVSEAL_QEMU_MEM_MB", "2048".to_string()),
+            ],
+        );
+        guest.wait_for("SPDK-READY", "SPDK-FAIL", 600);
+        println!(
+            "nvseal serving in the guest after {:.1} s",
+            guest.elapsed_s()
+        );
+
+        let addr: SocketAddr = format!("127.0.0.1:{fwd}").parse().unwrap();
+        let a = addr.to_string();
+        let perf = Perf {
+            addr: &a,
+            nqn,
+            host: HOST_PERF,
+            data_bytes: DATA_BYTES,
+        };
+        let json = d.join("perf.json");
+        check_perf(perf.spawn(2, SEED, &json), &json);
+        check_all_blocks(&perf, addr, 512, SEED, SEED);
+        done.set();
+        let (status, c, err) = guest.finish();
+        assert!(
+            status.success() && c.contains("SPDK-DONE"),
+            "guest failed: run-guest.sh {status}\n{err}"
+        );
+        assert!(
+            c.contains("spdk_nvme: controller attached") && c.contains("trtype:PCIe"),
+            "the guest's nvseal did not say it attached the PCIe controller"
+        );
+        // The I/O buffers come from SPDK's DMA memory: nothing was bounced through a copy.
+        assert!(
+            !c.contains("bouncing it through a copy"),
+            "an I/O buffer was not DMA memory"
+        );
+        // QEMU wrote the SSD's blocks to its backing file: 512-byte blocks from LBA 0.
+        assert_ciphertext_of_pattern(d, &fs::read(&ssd).unwrap(), 512);
+    }
+
+    /// Copies every shared library `bin` loads (as `ldd` resolves them here) into `dir` under
+    /// its soname, except glibc's own (the guest's Debian 12 root has the same glibc).
+    fn copy_libs(bin: &Path, dir: &Path) {
+        const GLIBC: [&str; 8] = [
+            "libc.so.",
+            "libm.so.",
+            "libpthread.so.",
+            "libdl.so.",
+            "librt.so.",
+            "libresolv.so.",
+            "libutil.so.",
+            "ld-linux",
+        ];
+        let out = run_ok(Command::new("ldd").arg(bin));
+        let mut n = 0;
+        for line in out.lines() {
+            let Some((name, rest)) = line.trim().split_once(" => ") else {
+                continue;
+            };
+            let path = rest.split(" (").next().unwrap_or("").trim();
+            assert!(
+                !path.is_empty() && path != "not found",
+                "{}: {name} not found ({line})",
+                bin.display()
+            );
+            if GLIBC.iter().any(|g| name.starts_with(g)) {
+                continue;
+            }
+            fs::copy(path, dir.join(name)).unwrap();
+            n += 1;
+        }
+        assert!(
+            n > 0,
+            "ldd listed no libraries for {}:\n{out}",
+            bin.display()
+        );
     }
 }

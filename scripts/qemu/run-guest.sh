@@ -25,6 +25,10 @@
 #                        process wrote to them while the guest runs). The guest loads virtio_blk
 #                        and finds each disk by /sys/block/vd*/serial. SERIAL: 1-20 characters
 #                        [A-Za-z0-9_-]; PATH: no whitespace or commas.
+#   NVSEAL_QEMU_NVME     "SERIAL=PATH ..." host files attached read-write as emulated NVMe SSDs
+#                        (QEMU's `nvme` PCI device, 1b36:0010, 512-byte blocks; same SERIAL
+#                        and PATH rules). No guest driver is loaded for them: a guest script
+#                        binds them (e.g. to uio_pci_generic for SPDK's user-space driver).
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
@@ -93,6 +97,15 @@ for d in ${NVSEAL_QEMU_DISKS:-}; do
     [ -f "${BASH_REMATCH[2]}" ] || { log "NVSEAL_QEMU_DISKS: ${BASH_REMATCH[2]} is not a regular file"; exit 126; }
     DISKS+=(-blockdev "driver=file,node-name=disk$i,filename=${BASH_REMATCH[2]},read-only=on"
         -device "virtio-blk-pci,drive=disk$i,serial=${BASH_REMATCH[1]}")
+    i=$((i + 1))
+done
+
+# Read-write emulated NVMe SSDs.
+for d in ${NVSEAL_QEMU_NVME:-}; do
+    [[ "$d" =~ ^([A-Za-z0-9_-]{1,20})=([^,]+)$ ]] || { log "NVSEAL_QEMU_NVME: '$d' is not SERIAL=PATH (see the usage)"; exit 126; }
+    [ -f "${BASH_REMATCH[2]}" ] || { log "NVSEAL_QEMU_NVME: ${BASH_REMATCH[2]} is not a regular file"; exit 126; }
+    DISKS+=(-blockdev "driver=file,node-name=disk$i,filename=${BASH_REMATCH[2]}"
+        -device "nvme,drive=disk$i,serial=${BASH_REMATCH[1]}")
     i=$((i + 1))
 done
 

@@ -44,6 +44,9 @@ GUEST_MODULES=(
     # dm-crypt with AES-XTS (aes_generic is built in; xts wraps ecb(aes)), plus the AF_ALG
     # socket cryptsetup checks a cipher with, for `cryptsetup open --type plain`.
     virtio_blk dm-crypt xts ecb aesni-intel algif_skcipher
+    # Not loaded by /init either: the user-space I/O drivers SPDK's NVMe driver reaches an
+    # emulated NVMe SSD through (tests/spdk_nvme.rs, scripts/qemu/guest/spdk-pcie.sh).
+    uio_pci_generic vfio-pci
 )
 
 DEBS="$NVSEAL_QEMU_CACHE/debs"

@@ -15,6 +15,15 @@
 //! and path errors). A queue pair that fails marks the controller failed (one log line); from
 //! then on new I/O is answered ENXIO at once, outstanding I/O completes aborted, and the
 //! controller's admin thread resets it in the background (super::nvme).
+//!
+//! A new queue pair connects in the background (a fabrics Connect is a round trip). Until it is
+//! connected the channel keeps its I/O itself (never in SPDK's queue), so a Connect the remote
+//! refuses loses nothing: the channel frees that queue pair and asks for another after a short,
+//! doubling wait, and the I/O goes out once one connects (or fails ENXIO after
+//! [`HELD_LIMIT`], or at once if the controller fails). Linux's nvmet refuses a Connect for a
+//! queue ID whose previous queue it is still tearing down ("qid already created": Command
+//! Sequence Error), and SPDK hands a freed queue ID out again at once: a channel closed and
+//! another opened right after (a host disconnecting, then the shutdown Flush) meets exactly that.
 
 use std::ffi::c_void;
 use std::ptr::NonNull;
@@ -35,6 +44,13 @@ const MAX_WRITE_ZEROES_BLOCKS: u32 = 1 << 16;
 
 /// How often a channel without a queue pair tries to get one while its controller is online.
 const ATTACH_RETRY: Duration = Duration::from_secs(1);
+
+/// First wait before a channel asks again for a queue pair whose Connect was refused (doubling
+/// up to [`ATTACH_RETRY`]).
+const CONNECT_RETRY_MIN: Duration = Duration::from_millis(10);
+
+/// How long I/O may wait in a channel for its queue pair to connect before it fails (ENXIO).
+const HELD_LIMIT: Duration = Duration::from_secs(5);
 
 /// A namespace of an SPDK-attached controller.
 pub struct SpdkNvmeBdev {
@@ -216,6 +232,10 @@ impl Bdev for SpdkNvmeBdev {
             pcie: self.ctrlr.is_pcie(),
             taken: 0,
             rejected: Vec::with_capacity(queue_depth),
+            connected: false,
+            held: std::collections::VecDeque::with_capacity(queue_depth),
+            held_since: Instant::now(),
+            retry: CONNECT_RETRY_MIN,
             depth: queue_depth,
         }))
     }
@@ -264,6 +284,14 @@ pub struct SpdkNvmeChannel {
     taken: usize,
     /// I/O answered while a reset held the queue pair (never in a slot).
     rejected: Vec<BdevIo>,
+    /// The queue pair has connected (module docs); until then I/O waits in `held`.
+    connected: bool,
+    /// I/O waiting for the queue pair to connect, oldest first (never in a slot).
+    held: std::collections::VecDeque<BdevIo>,
+    /// When the oldest I/O in `held` arrived.
+    held_since: Instant,
+    /// Wait before asking again after a refused Connect.
+    retry: Duration,
     depth: usize,
 }
 
@@ -504,6 +532,44 @@ impl SpdkNvmeChannel {
         }
     }
 
+    /// Whether the channel's queue pair is connected (asking for one first if it has none and
+    /// one is due). False while it connects.
+    fn ready(&mut self) -> bool {
+        if !self.attach_qpair() {
+            return false;
+        }
+        if self.connected {
+            return true;
+        }
+        let Some(q) = self.qpair.as_ref() else {
+            return false;
+        };
+        if !q.gate().enter() {
+            return false;
+        }
+        // SAFETY: inside the gate, on the reactor that owns the queue pair; a read of its state.
+        let up = unsafe { ffi::spdk_nvme_qpair_is_connected(q.raw()) };
+        q.gate().leave();
+        if up {
+            self.connected = true;
+            self.retry = CONNECT_RETRY_MIN;
+        }
+        up
+    }
+
+    /// The queue pair's Connect was refused (or its connection dropped before it connected):
+    /// free it and ask for another after `retry`. Nothing was submitted on it (I/O waits in
+    /// `held` until it connects), so freeing it aborts nothing.
+    fn connect_refused(&mut self, why: ffi::spdk_nvme_qp_failure_reason) {
+        tracing::warn!(trid = %self.ctrlr.trid(), reason = ?why,
+            retry_ms = self.retry.as_millis() as u64, waiting = self.held.len(),
+            "spdk_nvme: the I/O queue pair's Connect was refused; asking for another");
+        self.inner().qpair = std::ptr::null_mut();
+        drop(self.qpair.take());
+        self.next_attach = Instant::now() + self.retry;
+        self.retry = (self.retry * 2).min(ATTACH_RETRY);
+    }
+
     /// [`BdevChannel::submit`] inside the queue pair's gate.
     fn submit_inside(&mut self, mut io: BdevIo) -> Submit {
         let Some(idx) = self.inner().free.pop() else {
@@ -561,12 +627,24 @@ impl SpdkNvmeChannel {
 
 impl BdevChannel for SpdkNvmeChannel {
     fn submit(&mut self, mut io: BdevIo) -> Submit {
+        if self.ctrlr.state() == CtrlrState::Online && !self.ready() {
+            // The queue pair is connecting (or another is about to be asked for): the I/O
+            // waits here for it.
+            if self.taken + self.rejected.len() + self.held.len() >= self.depth {
+                return Submit::Busy(io);
+            }
+            if self.held.is_empty() {
+                self.held_since = Instant::now();
+            }
+            self.held.push_back(io);
+            return Submit::Queued;
+        }
         let entered = self.attach_qpair() && self.qpair.as_ref().is_some_and(|q| q.gate().enter());
         if !entered {
             // No queue pair yet (the controller is failed), or a reset has it (and may be
             // completing aborted commands into this channel's slots): answer without touching
             // them.
-            if self.taken + self.rejected.len() >= self.depth {
+            if self.taken + self.rejected.len() + self.held.len() >= self.depth {
                 return Submit::Busy(io);
             }
             io.status = IoStatus::IoError(libc::ENXIO);
@@ -585,6 +663,18 @@ impl BdevChannel for SpdkNvmeChannel {
         for io in self.rejected.drain(..) {
             done(io);
         }
+        if !self.held.is_empty()
+            && (self.ctrlr.state() != CtrlrState::Online || self.held_since.elapsed() > HELD_LIMIT)
+        {
+            tracing::warn!(trid = %self.ctrlr.trid(), ios = self.held.len(),
+                "spdk_nvme: no connected I/O queue pair for I/O waiting {:?}; failing it",
+                self.held_since.elapsed());
+            for mut io in self.held.drain(..) {
+                io.status = IoStatus::IoError(libc::ENXIO);
+                done(io);
+                n += 1;
+            }
+        }
         if !self.attach_qpair() {
             return n;
         }
@@ -598,6 +688,13 @@ impl BdevChannel for SpdkNvmeChannel {
         let raw = q.raw();
         // SAFETY: inside the gate, on the reactor that owns the queue pair.
         let rc = unsafe { ffi::spdk_nvme_qpair_process_completions(raw, 0) };
+        if rc < 0 && !self.connected {
+            // SAFETY: as above; a read of the failure reason.
+            let why = unsafe { ffi::spdk_nvme_qpair_get_failure_reason(raw) };
+            q.gate().leave();
+            self.connect_refused(why);
+            return n;
+        }
         if rc < 0 {
             // SAFETY: as above; a read of the failure reason.
             let why = unsafe { ffi::spdk_nvme_qpair_get_failure_reason(raw) };
@@ -619,11 +716,23 @@ impl BdevChannel for SpdkNvmeChannel {
         if let Some(q) = self.qpair.as_ref() {
             q.gate().leave();
         }
+        // Once connected, what waited goes out, oldest first.
+        if !self.held.is_empty() && self.ready() {
+            while let Some(io) = self.held.pop_front() {
+                match self.submit(io) {
+                    Submit::Queued => n += 1,
+                    Submit::Busy(io) => {
+                        self.held.push_front(io);
+                        break;
+                    }
+                }
+            }
+        }
         n
     }
 
     fn in_flight(&self) -> usize {
-        self.taken + self.rejected.len()
+        self.taken + self.rejected.len() + self.held.len()
     }
 }
 

@@ -99,9 +99,13 @@ pub fn ensure(cfg: &SpdkEnvConfig, pci: bool, cores: &[CoreId]) -> Result<EnvInf
             "SPDK environment failed to start ({}): {}",
             std::io::Error::from_raw_os_error(-rc),
             if cfg.hugepages {
-                "are hugepages reserved (/proc/sys/vm/nr_hugepages) and hugetlbfs mounted? spdk.hugepages: false runs without them (fabrics controllers only)"
+                "SPDK and DPDK said why on standard error above; the usual causes are no hugepages \
+                 reserved (/proc/sys/vm/nr_hugepages) or no hugetlbfs mounted (spdk.hugepages: \
+                 false runs without them, fabrics controllers only), and an OpenSSL config file \
+                 SPDK cannot load (set OPENSSL_CONF)"
             } else {
-                "see DPDK's messages above"
+                "SPDK and DPDK said why on standard error above (an OpenSSL config file SPDK \
+                 cannot load: set OPENSSL_CONF)"
             }
         ));
     }
