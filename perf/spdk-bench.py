@@ -243,6 +243,13 @@ def main():
     ap.add_argument("--target-core", type=int, default=0)
     ap.add_argument("--init-core", type=int, default=1)
     ap.add_argument("--only", choices=["ffi", "targets"], help="one part only")
+    ap.add_argument("--backend", choices=["null", "malloc"], action="append",
+                    help="targets: only these backends (repeatable; default both)")
+    ap.add_argument("--kind", choices=["plain", "encrypted"], action="append",
+                    help="targets: only these namespace kinds (repeatable; default both)")
+    ap.add_argument("--cell", action="append", metavar="WORKLOAD",
+                    help="targets: only these workloads (randread, randwrite, read, write; "
+                         "repeatable; default all)")
     ap.add_argument("--json", help="write the results here")
     a = ap.parse_args()
     spdk = Spdk(a.spdk_prefix)
@@ -287,8 +294,14 @@ def main():
                   "nvseal's only)")
         result["spdk_crypto_bdev"] = spdk_crypto
         for nqn, backend in [(NQN_NULL, "null"), (NQN_MALLOC, "malloc")]:
+            if a.backend and backend not in a.backend:
+                continue
             for nsid, kind in [(1, "plain"), (2, "encrypted")]:
+                if a.kind and kind not in a.kind:
+                    continue
                 for wl, size, qd in CELLS:
+                    if a.cell and wl not in a.cell:
+                        continue
                     ours, theirs = [], []
                     for _ in range(a.runs):
                         for who, bag in [("nvseal", ours), ("spdk", theirs)]:

@@ -43,7 +43,7 @@ spdk_prefix="${SPDK_PREFIX:-/opt/spdk}"
 if [ -d "$spdk_prefix/lib/pkgconfig" ]; then
   export PKG_CONFIG_PATH="$spdk_prefix/lib/pkgconfig${PKG_CONFIG_PATH:+:$PKG_CONFIG_PATH}"
 fi
-spdk_tests="tests/spdk_nvme.rs (fabrics path over SPDK's NVMe/TCP initiator, controller loss and reset, bad transport IDs, spdk_nvme_identify/spdk_nvme_perf/nvmf_tgt as peers), the spdk unit tests and clippy --features spdk"
+spdk_tests="tests/spdk_nvme.rs (fabrics path over SPDK's NVMe/TCP initiator to nvseal and to Linux nvmet-tcp in the QEMU guest, the PCIe path in the guest, controller loss and reset, bad transport IDs, spdk_nvme_identify/spdk_nvme_perf/nvmf_tgt as peers), the spdk unit tests and clippy --features spdk"
 if pkg-config --exists spdk_nvme spdk_env_dpdk spdk_syslibs 2>/dev/null; then
   # The .pc files carry the libraries' ABI version; the release is in spdk/version.h.
   spdk_inc=$(pkg-config --cflags-only-I spdk_nvme | tr ' ' '\n' | sed -n 's/^-I//p' | head -1 || true)

@@ -554,8 +554,10 @@ mod with_spdk {
     /// `nvme` device, backed by a file here) through SPDK's user-space PCIe driver (the device
     /// bound to uio_pci_generic, hugepages reserved; scripts/qemu/guest/spdk-pcie.sh) and
     /// exports an encrypted namespace on it over NVMe/TCP. `nvseal perf --verify` drives it
-    /// from here; then the SSD's backing file must hold ciphertext that an independent XTS
-    /// decrypts to what perf wrote.
+    /// from here. Then the SSD is hot-removed (QEMU's `device_del`, an ACPI eject in the guest)
+    /// while a read run goes on: the run must end (errors, no hang), nvseal must say the drive
+    /// is gone and keep serving (its namespace answering errors). Last, the SSD's backing file
+    /// must hold ciphertext that an independent XTS decrypts to what perf wrote.
     #[test]
     fn pcie_path_in_the_guest_encrypts_onto_an_emulated_nvme_ssd() {
         use std::os::unix::fs::PermissionsExt;
@@ -600,7 +602,7 @@ mod with_spdk {
         fs::File::create(&ssd).unwrap().set_len(DATA_BYTES).unwrap();
         let done = Done::start();
         let params = format!(
-            "SSD_SERIAL=NVSEALSSD1 HUGEPAGES=192 DONE_URL='{}' WAIT_S=900\n",
+            "SSD_SERIAL=NVSEALSSD1 HUGEPAGES=192 DONE_URL='{}' WAIT_S=900 REMOVED=1\n",
             done.url()
         );
         let body = fs::read_to_string(repo().join("scripts/qemu/guest/spdk-pcie.sh")).unwrap();
@@ -616,6 +618,10 @@ mod with_spdk {
                 ("NVSEAL_QEMU_NVME", format!("NVSEALSSD1={}", ssd.display())),
                 ("NVSEAL_QEMU_PAYLOAD", payload.display().to_string()),
                 ("NVSEAL_QEMU_MEM_MB", "2048".to_string()),
+                (
+                    "NVSEAL_QEMU_MONITOR",
+                    d.join("monitor.sock").display().to_string(),
+                ),
             ],
         );
         guest.wait_for("SPDK-READY", "SPDK-FAIL", 600);
@@ -635,11 +641,70 @@ mod with_spdk {
         let json = d.join("perf.json");
         check_perf(perf.spawn(2, SEED, &json), &json);
         check_all_blocks(&perf, addr, 512, SEED, SEED);
+
+        // Hot removal under I/O.
+        let reads = d.join("removal.json");
+        let mut reader = Command::new(env!("CARGO_BIN_EXE_nvseal"))
+            .args([
+                "perf",
+                "--traddr",
+                &a,
+                "--subnqn",
+                nqn,
+                "--hostnqn",
+                HOST_PERF,
+            ])
+            .args([
+                "--nsid", "1", "-w", "randread", "-o", "4k", "-q", "8", "-t", "15",
+            ])
+            .args(["--no-pin", "--no-progress", "--json"])
+            .arg(&reads)
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        let said = monitor(&d.join("monitor.sock"), "device_del nvme-NVSEALSSD1");
+        println!("QEMU monitor: device_del: {said:?}");
+        let t0 = std::time::Instant::now();
+        let st = loop {
+            if let Some(st) = reader.try_wait().unwrap() {
+                break st;
+            }
+            if t0.elapsed() > Duration::from_secs(90) {
+                let _ = reader.kill();
+                panic!("perf did not end after the SSD was removed: I/O hangs");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(reader.stderr.as_mut().unwrap(), &mut err).unwrap();
+        println!("perf during the removal: {st}; {err}");
+        let errors = fs::read(&reads)
+            .ok()
+            .and_then(|j| serde_json::from_slice::<serde_json::Value>(&j).ok())
+            .map(|v| v["jobs"][0]["io_errors"].as_u64().unwrap_or(0));
+        assert!(
+            !st.success() || errors.is_some_and(|e| e > 0),
+            "reads of a removed drive must fail ({st}, io_errors {errors:?})"
+        );
+        // nvseal still serves: a new host connects, and its read fails with an NVMe status.
+        let (_admin, mut q) = common::host::connect_io(addr, nqn, HOST_PERF, 4);
+        assert!(
+            common::host::try_read_blocks(&mut q, 1, 0, 1, 512).is_err(),
+            "a read of the removed drive must fail"
+        );
+
         done.set();
         let (status, c, err) = guest.finish();
         assert!(
             status.success() && c.contains("SPDK-DONE"),
             "guest failed: run-guest.sh {status}\n{err}"
+        );
+        assert!(
+            c.contains("the PCIe device was removed"),
+            "nvseal did not log the SSD's removal"
         );
         assert!(
             c.contains("spdk_nvme: controller attached") && c.contains("trtype:PCIe"),
@@ -652,6 +717,26 @@ mod with_spdk {
         );
         // QEMU wrote the SSD's blocks to its backing file: 512-byte blocks from LBA 0.
         assert_ciphertext_of_pattern(d, &fs::read(&ssd).unwrap(), 512);
+    }
+
+    /// Sends `cmd` to QEMU's human monitor on `sock`; what it answered.
+    fn monitor(sock: &Path, cmd: &str) -> String {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let read_prompt = |s: &mut std::os::unix::net::UnixStream| {
+            let mut got = Vec::new();
+            let mut b = [0u8; 512];
+            while !String::from_utf8_lossy(&got).contains("(qemu) ") {
+                let n = s.read(&mut b).expect("QEMU monitor did not answer");
+                assert!(n > 0, "QEMU monitor closed");
+                got.extend_from_slice(&b[..n]);
+            }
+            String::from_utf8_lossy(&got).into_owned()
+        };
+        read_prompt(&mut s);
+        s.write_all(format!("{cmd}\n").as_bytes()).unwrap();
+        read_prompt(&mut s)
     }
 
     /// Copies every shared library `bin` loads (as `ldd` resolves them here) into `dir` under

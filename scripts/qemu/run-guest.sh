@@ -26,9 +26,12 @@
 #                        and finds each disk by /sys/block/vd*/serial. SERIAL: 1-20 characters
 #                        [A-Za-z0-9_-]; PATH: no whitespace or commas.
 #   NVSEAL_QEMU_NVME     "SERIAL=PATH ..." host files attached read-write as emulated NVMe SSDs
-#                        (QEMU's `nvme` PCI device, 1b36:0010, 512-byte blocks; same SERIAL
-#                        and PATH rules). No guest driver is loaded for them: a guest script
-#                        binds them (e.g. to uio_pci_generic for SPDK's user-space driver).
+#                        (QEMU's `nvme` PCI device, 1b36:0010, 512-byte blocks, device id
+#                        nvme-SERIAL; same SERIAL and PATH rules). No guest driver is loaded
+#                        for them: a guest script binds them (e.g. to uio_pci_generic for
+#                        SPDK's user-space driver).
+#   NVSEAL_QEMU_MONITOR  path of a Unix socket for QEMU's human monitor (e.g. to hot-remove a
+#                        device with `device_del nvme-SERIAL`); none by default
 set -euo pipefail
 # shellcheck source=common.sh
 source "$(dirname "$0")/common.sh"
@@ -105,7 +108,7 @@ for d in ${NVSEAL_QEMU_NVME:-}; do
     [[ "$d" =~ ^([A-Za-z0-9_-]{1,20})=([^,]+)$ ]] || { log "NVSEAL_QEMU_NVME: '$d' is not SERIAL=PATH (see the usage)"; exit 126; }
     [ -f "${BASH_REMATCH[2]}" ] || { log "NVSEAL_QEMU_NVME: ${BASH_REMATCH[2]} is not a regular file"; exit 126; }
     DISKS+=(-blockdev "driver=file,node-name=disk$i,filename=${BASH_REMATCH[2]}"
-        -device "nvme,drive=disk$i,serial=${BASH_REMATCH[1]}")
+        -device "nvme,id=nvme-${BASH_REMATCH[1]},drive=disk$i,serial=${BASH_REMATCH[1]}")
     i=$((i + 1))
 done
 
@@ -133,9 +136,15 @@ case "$NET" in
     *) log "NVSEAL_QEMU_NET must be user or passt"; exit 126 ;;
 esac
 
+MONITOR=(-monitor none)
+if [ -n "${NVSEAL_QEMU_MONITOR:-}" ]; then
+    [[ "$NVSEAL_QEMU_MONITOR" =~ ^[^,[:space:]]+$ ]] || { log "NVSEAL_QEMU_MONITOR: no whitespace or commas"; exit 126; }
+    MONITOR=(-monitor "unix:$NVSEAL_QEMU_MONITOR,server=on,wait=off")
+fi
+
 t0=$(date +%s.%N)
 "$QEMU_BIN" -nodefaults -machine pc,accel=tcg -cpu "$CPU" -smp "$SMP" -m "$MEM_MB" \
-    -display none -monitor none -serial "file:$LOG" -no-reboot \
+    -display none "${MONITOR[@]}" -serial "file:$LOG" -no-reboot \
     -kernel "$KERNEL_IMG" -initrd "$WORK/initrd" \
     -append "console=ttyS0 quiet panic=-1 nvseal.ip=10.0.2.15/24 nvseal.gw=10.0.2.2 ${NVSEAL_QEMU_APPEND:-}" \
     "${NETDEV[@]}" -device virtio-net-pci,netdev=n0 "${DISKS[@]}" \

@@ -141,6 +141,7 @@ impl super::ControllerStatus for SpdkNvmeBdev {
             "bdev": self.name,
             "trid": self.ctrlr.trid(),
             "state": self.ctrlr.state().as_str(),
+            "removed": self.ctrlr.is_removed(),
             "resets": self.ctrlr.generation(),
             "block_size": self.info.sector_size,
             "num_blocks": self.info.num_sectors,

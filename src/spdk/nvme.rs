@@ -6,7 +6,10 @@
 //!   pair outlives it.
 //! * The admin thread (`spdk-admin-<bdev>`) is the only caller of the admin queue: it processes
 //!   admin completions every [`ADMIN_POLL`] (keep-alive for fabrics controllers, asynchronous
-//!   events), notices a failed controller and resets it in the background.
+//!   events), notices a failed controller and resets it in the background. For a PCIe
+//!   controller it also asks SPDK, every [`REMOVAL_SCAN`], whether the device is still there
+//!   (`spdk_nvme_scan_attached`: the kernel's uevents and DPDK's view of the bus); a removed
+//!   device fails the controller for good (no reset can bring it back).
 //! * An [`IoQpair`] is made on, and used only by, the reactor that owns the bdev channel
 //!   (`!Send`). The one exception is a reset: the admin thread must disconnect and reconnect
 //!   every queue pair while nothing else touches them. Each queue pair therefore has a
@@ -30,6 +33,8 @@ pub const ADMIN_POLL: Duration = Duration::from_millis(10);
 /// First wait between reset attempts of a failed controller; doubles up to [`RESET_BACKOFF_MAX`].
 const RESET_BACKOFF_MIN: Duration = Duration::from_secs(1);
 const RESET_BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How often the admin thread of a PCIe controller checks that its device is still there.
+const REMOVAL_SCAN: Duration = Duration::from_millis(100);
 /// How long a reset waits for a reactor to step out of its queue pair.
 const FENCE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -63,6 +68,7 @@ impl CtrlrState {
 }
 
 /// A transport ID as SPDK parsed it.
+#[derive(Clone)]
 pub struct TransportId {
     raw: ffi::spdk_nvme_transport_id,
     pcie: bool,
@@ -169,6 +175,19 @@ pub struct Controller {
     generation: AtomicU64,
     gates: Mutex<Vec<Arc<QpairGate>>>,
     queue_size: u32,
+    /// The transport ID as SPDK parsed it (the removal scan names it).
+    trid_raw: TransportId,
+    /// Set by SPDK's remove callback when the PCIe device went away. Leaked on purpose (a few
+    /// bytes per attach): the callback may run on any thread that probes PCIe, so its context
+    /// must outlive this controller's detach.
+    removed: &'static AtomicBool,
+}
+
+/// SPDK's remove callback: `ctx` is the controller's `removed` flag (never freed).
+unsafe extern "C" fn on_remove(ctx: *mut std::ffi::c_void, _ctrlr: *mut ffi::spdk_nvme_ctrlr) {
+    // SAFETY: `ctx` is the `&'static AtomicBool` registered in `Controller::attach`.
+    let removed = unsafe { &*(ctx as *const AtomicBool) };
+    removed.store(true, Ordering::Release);
 }
 
 // SAFETY: the controller handle is used from several threads only through SPDK calls that SPDK
@@ -244,7 +263,20 @@ impl Controller {
             generation: AtomicU64::new(0),
             gates: Mutex::new(Vec::new()),
             queue_size,
+            trid_raw: trid.clone(),
+            removed: Box::leak(Box::new(AtomicBool::new(false))),
         });
+        if ctrlr.pcie {
+            // SAFETY: the controller is attached; the context is a 'static flag that outlives
+            // it, and `on_remove` only stores into that flag.
+            unsafe {
+                ffi::spdk_nvme_ctrlr_set_remove_cb(
+                    ctrlr.ptr.as_ptr(),
+                    Some(on_remove),
+                    ctrlr.removed as *const AtomicBool as *mut std::ffi::c_void,
+                )
+            };
+        }
         // From here on dropping `ctrlr` detaches the controller.
         let info = ctrlr.lookup_ns()?;
         Ok((ctrlr, info))
@@ -286,6 +318,10 @@ impl Controller {
     }
     pub fn trid(&self) -> &str {
         &self.trid
+    }
+    /// Whether the PCIe device was removed (the controller then stays failed).
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
     }
     /// Successful resets so far.
     pub fn generation(&self) -> u64 {
@@ -351,7 +387,23 @@ impl Controller {
     }
 
     /// One round of the admin thread: admin completions, failure detection, a reset when due.
-    fn admin_round(&self, backoff: &mut Duration, next_try: &mut Instant) {
+    fn admin_round(&self, backoff: &mut Duration, next_try: &mut Instant, next_scan: &mut Instant) {
+        if self.pcie && !self.is_removed() && Instant::now() >= *next_scan {
+            *next_scan = Instant::now() + REMOVAL_SCAN;
+            // SAFETY: a valid transport ID; SPDK takes its driver lock and, for a device that
+            // is gone, fails the controller and calls `on_remove` (a store into a flag).
+            unsafe { ffi::spdk_nvme_scan_attached(&self.trid_raw.raw) };
+            if self.is_removed() {
+                self.state.store(1, Ordering::Release);
+                tracing::error!(bdev = %self.bdev, trid = %self.trid,
+                    "spdk_nvme: the PCIe device was removed; its namespace is offline for good (I/O fails; a replacement drive needs nvseal restarted)");
+            }
+        }
+        if self.is_removed() {
+            // Nothing to reset: the device is gone. Completions of aborted I/O arrive on the
+            // reactors' queue pairs.
+            return;
+        }
         // SAFETY: the admin thread is the only caller of the admin queue (module docs).
         let rc = unsafe { ffi::spdk_nvme_ctrlr_process_admin_completions(self.ptr.as_ptr()) };
         // SAFETY: a read of the controller's failed flag.
@@ -464,8 +516,9 @@ impl AdminThread {
             .spawn(move || {
                 let mut backoff = RESET_BACKOFF_MIN;
                 let mut next_try = Instant::now();
+                let mut next_scan = Instant::now();
                 while !s.load(Ordering::Acquire) {
-                    ctrlr.admin_round(&mut backoff, &mut next_try);
+                    ctrlr.admin_round(&mut backoff, &mut next_try, &mut next_scan);
                     std::thread::sleep(ADMIN_POLL);
                 }
             })

@@ -14,11 +14,14 @@
 #   HUGEPAGES   2 MiB hugepages to reserve for SPDK's memory
 #   DONE_URL    the host answers 200 here once it has finished with the target
 #   WAIT_S      how long to wait for that before giving up
+#   REMOVED     1 if the host hot-removes the SSD (QEMU's device_del) before it is done: nvseal
+#               must then have logged the removal, and its exit status on SIGTERM is not
+#               checked (its shutdown Flush of the vanished drive fails, as it should)
 # Prints "SPDK-READY" once nvseal serves, then, after the host is done, stops nvseal with
 # SIGTERM (so it closes its controller and SPDK's environment) and prints "SPDK-DONE".
 set -euo pipefail
 
-: "${SSD_SERIAL:?}" "${HUGEPAGES:?}" "${DONE_URL:?}" "${WAIT_S:?}"
+: "${SSD_SERIAL:?}" "${HUGEPAGES:?}" "${DONE_URL:?}" "${WAIT_S:?}" "${REMOVED:?}"
 LOG=/tmp/serve.log
 
 fail() {
@@ -99,6 +102,12 @@ echo "---- nvseal serve log (tail) ----"
 tail -n 30 "$LOG"
 echo "---- nvseal serve warnings and errors ----"
 grep -E ' (WARN|ERROR) ' "$LOG" || true
-[ "$rc" = 0 ] || fail "nvseal serve exited $rc on SIGTERM"
+if [ "$REMOVED" = 1 ]; then
+    [ -e "/sys/bus/pci/devices/$traddr" ] && fail "the SSD is still on the PCI bus after its removal"
+    grep -q "the PCIe device was removed" "$LOG" || fail "nvseal did not log the SSD's removal"
+    echo "spdk-pcie: the SSD is gone from the PCI bus; nvseal logged it; serve exited $rc"
+else
+    [ "$rc" = 0 ] || fail "nvseal serve exited $rc on SIGTERM"
+fi
 sync
 echo "SPDK-DONE"
