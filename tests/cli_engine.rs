@@ -217,7 +217,14 @@ fn serve_default_config_starts_and_stops_on_sigterm() {
             Ok(l) if l.contains("nvseal serving") => serving = true,
             Ok(l) if l.contains("encrypted namespace online") => online = true,
             Ok(_) => {}
-            Err(e) => panic!("serve never reported serving with its namespace online: {e}"),
+            Err(e) => {
+                // Say what serve said: it exited (the channel closed) or went quiet.
+                let _ = child.kill();
+                let _ = child.wait();
+                drop(rx);
+                let said = reader.join().unwrap_or_default();
+                panic!("serve never reported serving with its namespace online ({e}); it said:\n{said}");
+            }
         }
         assert!(t0.elapsed() < Duration::from_secs(30));
     }
