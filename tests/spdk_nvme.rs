@@ -182,6 +182,31 @@ mod with_spdk {
         }
     }
 
+    /// `nvseal perf --verify` (randrw, two passes, [`SEED`]) on namespace 1 of `nqn` at `addr`
+    /// as [`HOST_PERF`], its report in `d/json`; then every block is read back and compared.
+    fn verify_through(d: &Path, addr: SocketAddr, nqn: &str, bs: u32, json: &str) {
+        let a = addr.to_string();
+        let perf = Perf {
+            addr: &a,
+            nqn,
+            host: HOST_PERF,
+            data_bytes: DATA_BYTES,
+        };
+        let json = d.join(json);
+        check_perf(perf.spawn(2, SEED, &json), &json);
+        check_all_blocks(&perf, addr, bs, SEED, SEED);
+    }
+
+    /// Starts B from `cfg` and waits until it serves with its SPDK controller attached.
+    fn start_b(cfg: &Path) -> (Serve, SocketAddr) {
+        let mut b = Serve::start_with_log(cfg, "info,nvseal::spdk=debug");
+        b.wait_for("SPDK environment started");
+        b.wait_for("spdk_nvme: controller attached");
+        let addr = addr_of(&b.wait_for("NVMe/TCP listening"));
+        b.wait_for("nvseal serving");
+        (b, addr)
+    }
+
     fn fabrics_path(bs: u32) {
         let d = tempfile::tempdir().unwrap();
         write_key(d.path());
@@ -189,23 +214,8 @@ mod with_spdk {
         let cfg_a = config_a(d.path(), bs, port);
         let mut a = Serve::start(&cfg_a);
         let addr_a = addr_of(&a.wait_for("NVMe/TCP listening"));
-        let mut b = Serve::start_with_log(&config_b(d.path(), addr_a), "info,nvseal::spdk=debug");
-        b.wait_for("SPDK environment started");
-        b.wait_for("spdk_nvme: controller attached");
-        let addr_b = addr_of(&b.wait_for("NVMe/TCP listening"));
-        b.wait_for("nvseal serving");
-
-        let addr = addr_b.to_string();
-        let perf = Perf {
-            addr: &addr,
-            nqn: NQN_B,
-            host: HOST_PERF,
-            data_bytes: DATA_BYTES,
-        };
-        // Fill every block first (sequential), then the randrw verify run.
-        let json = d.path().join("perf.json");
-        check_perf(perf.spawn(2, SEED, &json), &json);
-        check_all_blocks(&perf, addr_b, bs, SEED, SEED);
+        let (mut b, addr_b) = start_b(&config_b(d.path(), addr_a));
+        verify_through(d.path(), addr_b, NQN_B, bs, "perf.json");
 
         // A holds ciphertext: not the pattern, and the independent XTS gets the pattern back.
         assert_ciphertext_of_pattern(d.path(), &read_all(addr_a, NQN_A, bs), bs);
@@ -465,16 +475,7 @@ mod with_spdk {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
-        let a = addr.to_string();
-        let perf = Perf {
-            addr: &a,
-            nqn: NQN_A,
-            host: HOST_PERF,
-            data_bytes: DATA_BYTES,
-        };
-        let json = d.path().join("tgt.json");
-        check_perf(perf.spawn(2, SEED, &json), &json);
-        check_all_blocks(&perf, addr, 4096, SEED, SEED);
+        verify_through(d.path(), addr, NQN_A, 4096, "tgt.json");
         let _ = tgt.kill();
         let _ = tgt.wait();
     }
@@ -515,21 +516,8 @@ mod with_spdk {
         guest.wait_for("NVMET-READY", "NVMET-FAIL", 300);
         let nvmet: SocketAddr = format!("127.0.0.1:{fwd}").parse().unwrap();
 
-        let mut b =
-            Serve::start_with_log(&config_b_on(d, nvmet, subnqn), "info,nvseal::spdk=debug");
-        b.wait_for("spdk_nvme: controller attached");
-        let addr_b = addr_of(&b.wait_for("NVMe/TCP listening"));
-        b.wait_for("nvseal serving");
-        let addr = addr_b.to_string();
-        let perf = Perf {
-            addr: &addr,
-            nqn: NQN_B,
-            host: HOST_PERF,
-            data_bytes: DATA_BYTES,
-        };
-        let json = d.join("perf.json");
-        check_perf(perf.spawn(2, SEED, &json), &json);
-        check_all_blocks(&perf, addr_b, 512, SEED, SEED);
+        let (b, addr_b) = start_b(&config_b_on(d, nvmet, subnqn));
+        verify_through(d, addr_b, NQN_B, 512, "perf.json");
         // Shutdown Flushes every backend: it must succeed (stop() asserts a clean exit). The
         // Flush rides a queue pair opened right after the hosts' went away, which nvmet may
         // refuse while it tears the old queue down; B then asks again (src/spdk/bdev.rs).
@@ -631,16 +619,8 @@ mod with_spdk {
         );
 
         let addr: SocketAddr = format!("127.0.0.1:{fwd}").parse().unwrap();
+        verify_through(d, addr, nqn, 512, "perf.json");
         let a = addr.to_string();
-        let perf = Perf {
-            addr: &a,
-            nqn,
-            host: HOST_PERF,
-            data_bytes: DATA_BYTES,
-        };
-        let json = d.join("perf.json");
-        check_perf(perf.spawn(2, SEED, &json), &json);
-        check_all_blocks(&perf, addr, 512, SEED, SEED);
 
         // Hot removal under I/O.
         let reads = d.join("removal.json");
